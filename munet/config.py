@@ -1,0 +1,150 @@
+"""Run configuration: one dataclass, validated, loadable from TOML/JSON files and overridable from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from munet.errors import ConfigError
+from munet.evolution.hparams import MU_POLICIES
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a muNet run. Field docs are shown by ``munet run --help``.
+
+    Attributes:
+        tasks: task specs in round-robin order (registry names, ``folder:PATH``, ``npz:PATH``, ``torchvision:NAME``,
+            ``hf:NAME``, ``split:TASK:a-b``).
+        root: root model spec (``dinov2-imgfocus``, ``timm:NAME``, ``file:PATH[@ARCH]``, ``random[:ARCH]``).
+        depth: number of root blocks kept (0: all).
+        image_size: default image size in pixels (a multiple of the root's patch size).
+        max_image_size: largest image size evolution may reach.
+        scale_factor: s of the score ``quality · s^(accounted/P)``; 1 is pure quality.
+        compute_scale: s_c of µ2Net+'s compute term ``· s_c^(flops/F)``; 1 disables it.
+        children_per_task: children sampled per task iteration.
+        generation_size: children trained together on the same batches.
+        rounds: round-robin passes over the tasks.
+        batch_size: training batch size.
+        steps_between_validations: maximum training steps between two validations.
+        validations: validations per child (training steps = the two multiplied).
+        max_val_examples: size of the fixed validation subset.
+        mutation_prob: μ (the initial μ for the evolved policies).
+        mu_policy: ``fixed`` (muNet), ``evolved`` (µ2Net) or ``per_action`` (µ2Net+).
+        mutate_adapters: allow inserting residual adapters.
+        max_task_population: keep at most this many paths per task after each generation (0: no cap).
+        max_seeds: probe at most this many other tasks' paths at the start of a task iteration (0: all).
+        seed: seed of every random stream.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        out: output directory.
+        data_dir: where online data sets are downloaded.
+        feature_cache_mb: memory bound of the frozen-feature cache.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: [
+        "fashion_mnist", "mnist_5k", "uci_digits", "animal_silhouettes", "faces", "textures", "surfaces",
+        "fashion_mnist_coarse"])
+    root: str = "dinov2-imgfocus"
+    depth: int = 3
+    image_size: int = 28
+    max_image_size: int = 56
+    scale_factor: float = 1.0
+    compute_scale: float = 1.0
+    children_per_task: int = 8
+    generation_size: int = 4
+    rounds: int = 1
+    batch_size: int = 64
+    steps_between_validations: int = 10
+    validations: int = 4
+    max_val_examples: int = 1000
+    mutation_prob: float = 0.1
+    mu_policy: str = "fixed"
+    mutate_adapters: bool = True
+    max_task_population: int = 0
+    max_seeds: int = 0
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/default"
+    data_dir: str = "data"
+    feature_cache_mb: int = 2048
+
+    def validate(self) -> RunConfig:
+        """Raises ConfigError naming the first value outside its allowed range; returns self."""
+        if not self.tasks:
+            raise ConfigError("tasks: at least one task is needed")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks: duplicate entries in {self.tasks}")
+        positive = ("children_per_task", "generation_size", "rounds", "batch_size", "steps_between_validations",
+                    "validations", "max_val_examples", "image_size", "max_image_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("scale_factor", "compute_scale"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 <= self.mutation_prob <= 1:
+            raise ConfigError(f"mutation_prob must be in [0, 1], got {self.mutation_prob}")
+        if self.mu_policy not in MU_POLICIES:
+            raise ConfigError(f"mu_policy must be one of {list(MU_POLICIES)}, got {self.mu_policy!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.image_size > self.max_image_size:
+            raise ConfigError(f"image_size {self.image_size} exceeds max_image_size {self.max_image_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied; unknown keys raise ConfigError."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in changes.items():
+            if key not in known:
+                raise ConfigError(f"unknown configuration key {key!r}; known keys: {', '.join(known)}")
+            changes[key] = _coerce(key, value, getattr(self, key))
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Converts ``value`` to the type of the field's current value, with a clear error on failure."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(current, list):
+            return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else list(value)
+        if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
+            if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return type(current)(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}: cannot read {value!r} as {type(current).__name__}") from err
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML or JSON config file into a dict of overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of key = value pairs")
+    return data

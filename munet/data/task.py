@@ -1,0 +1,45 @@
+"""The in-memory form of one classification task: uint8 images and int64 labels per split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TaskData:
+    """One image-classification task, fully loaded.
+
+    Images are stored as uint8 tensors ``(N, C, H, W)`` with ``C`` in {1, 3} at their stored resolution; the
+    augmentation / resizing code turns them into normalised float batches at the evolved image size.
+
+    Args:
+        name: registry name of the task, e.g. ``"uci_digits"``.
+        class_names: one name per class; label ``k`` means ``class_names[k]``.
+        train_x, val_x, test_x: uint8 images ``(N, C, H, W)``.
+        train_y, val_y, test_y: int64 labels ``(N,)`` in ``[0, num_classes)``.
+        description: one line saying where the data comes from.
+    """
+
+    name: str
+    class_names: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(images, labels)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        return {"train": (self.train_x, self.train_y), "val": (self.val_x, self.val_y),
+                "test": (self.test_x, self.test_y)}[which]
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(self.split(s)[1]) for s in ("train", "val", "test")}

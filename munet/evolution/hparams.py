@@ -1,0 +1,113 @@
+"""Evolvable hyperparameters: value lists, defaults and neighbour-step mutation (spec §3, §7).
+
+Also the three mutation-probability policies, selected by ``mu_policy``:
+
+* ``fixed`` (muNet): every elementary decision is Bernoulli(mutation_prob).
+* ``evolved`` (µ2Net): ``_mu_`` is itself an hparam, mutated first, and the child's value drives its draws.
+* ``per_action`` (µ2Net+): every action (``hp:<key>``, ``clone:<name>``, ``add:<adapter>``) has its own
+  probability ``_mu_|<action>``, initialised to ``_mu_`` and moved a neighbour step w.p. ``_mu_`` when queried.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+MOMENTUM_NONE = 0.0  # the spec's "None" entry: plain SGD (the original crashes on float(None))
+
+MU_POLICIES = ("fixed", "evolved", "per_action")
+MU_VALUES = [round(0.10 + 0.02 * i, 2) for i in range(11)]  # µ2Net auto-tune range 0.10 ... 0.30
+MU_ACTION_VALUES = [round(0.02 * i, 2) for i in range(1, 16)]  # µ2Net+ per-action range 0.02 ... 0.30
+
+# Per-child hparams; insertion order is the order mutations are drawn in (spec §2 step 2).
+MODEL_RANGES: dict[str, list[Any]] = {
+    "adapter_dim": [8, 16, 32, 64, 128],
+    "opt_lr": [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1],
+    "opt_lr_schedule": ["constant", "cosine", "restarts"],
+    "opt_lr_warmup_ratio": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4],
+    "opt_momentum": [MOMENTUM_NONE, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+    "opt_nesterov": [True, False],
+}
+
+# Per-generation data hparams, shared by all children of a generation; ds_image_size is added per root.
+DATA_RANGES: dict[str, list[Any]] = {
+    "ds_area_range_min": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+    "ds_aspect_ratio_range_min": [0.25, 0.5, 0.75, 1.0],
+    "ds_flip_left_right": [True, False],
+    "ds_brightness_delta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+    "ds_contrast_delta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+    "ds_saturation_delta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+    "ds_hue_delta": [0.0, 0.01, 0.02, 0.05, 0.1, 0.2],
+}
+
+DEFAULTS: dict[str, Any] = {
+    "adapter_dim": 32,
+    "opt_lr": 0.01,
+    "opt_lr_schedule": "cosine",
+    "opt_lr_warmup_ratio": 0.1,
+    "opt_momentum": 0.9,
+    "opt_nesterov": False,
+    "ds_area_range_min": 0.05,
+    "ds_aspect_ratio_range_min": 0.75,
+    "ds_flip_left_right": True,
+    "ds_brightness_delta": 0.0,
+    "ds_contrast_delta": 0.0,
+    "ds_saturation_delta": 0.0,
+    "ds_hue_delta": 0.0,
+}
+
+
+def image_sizes(patch_size: int, max_patches: int = 16) -> list[int]:
+    """Evolvable image sizes: whole multiples of the patch (the spec's 16·i list for patch 16)."""
+    return [patch_size * i for i in range(1, max_patches + 1)]
+
+
+def incremental_mutation(value: Any, values: list[Any], rng: random.Random) -> Any:
+    """A ±1 step in ``values`` (each w.p. 0.5), clipped at the ends, so at an end it can return ``value``."""
+    i = values.index(value)
+    i += 1 if rng.random() < 0.5 else -1
+    return values[min(max(i, 0), len(values) - 1)]
+
+
+class MutationPolicy:
+    """Decides every elementary mutation of a child; see the module docstring for the three policies.
+
+    Args:
+        kind: one of ``MU_POLICIES``.
+        mutation_prob: μ for ``fixed``; the initial ``_mu_`` otherwise.
+        rng: the evolution's random stream.
+    """
+
+    def __init__(self, kind: str, mutation_prob: float, rng: random.Random):
+        self.kind = kind
+        self.mutation_prob = mutation_prob
+        self.rng = rng
+
+    def init_hparams(self, hparams: dict[str, Any]) -> None:
+        """Adds the policy's own hparams to a root path's hparams."""
+        if self.kind != "fixed":
+            hparams["_mu_"] = min(MU_VALUES, key=lambda v: abs(v - self.mutation_prob))
+
+    def start_child(self, hparams: dict[str, Any], mutations: dict[str, tuple]) -> None:
+        """µ2Net: mutate ``_mu_`` first, with the parent's value, so the child's μ drives the rest."""
+        if self.kind == "evolved" and self.rng.random() < hparams["_mu_"]:
+            self._step(hparams, "_mu_", MU_VALUES, mutations)
+
+    def fires(self, action: str, hparams: dict[str, Any], mutations: dict[str, tuple]) -> bool:
+        """Draws whether ``action`` (e.g. ``"hp:opt_lr"``, ``"clone:block_1"``, ``"add:adapter_0"``) happens."""
+        if self.kind == "fixed":
+            return self.rng.random() < self.mutation_prob
+        if self.kind == "evolved":
+            return self.rng.random() < hparams["_mu_"]
+        key = f"_mu_|{action}"
+        if key not in hparams:
+            hparams[key] = min(MU_ACTION_VALUES, key=lambda v: abs(v - hparams["_mu_"]))
+        if self.rng.random() < hparams["_mu_"]:
+            self._step(hparams, key, MU_ACTION_VALUES, mutations)
+        return self.rng.random() < hparams[key]
+
+    def _step(self, hparams: dict[str, Any], key: str, values: list[Any], mutations: dict[str, tuple]) -> None:
+        old = hparams[key]
+        hparams[key] = incremental_mutation(old, values, self.rng)
+        if hparams[key] != old:
+            mutations[key] = (old, hparams[key])

@@ -1,0 +1,145 @@
+"""The evolutionary loop: round-robin task iterations, generations, parent sampling (spec §4, §9)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from munet.data.task import TaskData
+from munet.evolution.hparams import DATA_RANGES, DEFAULTS, MutationPolicy, image_sizes, incremental_mutation
+from munet.evolution.mutate import make_child
+from munet.evolution.system import System
+from munet.model.path import Path
+from munet.training.trainer import Evaluator, TrainSettings, train_generation
+
+log = logging.getLogger("munet")
+
+
+class Evolution:
+    """Evolves ``system`` over ``tasks``.
+
+    Args:
+        system: the multitask system (root plus retained paths).
+        tasks: loaded data per task name.
+        policy: mutation-probability policy (holds the evolution's random stream).
+        settings: per-child training budget.
+        evaluator: validation/test evaluation with its frozen-feature cache.
+        children_per_task: children per task iteration.
+        generation_size: children per generation.
+        max_image_size: upper end of the evolvable image sizes.
+        mutate_adapters: allow adapter insertion.
+        max_task_population: population cap per task after each generation (0: none).
+        max_seeds: at most this many other tasks' paths probed per task iteration (0: all).
+        seed: seed of the training-batch stream.
+    """
+
+    def __init__(self, system: System, tasks: dict[str, TaskData], policy: MutationPolicy, settings: TrainSettings,
+                 evaluator: Evaluator, children_per_task: int, generation_size: int, max_image_size: int,
+                 mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0):
+        self.system, self.tasks, self.policy = system, tasks, policy
+        self.settings, self.evaluator = settings, evaluator
+        self.children_per_task, self.generation_size = children_per_task, generation_size
+        self.sizes = [s for s in image_sizes(system.root.patch_size) if s <= max_image_size]
+        self.mutate_adapters = mutate_adapters
+        self.max_task_population, self.max_seeds = max_task_population, max_seeds
+        self.seed = seed
+        self.iteration = 0  # task iterations done, across rounds and resumed runs
+        self.on_step: Callable[[], None] | None = None
+        self.on_generation: Callable[[str, int, list[Path]], None] | None = None
+
+    @property
+    def rng(self) -> random.Random:
+        return self.policy.rng
+
+    def steps_per_child(self, task: str) -> int:
+        k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
+        return k * self.settings.validations
+
+    def generations(self) -> int:
+        return math.ceil(self.children_per_task / self.generation_size)
+
+    # --- sampling -----------------------------------------------------------------------------------------------
+    def sample_ds_hparams(self, task: str, mutate: bool) -> dict[str, Any]:
+        """The generation's data hparams: the task's best path's values (or the defaults), each moved a
+        neighbour step w.p. μ after the seed phase (spec §3)."""
+        best = self.system.best_path(task)
+        source = best.hparams if best else self.system.root_path.hparams
+        ds = {k: source.get(k, DEFAULTS.get(k)) for k in [*DATA_RANGES, "ds_image_size"]}
+        if mutate:
+            ranges = dict(DATA_RANGES, ds_image_size=self.sizes)
+            for key, values in ranges.items():
+                if self.rng.random() < self.policy.mutation_prob:
+                    ds[key] = incremental_mutation(ds[key], values, self.rng)
+        return ds
+
+    def sample_parent(self, task: str, seeds: list[Path]) -> Path:
+        """Best-first walk accepting each path w.p. 0.5^offsprings; else uniform over seeds and own paths."""
+        own = sorted(self.system.paths[task], key=lambda p: (self.system.score(p), p.id), reverse=True)
+        for path in own:
+            if self.rng.random() < 0.5 ** path.metrics.get("offsprings", 0):
+                return path
+        return self.rng.choice(seeds + own)
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def task_iteration(self, task: str) -> Path | None:
+        """One task iteration (spec §4.2); returns the task's retained best path."""
+        system = self.system
+        seeds = system.start_task(task)
+        if self.max_seeds:
+            seeds = seeds[: self.max_seeds] + [system.root_path] if len(seeds) > self.max_seeds + 1 else seeds
+        next_seed = 0
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
+        for gen in range(self.generations()):
+            n = min(self.generation_size, self.children_per_task - gen * self.generation_size)
+            ds = self.sample_ds_hparams(task, mutate=next_seed >= len(seeds))
+            children, parents = [], []
+            for _ in range(n):
+                if next_seed < len(seeds):
+                    parent, mutate = seeds[next_seed], False
+                    next_seed += 1
+                else:
+                    parent, mutate = self.sample_parent(task, seeds), True
+                children.append(make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters))
+                parents.append(parent)
+            for child in children:
+                for comp in child.components.values():
+                    comp.module.to(self.settings.device)
+            to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
+            train_generation(children, to_beat, self.tasks[task], ds, self.settings, self.evaluator,
+                             self._score_with_quality, generator, on_step=self.on_step)
+            for child in children:
+                child.metrics.update(generation=gen, iteration=self.iteration)
+                if child.metrics["failed"]:
+                    log.warning("task %s: child #%d discarded: %s", task, child.id, child.metrics["failed"])
+                if child.metrics["improved"]:
+                    system.paths[task].append(child)
+            self._prune(task)
+            if self.on_generation:
+                self.on_generation(task, gen, children)
+        best = system.end_task(task)
+        for path in system.retained_paths():
+            if path.metrics.get("test_quality") is None:
+                t = self.tasks.get(path.task)
+                if t is not None:
+                    size = path.hparams["ds_image_size"]
+                    path.metrics["test_quality"] = self.evaluator.accuracy(path, t, "test", size)
+        self.iteration += 1
+        return best
+
+    def _score_with_quality(self, path: Path, quality: float) -> float:
+        saved = path.metrics.get("quality")
+        path.metrics["quality"] = quality
+        try:
+            return self.system.score(path)
+        finally:
+            path.metrics["quality"] = saved
+
+    def _prune(self, task: str) -> None:
+        if self.max_task_population and len(self.system.paths[task]) > self.max_task_population:
+            ranked = sorted(self.system.paths[task], key=lambda p: (self.system.score(p), p.id), reverse=True)
+            self.system.paths[task] = ranked[: self.max_task_population]

@@ -1,0 +1,102 @@
+"""Creating a child path from a parent: hparam steps, layer removal/re-addition, adapter insertion, and the
+per-component reuse / clone / reference decision (spec §2)."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import torch
+
+from munet.evolution.hparams import MODEL_RANGES, MutationPolicy, incremental_mutation
+from munet.evolution.system import System
+from munet.model.components import Component, ResidualAdapter, StandardisedHead, block_index
+from munet.model.path import Path
+
+
+def architecture(num_layers: int, adapters: set[int]) -> list[str]:
+    """Component names of a path, in forward order."""
+    names = ["embedding", "cls", "posembed"]
+    for i in range(num_layers):
+        if i in adapters:
+            names.append(f"adapter_{i}")
+        names.append(f"block_{i}")
+    return names + ["norm", "head"]
+
+
+def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int, patch: int) -> bool:
+    """Whether an ancestor's component can fill slot ``name`` of the child (shapes must match)."""
+    if name == "posembed":
+        grid = hparams["ds_image_size"] // patch
+        return comp.module.value.shape[1] == 1 + grid * grid
+    if name.startswith("adapter_"):
+        return comp.module.down.out_features == hparams["adapter_dim"]
+    if name == "head":  # heads are never shared: a head locked by any task is skipped
+        return comp.is_trainable() and comp.module.linear.out_features == num_classes
+    return True
+
+
+def make_child(system: System, parent: Path, task: str, ds_hparams: dict[str, Any], mutate: bool,
+               policy: MutationPolicy, mutate_adapters: bool = True) -> Path:
+    """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
+
+    Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
+    is trainable plus a new head: a transfer probe of the parent's frozen features.
+    """
+    rng: random.Random = policy.rng
+    hparams = copy.deepcopy(parent.hparams)
+    hparams.update(ds_hparams)
+    mutations: dict[str, tuple] = {}
+    if mutate:
+        policy.start_child(hparams, mutations)
+        ranges = {"num_layers": list(range(1, system.root.depth + 1)), **MODEL_RANGES}
+        for key, values in ranges.items():
+            if policy.fires(f"hp:{key}", hparams, mutations):
+                new = incremental_mutation(hparams[key], values, rng)
+                if new != hparams[key]:
+                    mutations[key] = (hparams[key], new)
+                    hparams[key] = new
+    num_layers = hparams["num_layers"]
+    adapters = {block_index(n) for n in parent.components if n.startswith("adapter_")}
+    adapters = {i for i in adapters if i < num_layers}  # adapters on removed layers are dropped
+    if mutate and mutate_adapters:
+        for i in range(num_layers):
+            if i not in adapters and policy.fires(f"add:adapter_{i}", hparams, mutations):
+                adapters.add(i)
+                mutations[f"add:adapter_{i}"] = (None, hparams["adapter_dim"])
+
+    child_id = system.take_path_id()
+    init = torch.Generator().manual_seed(child_id)  # fresh components are seeded by the path id
+    num_classes = system.num_classes[task]
+    patch, dim = system.root.patch_size, system.root.embed_dim
+    lineage = parent.ancestors()
+    comps: dict[str, Component] = {}
+    fresh_head = False
+    for name in architecture(num_layers, adapters):
+        found = next((p.components[name] for p in lineage
+                      if name in p.components and _fits(name, p.components[name], hparams, num_classes, patch)),
+                     None)
+        if found is None and name == "posembed":
+            found = system.root_posembed(hparams["ds_image_size"])
+        if found is None:
+            if name == "head":
+                module: torch.nn.Module = StandardisedHead(dim, num_classes)
+                fresh_head = True
+            else:
+                module = ResidualAdapter(dim, hparams["adapter_dim"], generator=init)
+            comps[name] = system.new_component(name, module, origin=task)
+        elif found.is_trainable():  # owned by this task's lineage only: always continue training a copy
+            comps[name] = system.clone_component(found, task)
+        elif mutate and (name == "norm" or policy.fires(f"clone:{name}", hparams, mutations)):
+            # the final norm is "technically part of the head", so it is always fine-tuned when mutating
+            comps[name] = system.clone_component(found, task)
+            if name != "norm":
+                mutations[f"clone:{name}"] = (found.id, comps[name].id)
+        else:
+            comps[name] = found
+    if parent.task == task:
+        parent.metrics["offsprings"] = parent.metrics.get("offsprings", 0) + 1
+    child = Path(child_id, task, comps, hparams, parent=parent)
+    child.metrics.update(mutations=mutations, offsprings=0, fresh_head=fresh_head, seed_probe=not mutate)
+    return child

@@ -1,0 +1,179 @@
+"""The multitask system: the root path, every task's retained paths, locks, scores (spec §1.3, §4.2, §5)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from timm.layers import resample_abs_pos_embed
+
+from munet.evolution.hparams import DEFAULTS
+from munet.model.components import NOT_TRAINABLE, Component, TokenParam
+from munet.model.path import Path
+from munet.model.root import Root
+
+
+@dataclass
+class ScoreConfig:
+    """``score = quality · s^(accounted/P) · s_c^(flops/F)``.
+
+    Args:
+        scale_factor: s in (0, 1]; 1 scores pure quality (muNet), smaller values favour fewer parameters.
+        compute_scale: s_c in (0, 1] of µ2Net+'s compute term; 1 disables it.
+        reference_params: P; ``None`` means the root at its default image size plus a 2-class head (spec §1.1).
+        reference_flops: F; ``None`` means the root path's FLOPs at its default image size.
+    """
+
+    scale_factor: float = 1.0
+    compute_scale: float = 1.0
+    reference_params: float | None = None
+    reference_flops: float | None = None
+
+
+def path_flops(path: Path) -> float:
+    """Forward FLOPs for one image (2 per multiply-add), counted analytically from the path's shapes."""
+    c = path.components
+    dim = c["cls"].module.value.shape[-1]
+    tokens = c["posembed"].module.value.shape[1]
+    conv = c["embedding"].module.proj
+    macs = (tokens - 1) * conv.weight.numel()
+    for i in range(path.num_layers):
+        block = c[f"block_{i}"].module
+        hidden = block.mlp.fc1.out_features
+        macs += tokens * (4 * dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim
+        if f"adapter_{i}" in c:
+            macs += 2 * tokens * dim * c[f"adapter_{i}"].module.down.out_features
+    if "head" in c:
+        macs += c["head"].module.linear.weight.numel()
+    return 2.0 * macs
+
+
+class System:
+    """Population of paths over one root; owns the id counters so the same seed gives the same ids.
+
+    Args:
+        root: the root model whose parts seed every path.
+        image_size: default ``ds_image_size`` of the root path.
+        score: score settings.
+        extra_hparams: policy hparams to add to the root path (e.g. ``_mu_``).
+    """
+
+    def __init__(self, root: Root, image_size: int, score: ScoreConfig | None = None,
+                 extra_hparams: dict[str, Any] | None = None):
+        self.root = root
+        self.score_cfg = score or ScoreConfig()
+        self.next_path_id = 0
+        self.next_component_id = 0
+        self.posembed_cache: dict[int, Component] = {}
+        self.paths: dict[str, list[Path]] = {}
+        self.num_classes: dict[str, int] = {}
+        self.history: list[dict[str, Any]] = []  # one record per path ever sampled (not the paths: memory)
+        m = root.model
+        comps = {
+            "embedding": self._root_component("embedding", copy.deepcopy(m.patch_embed)),
+            "cls": self._root_component("cls", TokenParam(m.cls_token)),
+            "posembed": self._root_component("posembed", TokenParam(m.pos_embed)),
+        }
+        for i, block in enumerate(m.blocks):
+            comps[f"block_{i}"] = self._root_component(f"block_{i}", copy.deepcopy(block))
+        comps["norm"] = self._root_component("norm", copy.deepcopy(m.norm))
+        comps["embedding"].module.strict_img_size = False  # one patch embedding serves every evolved image size
+        hparams = dict(DEFAULTS, num_layers=root.depth, ds_image_size=image_size, **(extra_hparams or {}))
+        self.root_path = Path(self.take_path_id(), NOT_TRAINABLE, comps, hparams)
+        self.root_path.metrics.update(score=float("-inf"), offsprings=0)
+        self.reference_params = self.score_cfg.reference_params or self._default_reference_params(image_size)
+        self.reference_flops = self.score_cfg.reference_flops or path_flops(self._reference_path(image_size))
+
+    # --- ids and components -------------------------------------------------------------------------------------
+    def take_path_id(self) -> int:
+        self.next_path_id += 1
+        return self.next_path_id - 1
+
+    def new_component(self, name: str, module: Any, locks: set[str] | None = None, origin: str = "root") -> Component:
+        self.next_component_id += 1
+        return Component(self.next_component_id - 1, name, module, locks, origin)
+
+    def _root_component(self, name: str, module: Any) -> Component:
+        module.requires_grad_(False)
+        return self.new_component(name, module, {NOT_TRAINABLE})
+
+    def clone_component(self, comp: Component, origin: str) -> Component:
+        self.next_component_id += 1
+        return comp.clone(self.next_component_id - 1, origin)
+
+    def root_posembed(self, image_size: int) -> Component:
+        """The root's position embedding resized to ``image_size`` (bicubic, no antialias, as the ONNX graph)."""
+        grid = image_size // self.root.patch_size
+        if grid not in self.posembed_cache:
+            pos = self.root.model.pos_embed.detach()
+            resized = resample_abs_pos_embed(pos, new_size=[grid, grid], num_prefix_tokens=1,
+                                             interpolation="bicubic", antialias=False)
+            self.posembed_cache[grid] = self._root_component("posembed", TokenParam(resized))
+        return self.posembed_cache[grid]
+
+    def _reference_path(self, image_size: int) -> Path:
+        comps = dict(self.root_path.components, posembed=self.root_posembed(image_size))
+        return Path(-1, NOT_TRAINABLE, comps, self.root_path.hparams)
+
+    def _default_reference_params(self, image_size: int) -> int:
+        dim = self.root.embed_dim
+        return self._reference_path(image_size).num_params() + 2 * dim + 2
+
+    # --- population ---------------------------------------------------------------------------------------------
+    def add_task(self, task: str, num_classes: int) -> None:
+        if task == NOT_TRAINABLE or task.startswith("_"):
+            raise ValueError(f"reserved task name {task!r}")
+        self.paths.setdefault(task, [])
+        self.num_classes[task] = num_classes
+
+    def best_path(self, task: str) -> Path | None:
+        """Highest score; ties go to the most recent path (µ2Net)."""
+        paths = self.paths.get(task) or []
+        return max(paths, key=lambda p: (self.score(p), p.id)) if paths else None
+
+    def retained_paths(self) -> list[Path]:
+        return [p for task in self.paths for p in self.paths[task]]
+
+    def score(self, path: Path) -> float:
+        quality = path.metrics.get("quality")
+        if quality is None:
+            return float("-inf")
+        cfg = self.score_cfg
+        score = quality * cfg.scale_factor ** (path.accounted_params() / self.reference_params)
+        if cfg.compute_scale != 1.0:
+            score *= cfg.compute_scale ** (path_flops(path) / self.reference_flops)
+        return score
+
+    def start_task(self, task: str) -> list[Path]:
+        """Unlocks ``task``'s components and returns the seed paths: other tasks' retained paths, newest first,
+        then the root."""
+        for path in self.paths[task]:
+            for comp in path.components.values():
+                comp.locks.discard(task)
+        seeds = [p for t, ps in self.paths.items() if t != task for p in ps]
+        return sorted(seeds, key=lambda p: p.id, reverse=True) + [self.root_path]
+
+    def end_task(self, task: str) -> Path | None:
+        """Keeps only the best path, locks its components with ``task`` and drops links to discarded paths."""
+        best = self.best_path(task)
+        if best is None:
+            return None
+        self.paths[task] = [best]
+        for comp in best.components.values():
+            comp.locks.add(task)
+        live = {id(p) for p in self.retained_paths()} | {id(self.root_path)}
+        for path in self.retained_paths():
+            parent = path.parent
+            while parent is not None and id(parent) not in live:
+                parent = parent.parent
+            path.parent = parent
+        return best
+
+    def components(self) -> dict[int, Component]:
+        """Every component referenced by a retained path or the root, by id."""
+        found: dict[int, Component] = {}
+        for path in [self.root_path, *self.retained_paths()]:
+            for comp in path.components.values():
+                found[comp.id] = comp
+        return found

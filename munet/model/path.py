@@ -1,0 +1,117 @@
+"""A path: one model for one task, as an ordered list of (possibly shared) component references (spec §1.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from munet.model.components import NOT_TRAINABLE, Component
+
+Op = tuple[str, ...]  # the component names one forward step reads
+
+
+@dataclass(eq=False)
+class Path:
+    """A model for ``task``: component references, hyperparameters, metrics and a parent link.
+
+    Forward pass (shapes for a batch of B images of S x S pixels, patch p, g = S / p, width D)::
+
+        embed: patch_embed(x) (B, g*g, D) -> cat(cls) (B, 1+g*g, D) -> + posembed
+        for i < num_layers: [adapter_i] -> block_i                      (B, 1+g*g, D)
+        norm(x[:, 0]) (B, D) -> head (B, num_classes)
+    """
+
+    id: int
+    task: str
+    components: dict[str, Component]
+    hparams: dict[str, Any]
+    parent: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    # --- architecture -------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.hparams["num_layers"])
+
+    def ops(self) -> list[Op]:
+        """The forward steps in order; each names the components it reads."""
+        ops: list[Op] = [("embedding", "cls", "posembed")]
+        for i in range(self.num_layers):
+            if f"adapter_{i}" in self.components:
+                ops.append((f"adapter_{i}",))
+            ops.append((f"block_{i}",))
+        ops.append(("norm",))
+        if "head" in self.components:
+            ops.append(("head",))
+        return ops
+
+    def first_trainable_op(self, ops: list[Op] | None = None) -> int:
+        """Index of the first op that reads a trainable component (len(ops) if all are frozen)."""
+        ops = ops or self.ops()
+        for k, op in enumerate(ops):
+            if any(self.components[n].is_trainable() for n in op):
+                return k
+        return len(ops)
+
+    def prefix_key(self, k: int, ops: list[Op] | None = None) -> tuple[int, ...]:
+        """Identity of the computation done by ``ops[:k]``: equal keys give equal outputs for equal inputs."""
+        ops = ops or self.ops()
+        return tuple(self.components[n].id for op in ops[:k] for n in op)
+
+    # --- forward ------------------------------------------------------------------------------------------------
+    def run_op(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        c = self.components
+        if op[0] == "embedding":
+            tokens = c["embedding"].module(x)  # (B, g*g, D)
+            cls = c["cls"].module().expand(tokens.shape[0], -1, -1)  # (B, 1, D)
+            return torch.cat([cls, tokens], dim=1) + c["posembed"].module()
+        if op[0] == "norm":
+            return c["norm"].module(x[:, 0])  # LayerNorm is per token, so only the class token is needed
+        return c[op[0]].module(x)
+
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Runs ``ops[start:stop]`` on ``x`` (images if start == 0, else the output of op ``start - 1``)."""
+        for op in self.ops()[start:stop]:
+            x = self.run_op(op, x)
+        return x
+
+    __call__ = forward
+
+    # --- parameters ---------------------------------------------------------------------------------------------
+    def trainable_components(self) -> list[Component]:
+        return [c for c in self.components.values() if c.is_trainable()]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for c in self.trainable_components() for p in c.module.parameters()]
+
+    def num_params(self) -> int:
+        return sum(c.num_params for c in self.components.values())
+
+    def num_trainable_params(self) -> int:
+        return sum(c.num_params for c in self.trainable_components())
+
+    def accounted_params(self) -> float:
+        """Params with each shared component split between the tasks locking it (spec §5)."""
+        total = 0.0
+        for c in self.components.values():
+            owners = (c.locks | {self.task}) - {NOT_TRAINABLE}
+            total += c.num_params / len(owners)
+        return total
+
+    def ancestors(self) -> list[Path]:
+        """``[self, parent, grandparent, ...]`` up to the root path."""
+        chain, p = [], self
+        while p is not None:
+            chain.append(p)
+            p = p.parent
+        return chain
+
+    def set_mode(self, train: bool) -> None:
+        for c in self.components.values():
+            c.module.train(train and c.is_trainable())
+            c.module.requires_grad_(train and c.is_trainable())
+
+    def __repr__(self) -> str:
+        return f"Path(#{self.id} {self.task}, layers={self.num_layers}, comps={[c.id for c in self.components.values()]})"

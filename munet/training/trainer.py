@@ -1,0 +1,219 @@
+"""Training one generation of children in lock-step on shared batches, with validation-based snapshots (spec §4.4).
+
+All children of a generation consume the same augmented batches. Each step computes every distinct frozen
+prefix once (no autograd) and trains each child's trainable remainder. Every ``K`` steps each child is validated
+on a fixed validation subset; a child keeps the snapshot of its best-scoring validation and is accepted only if
+that score beats its parent's (children of another task's path or of the root always can). A child whose loss
+becomes NaN or diverges is dropped with a logged reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from munet.data.augment import eval_batch, train_batch
+from munet.data.task import TaskData
+from munet.model.path import Path
+from munet.training.frozen import FeatureCache, frozen_forward
+from munet.training.schedule import learning_rate, make_optimizer
+
+DIVERGENCE_FACTOR = 20.0  # loss above this multiple of chance-level loss (ln C) counts as diverged
+
+
+@dataclass
+class TrainSettings:
+    """Budget and batching of one child's training.
+
+    Args:
+        batch_size: training batch size.
+        max_steps_between_validations: K is ``min(ceil(N_train / batch_size), this)``.
+        validations: validations per child; a child trains ``K * validations`` steps.
+        max_val_examples: size of the fixed validation subset.
+        eval_batch_size: batch size for evaluation and frozen-feature computation.
+        clip_norm: global gradient-norm clip.
+        calibration_examples: training images used to freeze a new head's input statistics.
+        device: torch device.
+        autocast_bf16: run forward passes in bfloat16 autocast (CUDA only).
+    """
+
+    batch_size: int = 64
+    max_steps_between_validations: int = 10
+    validations: int = 4
+    max_val_examples: int = 1000
+    eval_batch_size: int = 256
+    clip_norm: float = 1.0
+    calibration_examples: int = 256
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast_bf16: bool = False
+
+    def steps_between_validations(self, num_train: int) -> int:
+        return max(1, min(math.ceil(num_train / self.batch_size), self.max_steps_between_validations))
+
+
+@dataclass
+class ChildState:
+    """Bookkeeping of one child during training."""
+
+    path: Path
+    best_score: float
+    optimizer: torch.optim.Optimizer | None = None
+    evals: list[float] = field(default_factory=list)
+    snapshot: dict[int, dict[str, torch.Tensor]] | None = None
+    failed: str | None = None
+
+
+class Evaluator:
+    """Evaluates paths on fixed (deterministic) inputs, sharing frozen-prefix features through a cache."""
+
+    def __init__(self, settings: TrainSettings, cache: FeatureCache, mean: tuple, std: tuple):
+        self.settings = settings
+        self.cache = cache
+        self.mean, self.std = mean, std
+        self._inputs: dict[tuple, torch.Tensor] = {}
+
+    def inputs(self, task: TaskData, split: str, image_size: int, limit: int = 0) -> torch.Tensor:
+        """Normalised, resized images of a split (the first ``limit``), kept for the last key asked."""
+        key = (task.name, split, image_size, limit)
+        if key not in self._inputs:
+            x, _ = task.split(split)
+            x = x[:limit] if limit else x
+            self._inputs = {key: eval_batch(x, image_size, self.mean, self.std).to(self.settings.device)}
+        return self._inputs[key]
+
+    @torch.no_grad()
+    def accuracy(self, path: Path, task: TaskData, split: str, image_size: int, limit: int = 0) -> float:
+        """Exact accuracy over the split (or its first ``limit`` examples), including the last partial batch."""
+        x = self.inputs(task, split, image_size, limit)
+        y = task.split(split)[1][: len(x)].to(self.settings.device)
+        with self._autocast():
+            start, h = frozen_forward(path, x, self.cache, (task.name, split, image_size, limit),
+                                      chunk=self.settings.eval_batch_size)
+            correct = sum(int((path.forward(hb, start=start).argmax(-1) == yb).sum())
+                          for hb, yb in zip(h.split(self.settings.eval_batch_size),
+                                            y.split(self.settings.eval_batch_size)))
+        return correct / len(y)
+
+    def _autocast(self) -> Any:
+        dev = self.settings.device
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.settings.autocast_bf16 and dev.type == "cuda")
+
+
+def _calibrate_head(path: Path, task: TaskData, evaluator: Evaluator, image_size: int) -> None:
+    """Freezes a new head's input statistics from the features it will read on training images."""
+    n = evaluator.settings.calibration_examples
+    x = evaluator.inputs(task, "train", image_size, n)
+    ops = path.ops()
+    with torch.no_grad():
+        start, h = frozen_forward(path, x, evaluator.cache, (task.name, "train", image_size, n),
+                                  chunk=evaluator.settings.eval_batch_size)
+        feats = path.forward(h, start=start, stop=len(ops) - 1)
+    path.components["head"].module.calibrate(feats.float())
+
+
+def train_generation(children: list[Path], parent_scores: list[float], task: TaskData, ds_hparams: dict[str, Any],
+                     settings: TrainSettings, evaluator: Evaluator, score_fn: Callable[[Path, float], float],
+                     generator: torch.Generator, on_step: Callable[[], None] | None = None) -> None:
+    """Trains ``children`` in lock-step and leaves the outcome in each child's ``metrics``.
+
+    Sets ``quality`` (best validation accuracy), ``evals``, ``improved`` (accepted), ``failed`` (reason, if
+    dropped) and ``train_time``; accepted children end with their best-scoring snapshot loaded.
+
+    Args:
+        children: the generation's children (all for ``task``).
+        parent_scores: per child, the score to beat (``-inf`` when the parent is another task or the root).
+        task: the task's data.
+        ds_hparams: the generation's data hparams (``ds_image_size`` and augmentation).
+        settings: budget and batching.
+        evaluator: shared evaluator with its feature cache.
+        score_fn: ``score_fn(path, quality)`` -> score of the path if it had that validation accuracy.
+        generator: the random stream for batch order and augmentation.
+        on_step: called after every training step (progress reporting).
+    """
+    t0 = time.perf_counter()
+    dev = settings.device
+    size = ds_hparams["ds_image_size"]
+    train_x, train_y = task.train_x, task.train_y
+    k = settings.steps_between_validations(len(train_y))
+    total = k * settings.validations
+    limit = settings.max_val_examples
+    chance_loss = math.log(max(task.num_classes, 2))
+    states = [ChildState(c, s) for c, s in zip(children, parent_scores)]
+    for st in states:
+        if st.path.metrics.get("fresh_head"):
+            _calibrate_head(st.path, task, evaluator, size)
+        st.path.set_mode(train=True)
+        st.optimizer = make_optimizer(st.path.trainable_parameters(), st.path.hparams)
+    # frozen prefixes first, shortest first, so longer prefixes can start from shorter cached ones
+    states.sort(key=lambda s: s.path.first_trainable_op())
+    order = torch.randperm(len(train_y), generator=generator)
+    cursor = 0
+    for step in range(total):
+        if cursor + settings.batch_size > len(order):  # a fresh example-level shuffle every epoch
+            order, cursor = torch.randperm(len(train_y), generator=generator), 0
+        idx = order[cursor: cursor + settings.batch_size]
+        cursor += settings.batch_size
+        xb = train_batch(train_x[idx], ds_hparams, size, evaluator.mean, evaluator.std, generator)
+        xb, yb = xb.to(dev, non_blocking=True), train_y[idx].to(dev, non_blocking=True)
+        step_cache = FeatureCache(max_bytes=1 << 40)
+        for st in states:
+            if st.failed:
+                continue
+            _train_step(st, xb, yb, step_cache, step, k, settings, evaluator, chance_loss)
+        if (step + 1) % k == 0:
+            for st in states:
+                if not st.failed:
+                    _validate(st, task, size, limit, evaluator, score_fn)
+        if on_step:
+            on_step()
+    elapsed = time.perf_counter() - t0
+    for st in states:
+        m = st.path.metrics
+        m.update(evals=st.evals, train_time=elapsed, failed=st.failed)
+        m["improved"] = st.failed is None and st.snapshot is not None
+        m["quality"] = max(st.evals) if st.evals else None
+        if m["improved"]:
+            comps = {c.id: c for c in st.path.trainable_components()}
+            for cid, state in st.snapshot.items():
+                comps[cid].module.load_state_dict(state)
+        st.path.set_mode(train=False)
+        st.optimizer = st.snapshot = None
+
+
+def _train_step(st: ChildState, xb: torch.Tensor, yb: torch.Tensor, cache: FeatureCache, step: int, k: int,
+                settings: TrainSettings, evaluator: Evaluator, chance_loss: float) -> None:
+    path = st.path
+    with evaluator._autocast():
+        start, h = frozen_forward(path, xb, cache, "batch")
+        logits = path.forward(h, start=start)
+    loss = F.cross_entropy(logits.float(), yb)
+    if not torch.isfinite(loss):
+        st.failed = f"loss became {loss.item()} at step {step}"
+    elif loss.item() > DIVERGENCE_FACTOR * chance_loss:
+        st.failed = f"diverged: loss {loss.item():.3g} at step {step} (chance level {chance_loss:.3g})"
+    if st.failed:
+        return
+    lr = learning_rate(path.hparams, step, k, settings.validations)
+    for group in st.optimizer.param_groups:
+        group["lr"] = lr
+    st.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(path.trainable_parameters(), settings.clip_norm)
+    st.optimizer.step()
+
+
+def _validate(st: ChildState, task: TaskData, size: int, limit: int, evaluator: Evaluator,
+              score_fn: Callable[[Path, float], float]) -> None:
+    quality = evaluator.accuracy(st.path, task, "val", size, limit)
+    st.evals.append(quality)
+    score = score_fn(st.path, quality)
+    if score > st.best_score:  # strict, as in muNet
+        st.best_score = score
+        st.snapshot = {c.id: copy.deepcopy(c.module.state_dict()) for c in st.path.trainable_components()}

@@ -1,0 +1,170 @@
+"""Mutations and invariants of child creation (spec §2)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from munet.evolution.hparams import MODEL_RANGES, MutationPolicy, incremental_mutation
+from munet.evolution.mutate import make_child
+from munet.evolution.system import System
+from munet.model.components import NOT_TRAINABLE, ResidualAdapter
+
+
+def _ds(size: int = 8) -> dict:
+    return {"ds_image_size": size}
+
+
+class AlwaysPolicy(MutationPolicy):
+    """Fires exactly the actions listed (all others never): makes each mutation testable in isolation."""
+
+    def __init__(self, actions: set[str]):
+        super().__init__("fixed", 0.0, random.Random(0))
+        self.actions = actions
+
+    def fires(self, action, hparams, mutations):
+        return action in self.actions or any(action.startswith(a.rstrip("*")) for a in self.actions if "*" in a)
+
+
+def test_incremental_mutation_steps_and_clips_at_list_ends():
+    values = [1, 2, 3]
+    rng = random.Random(0)
+    seen_low = {incremental_mutation(1, values, rng) for _ in range(200)}
+    seen_high = {incremental_mutation(3, values, rng) for _ in range(200)}
+    seen_mid = {incremental_mutation(2, values, rng) for _ in range(200)}
+    assert seen_low == {1, 2}  # at the lower end a -1 step is a no-op
+    assert seen_high == {2, 3}
+    assert seen_mid == {1, 3}
+
+
+def test_seed_child_references_frozen_parent_and_gets_new_head(system, policy):
+    child = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=policy)
+    root = system.root_path.components
+    for name in ("embedding", "cls", "norm", "block_0", "block_2"):
+        assert child.components[name] is root[name]
+    assert child.components["posembed"] is system.root_posembed(8)
+    assert child.trainable_components() == [child.components["head"]]
+    head = child.components["head"].module
+    assert torch.all(head.linear.weight == 0) and head.linear.out_features == 3
+
+
+def test_mutated_child_always_clones_final_norm(system):
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=AlwaysPolicy(set()))
+    assert child.components["norm"] is not system.root_path.components["norm"]
+    assert child.components["norm"].is_trainable()
+    assert child.components["block_1"] is system.root_path.components["block_1"]
+
+
+def test_layer_cloning_copies_weights_and_unfreezes(system):
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=AlwaysPolicy({"clone:block_1"}))
+    clone, orig = child.components["block_1"], system.root_path.components["block_1"]
+    assert clone is not orig and clone.is_trainable() and not orig.is_trainable()
+    for a, b in zip(clone.module.state_dict().values(), orig.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert "clone:block_1" in child.metrics["mutations"]
+
+
+def test_layer_removal_drops_top_block_and_readdition_takes_it_from_ancestors(system):
+    # a neighbour step on num_layers: force a decrement by seeding rng so the step goes -1
+    policy = AlwaysPolicy({"hp:num_layers"})
+    policy.rng = random.Random(1)
+    while True:
+        state = policy.rng.getstate()
+        if policy.rng.random() >= 0.5:  # the next draw makes a -1 step
+            policy.rng.setstate(state)
+            break
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy)
+    assert child.num_layers == 2 and "block_2" not in child.components
+    x = torch.rand(2, 3, 8, 8)
+    assert child(x).shape == (2, 3)
+    # re-adding layer 2 finds block_2 in the nearest ancestor that has it (the root)
+    child.metrics["quality"] = 0.5
+    system.paths["a"].append(child)
+    policy.rng = random.Random(0)
+    while True:
+        state = policy.rng.getstate()
+        if policy.rng.random() < 0.5:
+            policy.rng.setstate(state)
+            break
+    grandchild = make_child(system, child, "a", _ds(), mutate=True, policy=policy)
+    assert grandchild.num_layers == 3
+    assert grandchild.components["block_2"] is system.root_path.components["block_2"]
+
+
+def test_adapter_insertion_keeps_parent_function_exactly(system):
+    parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
+    with torch.no_grad():
+        parent.components["head"].module.linear.weight.normal_()
+    child = make_child(system, parent, "a", _ds(), mutate=True, policy=AlwaysPolicy({"add:adapter_*"}))
+    assert {n for n in child.components if n.startswith("adapter_")} == {"adapter_0", "adapter_1", "adapter_2"}
+    assert isinstance(child.components["adapter_1"].module, ResidualAdapter)
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(child(x), parent(x))
+
+
+def test_adapter_dim_change_builds_new_adapter_and_removed_layers_drop_adapters(system):
+    parent = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=AlwaysPolicy({"add:adapter_*"}))
+    assert parent.components["adapter_2"].module.down.out_features == 32
+    parent.hparams["adapter_dim"] = 64  # as if mutated: the ancestor search must skip the 32-wide adapters
+    child = make_child(system, parent, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
+    assert child.components["adapter_0"].module.down.out_features == 64
+    parent.hparams.update(adapter_dim=32, num_layers=2)
+    child = make_child(system, parent, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
+    assert "adapter_2" not in child.components and "adapter_1" in child.components
+
+
+def test_image_size_change_uses_resized_root_posembed(system):
+    child = make_child(system, system.root_path, "a", _ds(12), mutate=False, policy=AlwaysPolicy(set()))
+    assert child.components["posembed"].module.value.shape == (1, 1 + 9, 32)
+    assert child(torch.rand(1, 3, 12, 12)).shape == (1, 3)
+
+
+def test_hparam_mutation_moves_one_neighbour_step(system):
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=AlwaysPolicy({"hp:opt_lr"}))
+    old, new = child.metrics["mutations"]["opt_lr"]
+    values = MODEL_RANGES["opt_lr"]
+    assert abs(values.index(old) - values.index(new)) == 1 and child.hparams["opt_lr"] == new
+
+
+def test_locked_head_is_never_shared_across_tasks(system, policy):
+    a = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=policy)
+    a.metrics["quality"] = 1.0
+    system.paths["a"].append(a)
+    system.end_task("a")
+    b = make_child(system, a, "b", _ds(), mutate=False, policy=policy)
+    assert b.components["head"] is not a.components["head"]
+    assert b.components["head"].module.linear.out_features == 2
+    assert b.components["norm"] is a.components["norm"]  # frozen reference of another task's component
+
+
+def test_same_task_parent_counts_offspring(system, policy):
+    a = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=policy)
+    assert system.root_path.metrics["offsprings"] == 0  # the root is not the same task
+    make_child(system, a, "a", _ds(), mutate=True, policy=policy)
+    make_child(system, a, "a", _ds(), mutate=True, policy=policy)
+    assert a.metrics["offsprings"] == 2
+
+
+@pytest.mark.parametrize("kind", ["fixed", "evolved", "per_action"])
+def test_mutation_policies_produce_valid_children(tiny_root, kind):
+    policy = MutationPolicy(kind, 0.3, random.Random(0))
+    extra: dict = {}
+    policy.init_hparams(extra)
+    system = System(tiny_root, 8, extra_hparams=extra)
+    system.add_task("a", 3)
+    parent = system.root_path
+    for _ in range(20):
+        child = make_child(system, parent, "a", _ds(), mutate=True, policy=policy)
+        assert child(torch.rand(1, 3, 8, 8)).shape == (1, 3)
+        parent = child
+    if kind == "per_action":
+        assert any(k.startswith("_mu_|") for k in parent.hparams)
+    if kind != "fixed":
+        assert 0.1 <= parent.hparams["_mu_"] <= 0.3
+
+
+def test_root_components_are_locked(system):
+    assert all(c.locks == {NOT_TRAINABLE} for c in system.root_path.components.values())

@@ -24,7 +24,7 @@ from munet.model.path import Path
 from munet.model.roots import load_root
 from munet.reporting.progress import Progress
 from munet.reporting.table import format_table, task_rows
-from munet.storage.state import _path_record, atomic_write, load_state, read_state, save_state
+from munet.storage.state import atomic_write, load_state, path_record, read_state, save_state
 from munet.training.frozen import FeatureCache
 from munet.training.trainer import Evaluator, TrainSettings
 
@@ -90,7 +90,7 @@ class Session:
         try:
             def on_generation(task: str, gen: int, children: list[Path]) -> None:
                 for child in children:
-                    records.write(json.dumps(_path_record(child), default=str) + "\n")
+                    records.write(json.dumps(path_record(child), default=str) + "\n")
                 records.flush()
                 accepted = sum(bool(c.metrics["improved"]) for c in children)
                 best = self.system.best_path(task)

@@ -49,7 +49,7 @@ class Evolution:
         self.max_task_population, self.max_seeds = max_task_population, max_seeds
         self.seed = seed
         self.iteration = 0  # task iterations done, across rounds and resumed runs
-        self.on_step: Callable[[], None] | None = None
+        self.on_step: Callable[[int], None] | None = None
         self.on_generation: Callable[[str, int, list[Path]], None] | None = None
 
     @property

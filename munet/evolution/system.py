@@ -9,7 +9,7 @@ from typing import Any
 from timm.layers import resample_abs_pos_embed
 
 from munet.evolution.hparams import DEFAULTS
-from munet.model.components import NOT_TRAINABLE, Component, TokenParam
+from munet.model.components import NOT_TRAINABLE, Component, TokenParam, patch_embedding
 from munet.model.path import Path
 from munet.model.root import Root
 
@@ -71,14 +71,13 @@ class System:
         self.history: list[dict[str, Any]] = []  # one record per path ever sampled (not the paths: memory)
         m = root.model
         comps = {
-            "embedding": self._root_component("embedding", copy.deepcopy(m.patch_embed)),
+            "embedding": self._root_component("embedding", patch_embedding(m.patch_embed)),
             "cls": self._root_component("cls", TokenParam(m.cls_token)),
             "posembed": self._root_component("posembed", TokenParam(m.pos_embed)),
         }
         for i, block in enumerate(m.blocks):
             comps[f"block_{i}"] = self._root_component(f"block_{i}", copy.deepcopy(block))
         comps["norm"] = self._root_component("norm", copy.deepcopy(m.norm))
-        comps["embedding"].module.strict_img_size = False  # one patch embedding serves every evolved image size
         hparams = dict(DEFAULTS, num_layers=root.depth, ds_image_size=image_size, **(extra_hparams or {}))
         self.root_path = Path(self.take_path_id(), NOT_TRAINABLE, comps, hparams)
         self.root_path.metrics.update(score=float("-inf"), offsprings=0)

@@ -117,6 +117,15 @@ class Component:
         return f"Component({self.name}#{self.id}, {self.num_params} params, locks={sorted(self.locks)})"
 
 
+def patch_embedding(patch_embed: nn.Module) -> nn.Module:
+    """A copy of a timm ``PatchEmbed`` that returns tokens ``(B, g*g, D)`` for any image size divisible by the patch
+    (one embedding serves every evolved image size; dynamic-size roots would otherwise return NHWC maps)."""
+    module = copy.deepcopy(patch_embed)
+    module.strict_img_size = False
+    module.flatten = True
+    return module
+
+
 def block_index(name: str) -> int:
     """``"block_3"`` or ``"adapter_3"`` -> 3."""
     return int(name.rsplit("_", 1)[1])

@@ -114,4 +114,5 @@ class Path:
             c.module.requires_grad_(train and c.is_trainable())
 
     def __repr__(self) -> str:
-        return f"Path(#{self.id} {self.task}, layers={self.num_layers}, comps={[c.id for c in self.components.values()]})"
+        ids = [c.id for c in self.components.values()]
+        return f"Path(#{self.id} {self.task}, layers={self.num_layers}, components={ids})"

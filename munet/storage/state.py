@@ -20,12 +20,19 @@ from pathlib import Path as FsPath
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from munet.errors import MunetError, WeightsError
 from munet.evolution.system import ScoreConfig, System
-from munet.model.components import NOT_TRAINABLE, Component, ResidualAdapter, StandardisedHead, TokenParam
+from munet.model.components import (
+    NOT_TRAINABLE,
+    Component,
+    ResidualAdapter,
+    StandardisedHead,
+    TokenParam,
+    patch_embedding,
+)
 from munet.model.path import Path
 from munet.model.root import Root
 
@@ -61,7 +68,7 @@ def save_state(system: System, out: FsPath, extra: dict[str, Any]) -> None:
         "num_classes": system.num_classes,
         "components": [{"id": c.id, "name": c.name, "origin": c.origin, "locks": sorted(c.locks),
                         "shape": _shape_args(c)} for c in comps.values()],
-        "paths": [_path_record(p) for p in system.retained_paths()],
+        "paths": [path_record(p) for p in system.retained_paths()],
         **extra,
     }
     atomic_write(out / "state.json", json.dumps(state, indent=1, default=_jsonable))
@@ -85,7 +92,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _path_record(p: Path) -> dict[str, Any]:
+def path_record(p: Path) -> dict[str, Any]:
     return {"id": p.id, "task": p.task, "parent": p.parent.id if p.parent else None, "hparams": p.hparams,
             "metrics": p.metrics, "components": {n: c.id for n, c in p.components.items()}}
 
@@ -113,7 +120,7 @@ def load_state(state: dict[str, Any], run_dir: FsPath, root: Root, image_size: i
                            f"the configured root differs (sha256 {root.sha256}, depth {root.depth})")
     try:
         tensors = load_file(str(run_dir / "components.safetensors"))
-    except (OSError, SafetensorsError) as err:
+    except (OSError, SafetensorError) as err:
         raise WeightsError(f"cannot read {run_dir / 'components.safetensors'}: {err}") from err
     system = System(root, image_size, score, extra_hparams)
     for grid, cid in state["root_posembeds"].items():
@@ -129,7 +136,7 @@ def load_state(state: dict[str, Any], run_dir: FsPath, root: Root, image_size: i
         try:
             module.load_state_dict(own)
         except RuntimeError as err:
-            raise WeightsError(f"component {rec['name']}#{rec['id']} does not match its stored tensors: {err}")
+            raise WeightsError(f"component {rec['name']}#{rec['id']} does not match its stored tensors: {err}") from err
         module.requires_grad_(False)
         by_id[rec["id"]] = Component(rec["id"], rec["name"], module, set(rec["locks"]), rec["origin"])
     for rec in state["components"]:
@@ -153,9 +160,7 @@ def _empty_module(name: str, shape: dict[str, int], system: System) -> torch.nn.
     """A module of the right architecture for a stored component, to load its tensors into."""
     m, dim = system.root.model, system.root.embed_dim
     if name == "embedding":
-        module = copy.deepcopy(m.patch_embed)
-        module.strict_img_size = False
-        return module
+        return patch_embedding(m.patch_embed)
     if name == "cls":
         return TokenParam(m.cls_token)
     if name == "posembed":

@@ -4,7 +4,7 @@ autograd, and their outputs are shared between children (same inputs, same compo
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable
+from collections.abc import Hashable
 
 import torch
 

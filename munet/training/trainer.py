@@ -103,7 +103,8 @@ class Evaluator:
 
     def _autocast(self) -> Any:
         dev = self.settings.device
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.settings.autocast_bf16 and dev.type == "cuda")
+        enabled = self.settings.autocast_bf16 and dev.type == "cuda"
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _calibrate_head(path: Path, task: TaskData, evaluator: Evaluator, image_size: int) -> None:
@@ -120,7 +121,7 @@ def _calibrate_head(path: Path, task: TaskData, evaluator: Evaluator, image_size
 
 def train_generation(children: list[Path], parent_scores: list[float], task: TaskData, ds_hparams: dict[str, Any],
                      settings: TrainSettings, evaluator: Evaluator, score_fn: Callable[[Path, float], float],
-                     generator: torch.Generator, on_step: Callable[[], None] | None = None) -> None:
+                     generator: torch.Generator, on_step: Callable[[int], None] | None = None) -> None:
     """Trains ``children`` in lock-step and leaves the outcome in each child's ``metrics``.
 
     Sets ``quality`` (best validation accuracy), ``evals``, ``improved`` (accepted), ``failed`` (reason, if
@@ -135,7 +136,7 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
         evaluator: shared evaluator with its feature cache.
         score_fn: ``score_fn(path, quality)`` -> score of the path if it had that validation accuracy.
         generator: the random stream for batch order and augmentation.
-        on_step: called after every training step (progress reporting).
+        on_step: called after every training step with the number of children trained in it (progress).
     """
     t0 = time.perf_counter()
     dev = settings.device
@@ -172,7 +173,7 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
                 if not st.failed:
                     _validate(st, task, size, limit, evaluator, score_fn)
         if on_step:
-            on_step()
+            on_step(len(states))
     elapsed = time.perf_counter() - t0
     for st in states:
         m = st.path.metrics

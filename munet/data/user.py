@@ -1,0 +1,431 @@
+"""User-provided data: a folder of images (one sub-folder per class) or a ``.npz`` file of arrays.
+
+Both loaders return a :class:`~munet.data.task.TaskData` with uint8 ``(N, C, H, W)`` images, ``C`` in {1, 3}. Every
+problem with the input raises :class:`~munet.errors.DataError` naming the file or folder and what is wrong, because
+these messages are what a user sees when their data does not load.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from munet.data.splits import stratified_split
+from munet.data.task import TaskData
+from munet.errors import DataError
+
+__all__ = ["DEFAULT_FOLDER_SIZE", "images_to_nchw_uint8", "load_image_folder", "load_npz", "pil_to_array",
+           "stack_pil_images", "task_from_arrays"]
+
+#: Stored size when the images of a folder do not all share one size.
+DEFAULT_FOLDER_SIZE = 64
+# Largest per-pixel channel spread still treated as grey (lossy-codec noise), in uint8 levels.
+_GREY_TOLERANCE = 2
+_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# Fractions used when a folder or file has no explicit splits: 70 / 10 / 20 % of each class.
+_AUTO_FRACTIONS = (0.7, 0.1, 0.2)
+
+
+def _size_tuple(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """Normalises ``image_size`` to ``(height, width)``."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, (int, np.integer)):
+        size = (int(image_size), int(image_size))
+    else:
+        size = tuple(int(s) for s in image_size)
+        if len(size) != 2:
+            raise DataError(f"image_size must be an int or (height, width), got {image_size!r}")
+    if min(size) < 1:
+        raise DataError(f"image_size must be positive, got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def pil_to_array(img: Image.Image, source: str) -> np.ndarray:
+    """Converts a PIL image to a uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB array.
+
+    Args:
+        img: any PIL image; GIF/TIFF stacks contribute their first frame, alpha is dropped.
+        source: file name used in error messages.
+
+    Returns:
+        ``(H, W)`` when the image carries no colour (also RGB files whose channels differ by at most 2 levels
+        anywhere), else ``(H, W, 3)``.
+    """
+    try:
+        img.seek(0)
+    except (EOFError, AttributeError, ValueError):
+        pass
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # High-bit-depth grey: PIL's convert("L") would clip rather than rescale, so scale by the value range.
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise DataError(f"{source}: image contains NaN or infinite values")
+        peak = arr.max(initial=0)
+        top = 1.0 if img.mode == "F" and peak <= 1.0 else (255.0 if peak <= 255 else 65535.0)
+        return np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
+    if img.mode in ("1", "L", "LA", "P;L"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+    if spread.max(initial=0) <= _GREY_TOLERANCE:
+        # Grey content stored as RGB; lossy codecs (WebP, some JPEGs) leave +-1 chroma noise, hence the tolerance.
+        return np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
+    return rgb
+
+
+def _resize_array(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint8 ``(H, W[, 3])`` array to ``size=(h, w)`` (PIL filters antialias when shrinking)."""
+    if arr.shape[:2] == size:
+        return arr
+    img = Image.fromarray(arr)
+    return np.asarray(img.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def stack_pil_images(arrays: Sequence[np.ndarray], image_size: int | Sequence[int] | None = None,
+                     default_size: int = DEFAULT_FOLDER_SIZE) -> np.ndarray:
+    """Stacks grey/RGB uint8 arrays of possibly different sizes into one ``(N, C, H, W)`` uint8 array.
+
+    Args:
+        arrays: ``(H, W)`` or ``(H, W, 3)`` uint8 arrays (see :func:`pil_to_array`).
+        image_size: stored size; ``None`` keeps the common size when all images share it, else ``default_size``.
+        default_size: square size used when sizes differ and ``image_size`` is ``None``.
+
+    Returns:
+        ``(N, 3, H, W)`` if any image is colour (grey images are repeated to 3 channels), else ``(N, 1, H, W)``.
+    """
+    if len(arrays) == 0:
+        raise DataError("no images to stack")
+    size = _size_tuple(image_size)
+    if size is None:
+        shapes = Counter(a.shape[:2] for a in arrays)
+        size = next(iter(shapes)) if len(shapes) == 1 else (default_size, default_size)
+    colour = any(a.ndim == 3 for a in arrays)
+    out = np.empty((len(arrays), 3 if colour else 1, *size), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        a = _resize_array(a, size)
+        out[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
+    return out
+
+
+def images_to_nchw_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    """Validates an image array and returns it as uint8 ``(N, C, H, W)``, ``C`` in {1, 3}.
+
+    Args:
+        x: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``C`` in {1, 3}; uint8 (or another integer type
+            with values in 0..255), or float in ``[0, 1]`` (scaled by 255 and rounded).
+        source: where the array came from, for error messages.
+
+    Raises:
+        DataError: on a wrong rank, channel count, dtype or value range.
+    """
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+            pass
+        elif x.shape[-1] in (1, 3):
+            # Channels-last (also chosen for the ambiguous (N, 3, H, 3) case, the usual numpy/PIL layout).
+            x = x.transpose(0, 3, 1, 2)
+        else:
+            raise DataError(f"{source}: images of shape {x.shape} have no channel axis of size 1 or 3 "
+                            "(expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {{1, 3}})")
+    else:
+        raise DataError(f"{source}: images must have shape (N,H,W), (N,H,W,C) or (N,C,H,W); got {x.shape}")
+    if x.shape[0] == 0:
+        raise DataError(f"{source}: no images (array shape {x.shape})")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{source}: float images contain NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise DataError(f"{source}: float images must lie in [0, 1], found values in [{lo:g}, {hi:g}] "
+                            "(store uint8 0..255 or divide by 255)")
+        return np.ascontiguousarray(np.rint(x * 255.0).astype(np.uint8))
+    if np.issubdtype(x.dtype, np.integer) and not np.issubdtype(x.dtype, np.bool_):
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"{source}: integer images must lie in 0..255, found values in [{lo}, {hi}]")
+        return np.ascontiguousarray(x.astype(np.uint8))
+    raise DataError(f"{source}: unsupported image dtype {x.dtype} (use uint8, or float in [0, 1])")
+
+
+def _labels_to_int64(y: np.ndarray, source: str) -> np.ndarray:
+    """Validates labels: 1-D (or ``(N, 1)``), integer-valued, non-negative."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels must be a 1-D array of class indices, got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.floating):
+        # Integral floats (1.0) are a common accident of numpy pipelines; anything else is not a class index.
+        if not np.isfinite(y).all() or not np.array_equal(y, np.round(y)):
+            raise DataError(f"{source}: labels must be integers, found non-integer values such as "
+                            f"{y[~np.isfinite(y) | (y != np.round(y))][:3].tolist()}")
+    elif not (np.issubdtype(y.dtype, np.integer) and not np.issubdtype(y.dtype, np.bool_)):
+        raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if len(y) and y.min() < 0:
+        raise DataError(f"{source}: labels must be >= 0, found {int(y.min())}")
+    return y
+
+
+def task_from_arrays(
+    name: str,
+    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    seed: int,
+    class_names: Sequence[str] | None = None,
+    description: str = "",
+    source: str = "",
+    val_fraction: float = _AUTO_FRACTIONS[1] / (1 - _AUTO_FRACTIONS[2]),
+) -> TaskData:
+    """Builds a :class:`TaskData` from validated uint8 NCHW arrays, carving missing splits.
+
+    Args:
+        name: task name.
+        splits: ``{"train": (x, y), "val": (x, y), "test": (x, y)}``; ``"all"`` alone means "split 70/10/20";
+            a missing ``"val"`` is carved from train with ``val_fraction``; a missing ``"test"`` takes 20 % of train.
+        seed: seeds the stratified carving.
+        class_names: names per class; default ``"0", "1", ...``.
+        description: one-line provenance.
+        source: path or id used in error messages.
+        val_fraction: share of the train split moved to validation when no validation split is given.
+
+    Raises:
+        DataError: labels out of range, fewer than 2 classes, inconsistent image shapes, empty splits.
+    """
+    parts = dict(splits)
+    # Validate labels before carving splits: a bad label is the more useful message than "split is empty".
+    top = max((int(y.max()) for _, y in parts.values() if len(y)), default=-1) + 1
+    if class_names is None:
+        class_names = [str(i) for i in range(top)]
+    class_names = [str(c) for c in class_names]
+    if top > len(class_names):
+        raise DataError(f"{source}: label {top - 1} is out of range for {len(class_names)} class names "
+                        f"{class_names[:10]}")
+    if len(class_names) < 2:
+        raise DataError(f"{source}: a classification task needs at least 2 classes, found {len(class_names)}")
+    if "all" in parts:
+        x, y = parts.pop("all")
+        tr, va, te = stratified_split(y, _AUTO_FRACTIONS, seed)
+        parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+    if "train" not in parts:
+        raise DataError(f"{source}: no training split")
+    if "test" not in parts:
+        x, y = parts["train"]
+        tr, te = stratified_split(y, (1 - _AUTO_FRACTIONS[2], _AUTO_FRACTIONS[2]), seed)
+        parts["train"], parts["test"] = (x[tr], y[tr]), (x[te], y[te])
+    if "val" not in parts:
+        x, y = parts["train"]
+        # A different seed stream than the test carve, so the two carves are independent draws.
+        tr, va = stratified_split(y, (1 - val_fraction, val_fraction), seed + 1)
+        parts["train"], parts["val"] = (x[tr], y[tr]), (x[va], y[va])
+    shapes = {k: v[0].shape[1:] for k, v in parts.items()}
+    if len(set(shapes.values())) != 1:
+        raise DataError(f"{source}: splits have different image shapes (C, H, W): {shapes}")
+    for k in ("train", "val", "test"):
+        if len(parts[k][1]) == 0:
+            raise DataError(f"{source}: the {k} split is empty (too few examples to split)")
+
+    def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+    return TaskData(name=name, class_names=list(class_names),
+                    train_x=t(parts["train"][0], torch.uint8), train_y=t(parts["train"][1], torch.int64),
+                    val_x=t(parts["val"][0], torch.uint8), val_y=t(parts["val"][1], torch.int64),
+                    test_x=t(parts["test"][0], torch.uint8), test_y=t(parts["test"][1], torch.int64),
+                    description=description)
+
+
+# --------------------------------------------------------------------------------------------------- image folder
+
+def _image_extensions() -> set[str]:
+    """Every file extension PIL can open (png, jpg, bmp, gif, tiff, webp, ...)."""
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _list_images(folder: Path, exts: set[str]) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden files skipped), sorted for a deterministic order."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in exts and not any(part.startswith(".") for part in
+                                                                         p.relative_to(folder).parts))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_array(img, str(path))
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _read_class_tree(folder: Path, class_names: list[str] | None, exts: set[str]
+                     ) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """Reads ``folder/<class>/*``; with ``class_names`` given, the folder's classes must be among them."""
+    dirs = _class_dirs(folder)
+    if not dirs:
+        raise DataError(f"{folder}: no class sub-folders (expected one sub-folder of images per class)")
+    names = [d.name for d in dirs]
+    if class_names is None:
+        if len(names) < 2:
+            raise DataError(f"{folder}: found {len(names)} class folder ({names}); a task needs at least 2 classes")
+        class_names = names
+    else:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise DataError(f"{folder}: class folders {unknown} do not exist in the train split ({class_names})")
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    for d in dirs:
+        files = _list_images(d, exts)
+        if not files:
+            raise DataError(f"{d}: class folder is empty (no readable image files with extensions like .png, .jpg)")
+        label = class_names.index(d.name)
+        for f in files:
+            arrays.append(_read_image(f))
+            labels.append(label)
+    return class_names, arrays, np.asarray(labels, dtype=np.int64)
+
+
+def load_image_folder(path: str | Path, seed: int, name: str | None = None,
+                      image_size: int | Sequence[int] | None = None,
+                      default_size: int = DEFAULT_FOLDER_SIZE) -> TaskData:
+    """Loads a classification task from a folder of images.
+
+    Layouts:
+        * ``PATH/<class>/<image>``: split automatically, stratified 70 / 10 / 20 % with ``seed``.
+        * ``PATH/train/<class>/...``, ``PATH/val/<class>/...`` (or ``validation/``, ``valid/``),
+          ``PATH/test/<class>/...``: the given splits are used; a missing ``val`` is carved from train (1/8, so
+          70/10 of the whole when test is 20 %), a missing ``test`` takes 20 % of train.
+
+    Class names are the sorted class-folder names. Images may be any format PIL reads (png, jpg, bmp, gif, tiff,
+    webp, ...), in nested folders too; hidden files and files with other extensions are ignored. All images are
+    stored as grey, or as RGB when any image has colour, at one common size.
+
+    Args:
+        path: the folder.
+        seed: seeds the automatic splits.
+        name: task name; default the folder name.
+        image_size: stored size (int or ``(h, w)``); default the common size if all images share it, else
+            ``default_size`` square.
+        default_size: square size used when sizes differ and ``image_size`` is None.
+
+    Raises:
+        DataError: missing folder, fewer than 2 classes, an empty class folder, an unreadable or corrupt image.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder (expected one sub-folder of images per class)")
+    exts = _image_extensions()
+    top = _class_dirs(root)
+    split_dirs = {_SPLIT_DIRS[d.name.lower()]: d for d in top if d.name.lower() in _SPLIT_DIRS}
+    arrays: dict[str, list[np.ndarray]] = {}
+    labels: dict[str, np.ndarray] = {}
+    if "train" in split_dirs and len(split_dirs) == len(top):
+        class_names, arrays["train"], labels["train"] = _read_class_tree(split_dirs["train"], None, exts)
+        for k in ("val", "test"):
+            if k in split_dirs:
+                _, arrays[k], labels[k] = _read_class_tree(split_dirs[k], class_names, exts)
+    else:
+        class_names, arrays["all"], labels["all"] = _read_class_tree(root, None, exts)
+    # Stack all splits together so they share one channel count and one stored size.
+    order = list(arrays)
+    stacked = stack_pil_images([a for k in order for a in arrays[k]], image_size, default_size)
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    start = 0
+    for k in order:
+        n = len(arrays[k])
+        splits[k] = (stacked[start:start + n], labels[k])
+        start += n
+    return task_from_arrays(name or root.resolve().name, splits, seed, class_names,
+                            description=f"image folder {root}", source=str(root),
+                            val_fraction=_AUTO_FRACTIONS[1] / (1 - _AUTO_FRACTIONS[2]))
+
+
+# ----------------------------------------------------------------------------------------------------------- npz
+
+_X_KEYS = ("x", "images")
+_Y_KEYS = ("y", "labels")
+
+
+def load_npz(path: str | Path, seed: int, name: str | None = None) -> TaskData:
+    """Loads a classification task from a ``.npz`` file.
+
+    Keys:
+        * ``x`` (or ``images``) and ``y`` (or ``labels``): one pool, split stratified 70 / 10 / 20 % with ``seed``;
+        * or ``x_train, y_train, x_test, y_test`` and optionally ``x_val, y_val`` (else 1/8 of train becomes val);
+        * optional ``class_names``: a string array, one per class.
+
+    Images are ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``C`` in {1, 3}, uint8 or float in [0, 1].
+    Labels are integer class indices ``0 .. K-1``. The file is read with ``allow_pickle=False``.
+
+    Args:
+        path: the ``.npz`` file.
+        seed: seeds the automatic splits.
+        name: task name; default the file stem.
+
+    Raises:
+        DataError: missing or corrupt file, missing keys, image/label count mismatch, non-integer, negative or
+            out-of-range labels, bad image shapes or value ranges.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"npz file {p} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read npz file {p}: {type(exc).__name__}: {exc} (object arrays are not allowed; "
+                        "store class_names as a string array)") from exc
+    src = str(p)
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if "x_train" in data or "y_train" in data:
+        for split in ("train", "val", "test"):
+            xk, yk = f"x_{split}", f"y_{split}"
+            if split == "val" and xk not in data and yk not in data:
+                continue
+            missing = [k for k in (xk, yk) if k not in data]
+            if missing:
+                raise DataError(f"{src}: missing key(s) {missing}; found {sorted(data)}")
+            pairs[split] = (data[xk], data[yk])
+    else:
+        xk = next((k for k in _X_KEYS if k in data), None)
+        yk = next((k for k in _Y_KEYS if k in data), None)
+        if xk is None or yk is None:
+            raise DataError(f"{src}: missing keys: need 'x' (or 'images') and 'y' (or 'labels'), or "
+                            f"x_train/y_train/x_test/y_test; found {sorted(data)}")
+        pairs["all"] = (data[xk], data[yk])
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split, (x, y) in pairs.items():
+        where = f"{src} [{split}]"
+        xs = images_to_nchw_uint8(x, where)
+        ys = _labels_to_int64(y, where)
+        if len(xs) != len(ys):
+            raise DataError(f"{where}: {len(xs)} images but {len(ys)} labels (shape mismatch)")
+        splits[split] = (xs, ys)
+    class_names = None
+    if "class_names" in data:
+        cn = data["class_names"]
+        if cn.ndim != 1 or not (np.issubdtype(cn.dtype, np.str_) or np.issubdtype(cn.dtype, np.bytes_)):
+            raise DataError(f"{src}: class_names must be a 1-D string array, got dtype {cn.dtype} shape {cn.shape}")
+        class_names = [c.decode() if isinstance(c, bytes) else str(c) for c in cn.tolist()]
+    return task_from_arrays(name or p.stem, splits, seed, class_names, description=f"npz file {p}", source=src)

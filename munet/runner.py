@@ -136,7 +136,7 @@ def build_session(cfg: RunConfig, stream: TextIO = sys.stdout, state: dict[str, 
                           f"{root.patch_size}")
     tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
     policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed))
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"opt_lr": cfg.lr}
     policy.init_hparams(extra)
     score = ScoreConfig(cfg.scale_factor, cfg.compute_scale)
     if state is None:

@@ -10,5 +10,5 @@ from munet.config import RunConfig
 
 
 def get_config() -> RunConfig:
-    return RunConfig(tasks=["uci_digits", "faces"], depth=2, children_per_task=4, generation_size=2,
+    return RunConfig(tasks=["uci_digits", "faces"], depth=2, image_size=28, children_per_task=4, generation_size=2,
                      steps_between_validations=5, validations=2, max_val_examples=200, out="runs/smoke")

@@ -56,7 +56,7 @@ class System:
         root: the root model whose parts seed every path.
         image_size: default ``ds_image_size`` of the root path.
         score: score settings.
-        extra_hparams: policy hparams to add to the root path (e.g. ``_mu_``).
+        extra_hparams: hparams of the root path that override the defaults (e.g. ``opt_lr``, ``_mu_``).
     """
 
     def __init__(self, root: Root, image_size: int, score: ScoreConfig | None = None,

@@ -4,7 +4,7 @@ autograd, and their outputs are shared between children (same inputs, same compo
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -21,26 +21,71 @@ class FeatureCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[Hashable, torch.Tensor | RowStore] = OrderedDict()
 
-    def get(self, key: Hashable) -> torch.Tensor | None:
+    def get(self, key: Hashable) -> torch.Tensor | RowStore | None:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
         return value
 
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key: Hashable, value: torch.Tensor | RowStore) -> None:
+        size = _nbytes(value)
         if size > self.max_bytes or key in self._items:
             return
         self._items[key] = value
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _nbytes(old)
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class RowStore:
+    """Frozen-prefix outputs for the rows of a fixed data set, filled lazily as rows are first needed."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values  # (N, ...) prefix output per example
+        self.filled = torch.zeros(len(values), dtype=torch.bool, device=values.device)
+
+
+def _nbytes(value: torch.Tensor | RowStore) -> int:
+    t = value.values if isinstance(value, RowStore) else value
+    return t.numel() * t.element_size()
+
+
+def frozen_rows(path: Path, images: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, num_rows: int,
+                cache: FeatureCache, tag: Hashable) -> tuple[int, torch.Tensor]:
+    """Like :func:`frozen_forward` for rows ``idx`` of a fixed data set whose inputs are deterministic (training
+    without augmentation): each example goes through each distinct frozen prefix once per run, however many
+    children and steps read it.
+
+    Args:
+        path: the path.
+        images: ``images(idx)`` -> the preprocessed input images of those rows, on the compute device.
+        idx: row indices of the batch (on the CPU).
+        num_rows: number of rows in the data set.
+        cache: holds one :class:`RowStore` per (tag, prefix).
+        tag: identity of the data set and its preprocessing, e.g. ``(task, "train", image_size)``.
+    """
+    ops = path.ops()
+    k = path.first_trainable_op(ops)
+    if k == 0:
+        return 0, images(idx)
+    key = (tag, path.prefix_key(k, ops))
+    store = cache.get(key)
+    missing = idx if store is None else idx[~store.filled[idx].cpu()]
+    if len(missing):
+        with torch.no_grad():
+            out = path.forward(images(missing), stop=k)
+        if store is None:
+            store = RowStore(torch.empty(num_rows, *out.shape[1:], dtype=out.dtype, device=out.device))
+            cache.put(key, store)
+        store.values[missing] = out
+        store.filled[missing] = True
+    return k, store.values[idx]
 
 
 def frozen_forward(path: Path, x: torch.Tensor, cache: FeatureCache, tag: Hashable,

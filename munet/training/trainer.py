@@ -22,10 +22,16 @@ import torch.nn.functional as F
 from munet.data.augment import eval_batch, train_batch
 from munet.data.task import TaskData
 from munet.model.path import Path
-from munet.training.frozen import FeatureCache, frozen_forward
+from munet.training.frozen import FeatureCache, frozen_forward, frozen_rows
 from munet.training.schedule import learning_rate, make_optimizer
 
 DIVERGENCE_FACTOR = 20.0  # loss above this multiple of chance-level loss (ln C) counts as diverged
+
+
+def is_identity_augmentation(ds: dict[str, Any]) -> bool:
+    """No crop, no flip, no colour jitter: training inputs are then deterministic per example."""
+    jitter = ("ds_brightness_delta", "ds_contrast_delta", "ds_saturation_delta", "ds_hue_delta")
+    return ds["ds_area_range_min"] >= 1.0 and not ds["ds_flip_left_right"] and not any(ds[k] for k in jitter)
 
 
 @dataclass
@@ -154,6 +160,7 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
         st.optimizer = make_optimizer(st.path.trainable_parameters(), st.path.hparams)
     # frozen prefixes first, shortest first, so longer prefixes can start from shorter cached ones
     states.sort(key=lambda s: s.path.first_trainable_op())
+    deterministic = is_identity_augmentation(ds_hparams)
     order = torch.randperm(len(train_y), generator=generator)
     cursor = 0
     for step in range(total):
@@ -161,13 +168,23 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
             order, cursor = torch.randperm(len(train_y), generator=generator), 0
         idx = order[cursor: cursor + settings.batch_size]
         cursor += settings.batch_size
-        xb = train_batch(train_x[idx], ds_hparams, size, evaluator.mean, evaluator.std, generator)
-        xb, yb = xb.to(dev, non_blocking=True), train_y[idx].to(dev, non_blocking=True)
-        step_cache = FeatureCache(max_bytes=1 << 40)
+        yb = train_y[idx].to(dev, non_blocking=True)
+        if deterministic:  # frozen prefixes of each example are computed once and kept across steps
+            def images(rows: torch.Tensor) -> torch.Tensor:
+                return eval_batch(train_x[rows], size, evaluator.mean, evaluator.std).to(dev, non_blocking=True)
+
+            def prefix(path: Path) -> tuple[int, torch.Tensor]:
+                return frozen_rows(path, images, idx, len(train_y), evaluator.cache, (task.name, "train", size))
+        else:  # augmented: frozen prefixes are shared between the children on this batch only
+            xb = train_batch(train_x[idx], ds_hparams, size, evaluator.mean, evaluator.std, generator)
+            xb = xb.to(dev, non_blocking=True)
+            step_cache = FeatureCache(max_bytes=1 << 40)
+
+            def prefix(path: Path) -> tuple[int, torch.Tensor]:
+                return frozen_forward(path, xb, step_cache, "batch")
         for st in states:
-            if st.failed:
-                continue
-            _train_step(st, xb, yb, step_cache, step, k, settings, evaluator, chance_loss)
+            if not st.failed:
+                _train_step(st, prefix, yb, step, k, settings, evaluator, chance_loss)
         if (step + 1) % k == 0:
             for st in states:
                 if not st.failed:
@@ -188,11 +205,11 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
         st.optimizer = st.snapshot = None
 
 
-def _train_step(st: ChildState, xb: torch.Tensor, yb: torch.Tensor, cache: FeatureCache, step: int, k: int,
-                settings: TrainSettings, evaluator: Evaluator, chance_loss: float) -> None:
+def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor]], yb: torch.Tensor, step: int,
+                k: int, settings: TrainSettings, evaluator: Evaluator, chance_loss: float) -> None:
     path = st.path
     with evaluator._autocast():
-        start, h = frozen_forward(path, xb, cache, "batch")
+        start, h = prefix(path)
         logits = path.forward(h, start=start)
     loss = F.cross_entropy(logits.float(), yb)
     if not torch.isfinite(loss):

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
-python -m ruff check munet tests benchmarks
+python -m ruff check .
 python -m pytest -q "$@"

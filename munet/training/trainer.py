@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,6 +49,8 @@ class TrainSettings:
         calibration_examples: training images used to freeze a new head's input statistics.
         device: torch device.
         autocast_bf16: run forward passes in bfloat16 autocast (CUDA only).
+        inherit_momentum: µ2Net's optimiser-state inheritance: start each trainable component's momentum from
+            the trace it was cloned with, and keep the trace of the kept snapshot on the component.
     """
 
     batch_size: int = 64
@@ -59,6 +62,7 @@ class TrainSettings:
     calibration_examples: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
+    inherit_momentum: bool = False
 
     def steps_between_validations(self, num_train: int) -> int:
         return max(1, min(math.ceil(num_train / self.batch_size), self.max_steps_between_validations))
@@ -73,6 +77,7 @@ class ChildState:
     optimizer: torch.optim.Optimizer | None = None
     evals: list[float] = field(default_factory=list)
     snapshot: dict[int, dict[str, torch.Tensor]] | None = None
+    momentum: dict[int, dict[str, torch.Tensor]] | None = None  # the optimiser's traces at the snapshot
     failed: str | None = None
 
 
@@ -158,9 +163,16 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
             _calibrate_head(st.path, task, evaluator, size)
         st.path.set_mode(train=True)
         st.optimizer = make_optimizer(st.path.trainable_parameters(), st.path.hparams)
+        if settings.inherit_momentum:
+            _restore_momentum(st)
+            st.momentum = {}  # not None: _validate then keeps the traces with each snapshot
     # frozen prefixes first, shortest first, so longer prefixes can start from shorter cached ones
     states.sort(key=lambda s: s.path.first_trainable_op())
     deterministic = is_identity_augmentation(ds_hparams)
+
+    def images(rows: torch.Tensor) -> torch.Tensor:
+        return eval_batch(train_x[rows], size, evaluator.mean, evaluator.std).to(dev, non_blocking=True)
+
     order = torch.randperm(len(train_y), generator=generator)
     cursor = 0
     for step in range(total):
@@ -170,18 +182,12 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
         cursor += settings.batch_size
         yb = train_y[idx].to(dev, non_blocking=True)
         if deterministic:  # frozen prefixes of each example are computed once and kept across steps
-            def images(rows: torch.Tensor) -> torch.Tensor:
-                return eval_batch(train_x[rows], size, evaluator.mean, evaluator.std).to(dev, non_blocking=True)
-
-            def prefix(path: Path) -> tuple[int, torch.Tensor]:
-                return frozen_rows(path, images, idx, len(train_y), evaluator.cache, (task.name, "train", size))
+            prefix = partial(frozen_rows, images=images, idx=idx, num_rows=len(train_y), cache=evaluator.cache,
+                             tag=(task.name, "train", size))
         else:  # augmented: frozen prefixes are shared between the children on this batch only
             xb = train_batch(train_x[idx], ds_hparams, size, evaluator.mean, evaluator.std, generator)
-            xb = xb.to(dev, non_blocking=True)
-            step_cache = FeatureCache(max_bytes=1 << 40)
-
-            def prefix(path: Path) -> tuple[int, torch.Tensor]:
-                return frozen_forward(path, xb, step_cache, "batch")
+            prefix = partial(frozen_forward, x=xb.to(dev, non_blocking=True), cache=FeatureCache(1 << 40),
+                             tag="batch")
         for st in states:
             if not st.failed:
                 _train_step(st, prefix, yb, step, k, settings, evaluator, chance_loss)
@@ -201,8 +207,11 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
             comps = {c.id: c for c in st.path.trainable_components()}
             for cid, state in st.snapshot.items():
                 comps[cid].module.load_state_dict(state)
+            if settings.inherit_momentum:
+                for cid, comp in comps.items():
+                    comp.momentum = (st.momentum or {}).get(cid)
         st.path.set_mode(train=False)
-        st.optimizer = st.snapshot = None
+        st.optimizer = st.snapshot = st.momentum = None
 
 
 def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor]], yb: torch.Tensor, step: int,
@@ -235,3 +244,28 @@ def _validate(st: ChildState, task: TaskData, size: int, limit: int, evaluator: 
     if score > st.best_score:  # strict, as in muNet
         st.best_score = score
         st.snapshot = {c.id: copy.deepcopy(c.module.state_dict()) for c in st.path.trainable_components()}
+        if st.momentum is not None:
+            st.momentum = _momentum_traces(st)
+
+
+def _restore_momentum(st: ChildState) -> None:
+    """Seeds the optimiser with the momentum traces the child's components carry (cloned ones inherit theirs)."""
+    if not st.optimizer.defaults["momentum"]:
+        return
+    for comp in st.path.trainable_components():
+        for name, param in comp.module.named_parameters():
+            trace = (comp.momentum or {}).get(name)
+            if trace is not None and trace.shape == param.shape:
+                st.optimizer.state[param]["momentum_buffer"] = trace.to(param.device, param.dtype).clone()
+
+
+def _momentum_traces(st: ChildState) -> dict[int, dict[str, torch.Tensor]]:
+    """The optimiser's current momentum trace of every trainable parameter, by component id and parameter name."""
+    traces: dict[int, dict[str, torch.Tensor]] = {}
+    for comp in st.path.trainable_components():
+        own = {name: st.optimizer.state[param]["momentum_buffer"].detach().clone()
+               for name, param in comp.module.named_parameters()
+               if st.optimizer.state.get(param, {}).get("momentum_buffer") is not None}
+        if own:
+            traces[comp.id] = own
+    return traces

@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ from munet.data.task import TaskData
 from munet.evolution.system import ScoreConfig, System
 from munet.model.roots import load_root
 from munet.runner import load_tasks, resolve_device, run
-from munet.storage.state import atomic_write
+from munet.storage.store import DB_NAME, atomic_write
 from munet.training.frozen import FeatureCache
 from munet.training.trainer import Evaluator
 
@@ -162,12 +163,18 @@ def cores() -> int:
 
 
 def realised_lineages(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) -> dict[str, int]:
-    """Training images along each retained path's ancestors within its task (from ``paths.jsonl`` and
-    ``state.json``); empty if those files cannot be read."""
+    """Training images along each retained path's ancestors within its task (from the run store's ``paths`` and
+    ``live`` tables); empty if the store cannot be read."""
     try:
-        records = {r["id"]: r for r in map(json.loads, (run_dir / "paths.jsonl").read_text().splitlines())}
-        retained = json.loads((run_dir / "state.json").read_text())["paths"]
-    except (OSError, KeyError, json.JSONDecodeError):
+        db = sqlite3.connect(f"file:{run_dir / DB_NAME}?mode=ro", uri=True)
+        try:
+            records = {pid: {"task": task, "parent": parent}
+                       for pid, task, parent in db.execute("SELECT id, task, parent FROM paths")}
+            retained = [{"id": pid, "task": task} for pid, task in db.execute(
+                "SELECT id, task FROM paths WHERE id IN (SELECT path_id FROM live WHERE rank IS NOT NULL)")]
+        finally:
+            db.close()
+    except sqlite3.Error:
         return {}
     out: dict[str, int] = {}
     for path in retained:

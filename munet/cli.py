@@ -67,6 +67,62 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from munet.runner import OPERATIONAL_KEYS, resume
+
+    overrides = {k: getattr(args, f"cfg_{k}") for k in OPERATIONAL_KEYS if getattr(args, f"cfg_{k}", None) is not None}
+    resume(args.run_dir, overrides)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from munet.reporting.status import format_status, run_status, status_json
+
+    status = run_status(args.run_dir)
+    print(status_json(status) if args.json else format_status(status))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from munet.storage.check import check_store
+
+    report = check_store(args.run_dir)
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    counts = ", ".join(f"{n} {what}" for what, n in report.counts.items())
+    if report.problems:
+        print(f"{args.run_dir}: {len(report.problems)} problem(s) found (checked {counts})")
+        return 1
+    print(f"{args.run_dir}: ok (checked {counts})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import munet
+
+    target = munet.load(args.run_dir).export(args.task, args.out, args.format)
+    print(f"exported {args.task} to {target} (with {target.parent / 'config.json'})")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    import munet
+    from munet.predict import as_records, format_predictions
+
+    system = munet.load(args.run_dir)
+    answers = system.predict(args.files, task=args.task)
+    answers = answers if isinstance(answers, dict) else {args.task: answers}
+    if args.json:
+        print(json.dumps(as_records(args.files, answers), indent=1))
+    else:
+        print(format_predictions(args.files, answers, system.class_names, args.top))
+    return 0
+
+
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from munet.data.registry import TASKS
 
@@ -86,7 +142,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="munet", description="Evolve a pretrained ViT into a multitask system.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command")
-    run_p = sub.add_parser("run", help="evolve a new system (no arguments: the offline default)")
+    run_p = sub.add_parser("run", help="evolve a new system, or resume the run already in --out (no arguments: the "
+                                       "offline default)")
     _add_config_args(run_p)
     run_p.set_defaults(func=_cmd_run)
     add_p = sub.add_parser("add-task", help="introduce new tasks into an existing run (one task iteration each)")
@@ -94,6 +151,31 @@ def make_parser() -> argparse.ArgumentParser:
     add_p.add_argument("tasks", nargs="+", help="task specs to add")
     _add_config_args(add_p)
     add_p.set_defaults(func=_cmd_add_task)
+    res_p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    res_p.add_argument("run_dir", help="run directory")
+    for key in ("device", "feature_cache_mb", "data_dir"):  # the keys a resumed run may change
+        res_p.add_argument("--" + key.replace("_", "-"), dest=f"cfg_{key}", default=None, metavar=key.upper())
+    res_p.set_defaults(func=_cmd_resume)
+    st_p = sub.add_parser("status", help="progress, each task's best path, store size")
+    st_p.add_argument("run_dir", help="run directory")
+    st_p.add_argument("--json", action="store_true", help="print the status as JSON")
+    st_p.set_defaults(func=_cmd_status)
+    ck_p = sub.add_parser("check", help="verify every blob and reference of a run directory (exit 1 on problems)")
+    ck_p.add_argument("run_dir", help="run directory")
+    ck_p.set_defaults(func=_cmd_check)
+    ex_p = sub.add_parser("export", help="write one task's model as a self-contained directory")
+    ex_p.add_argument("run_dir", help="run directory")
+    ex_p.add_argument("--task", required=True, help="the task to export")
+    ex_p.add_argument("--out", required=True, help="output directory (model file + config.json)")
+    ex_p.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"], help="model file format")
+    ex_p.set_defaults(func=_cmd_export)
+    pr_p = sub.add_parser("predict", help="labels and probabilities for image files")
+    pr_p.add_argument("run_dir", help="run directory")
+    pr_p.add_argument("--task", required=True, help="a task name, or `all` for every task")
+    pr_p.add_argument("files", nargs="+", help="image files")
+    pr_p.add_argument("--top", type=int, default=1, help="print the K most probable labels (default 1)")
+    pr_p.add_argument("--json", action="store_true", help="print every probability as JSON")
+    pr_p.set_defaults(func=_cmd_predict)
     sub.add_parser("tasks", help="list registered tasks").set_defaults(func=_cmd_tasks)
     sub.add_parser("presets", help="list presets").set_defaults(func=_cmd_presets)
     return parser
@@ -112,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the state saved after the last finished task iteration is kept", file=sys.stderr)
+        print("interrupted: the run is saved up to its last finished generation; continue it with the same command "
+              "or `munet resume RUN`", file=sys.stderr)
         return 130
 
 

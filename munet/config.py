@@ -39,6 +39,8 @@ class RunConfig:
         mutation_prob: μ (the initial μ for the evolved policies).
         mu_policy: ``fixed`` (muNet), ``evolved`` (µ2Net) or ``per_action`` (µ2Net+).
         mutate_adapters: allow inserting residual adapters.
+        inherit_momentum: µ2Net's optimiser-state inheritance: a cloned component starts training from the momentum
+            trace of the component it was cloned from (traces are stored with the run, one per trained component).
         max_task_population: keep at most this many paths per task after each generation (0: no cap).
         max_seeds: probe at most this many other tasks' paths at the start of a task iteration (0: all).
         seed: seed of every random stream.
@@ -68,6 +70,7 @@ class RunConfig:
     mutation_prob: float = 0.1
     mu_policy: str = "fixed"
     mutate_adapters: bool = True
+    inherit_momentum: bool = False
     max_task_population: int = 0
     max_seeds: int = 3
     seed: int = 0

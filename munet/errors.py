@@ -19,3 +19,11 @@ class TaskUnavailable(DataError):
 
 class WeightsError(MunetError):
     """A weights file is missing, altered (hash mismatch) or does not fit the expected architecture."""
+
+
+class StoreError(MunetError):
+    """A run directory is missing, corrupt, from an incompatible version, or in use by another process."""
+
+
+class ExportError(MunetError):
+    """A path cannot be exported, or an export directory cannot be loaded."""

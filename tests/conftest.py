@@ -9,6 +9,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from munet.config import RunConfig
 from munet.data.task import TaskData
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.system import System
@@ -68,3 +69,21 @@ def system(tiny_root: Root) -> System:
 @pytest.fixture
 def policy() -> MutationPolicy:
     return MutationPolicy("fixed", 0.1, random.Random(0))
+
+
+def make_run(out, **overrides) -> RunConfig:
+    """A complete tiny run (tiny root, synthetic tasks "a" and "b") in ``out``, through the real runner."""
+    import io
+
+    from munet.runner import run
+
+    cfg = RunConfig(tasks=["a", "b"], root="tiny", depth=3, image_size=8, max_image_size=12, children_per_task=4,
+                    generation_size=2, steps_between_validations=2, validations=2, max_val_examples=48,
+                    batch_size=16, device="cpu", out=str(out)).replace(**overrides)
+    classes = {"a": 3, "b": 2, "c": 4}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))
+        mp.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
+            n: make_task(n, classes[n], seed=i + 1) for i, n in enumerate(specs)})
+        run(cfg, stream=io.StringIO())
+    return cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -41,7 +42,8 @@ def test_run_then_add_task_keeps_earlier_tasks_bit_identical(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     before = {r["task"]: r["test_acc"] for r in summary["tasks"]}
     assert set(before) == {"uci_digits", "faces"}
-    assert (out / "paths.jsonl").read_text().count("\n") == 4
+    with sqlite3.connect(out / "munet.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 4
     assert main(["add-task", str(out), "textures", *TINY]) == 0
     after = {r["task"]: r["test_acc"] for r in json.loads((out / "summary.json").read_text())["tasks"]}
     assert set(after) == {"uci_digits", "faces", "textures"}

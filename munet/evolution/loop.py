@@ -6,6 +6,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,25 @@ from munet.model.path import Path
 from munet.training.trainer import Evaluator, TrainSettings, train_generation
 
 log = logging.getLogger("munet")
+
+
+@dataclass
+class IterationState:
+    """Where a task iteration stands between two generations: all that resuming it exactly needs.
+
+    Args:
+        task: the task being evolved.
+        seeds: other tasks' retained paths and the root, probed first (seed phase), then fallback parents.
+        next_seed: index of the next seed to probe.
+        generation: index of the next generation.
+        generator: the iteration's stream of training batches and augmentations.
+    """
+
+    task: str
+    seeds: list[Path]
+    next_seed: int
+    generation: int
+    generator: torch.Generator
 
 
 class Evolution:
@@ -88,41 +108,59 @@ class Evolution:
     # --- the loop -----------------------------------------------------------------------------------------------
     def task_iteration(self, task: str) -> Path | None:
         """One task iteration (spec §4.2); returns the task's retained best path."""
+        state = self.begin(task)
+        while not self.finished(state):
+            self.step(state)
+        return self.finish(state)
+
+    def begin(self, task: str) -> IterationState:
+        """Starts a task iteration: unlocks the task's own components and lists the seed paths."""
         system = self.system
         seeds = system.start_task(task)
         if self.max_seeds:
             seeds = seeds[: self.max_seeds] + [system.root_path] if len(seeds) > self.max_seeds + 1 else seeds
-        next_seed = 0
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
-        for gen in range(self.generations()):
-            n = min(self.generation_size, self.children_per_task - gen * self.generation_size)
-            ds = self.sample_ds_hparams(task, mutate=next_seed >= len(seeds))
-            children, parents = [], []
-            for _ in range(n):
-                if next_seed < len(seeds):
-                    parent, mutate = seeds[next_seed], False
-                    next_seed += 1
-                else:
-                    parent, mutate = self.sample_parent(task, seeds), True
-                children.append(make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters))
-                parents.append(parent)
-            for child in children:
-                for comp in child.components.values():
-                    comp.module.to(self.settings.device)
-            to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
-            train_generation(children, to_beat, self.tasks[task], ds, self.settings, self.evaluator,
-                             self._score_with_quality, generator, on_step=self.on_step)
-            for child in children:
-                child.metrics.update(generation=gen, iteration=self.iteration)
-                if child.metrics["failed"]:
-                    log.warning("task %s: child #%d discarded: %s", task, child.id, child.metrics["failed"])
-                if child.metrics["improved"]:
-                    system.paths[task].append(child)
-            self._prune(task)
-            if self.on_generation:
-                self.on_generation(task, gen, children)
-        best = system.end_task(task)
-        for path in system.retained_paths():
+        return IterationState(task, seeds, 0, 0, generator)
+
+    def finished(self, state: IterationState) -> bool:
+        return state.generation >= self.generations()
+
+    def step(self, state: IterationState) -> list[Path]:
+        """Samples, trains and selects one generation of ``state``'s task iteration; returns its children."""
+        system, task, gen = self.system, state.task, state.generation
+        n = min(self.generation_size, self.children_per_task - gen * self.generation_size)
+        ds = self.sample_ds_hparams(task, mutate=state.next_seed >= len(state.seeds))
+        children, parents = [], []
+        for _ in range(n):
+            if state.next_seed < len(state.seeds):
+                parent, mutate = state.seeds[state.next_seed], False
+                state.next_seed += 1
+            else:
+                parent, mutate = self.sample_parent(task, state.seeds), True
+            children.append(make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters))
+            parents.append(parent)
+        for child in children:
+            for comp in child.components.values():
+                comp.module.to(self.settings.device)
+        to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
+        train_generation(children, to_beat, self.tasks[task], ds, self.settings, self.evaluator,
+                         self._score_with_quality, state.generator, on_step=self.on_step)
+        for child, parent, beat in zip(children, parents, to_beat):
+            child.metrics.update(generation=gen, iteration=self.iteration, parent=parent.id, parent_score=beat)
+            if child.metrics["failed"]:
+                log.warning("task %s: child #%d discarded: %s", task, child.id, child.metrics["failed"])
+            if child.metrics["improved"]:
+                system.paths[task].append(child)
+        self._prune(task)
+        state.generation += 1
+        if self.on_generation:
+            self.on_generation(task, gen, children)
+        return children
+
+    def finish(self, state: IterationState) -> Path | None:
+        """Ends a task iteration: keeps and locks the best path, evaluates new retained paths on test."""
+        best = self.system.end_task(state.task)
+        for path in self.system.retained_paths():
             if path.metrics.get("test_quality") is None:
                 t = self.tasks.get(path.task)
                 if t is not None:

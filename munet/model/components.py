@@ -101,6 +101,9 @@ class Component:
         self.origin = origin
         self.locks: set[str] = set(locks or ())
         self.num_params = sum(t.numel() for t in module.state_dict().values())
+        # µ2Net's optimiser-state inheritance: the momentum trace of each trained parameter (by parameter name)
+        # at the kept snapshot, copied on clone and used to start the next training of a clone.
+        self.momentum: dict[str, torch.Tensor] | None = None
 
     def is_trainable(self) -> bool:
         return not self.locks
@@ -111,7 +114,9 @@ class Component:
 
     def clone(self, cid: int, origin: str) -> Component:
         """A deep copy with no locks: the copy is trainable and owned by ``origin``, the task that cloned it."""
-        return Component(cid, self.name, copy.deepcopy(self.module), origin=origin)
+        twin = Component(cid, self.name, copy.deepcopy(self.module), origin=origin)
+        twin.momentum = copy.deepcopy(self.momentum)
+        return twin
 
     def __repr__(self) -> str:
         return f"Component({self.name}#{self.id}, {self.num_params} params, locks={sorted(self.locks)})"

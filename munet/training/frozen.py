@@ -10,6 +10,8 @@ import torch
 
 from munet.model.path import Path
 
+MIN_ROWS = 16  # see frozen_rows
+
 
 class FeatureCache:
     """A least-recently-used map from (input tag, prefix key) to a frozen prefix's output, bounded in bytes.
@@ -78,8 +80,12 @@ def frozen_rows(path: Path, images: Callable[[torch.Tensor], torch.Tensor], idx:
     store = cache.get(key)
     missing = idx if store is None else idx[~store.filled[idx].cpu()]
     if len(missing):
+        # CPU matrix products pick other kernels for very few rows, so a row's features would depend on how many
+        # rows it was computed with; padding to MIN_ROWS keeps them a function of the row alone, which makes a
+        # resumed run (whose cache starts empty) compute bit-identical features.
+        rows = missing.repeat(-(-MIN_ROWS // len(missing)))[: max(MIN_ROWS, len(missing))]
         with torch.no_grad():
-            out = path.forward(images(missing), stop=k)
+            out = path.forward(images(rows), stop=k)[: len(missing)]
         if store is None:
             store = RowStore(torch.empty(num_rows, *out.shape[1:], dtype=out.dtype, device=out.device))
             cache.put(key, store)
@@ -116,3 +122,57 @@ def frozen_forward(path: Path, x: torch.Tensor, cache: FeatureCache, tag: Hashab
             out = torch.cat([path.forward(p, start=start, stop=k) for p in pieces])
         cache.put((tag, path.prefix_key(k, ops)), out)
     return k, out
+
+
+def shared_forward(paths: list[Path], images: Callable[[int], torch.Tensor], cache: FeatureCache, tag: Hashable,
+                   chunk: int = 0) -> list[torch.Tensor]:
+    """Every path's output on the same inputs (multi-task inference), computing each shared prefix once.
+
+    Paths that start with the same components (same ids, same image size) form a prefix tree. The output at each
+    branch point of that tree (the end of a prefix that two or more paths share) is kept in ``cache``, so every
+    shared segment runs once however many paths read it; the rest of each path runs on its own. No gradients.
+
+    Args:
+        paths: the paths to run, e.g. every task's retained path.
+        images: ``images(image_size)`` -> the preprocessed inputs at that size ``(B, 3, S, S)``, the same
+            examples for every size.
+        cache: holds branch-point outputs; a bounded cache that evicts them only costs recomputation.
+        tag: identity of the inputs (same tag means same examples).
+        chunk: process at most this many examples at a time (0: all at once), to bound activation memory.
+
+    Returns:
+        One output per path, in the order of ``paths``.
+    """
+    ops_of = [p.ops() for p in paths]
+    keys = [[(p.hparams["ds_image_size"], p.prefix_key(i, ops)) for i in range(len(ops) + 1)]
+            for p, ops in zip(paths, ops_of)]
+    readers: dict[Hashable, int] = {}  # prefix -> number of paths that start with it
+    for ks in keys:
+        for key in ks[1:]:
+            readers[key] = readers.get(key, 0) + 1
+    inputs: dict[int, torch.Tensor] = {}
+    outputs = []
+    with torch.no_grad():
+        for path, ops, ks in zip(paths, ops_of, keys):
+            n = len(ops)
+            # branch points: prefixes read by several paths whose one-op extension is read by fewer of them
+            stops = [i for i in range(1, n) if readers[ks[i]] > 1 and readers[ks[i + 1]] < readers[ks[i]]]
+            start, h = 0, None
+            for i in reversed(stops):
+                hit = cache.get((tag, ks[i]))
+                if hit is not None:
+                    start, h = i, hit
+                    break
+            if h is None:
+                size = path.hparams["ds_image_size"]
+                if size not in inputs:
+                    inputs[size] = images(size)
+                h = inputs[size]
+            for stop in [i for i in stops if i > start] + [n]:
+                pieces = h.split(chunk) if chunk else [h]
+                h = torch.cat([path.forward(p, start=start, stop=stop) for p in pieces])
+                if stop < n:
+                    cache.put((tag, ks[stop]), h)
+                start = stop
+            outputs.append(h)
+    return outputs

@@ -29,6 +29,13 @@ from munet.training.schedule import learning_rate, make_optimizer
 DIVERGENCE_FACTOR = 20.0  # loss above this multiple of chance-level loss (ln C) counts as diverged
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor bound for CUDA goes through pinned memory so the copy is asynchronous."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def is_identity_augmentation(ds: dict[str, Any]) -> bool:
     """No crop, no flip, no colour jitter: training inputs are then deterministic per example."""
     jitter = ("ds_brightness_delta", "ds_contrast_delta", "ds_saturation_delta", "ds_hue_delta")
@@ -96,14 +103,14 @@ class Evaluator:
         if key not in self._inputs:
             x, _ = task.split(split)
             x = x[:limit] if limit else x
-            self._inputs = {key: eval_batch(x, image_size, self.mean, self.std).to(self.settings.device)}
+            self._inputs = {key: to_device(eval_batch(x, image_size, self.mean, self.std), self.settings.device)}
         return self._inputs[key]
 
     @torch.no_grad()
     def accuracy(self, path: Path, task: TaskData, split: str, image_size: int, limit: int = 0) -> float:
         """Exact accuracy over the split (or its first ``limit`` examples), including the last partial batch."""
         x = self.inputs(task, split, image_size, limit)
-        y = task.split(split)[1][: len(x)].to(self.settings.device)
+        y = to_device(task.split(split)[1][: len(x)], self.settings.device)
         with self._autocast():
             start, h = frozen_forward(path, x, self.cache, (task.name, split, image_size, limit),
                                       chunk=self.settings.eval_batch_size)
@@ -171,7 +178,7 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
     deterministic = is_identity_augmentation(ds_hparams)
 
     def images(rows: torch.Tensor) -> torch.Tensor:
-        return eval_batch(train_x[rows], size, evaluator.mean, evaluator.std).to(dev, non_blocking=True)
+        return to_device(eval_batch(train_x[rows], size, evaluator.mean, evaluator.std), dev)
 
     order = torch.randperm(len(train_y), generator=generator)
     cursor = 0
@@ -180,13 +187,13 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
             order, cursor = torch.randperm(len(train_y), generator=generator), 0
         idx = order[cursor: cursor + settings.batch_size]
         cursor += settings.batch_size
-        yb = train_y[idx].to(dev, non_blocking=True)
+        yb = to_device(train_y[idx], dev)
         if deterministic:  # frozen prefixes of each example are computed once and kept across steps
             prefix = partial(frozen_rows, images=images, idx=idx, num_rows=len(train_y), cache=evaluator.cache,
                              tag=(task.name, "train", size))
         else:  # augmented: frozen prefixes are shared between the children on this batch only
             xb = train_batch(train_x[idx], ds_hparams, size, evaluator.mean, evaluator.std, generator)
-            prefix = partial(frozen_forward, x=xb.to(dev, non_blocking=True), cache=FeatureCache(1 << 40),
+            prefix = partial(frozen_forward, x=to_device(xb, dev), cache=FeatureCache(1 << 40),
                              tag="batch")
         for st in states:
             if not st.failed:
@@ -234,6 +241,8 @@ def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor
     loss.backward()
     torch.nn.utils.clip_grad_norm_(path.trainable_parameters(), settings.clip_norm)
     st.optimizer.step()
+    # free the gradients now rather than at this child's next step: one child of the generation holds them at a time
+    st.optimizer.zero_grad(set_to_none=True)
 
 
 def _validate(st: ChildState, task: TaskData, size: int, limit: int, evaluator: Evaluator,

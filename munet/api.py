@@ -1,0 +1,115 @@
+"""The Python API of a finished (or checkpointed) run: ``munet.load(RUN)`` -> a multitask system that predicts
+and exports, read from the run's store alone (no data; the root's source only for a root whose architecture the
+store cannot describe)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path as FsPath
+from typing import Any
+
+import torch
+
+from munet.errors import ExportError, MunetError
+from munet.evolution.hparams import MutationPolicy
+from munet.evolution.system import ScoreConfig, System
+from munet.export import FORMATS, export_path, path_config
+from munet.model.path import Path
+from munet.model.roots import load_root
+from munet.predict import ImageLike, Prediction, predict, to_uint8_images
+from munet.storage.snapshot import load_checkpoint, root_from_store, verify_root
+from munet.storage.store import Store
+
+
+class MultitaskSystem:
+    """A run's multitask system: one retained path per task.
+
+    Args:
+        run_dir: the run directory it was read from.
+        system: the rebuilt system.
+        class_names: task -> class names.
+        complete: whether the run had finished all its task iterations (else the last one's path is provisional).
+        meta: the run's root record and configuration.
+    """
+
+    def __init__(self, run_dir: FsPath, system: System, class_names: dict[str, list[str]], complete: bool,
+                 meta: dict[str, Any]):
+        self.run_dir = run_dir
+        self.system = system
+        self.class_names = class_names
+        self.complete = complete
+        self.meta = meta
+
+    @property
+    def tasks(self) -> list[str]:
+        """Tasks with a retained path, in the run's order."""
+        return [t for t in self.class_names if self.system.best_path(t) is not None]
+
+    def path(self, task: str) -> Path:
+        """The path answering ``task``."""
+        best = self.system.best_path(task) if task in self.class_names else None
+        if best is None:
+            known = ", ".join(self.tasks) or "none"
+            raise MunetError(f"no task {task!r} in {self.run_dir}; its tasks: {known}")
+        return best
+
+    def predict(self, images: ImageLike | list[ImageLike], task: str = "all"
+                ) -> list[Prediction] | dict[str, list[Prediction]]:
+        """Predictions for ``images`` (files, PIL images, arrays or a batch; see
+        :func:`munet.predict.to_uint8_images`).
+
+        Args:
+            images: the images.
+            task: a task name, or ``"all"`` for every task (components shared between tasks run once).
+
+        Returns:
+            One :class:`~munet.predict.Prediction` per image, or for ``"all"`` a dict task -> predictions.
+        """
+        tasks = self.tasks if task == "all" else [task]
+        paths = {t: self.path(t) for t in tasks}
+        root = self.system.root
+        answers = predict(paths, {t: self.class_names[t] for t in tasks}, to_uint8_images(images), root.mean,
+                          root.std)
+        return answers if task == "all" else answers[task]
+
+    def export(self, task: str, out: str | FsPath, format: str = "safetensors") -> FsPath:  # noqa: A002
+        """Writes ``task``'s path as a self-contained model (see :mod:`munet.export`); returns the model file."""
+        if format not in FORMATS:
+            raise MunetError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+        path = self.path(task)
+        root = self.system.root
+        if self.meta["root"]["arch"] is None:
+            raise ExportError(f"the root of {self.run_dir} ({root.description}) uses parts an export cannot describe")
+        provenance = {"run": str(self.run_dir), "path_id": path.id, "root": root.description,
+                      "root_source": root.source, "root_sha256": root.sha256,
+                      "val_accuracy": path.metrics.get("quality"), "test_accuracy": path.metrics.get("test_quality")}
+        config = path_config(path, self.meta["root"]["arch"], self.class_names[task], root.mean, root.std,
+                             provenance)
+        return export_path(path, config, out, format)
+
+
+def load(run_dir: str | FsPath) -> MultitaskSystem:
+    """Reads the last checkpoint of the run in ``run_dir`` (read-only; a run in progress may keep writing).
+
+    Raises:
+        StoreError: not a run directory, an incompatible or corrupt store.
+    """
+    run_dir = FsPath(run_dir)
+    with Store.open(run_dir) as store:
+        cfg = store.get("config")
+        rebuildable = store.get("root")["arch"] is not None
+        # a root whose architecture has no description is loaded from its source and checked against the store
+        root = root_from_store(store) if rebuildable else load_root(cfg["root"], cfg["depth"] or None)
+        policy = MutationPolicy(cfg["mu_policy"], cfg["mutation_prob"], random.Random(0))
+        extra: dict[str, Any] = {"opt_lr": cfg["lr"]}
+        policy.init_hparams(extra)
+        with torch.random.fork_rng(devices=[]):  # rebuilding modules draws inits; keep the caller's stream
+            system, ck = load_checkpoint(store, root, cfg["image_size"], ScoreConfig(cfg["scale_factor"],
+                                         cfg["compute_scale"]), extra)
+        if not rebuildable:
+            verify_root(store, root, system)
+        class_names = {name: json.loads(names) for name, names in
+                       store.conn.execute("SELECT name, class_names FROM tasks ORDER BY position")}
+        meta = {"root": store.get("root"), "config": cfg}
+    return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta)

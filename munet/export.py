@@ -1,0 +1,188 @@
+"""Exporting one task's path as a self-contained model, and loading it back without a run store.
+
+An export directory holds ``config.json`` (architecture, image size, normalisation, class names, provenance) and
+``model.safetensors`` (or ``model.onnx`` with ``--format onnx``). The model is a timm ``VisionTransformer`` whose
+standardised head is folded into a plain linear head; a path with residual adapters adds them as ``adapters.<i>``
+(run before block ``i``), so a path without adapters has exactly timm's state dict and loads into timm's class.
+
+The model takes ``(B, 3, S, S)`` float images: RGB pixels in [0, 1] resized to ``S x S``, then normalised with
+``(x - mean) / std`` (both in ``config.json``), and returns ``(B, num_classes)`` logits.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path as FsPath
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from munet import __version__
+from munet.errors import ExportError
+from munet.model.components import ResidualAdapter, block_index
+from munet.model.path import Path
+from munet.model.vitarch import build_vit
+from munet.storage.store import atomic_write, blob_bytes
+
+FORMAT = "munet-export"
+VERSION = 1
+FORMATS = ("safetensors", "onnx")
+TOLERANCE = 1e-4  # max |exported - path| logit difference accepted when an export checks itself
+
+
+class ExportedViT(VisionTransformer):
+    """A timm ``VisionTransformer`` with optional zero-initialised residual adapters before some blocks.
+
+    Args:
+        adapters: ``{block index: adapter width}``; empty keeps timm's forward and state dict unchanged.
+        kwargs: ``VisionTransformer`` arguments.
+    """
+
+    def __init__(self, adapters: dict[int, int] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.adapters = nn.ModuleDict({str(i): ResidualAdapter(self.embed_dim, width)
+                                       for i, width in sorted((adapters or {}).items())})
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        if not len(self.adapters) or attn_mask is not None or is_causal:
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for i, block in enumerate(self.blocks):
+            if str(i) in self.adapters:
+                x = self.adapters[str(i)](x)
+            x = block(x)
+        return self.norm(x)
+
+
+def path_config(path: Path, arch: dict[str, Any], class_names: list[str], mean: tuple, std: tuple,
+                provenance: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of an exported path (``arch``: the root's :func:`~munet.model.vitarch.describe_vit`)."""
+    size = int(path.hparams["ds_image_size"])
+    vit = {**arch, "img_size": size, "depth": path.num_layers, "dynamic_img_size": False,
+           "num_classes": len(class_names)}
+    adapters = {str(block_index(n)): c.module.down.out_features for n, c in path.components.items()
+                if n.startswith("adapter_")}
+    # timm's VisionTransformer defaults (its LayerNorm with eps 1e-6, GELU) make these arguments sufficient
+    plain = not adapters and vit["norm"] == "timm" and vit["norm_eps"] == 1e-6 and vit["act"] == "gelu"
+    timm_kwargs = {k: vit[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                                       "mlp_ratio", "qkv_bias", "qk_norm", "proj_bias", "init_values", "num_classes")}
+    return {
+        "format": FORMAT, "version": VERSION, "munet_version": __version__,
+        "task": path.task, "class_names": list(class_names), "image_size": size,
+        "mean": list(mean), "std": list(std),
+        "input": f"float32 (batch, 3, {size}, {size}): RGB in [0, 1] resized to {size}x{size}, then (x - mean) / std",
+        "output": f"float32 (batch, {len(class_names)}) logits, in the order of class_names",
+        "architecture": {"vit": vit, "adapters": adapters},
+        "timm_kwargs": {**timm_kwargs, "global_pool": "token", "class_token": True} if plain else None,
+        "source": provenance,
+    }
+
+
+def path_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The path's weights under the exported model's names; the standardised head is folded into the linear."""
+    c = path.components
+    state = {f"patch_embed.{k}": v for k, v in c["embedding"].module.state_dict().items()}
+    state["cls_token"] = c["cls"].module.value.detach()
+    state["pos_embed"] = c["posembed"].module.value.detach()
+    for i in range(path.num_layers):
+        state.update({f"blocks.{i}.{k}": v for k, v in c[f"block_{i}"].module.state_dict().items()})
+        if f"adapter_{i}" in c:
+            state.update({f"adapters.{i}.{k}": v for k, v in c[f"adapter_{i}"].module.state_dict().items()})
+    state.update({f"norm.{k}": v for k, v in c["norm"].module.state_dict().items()})
+    head = c["head"].module
+    # (x - mu) / sigma -> W x + b  is  (W / sigma) x + (b - (W / sigma) mu); folded in float64, stored as float32
+    weight = head.linear.weight.double() / head.sigma.double()
+    state["head.weight"] = weight.float()
+    state["head.bias"] = (head.linear.bias.double() - weight @ head.mu.double()).float()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def build_model(config: dict[str, Any]) -> ExportedViT:
+    """An (uninitialised) exported model of the architecture ``config`` describes."""
+    arch = config["architecture"]
+    adapters = {int(i): int(w) for i, w in arch["adapters"].items()}
+    return build_vit(arch["vit"], cls=ExportedViT, adapters=adapters)
+
+
+def export_path(path: Path, config: dict[str, Any], out: str | FsPath, fmt: str = "safetensors") -> FsPath:
+    """Writes ``path`` as a self-contained model into ``out`` and checks the written model against the path.
+
+    Returns:
+        The model file written.
+
+    Raises:
+        ExportError: unknown format, unwritable directory, or an export that does not reproduce the path.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = FsPath(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create export directory {out}: {err.strerror or err}") from err
+    model = build_model(config)
+    model.load_state_dict(path_state_dict(path), strict=True)
+    _check_same(model, path, config)
+    if fmt == "safetensors":
+        target = out / "model.safetensors"
+        atomic_write(target, blob_bytes(model.state_dict()))
+    else:
+        target = out / "model.onnx"
+        _write_onnx(model, config["image_size"], target)
+    atomic_write(out / "config.json", json.dumps({**config, "weights": target.name}, indent=1))
+    return target
+
+
+def _check_same(model: ExportedViT, path: Path, config: dict[str, Any]) -> None:
+    size = config["image_size"]
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(x) - path.forward(x.to(next(model.parameters()).device))).abs().max().item()
+    if not diff <= TOLERANCE:
+        raise ExportError(f"the exported model of path #{path.id} ({path.task}) does not reproduce the path: logits "
+                          f"differ by {diff:.3g} (tolerance {TOLERANCE})")
+
+
+def _write_onnx(model: nn.Module, size: int, target: FsPath) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    x = torch.zeros(1, 3, size, size)
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes are not for users
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+    import onnx
+
+    onnx.checker.check_model(str(tmp))
+    tmp.replace(target)
+
+
+def load_exported(directory: str | FsPath) -> ExportedViT:
+    """The model of a ``munet export`` directory as a plain ``torch.nn.Module`` (eval mode); its ``config.json``
+    is attached as ``model.export_config``.
+
+    Raises:
+        ExportError: not an export directory, written by an incompatible version, or weights that do not fit.
+    """
+    directory = FsPath(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{directory} is not a munet export (cannot read config.json: {err})") from err
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise ExportError(f"{directory}/config.json is not a munet export of version {VERSION}")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{directory} holds no model.safetensors (an ONNX export is loaded with onnxruntime)")
+    model = build_model(config)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise ExportError(f"{weights} does not fit the architecture in config.json: {err}") from err
+    model.export_config = config
+    return model.eval()

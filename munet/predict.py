@@ -1,0 +1,132 @@
+"""Predictions of retained paths on new images: reading image files, preprocessing them as evaluation does, and
+answering one task or all of them, with every component shared between tasks run once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from munet.data.augment import eval_batch
+from munet.data.user import _read_image, images_to_nchw_uint8, pil_to_array
+from munet.errors import DataError
+from munet.model.path import Path
+from munet.training.frozen import FeatureCache, shared_forward
+
+ImageLike = str | FsPath | Image.Image | np.ndarray | torch.Tensor
+CHUNK = 256  # images per forward batch; bounds activation and cache memory
+
+
+@dataclass
+class Prediction:
+    """One task's answer for one image.
+
+    Args:
+        label: the predicted class name.
+        index: the predicted class index.
+        probability: its softmax probability.
+        probabilities: every class's probability, in class order.
+    """
+
+    label: str
+    index: int
+    probability: float
+    probabilities: list[float]
+
+    def top(self, k: int, class_names: list[str]) -> list[tuple[str, float]]:
+        """The ``k`` most probable classes with their probabilities."""
+        order = sorted(range(len(self.probabilities)), key=lambda i: -self.probabilities[i])[:k]
+        return [(class_names[i], self.probabilities[i]) for i in order]
+
+
+def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tensor]:
+    """Images as a list of uint8 ``(1, C, H, W)`` tensors (C in {1, 3}), at their own sizes.
+
+    Accepts image files, PIL images, ``(H, W)``/``(H, W, 3)`` uint8 arrays, or one batch (array or tensor)
+    ``(N, C, H, W)`` / ``(N, H, W, C)`` / ``(N, H, W)``, uint8 or float in [0, 1].
+
+    Raises:
+        DataError: an unreadable file or an array that is not an image.
+    """
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim in (3, 4) and not _single(images):
+        arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
+        return list(torch.from_numpy(images_to_nchw_uint8(arr, "images").copy()).split(1))
+    items = [images] if isinstance(images, (str, FsPath, Image.Image, np.ndarray, torch.Tensor)) else list(images)
+    if not items:
+        raise DataError("no images to predict")
+    out = []
+    for item in items:
+        if isinstance(item, (str, FsPath)):
+            path = FsPath(item)
+            if not path.is_file():
+                raise DataError(f"image file {path} does not exist")
+            arr = _read_image(path)
+        elif isinstance(item, Image.Image):
+            arr = pil_to_array(item, "image")
+        else:
+            arr = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+        out.append(torch.from_numpy(images_to_nchw_uint8(arr[None], "image").copy()))  # PIL arrays are read-only
+    return out
+
+
+def _single(x: np.ndarray | torch.Tensor) -> bool:
+    """An ``(H, W, 3)`` array is one colour image, not a batch of 3-pixel-wide images."""
+    return x.ndim == 3 and x.shape[-1] == 3
+
+
+def predict(paths: dict[str, Path], class_names: dict[str, list[str]], images: list[torch.Tensor],
+            mean: tuple, std: tuple, device: torch.device | None = None) -> dict[str, list[Prediction]]:
+    """Every given task's prediction for every image.
+
+    All paths run on the same images through :func:`~munet.training.frozen.shared_forward`, so a component
+    sequence that several tasks start with is computed once per batch.
+
+    Args:
+        paths: task -> the path answering it.
+        class_names: task -> class names.
+        images: uint8 ``(1, C, H, W)`` images (see :func:`to_uint8_images`).
+        mean, std: the root's input normalisation.
+        device: where to compute (default: CPU).
+    """
+    device = device or torch.device("cpu")
+    tasks = list(paths)
+    answers: dict[str, list[Prediction]] = {t: [] for t in tasks}
+    for start in range(0, len(images), CHUNK):
+        chunk = images[start: start + CHUNK]
+
+        def batch(size: int, chunk: list[torch.Tensor] = chunk) -> torch.Tensor:
+            # one image at a time: files differ in size, and this is exactly evaluation's preprocessing
+            return torch.cat([eval_batch(x, size, mean, std) for x in chunk]).to(device)
+
+        logits = shared_forward([paths[t] for t in tasks], batch, FeatureCache(1 << 34), ("predict", start))
+        for task, out in zip(tasks, logits):
+            probs = torch.softmax(out.float(), dim=-1).cpu()
+            for row in probs:
+                i = int(row.argmax())
+                answers[task].append(Prediction(class_names[task][i], i, float(row[i]), row.tolist()))
+    return answers
+
+
+def format_predictions(files: list[str], answers: dict[str, list[Prediction]], class_names: dict[str, list[str]],
+                       top: int = 1) -> str:
+    """One line per image and task: ``FILE  TASK  LABEL (PROBABILITY)[, ...]``."""
+    width = max(len(f) for f in files)
+    task_width = max(len(t) for t in answers)
+    lines = []
+    for i, name in enumerate(files):
+        for task, preds in answers.items():
+            best = ", ".join(f"{label} ({p:.4f})" for label, p in preds[i].top(top, class_names[task]))
+            lines.append(f"{name:<{width}}  {task:<{task_width}}  {best}")
+    return "\n".join(lines)
+
+
+def as_records(files: list[str], answers: dict[str, list[Prediction]]) -> list[dict[str, Any]]:
+    """JSON-able predictions, one record per image and task."""
+    return [{"file": name, "task": task, "label": preds[i].label, "probability": preds[i].probability,
+             "probabilities": preds[i].probabilities}
+            for i, name in enumerate(files) for task, preds in answers.items()]

@@ -1,0 +1,128 @@
+"""``munet check``: verifies a run store without changing it: every blob against its hash and its record, and every
+reference between records (paths, population, components, root, checkpoint) and blobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+
+from safetensors import safe_open
+
+from munet.storage.store import BLOB_DIR, Store
+
+
+@dataclass
+class CheckReport:
+    """What ``munet check`` found.
+
+    Args:
+        problems: everything wrong, one sentence each (empty: the store is sound).
+        notes: harmless findings, e.g. blobs left by an interrupted write (deleted by the next checkpoint).
+        counts: what was verified.
+    """
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def check_store(run_dir: str | FsPath) -> CheckReport:
+    """Verifies the store in ``run_dir``; a store that cannot be opened at all raises StoreError instead."""
+    report = CheckReport()
+    with Store.open(run_dir) as store:
+        problems = report.problems
+        verdict = store.conn.execute("PRAGMA integrity_check").fetchone()[0]
+        if verdict != "ok":
+            problems.append(f"the database fails SQLite's integrity check: {verdict}")
+        for key in ("config", "root", "plan", "checkpoint"):
+            if store.get(key) is None:
+                problems.append(f"the database has no {key!r} record")
+        components: dict[int, str] = {}
+        referenced: set[str] = set()
+        rows = store.conn.execute("SELECT id, name, tensors, blob, momentum FROM components").fetchall()
+        for cid, name, tensors, blob, momentum in rows:
+            components[cid] = name
+            what = f"component {name}#{cid}"
+            shapes = json.loads(tensors)
+            _check_blob(store, blob, what, shapes, exact=True, problems=problems)
+            referenced.add(blob)
+            if momentum:
+                _check_blob(store, momentum, f"momentum of {what}", shapes, exact=False, problems=problems)
+                referenced.add(momentum)
+        _check_references(store, components, problems)
+        files = list((store.dir / BLOB_DIR).iterdir()) if (store.dir / BLOB_DIR).is_dir() else []
+        orphans = [p for p in files if p.suffix == ".safetensors" and p.stem not in referenced]
+        partial = [p for p in files if p.name.endswith(".tmp")]
+        if orphans or partial:
+            report.notes.append(f"{len(orphans)} unreferenced blob(s) and {len(partial)} partial write(s), left by an "
+                                "interrupted checkpoint; the next checkpoint deletes them")
+        report.counts = {"blobs": len(referenced), "components": len(components),
+                         "paths": store.conn.execute("SELECT COUNT(*) FROM paths").fetchone()[0],
+                         "live paths": store.conn.execute("SELECT COUNT(*) FROM live").fetchone()[0]}
+    return report
+
+
+def _check_blob(store: Store, digest: str, what: str, shapes: dict[str, list[int]], exact: bool,
+                problems: list[str]) -> None:
+    """Hash, format and tensor shapes of one blob (``exact``: the same tensor names, else a subset)."""
+    path = store.blob_path(digest)
+    if not path.is_file():
+        problems.append(f"blob {path.name} of {what} is missing")
+        return
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    if sha.hexdigest() != digest:
+        problems.append(f"blob {path.name} of {what} is corrupt: its content does not match its sha256 (truncated or "
+                        "altered)")
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - any parse failure is a finding, not a crash
+        problems.append(f"blob {path.name} of {what} is not a readable safetensors file: {err}")
+        return
+    expected = shapes if exact else {k: v for k, v in shapes.items() if k in found}
+    if found != expected:
+        problems.append(f"blob {path.name} of {what} holds tensors {found}, but its record says {expected}")
+
+
+def _check_references(store: Store, components: dict[int, str], problems: list[str]) -> None:
+    """Root, checkpoint, population and lineage records must point at records and components that exist."""
+    root = store.get("root") or {}
+    for name, cid in (root.get("components") or {}).items():
+        if cid not in components:
+            problems.append(f"the root's {name} (component #{cid}) has no component record")
+    ck = store.get("checkpoint") or {}
+    for grid, cid in (ck.get("posembeds") or {}).items():
+        if cid not in components:
+            problems.append(f"the root position embedding for a {grid}x{grid} grid (component #{cid}) has no record")
+    root_id = root.get("path_id")
+    live = {pid: link for pid, link in store.conn.execute("SELECT path_id, link FROM live")}
+    rows = {pid: (task, comps) for pid, task, comps in
+            store.conn.execute("SELECT id, task, components FROM paths WHERE id IN (SELECT path_id FROM live)")}
+    num_classes = ck.get("num_classes") or {}
+    for pid, link in live.items():
+        if pid not in rows:
+            problems.append(f"live path #{pid} has no path record")
+            continue
+        task, comps = rows[pid]
+        if task not in num_classes:
+            problems.append(f"path #{pid} belongs to task {task!r}, which the checkpoint does not know")
+        if link is not None and link != root_id and link not in live:
+            problems.append(f"path #{pid} links to parent #{link}, which is not held")
+        for name, cid in json.loads(comps).items():
+            if cid not in components:
+                problems.append(f"path #{pid} ({task}) uses {name} component #{cid}, which has no record")
+    in_flight = ck.get("in_flight")
+    if in_flight:
+        for pid in in_flight["seeds"]:
+            if pid != root_id and pid not in live:
+                problems.append(f"the in-flight iteration's seed path #{pid} is not held")
+    plan = store.get("plan") or {}
+    tasks = {row[0] for row in store.conn.execute("SELECT name FROM tasks")}
+    for task in set(plan.get("order", [])) - tasks:
+        problems.append(f"planned task {task!r} has no task record")

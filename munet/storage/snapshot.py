@@ -1,0 +1,355 @@
+"""Checkpoints: the system and the evolution's position, written to a :class:`Store` after every generation and
+read back, so a resumed run continues exactly where the last checkpoint left it.
+
+A checkpoint holds: each task's population with its metrics (offspring counts included), the ancestors still
+reachable through parent links during a task iteration, every component those paths use (weights and, with
+µ2Net's inheritance, momentum traces, as blobs), the locks, the id counters, the plan of task iterations and how
+far it got, the in-flight iteration (seeds, seed cursor, generation) and every random state (the evolution's
+``random.Random``, the iteration's ``torch.Generator``, and the global Python and torch streams).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from munet.data.task import TaskData
+from munet.errors import StoreError, WeightsError
+from munet.evolution.loop import Evolution, IterationState
+from munet.evolution.system import ScoreConfig, System
+from munet.model.components import (
+    Component,
+    ResidualAdapter,
+    StandardisedHead,
+    TokenParam,
+    patch_embedding,
+)
+from munet.model.path import Path
+from munet.model.root import Root
+from munet.model.vitarch import build_vit, check_rebuild, describe_vit
+from munet.storage.store import Store, blob_bytes
+
+_PATH_COLUMNS = ("id", "task", "parent", "iteration", "generation", "components", "hparams", "mutations", "metrics",
+                 "accepted", "reason", "quality", "test_quality", "score", "params", "accounted", "train_time",
+                 "recorded_at")
+_UPDATED = ("metrics", "mutations", "quality", "test_quality", "score", "params", "accounted")
+
+
+@dataclass
+class Checkpoint:
+    """The evolution's position as stored: the plan of task iterations and the in-flight one.
+
+    Args:
+        plan: task names, one per task iteration, in the order the run performs them.
+        done: task iterations of ``plan`` finished.
+        iteration: the evolution's count of finished task iterations (across runs of the same system).
+        in_flight: the unfinished task iteration (task, seed ids, seed cursor, generation), or ``None``.
+        paths: every live path by id, the root path included.
+        raw: the stored record, for the random states.
+    """
+
+    plan: list[str]
+    done: int
+    iteration: int
+    in_flight: dict[str, Any] | None
+    paths: dict[int, Path] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+def root_record(root: Root, system: System) -> dict[str, Any]:
+    """The root's identity and architecture; its weights are the root components' blobs."""
+    return {"name": root.name, "description": root.description, "source": root.source, "sha256": root.sha256,
+            "mean": list(root.mean), "std": list(root.std), "pretrained": root.pretrained,
+            "full_depth": root.full_depth, "depth": root.depth, "patch_size": root.patch_size,
+            "arch": check_rebuild(root.model, describe_vit(root.model)), "path_id": system.root_path.id,
+            "components": {n: c.id for n, c in system.root_path.components.items()},
+            "hparams": system.root_path.hparams}
+
+
+def path_row(system: System, path: Path) -> dict[str, Any]:
+    """The record of a sampled path, taken right after its generation (its parent link is still the original)."""
+    m = dict(path.metrics)
+    mutations = m.pop("mutations", None) or {}
+    score = system.score(path)
+    return {
+        "id": path.id, "task": path.task, "parent": m.get("parent", path.parent.id if path.parent else None),
+        "iteration": m.get("iteration"), "generation": m.get("generation"),
+        "components": json.dumps({n: c.id for n, c in path.components.items()}),
+        "hparams": json.dumps(path.hparams), "mutations": json.dumps(mutations), "metrics": json.dumps(m),
+        "accepted": int(bool(m.get("improved"))), "reason": _reason(m, score), "quality": m.get("quality"),
+        "test_quality": m.get("test_quality"), "score": score if math.isfinite(score) else None,
+        "params": path.num_params(), "accounted": path.accounted_params(), "train_time": m.get("train_time"),
+        "recorded_at": time.time(),
+    }
+
+
+def _reason(m: dict[str, Any], score: float) -> str:
+    if m.get("failed"):
+        return f"discarded: {m['failed']}"
+    beat = m.get("parent_score", float("-inf"))
+    if m.get("improved"):
+        if not math.isfinite(beat):
+            return "accepted: its parent is another task's path or the root, so any validated child is kept"
+        return f"accepted: validation score {score:.4f} beats its parent's {beat:.4f}"
+    if m.get("quality") is None:
+        return "rejected: never validated"
+    return f"rejected: best validation score {score:.4f} did not beat its parent's {beat:.4f}"
+
+
+def save_checkpoint(store: Store, system: System, evolution: Evolution, state: IterationState | None,
+                    plan: list[str], done: int, sampled: list[dict[str, Any]],
+                    meta: dict[str, Any] | None = None, tasks: dict[str, TaskData] | None = None) -> None:
+    """Writes one checkpoint in one transaction (blobs first), then deletes blobs nothing references any more.
+
+    Args:
+        store: the run's store, open for writing.
+        system: the system.
+        evolution: the evolution (iteration count and random stream).
+        state: the in-flight task iteration, or ``None`` between iterations.
+        plan: the run's task iterations; ``done`` of them are finished.
+        done: finished task iterations of ``plan``.
+        sampled: :func:`path_row` records of the paths sampled since the last checkpoint.
+        meta: extra meta values to write in the same transaction (config, root identity).
+        tasks: tasks to record (name, classes) if not recorded yet, in the run's order.
+    """
+    live = _live_paths(system)
+    comps = {c.id: c for c in system.root_path.components.values()}
+    comps.update({c.id: c for c in system.posembed_cache.values()})
+    for path, _, _ in live.values():
+        comps.update({c.id: c for c in path.components.values()})
+    known = {row[0] for row in store.conn.execute("SELECT id FROM components")}
+    new_rows = []
+    for cid, comp in comps.items():
+        if cid in known:  # a component's weights never change once its generation is over
+            continue
+        state_dict = comp.module.state_dict()
+        new_rows.append((cid, comp.name, comp.origin, json.dumps(sorted(comp.locks)), json.dumps(_shape_args(comp)),
+                         json.dumps({k: list(v.shape) for k, v in state_dict.items()}), comp.num_params,
+                         store.write_blob(state_dict), store.write_blob(comp.momentum) if comp.momentum else None))
+    with store.transaction() as db:
+        for key, value in (meta or {}).items():
+            store.put(key, value)
+        recorded = {row[0] for row in db.execute("SELECT name FROM tasks")}
+        new = [(name, data) for name, data in (tasks or {}).items() if name not in recorded]
+        db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
+                       [(name, len(recorded) + i, data.num_classes, json.dumps(data.class_names), data.description)
+                        for i, (name, data) in enumerate(new)])
+        db.executemany(f"INSERT OR REPLACE INTO paths VALUES ({', '.join('?' * len(_PATH_COLUMNS))})",
+                       [tuple(row[c] for c in _PATH_COLUMNS) for row in sampled])
+        for path, _, _ in live.values():  # metrics move on (offspring counts, test accuracy, accounted params)
+            row = path_row(system, path)
+            db.execute(f"UPDATE paths SET {', '.join(f'{c} = ?' for c in _UPDATED)} WHERE id = ?",
+                       (*[row[c] for c in _UPDATED], path.id))
+        db.execute("DELETE FROM live")
+        db.executemany("INSERT INTO live VALUES (?, ?, ?)",
+                       [(pid, link, rank) for pid, (_, link, rank) in live.items()])
+        db.executemany("INSERT INTO components VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new_rows)
+        db.executemany("UPDATE components SET locks = ? WHERE id = ?",
+                       [(json.dumps(sorted(c.locks)), cid) for cid, c in comps.items()])
+        stale = known - set(comps)
+        db.executemany("DELETE FROM components WHERE id = ?", [(cid,) for cid in stale])
+        store.put("plan", {"order": plan, "done": done})
+        store.put("checkpoint", {
+            "iteration": evolution.iteration, "next_path_id": system.next_path_id,
+            "next_component_id": system.next_component_id,
+            "posembeds": {str(g): c.id for g, c in system.posembed_cache.items()},
+            "num_classes": system.num_classes, "policy_rng": _jsonable_state(evolution.policy.rng.getstate()),
+            "python_rng": _jsonable_state(random.getstate()), "saved_at": time.time(),
+            "in_flight": None if state is None else {
+                "task": state.task, "seeds": [p.id for p in state.seeds], "next_seed": state.next_seed,
+                "generation": state.generation},
+        })
+        store.put("torch_rng", bytes(torch.get_rng_state().numpy()))
+        store.put("generator", b"" if state is None else bytes(state.generator.get_state().numpy()))
+    store.collect_garbage()
+
+
+def _live_paths(system: System) -> dict[int, tuple[Path, int | None, int | None]]:
+    """``id -> (path, current parent id, rank in its task's population or None)`` of every path the system holds:
+    the populations and the ancestors their parent links still reach (the root path excluded)."""
+    live: dict[int, tuple[Path, int | None, int | None]] = {}
+    for paths in system.paths.values():
+        for rank, path in enumerate(paths):
+            live[path.id] = (path, path.parent.id if path.parent else None, rank)
+    for path, _, _ in list(live.values()):
+        p = path.parent
+        while p is not None and p is not system.root_path and p.id not in live:
+            live[p.id] = (p, p.parent.id if p.parent else None, None)
+            p = p.parent
+    return live
+
+
+def _shape_args(c: Component) -> dict[str, int]:
+    if c.name.startswith("adapter_"):
+        return {"adapter_dim": c.module.down.out_features}
+    if c.name == "head":
+        return {"num_classes": c.module.linear.out_features}
+    if c.name == "posembed":
+        return {"tokens": c.module.value.shape[1]}
+    return {}
+
+
+def _jsonable_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _tuple_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+def root_from_store(store: Store) -> Root:
+    """The root rebuilt from its stored description and blobs, without its original source."""
+    rec = store.get("root")
+    if rec["arch"] is None:
+        raise StoreError(f"the root of {store.dir} ({rec['description']}) has an architecture munet cannot rebuild "
+                         "from its description, so this operation needs it from its source")
+    model = build_vit(rec["arch"], dynamic_img_size=rec["arch"]["dynamic_img_size"])
+    parts = {n: _component_tensors(store, cid, n) for n, cid in rec["components"].items()}
+    with torch.no_grad():
+        model.patch_embed.load_state_dict(parts["embedding"])
+        model.cls_token.copy_(parts["cls"]["value"])
+        model.pos_embed.copy_(parts["posembed"]["value"])
+        for i, block in enumerate(model.blocks):
+            block.load_state_dict(parts[f"block_{i}"])
+        model.norm.load_state_dict(parts["norm"])
+    return Root(model=model, name=rec["name"], description=rec["description"], source=rec["source"],
+                sha256=rec["sha256"], mean=tuple(rec["mean"]), std=tuple(rec["std"]), pretrained=rec["pretrained"],
+                full_depth=rec["full_depth"])
+
+
+def verify_root(store: Store, root: Root, system: System) -> None:
+    """Raises WeightsError unless ``root`` is the root the run was made with (same file and same weights)."""
+    rec = store.get("root")
+    if root.sha256 != rec["sha256"] or root.depth != rec["depth"]:
+        raise WeightsError(f"the run in {store.dir} was made with root {rec['name']} (sha256 {rec['sha256']}, "
+                           f"depth {rec['depth']}); the configured root differs (sha256 {root.sha256}, depth "
+                           f"{root.depth})")
+    blobs = dict(store.conn.execute("SELECT id, blob FROM components"))
+    for name, comp in system.root_path.components.items():
+        digest = blobs.get(rec["components"].get(name))
+        if digest is None or digest != _digest(comp.module.state_dict()):
+            raise WeightsError(f"the root's {name} differs from the one the run in {store.dir} was made with "
+                               f"({rec['description']})")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(blob_bytes(tensors)).hexdigest()
+
+
+def _component_tensors(store: Store, cid: int, name: str) -> dict[str, torch.Tensor]:
+    row = store.conn.execute("SELECT blob FROM components WHERE id = ?", (cid,)).fetchone()
+    if row is None:
+        raise StoreError(f"component {name}#{cid} has no record in {store.dir}; run `munet check {store.dir}`")
+    return store.read_blob(row[0], f"component {name}#{cid}")
+
+
+def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfig,
+                    extra_hparams: dict[str, Any]) -> tuple[System, Checkpoint]:
+    """Rebuilds the checkpointed system on ``root`` (which must be the run's root); returns it with the position.
+
+    Raises:
+        StoreError: a record or blob is missing or corrupt.
+    """
+    ck = store.get("checkpoint")
+    plan = store.get("plan")
+    if ck is None or plan is None:
+        raise StoreError(f"{store.dir} holds no committed checkpoint")
+    rec = store.get("root")
+    system = System(root, image_size, score, extra_hparams)
+    if {n: c.id for n, c in system.root_path.components.items()} != rec["components"]:
+        raise StoreError(f"the root components of {store.dir} do not match the root's layout")
+    by_id = {c.id: c for c in system.root_path.components.values()}
+    rows = store.conn.execute("SELECT id, name, origin, locks, shape, blob, momentum FROM components").fetchall()
+    posembed_ids = {cid: int(g) for g, cid in ck["posembeds"].items()}
+    for cid, name, origin, locks, shape, blob, momentum in rows:
+        if cid in by_id:
+            continue
+        what = f"component {name}#{cid}"
+        module = _empty_module(name, json.loads(shape), root)
+        try:
+            module.load_state_dict(store.read_blob(blob, what))
+        except RuntimeError as err:
+            raise StoreError(f"{what} does not match its stored tensors: {err}") from err
+        module.requires_grad_(False)
+        comp = Component(cid, name, module, set(json.loads(locks)), origin)
+        if momentum:
+            comp.momentum = store.read_blob(momentum, f"momentum of {what}")
+        by_id[cid] = comp
+        if cid in posembed_ids:
+            system.posembed_cache[posembed_ids[cid]] = comp
+    for cid, locks in store.conn.execute("SELECT id, locks FROM components"):
+        by_id[cid].locks = set(json.loads(locks))
+    paths: dict[int, Path] = {system.root_path.id: system.root_path}
+    links: dict[int, int | None] = {}
+    population: list[tuple[int, int, str]] = []
+    query = ("SELECT live.path_id, live.link, live.rank, paths.task, paths.components, paths.hparams, "
+             "paths.mutations, paths.metrics FROM live JOIN paths ON paths.id = live.path_id ORDER BY live.path_id")
+    for pid, link, rank, task, comp_ids, hparams, mutations, metrics in store.conn.execute(query):
+        try:
+            comps = {n: by_id[cid] for n, cid in json.loads(comp_ids).items()}
+        except KeyError as err:
+            raise StoreError(f"path #{pid} uses component #{err.args[0]}, which {store.dir} does not hold; run "
+                             f"`munet check {store.dir}`") from None
+        m = json.loads(metrics)
+        m["mutations"] = json.loads(mutations or "{}")
+        paths[pid] = Path(pid, task, comps, json.loads(hparams), None, m)
+        links[pid] = link
+        if rank is not None:
+            population.append((rank, pid, task))
+    for pid, link in links.items():
+        paths[pid].parent = paths[link] if link is not None else None
+    for task, n in ck["num_classes"].items():
+        system.add_task(task, n)
+    for _, pid, task in sorted(population):
+        system.paths[task].append(paths[pid])
+    system.next_path_id = ck["next_path_id"]
+    system.next_component_id = ck["next_component_id"]
+    return system, Checkpoint(plan["order"], plan["done"], ck["iteration"], ck["in_flight"], paths, ck)
+
+
+def resume_evolution(store: Store, evolution: Evolution, ck: Checkpoint) -> IterationState | None:
+    """Puts ``evolution`` and the global random streams where the checkpoint left them; returns the in-flight
+    task iteration, if any."""
+    evolution.iteration = ck.iteration
+    evolution.policy.rng.setstate(_tuple_state(ck.raw["policy_rng"]))
+    random.setstate(_tuple_state(ck.raw["python_rng"]))
+    torch.set_rng_state(torch.frombuffer(bytearray(store.get("torch_rng")), dtype=torch.uint8))
+    if ck.in_flight is None:
+        return None
+    f = ck.in_flight
+    generator = torch.Generator()
+    generator.set_state(torch.frombuffer(bytearray(store.get("generator")), dtype=torch.uint8))
+    seeds = [ck.paths[pid] for pid in f["seeds"]]
+    return IterationState(f["task"], seeds, f["next_seed"], f["generation"], generator)
+
+
+def _empty_module(name: str, shape: dict[str, int], root: Root) -> torch.nn.Module:
+    """A module of the right architecture for a stored component, to load its tensors into."""
+    m, dim = root.model, root.embed_dim
+    if name == "embedding":
+        return patch_embedding(m.patch_embed)
+    if name == "cls":
+        return TokenParam(m.cls_token)
+    if name == "posembed":
+        return TokenParam(torch.zeros(1, shape["tokens"], dim))
+    if name.startswith("block_"):
+        return copy.deepcopy(m.blocks[int(name.split("_")[1])])
+    if name == "norm":
+        return copy.deepcopy(m.norm)
+    if name.startswith("adapter_"):
+        return ResidualAdapter(dim, shape["adapter_dim"])
+    if name == "head":
+        return StandardisedHead(dim, shape["num_classes"])
+    raise StoreError(f"unknown component name {name!r} in the store")

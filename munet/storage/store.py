@@ -1,0 +1,348 @@
+"""The run store: one SQLite database (WAL) plus content-addressed safetensors blobs, in one run directory.
+
+Layout::
+
+    RUN/munet.db            tables meta, tasks, paths, components, live (see SCHEMA)
+    RUN/blobs/<sha256>.safetensors
+                            one component's tensors (or its momentum trace); the name is the hash of the file, so
+                            equal content is stored once and any change to a file is detected
+    RUN/munet.lock          held (flock) by the one process allowed to write the run
+    RUN/summary.json        the final per-task table, rewritten at the end of each `munet run`
+
+Every write is atomic: a blob is written to a temporary file, fsynced and renamed before the transaction that
+references it commits; all rows of one checkpoint go in one transaction (SQLite ``synchronous=FULL``). A crash
+at any moment therefore leaves the last committed checkpoint intact, at worst with unreferenced blobs, which the
+next commit deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path as FsPath
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from munet import __version__
+from munet.errors import StoreError
+
+SCHEMA_VERSION = 1
+DB_NAME = "munet.db"
+BLOB_DIR = "blobs"
+LOCK_NAME = "munet.lock"
+CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE tasks (name TEXT PRIMARY KEY, position INTEGER NOT NULL, num_classes INTEGER NOT NULL,
+                    class_names TEXT NOT NULL, description TEXT NOT NULL);
+CREATE TABLE paths (id INTEGER PRIMARY KEY, task TEXT NOT NULL, parent INTEGER, iteration INTEGER,
+                    generation INTEGER, components TEXT NOT NULL, hparams TEXT NOT NULL, mutations TEXT,
+                    metrics TEXT NOT NULL, accepted INTEGER, reason TEXT, quality REAL, test_quality REAL,
+                    score REAL, params INTEGER, accounted REAL, train_time REAL, recorded_at REAL);
+CREATE TABLE components (id INTEGER PRIMARY KEY, name TEXT NOT NULL, origin TEXT NOT NULL, locks TEXT NOT NULL,
+                         shape TEXT NOT NULL, tensors TEXT NOT NULL, num_params INTEGER NOT NULL,
+                         blob TEXT NOT NULL, momentum TEXT);
+CREATE TABLE live (path_id INTEGER PRIMARY KEY, link INTEGER, rank INTEGER);
+"""
+# paths: every path ever sampled; components: every component the in-memory system holds (with its blob);
+# live: the paths the system holds, i.e. each task's population (rank = position) and, during a task iteration,
+# the ancestors still reachable through parent links (rank NULL); link is the current parent.
+
+
+def atomic_write(path: FsPath, data: bytes | str) -> None:
+    """Writes ``data`` to ``path`` through a temporary file, an fsync and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def blob_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Canonical safetensors bytes of ``tensors`` (CPU, contiguous, no metadata), so equal content hashes equal."""
+    return save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+class Store:
+    """An open run store; use :meth:`create` or :meth:`open`, and close it (or use it as a context manager).
+
+    Args:
+        run_dir: the run directory.
+        conn: the SQLite connection.
+        lock: the open lock file when this store may write, else ``None``.
+    """
+
+    def __init__(self, run_dir: FsPath, conn: sqlite3.Connection, lock: Any | None):
+        self.dir = run_dir
+        self.conn = conn
+        self._lock = lock
+        self._crash_counts: dict[str, int] = {}
+
+    # --- opening ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def exists(run_dir: str | FsPath) -> bool:
+        """Whether ``run_dir`` holds a committed store (an interrupted creation does not count)."""
+        return _committed(FsPath(run_dir) / DB_NAME)
+
+    @classmethod
+    def create(cls, run_dir: str | FsPath) -> Store:
+        """A new, empty store in ``run_dir`` (created if needed), locked for writing."""
+        run_dir = FsPath(run_dir)
+        lock = _lock(run_dir)
+        db = run_dir / DB_NAME
+        try:
+            if _committed(db):
+                raise StoreError(f"{run_dir} already holds a munet run")
+            blobs = run_dir / BLOB_DIR
+            if not db.exists() and blobs.is_dir() and any(blobs.iterdir()):
+                raise StoreError(f"{run_dir} holds blobs but its database {DB_NAME} is missing: the run cannot be "
+                                 "read; restore the database or choose another directory")
+            # a database without a checkpoint is an interrupted creation: it committed nothing, start afresh
+            for leftover in (db, db.with_name(DB_NAME + "-wal"), db.with_name(DB_NAME + "-shm"),
+                             *(blobs.iterdir() if blobs.is_dir() else ())):
+                leftover.unlink(missing_ok=True)
+            blobs.mkdir(exist_ok=True)
+            conn = _connect(db, create=True)
+            conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except BaseException:
+            _unlock(lock)
+            raise
+        return cls(run_dir, conn, lock)
+
+    @classmethod
+    def open(cls, run_dir: str | FsPath, write: bool = False) -> Store:
+        """The store of an existing run; ``write`` takes the run's lock (one writer at a time)."""
+        run_dir = FsPath(run_dir)
+        db = run_dir / DB_NAME
+        if not run_dir.is_dir():
+            raise StoreError(f"{run_dir} does not exist")
+        if not db.exists():
+            what = "its database is missing" if (run_dir / BLOB_DIR).is_dir() else "it is not a munet run directory"
+            raise StoreError(f"{run_dir} holds no {DB_NAME}: {what}")
+        lock = _lock(run_dir) if write else None
+        conn = None
+        try:
+            conn = _connect(db, create=False)
+            _check_version(conn, db)
+        except BaseException:
+            if conn is not None:
+                conn.close()  # the last connection's close removes SQLite's -wal and -shm files again
+            _unlock(lock)
+            raise
+        return cls(run_dir, conn, lock)
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+        _unlock(self._lock)
+        self._lock = None
+
+    def abandon(self) -> None:
+        """Closes a store whose creation failed before its first checkpoint, removing what it wrote."""
+        committed = self.get("checkpoint") is not None
+        self.close()
+        if committed:
+            return
+        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", LOCK_NAME):
+            (self.dir / name).unlink(missing_ok=True)
+        blobs = self.dir / BLOB_DIR
+        if blobs.is_dir():
+            for path in blobs.iterdir():
+                path.unlink()
+            blobs.rmdir()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def writable(self) -> bool:
+        return self._lock is not None
+
+    # --- meta ---------------------------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        """A JSON value from the meta table (bytes values are returned as they are)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return default
+        return row[0] if isinstance(row[0], bytes) else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        """Sets a meta value (JSON, or raw bytes); call inside :meth:`transaction`."""
+        stored = value if isinstance(value, bytes) else json.dumps(value)
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, stored))
+
+    # --- blobs --------------------------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> FsPath:
+        return self.dir / BLOB_DIR / f"{digest}.safetensors"
+
+    def write_blob(self, tensors: dict[str, torch.Tensor]) -> str:
+        """Stores ``tensors`` (once per content) and returns their hash."""
+        self._require_write()
+        data = blob_bytes(tensors)
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.blob_path(digest)
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.crash_point("blob")
+            os.replace(tmp, path)
+        return digest
+
+    def read_blob(self, digest: str, what: str) -> dict[str, torch.Tensor]:
+        """The tensors of blob ``digest``, after checking its hash; ``what`` names the owner in errors."""
+        path = self.blob_path(digest)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise StoreError(f"blob {path.name} of {what} is missing or unreadable: {err.strerror}") from err
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(f"blob {path.name} of {what} is corrupt (truncated or altered: its sha256 does not "
+                             f"match its name); run `munet check {self.dir}`")
+        try:
+            return load_tensors(data)
+        except SafetensorError as err:  # pragma: no cover - a file matching its hash was written by us
+            raise StoreError(f"blob {path.name} of {what} is not a safetensors file: {err}") from err
+
+    def referenced_blobs(self) -> set[str]:
+        rows = self.conn.execute("SELECT blob, momentum FROM components").fetchall()
+        return {d for row in rows for d in row if d}
+
+    def collect_garbage(self) -> int:
+        """Deletes blobs no component references and temporary files of interrupted writes; returns the count."""
+        self._require_write()
+        keep = self.referenced_blobs()
+        removed = 0
+        for path in (self.dir / BLOB_DIR).iterdir():
+            if path.name.endswith(".tmp") or (path.suffix == ".safetensors" and path.stem not in keep):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # --- transactions -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction; the WAL is folded back into the database after it commits."""
+        self._require_write()
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+            self.crash_point("commit")
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        # keeps the run directory at its real size (the WAL otherwise grows to ~4 MB before SQLite folds it)
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def crash_point(self, name: str) -> None:
+        """Test hook: with ``MUNET_CRASH_AT=<name>:<n>`` the process kills itself the n-th time it gets here."""
+        spec = os.environ.get(CRASH_ENV, "")
+        point, _, count = spec.partition(":")
+        if point != name:
+            return
+        self._crash_counts[name] = self._crash_counts.get(name, 0) + 1
+        if self._crash_counts[name] == int(count or 1):
+            os.kill(os.getpid(), 9)
+
+    def _require_write(self) -> None:
+        if self._lock is None:
+            raise StoreError(f"the store of {self.dir} was opened read-only")
+
+    # --- sizes --------------------------------------------------------------------------------------------------
+    def sizes(self) -> dict[str, int]:
+        """Bytes on disk: the database (with its WAL) and the blobs."""
+        db = sum(p.stat().st_size for p in self.dir.glob(DB_NAME + "*") if p.is_file())
+        blobs = sum(p.stat().st_size for p in (self.dir / BLOB_DIR).glob("*.safetensors"))
+        return {"database": db, "blobs": blobs, "total": db + blobs}
+
+
+def _connect(db: FsPath, create: bool) -> sqlite3.Connection:
+    mode = "rwc" if create else "rw"  # never create a database by accident when opening one
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=30)
+    except sqlite3.Error as err:
+        raise StoreError(f"cannot open the run database {db}: {err}") from err
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+    except sqlite3.Error as err:
+        conn.close()
+        raise StoreError(f"cannot open the run database {db}: {err}") from err
+    return conn
+
+
+def _check_version(conn: sqlite3.Connection, db: FsPath) -> None:
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{db} is not a readable munet database: {err}") from err
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{db} was written by an incompatible munet version (store schema {version}; munet "
+                         f"{__version__} reads schema {SCHEMA_VERSION}); use the munet version that wrote it")
+    missing = {"meta", "tasks", "paths", "components", "live"} - tables
+    if missing:
+        raise StoreError(f"{db} is incomplete: tables {', '.join(sorted(missing))} are missing")
+    if conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is None:
+        raise StoreError(f"{db} holds no checkpoint: the run's creation was interrupted; run the same `munet run` "
+                         "again to start it afresh")
+
+
+def _committed(db: FsPath) -> bool:
+    """Whether ``db`` holds a committed run (its creation transaction and first checkpoint committed)."""
+    if not db.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True  # present but unreadable: opening it reports why; never overwrite it
+
+
+def _lock(run_dir: FsPath) -> Any:
+    """Takes the run's writer lock (released by the OS if the process dies, even by SIGKILL)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK_NAME, "a+")
+    except OSError as err:
+        raise StoreError(f"output directory {run_dir} is not writable: {err.strerror or err}") from err
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise StoreError(f"{run_dir} is being written by another munet process (pid {holder}); wait for it to "
+                         "finish or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _unlock(lock: Any | None) -> None:
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()

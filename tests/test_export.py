@@ -1,0 +1,174 @@
+"""Export round trips (PyTorch, timm, ONNX) and predictions through ``munet.load`` and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_run
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+
+import munet
+from munet.cli import main
+from munet.errors import ExportError, MunetError
+from munet.export import export_path, path_config
+from munet.model.components import ResidualAdapter
+from munet.model.path import Path
+from munet.model.vitarch import describe_vit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a CPU shared with other work: one thread avoids thread contention (tens of times faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    # μ = 0: no clone or adapter mutations, so both tasks' paths start with the same root components
+    make_run(out, mutation_prob=0.0)
+    return out
+
+
+def _images(n: int = 5, size: int = 12) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+
+
+def _inputs(config: dict, n: int = 3) -> torch.Tensor:
+    size = config["image_size"]
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_export_round_trip_pytorch_and_timm(run_dir, tmp_path):
+    system = munet.load(run_dir)
+    assert system.tasks == ["a", "b"] and system.complete
+    target = system.export("a", tmp_path / "a")
+    assert target.name == "model.safetensors"
+    model = munet.load_exported(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["class_names"] == ["c0", "c1", "c2"] and config["image_size"] == model.export_config["image_size"]
+    assert len(config["mean"]) == len(config["std"]) == 3 and config["source"]["path_id"] == system.path("a").id
+    x = _inputs(config)
+    with torch.no_grad():
+        expected = system.path("a").forward(x)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        # no adapters: the same weights load into timm's own class
+        assert config["architecture"]["adapters"] == {} and config["timm_kwargs"]
+        vit = VisionTransformer(**config["timm_kwargs"]).eval()
+        from safetensors.torch import load_file
+
+        vit.load_state_dict(load_file(str(target)), strict=True)
+        assert torch.allclose(vit(x), expected, atol=1e-5)
+
+
+def test_export_with_adapters(system, tmp_path):
+    """A path with a (non-zero) adapter exports to munet's class, which reproduces it."""
+    root = system.root_path
+    comps = dict(root.components, posembed=system.root_posembed(root.hparams["ds_image_size"]))
+    adapter = ResidualAdapter(system.root.embed_dim, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapter.up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    comps["adapter_1"] = system.new_component("adapter_1", adapter, {"a"}, "a")
+    from munet.model.components import StandardisedHead
+
+    head = StandardisedHead(system.root.embed_dim, 3)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+        head.calibrate(torch.randn(64, system.root.embed_dim, generator=torch.Generator().manual_seed(3)))
+    comps["head"] = system.new_component("head", head, {"a"}, "a")
+    path = Path(99, "a", comps, dict(root.hparams))
+    arch = describe_vit(system.root.model)
+    config = path_config(path, arch, ["x", "y", "z"], system.root.mean, system.root.std, {})
+    export_path(path, config, tmp_path)
+    model = munet.load_exported(tmp_path)
+    assert config["timm_kwargs"] is None and set(config["architecture"]["adapters"]) == {"1"}
+    assert any(k.startswith("adapters.1.") for k in model.state_dict())
+    x = _inputs(config)
+    with torch.no_grad():
+        assert torch.allclose(model(x), path.forward(x), atol=1e-5)
+
+
+def test_onnx_matches_pytorch(run_dir, tmp_path):
+    system = munet.load(run_dir)
+    target = system.export("b", tmp_path, format="onnx")
+    config = json.loads((tmp_path / "config.json").read_text())
+    x = _inputs(config, n=4)  # another batch size than the one traced: the batch axis is dynamic
+    with torch.no_grad():
+        expected = system.path("b").forward(x).numpy()
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"images": x.numpy()})
+    except ImportError:  # the [export] extra is not installed: onnx's reference evaluator
+        from onnx.reference import ReferenceEvaluator
+
+        (got,) = ReferenceEvaluator(str(target)).run(None, {"images": x.numpy()})
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4
+
+
+def test_predict_all_computes_shared_components_once(run_dir):
+    system = munet.load(run_dir)
+    paths = [system.path(t) for t in system.tasks]
+    shared = paths[0].components["block_0"]
+    assert shared is paths[1].components["block_0"] and all(p.hparams["ds_image_size"] == 8 for p in paths)
+    calls = []
+    hook = shared.module.register_forward_hook(lambda *args: calls.append(1))
+    images = _images()
+    try:
+        together = system.predict(images, task="all")
+        assert len(calls) == 1  # one batch: the shared prefix ran once for both tasks
+        alone = {t: system.predict(images, task=t) for t in system.tasks}
+    finally:
+        hook.remove()
+    assert set(together) == {"a", "b"}
+    for task in system.tasks:
+        assert [p.label for p in together[task]] == [p.label for p in alone[task]]
+        assert np.allclose([p.probabilities for p in together[task]], [p.probabilities for p in alone[task]])
+        assert all(abs(sum(p.probabilities) - 1) < 1e-5 and p.label in system.class_names[task]
+                   for p in together[task])
+
+
+def test_predictions_match_the_test_accuracy(run_dir):
+    """Predicting the test images (as arrays) reproduces the accuracy the run recorded for each task."""
+    from conftest import make_task
+
+    system = munet.load(run_dir)
+    for i, task in enumerate(system.tasks):
+        data = make_task(task, len(system.class_names[task]), seed=i + 1)
+        preds = system.predict(data.test_x.numpy(), task=task)
+        accuracy = float(np.mean([p.index == y for p, y in zip(preds, data.test_y.tolist())]))
+        assert accuracy == system.path(task).metrics["test_quality"]
+
+
+def test_predict_and_export_commands(run_dir, tmp_path, capsys):
+    files = []
+    for i, image in enumerate(_images(2, 20)):
+        files.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(image).save(files[-1])
+    assert main(["predict", str(run_dir), "--task", "all", *files]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.split()[1] in ("a", "b") and "(" in line for line in lines)
+    assert main(["predict", str(run_dir), "--task", "a", "--top", "2", "--json", files[0]]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["task"] == "a" and len(record["probabilities"]) == 3
+    assert main(["predict", str(run_dir), "--task", "nope", files[0]]) == 2
+    assert "no task 'nope'" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), "--task", "a", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--task", "b", "--out", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "model.safetensors").is_file() and (tmp_path / "exp" / "config.json").is_file()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ExportError, match="not a munet export"):
+        munet.load_exported(tmp_path)
+    with pytest.raises(MunetError, match="not a munet run directory|does not exist"):
+        munet.load(tmp_path)

@@ -1,0 +1,194 @@
+"""Checkpoint and resume: a run interrupted at any moment (an exception, or SIGKILL during training or during a
+write) and resumed ends with exactly the population, scores, records and weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_run
+
+from munet.evolution import loop
+from munet.storage.store import BLOB_DIR, CRASH_ENV, DB_NAME, Store
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TIMINGS = ("train_time", "recorded_at", "saved_at", "wall_time_s", "created_at")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a CPU shared with other work: one thread avoids thread contention (tens of times faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def dump(run_dir: Path) -> dict:
+    """Everything a run's store holds but wall-clock timings: records, population, weights (blob hashes)."""
+    with sqlite3.connect(run_dir / DB_NAME) as db:
+        db.row_factory = sqlite3.Row
+        paths = []
+        for row in db.execute("SELECT * FROM paths ORDER BY id"):
+            rec = {k: row[k] for k in row.keys() if k not in TIMINGS}
+            rec["metrics"] = {k: v for k, v in json.loads(rec["metrics"]).items() if k not in TIMINGS}
+            paths.append(rec)
+        tables = {t: [tuple(r) for r in db.execute(f"SELECT * FROM {t} ORDER BY 1")] for t in ("components", "live",
+                                                                                                 "tasks")}
+        meta = {}
+        for key, value in db.execute("SELECT key, value FROM meta"):
+            if key in TIMINGS:
+                continue
+            value = value if isinstance(value, bytes) else json.loads(value)
+            meta[key] = {k: v for k, v in value.items() if k not in TIMINGS + ("out",)} if isinstance(value, dict) \
+                else value
+    db.close()
+    blobs = sorted(p.name for p in (run_dir / BLOB_DIR).iterdir())
+    return {"paths": paths, **tables, "meta": meta, "blobs": blobs}
+
+
+class Crash(Exception):
+    """Stands for the process dying (in-process variant)."""
+
+
+def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path, monkeypatch):
+    settings = {"rounds": 2, "inherit_momentum": True, "seed": 3, "mutation_prob": 0.3}
+    make_run(tmp_path / "ref", **settings)
+    out = tmp_path / "run"
+    real_train = loop.train_generation
+    calls = {"train": 0}
+
+    def crash_in_training(*args, **kwargs):
+        calls["train"] += 1
+        if calls["train"] == 3:
+            real_train(*args, **kwargs)  # halfway: the generation's training is lost, the last checkpoint is not
+            raise Crash("training")
+        return real_train(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_generation", crash_in_training)
+        with pytest.raises(Crash):
+            make_run(out, **settings)
+    for point in ("commit:2", "blob:1", "commit:3"):
+        name, count = point.split(":")
+        seen = {"n": 0}
+
+        def crash_at(self, where, name=name, count=int(count), seen=seen):
+            if where == name:
+                seen["n"] += 1
+                if seen["n"] == count:
+                    raise Crash(where)
+
+        with monkeypatch.context() as m:
+            m.setattr(Store, "crash_point", crash_at)
+            with pytest.raises(Crash):
+                make_run(out, **settings)
+        with Store.open(out) as store:
+            assert store.get("plan")["done"] < 4
+    make_run(out, **settings)
+    assert dump(out) == dump(tmp_path / "ref")
+
+
+def test_crash_during_creation_starts_afresh(tmp_path, monkeypatch, capsys):
+    """Dying before the first checkpoint leaves nothing to resume: the same command starts the run afresh."""
+    make_run(tmp_path / "ref")
+    out = tmp_path / "run"
+    seen = {"n": 0}
+
+    def crash_at_second_blob(self, where):
+        seen["n"] += where == "blob"
+        if seen["n"] == 2:
+            raise Crash(where)
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "crash_point", crash_at_second_blob)
+        m.setattr(Store, "abandon", Store.close)  # a killed process cleans nothing up
+        with pytest.raises(Crash):
+            make_run(out)
+    assert (out / DB_NAME).exists() and any((out / BLOB_DIR).iterdir())
+    from munet.cli import main
+
+    assert main(["status", str(out)]) == 2
+    assert "creation was interrupted" in capsys.readouterr().err
+    make_run(out)
+    assert dump(out) == dump(tmp_path / "ref")
+
+
+# --- SIGKILL of the real command ----------------------------------------------------------------------------------
+def _write_tasks(folder: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    specs = []
+    for name, classes in (("ta", 3), ("tb", 2)):
+        y = np.arange(90) % classes
+        x = rng.integers(0, 60, (90, 12, 12)).astype(np.uint8)
+        for i, label in enumerate(y):
+            r, c = divmod(int(label), 2)
+            x[i, r * 6:(r + 1) * 6, c * 6:(c + 1) * 6] += 180
+        np.savez(folder / f"{name}.npz", x=x, y=y)
+        specs.append(f"npz:{folder / name}.npz")
+    return specs
+
+
+def _command(tasks: list[str], out: Path) -> list[str]:
+    return [sys.executable, "-m", "munet", "run", "--root", "random:vit_tiny_patch16_224", "--depth", "1",
+            "--image-size", "16", "--max-image-size", "32", "--tasks", ",".join(tasks), "--children-per-task", "6",
+            "--generation-size", "2", "--steps-between-validations", "3", "--validations", "2", "--batch-size", "16",
+            "--max-val-examples", "32", "--mutation-prob", "0.3", "--inherit-momentum", "true", "--out", str(out)]
+
+
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **ONE_THREAD, **env})
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+    tasks = _write_tasks(tmp_path)
+    ref = _start(_command(tasks, tmp_path / "ref"), {})
+    stamps = [time.perf_counter() for line in ref.stdout if "| gen " in line]
+    assert ref.wait(timeout=300) == 0
+    generation_time = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    out = tmp_path / "run"
+    rng = random.Random(1234)
+    # (how the process dies, which command resumes): a random moment after a finished generation (so during the
+    # next generation's training or its checkpoint), or a crash point inside a checkpoint's write
+    attempts = [("timed", "run"), (f"{CRASH_ENV}=blob:2", "resume"), ("timed", "run"),
+                (f"{CRASH_ENV}=commit:3", "resume"), ("timed", "resume")]
+    killed, positions = 0, []
+    for how, command in attempts:
+        argv = _command(tasks, out) if command == "run" or not (out / DB_NAME).exists() else [
+            sys.executable, "-m", "munet", "resume", str(out)]
+        env = dict([how.split("=", 1)]) if "=" in how else {}
+        proc = _start(argv, env)
+        if how == "timed":
+            for line in proc.stdout:  # wait for a finished generation, then kill at a random moment
+                if "| gen " in line:
+                    time.sleep(rng.uniform(0.0, 1.2 * generation_time))
+                    proc.send_signal(signal.SIGKILL)
+                    break
+        proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break  # the run finished before the kill
+        assert proc.returncode == -signal.SIGKILL
+        killed += 1
+        with Store.open(out) as store:  # where the last checkpoint is; the kills land at different places
+            plan, ck = store.get("plan"), store.get("checkpoint")
+        positions.append((plan["done"], (ck["in_flight"] or {}).get("generation")))
+    print("checkpoints at the kills:", positions)
+    assert killed >= 3 and len(set(positions)) >= 3
+    done = subprocess.run([sys.executable, "-m", "munet", "resume", str(out)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **ONE_THREAD})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert dump(out) == dump(tmp_path / "ref")
+    check = subprocess.run([sys.executable, "-m", "munet", "check", str(out)], capture_output=True, text=True)
+    assert check.returncode == 0 and "ok" in check.stdout

@@ -1,0 +1,228 @@
+"""The run store: layout and records, content-addressed blobs, integrity errors, the writer lock, status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+
+import pytest
+import torch
+from conftest import make_run
+
+import munet
+from munet.cli import main
+from munet.errors import StoreError
+from munet.model.components import Component, ResidualAdapter
+from munet.reporting.status import run_status
+from munet.runner import resume
+from munet.storage.check import check_store
+from munet.storage.store import BLOB_DIR, DB_NAME, LOCK_NAME, Store
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a CPU shared with other work: one thread avoids thread contention (tens of times faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("store") / "run"
+    make_run(out, inherit_momentum=True)
+    return out
+
+
+def _files(run_dir) -> dict[str, str]:
+    """Content hash of every file of a run directory but the lock (which only names the last writer)."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def test_layout_records_and_content_addressed_blobs(run_dir):
+    with Store.open(run_dir) as store:
+        db = store.conn
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.get("config")["tasks"] == ["a", "b"] and store.get("plan") == {"order": ["a", "b"], "done": 2}
+        root = store.get("root")
+        assert {"source", "sha256", "arch", "components"} <= set(root) and root["source"] == "random-init"
+        paths = db.execute("SELECT task, parent, components, hparams, accepted, reason, generation, iteration, "
+                           "train_time, quality FROM paths").fetchall()
+        assert len(paths) == 8  # every sampled path: 2 tasks x 4 children
+        assert all(r[5].startswith(("accepted", "rejected", "discarded")) for r in paths)
+        assert all(r[7] in (0, 1) and r[6] in (0, 1) and r[8] > 0 and json.loads(r[3])["opt_lr"] for r in paths)
+        population = db.execute("SELECT test_quality, accounted FROM paths WHERE id IN "
+                                "(SELECT path_id FROM live WHERE rank IS NOT NULL)").fetchall()
+        assert len(population) == 2  # one retained path per task, its record up to date
+        assert all(test is not None and accounted > 0 for test, accounted in population)
+        rows = db.execute("SELECT id, name, blob, momentum, num_params FROM components").fetchall()
+    blobs = {p.stem for p in (run_dir / BLOB_DIR).iterdir()}
+    for _, _, blob, momentum, _ in rows:
+        assert hashlib.sha256((run_dir / BLOB_DIR / f"{blob}.safetensors").read_bytes()).hexdigest() == blob
+        assert blob in blobs and (momentum is None or momentum in blobs)
+    # a component used by several paths (the root's, at least) has one record and one blob
+    with sqlite3.connect(run_dir / DB_NAME) as db:
+        retained = [json.loads(c) for (c,) in db.execute("SELECT components FROM paths WHERE id IN "
+                                                         "(SELECT path_id FROM live WHERE rank IS NOT NULL)")]
+    db.close()
+    shared = set(retained[0].values()) & set(retained[1].values())
+    assert shared and shared <= {r[0] for r in rows}
+    # µ2Net optimiser state: trained components keep their momentum trace
+    assert any(r[3] for r in rows if r[1] in ("head", "norm"))
+    assert blobs == {r[2] for r in rows} | {r[3] for r in rows if r[3]}  # nothing unreferenced is left
+
+
+def test_records_of_paths_retained_in_the_last_generation_are_final(tmp_path):
+    make_run(tmp_path / "run", children_per_task=2)  # one generation per task iteration
+    with sqlite3.connect(tmp_path / "run" / DB_NAME) as db:
+        rows = db.execute("SELECT generation, test_quality, metrics FROM paths WHERE id IN "
+                          "(SELECT path_id FROM live WHERE rank IS NOT NULL)").fetchall()
+    db.close()
+    assert len(rows) == 2 and all(g == 0 and t is not None and json.loads(m)["test_quality"] == t for g, t, m in rows)
+
+
+def test_store_size_close_to_unique_parameters(run_dir):
+    status = run_status(run_dir)
+    blob_bytes = status["store_bytes"]["blobs"]
+    with Store.open(run_dir) as store:
+        momentum = sum(store.blob_path(d).stat().st_size for (d,) in
+                       store.conn.execute("SELECT DISTINCT momentum FROM components WHERE momentum IS NOT NULL"))
+    # parameter blobs hold each unique float32 parameter once, plus a small header per blob
+    assert 4 * status["unique_params"] <= blob_bytes - momentum <= 1.05 * 4 * status["unique_params"]
+
+
+def test_status_command(run_dir, capsys):
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "complete: 2/2 task iterations" in out and "unique parameters" in out
+    assert out.count("\na ") == 1 and "\nb " in out
+    assert main(["status", str(run_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [t["task"] for t in status["tasks"]] == ["a", "b"]
+    assert all(t["test_acc"] is not None for t in status["tasks"])
+
+
+def test_check_passes_on_a_sound_store(run_dir, capsys):
+    assert main(["check", str(run_dir)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "delete"])
+def test_damaged_blob_is_reported_and_refused(run_dir, tmp_path, capsys, damage):
+    run = _copy(run_dir, tmp_path)
+    with Store.open(run) as store:
+        cid, name, digest = store.conn.execute(
+            "SELECT id, name, blob FROM components WHERE name = 'block_0' AND origin = 'root'").fetchone()
+    blob = run / BLOB_DIR / f"{digest}.safetensors"
+    data = blob.read_bytes()
+    if damage == "truncate":
+        blob.write_bytes(data[: len(data) // 2])
+    elif damage == "alter":
+        blob.write_bytes(data[:-10] + bytes(b ^ 0xFF for b in data[-10:]))
+    else:
+        blob.unlink()
+    before = _files(run)
+    report = check_store(run)
+    assert len(report.problems) == 1 and blob.name in report.problems[0] and f"{name}#{cid}" in report.problems[0]
+    assert main(["check", str(run)]) == 1
+    assert "1 problem(s)" in capsys.readouterr().out
+    with pytest.raises(StoreError, match=blob.name):
+        munet.load(run)
+    assert main(["resume", str(run)]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert _files(run) == before  # nothing was changed
+
+
+def test_missing_database(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    (run / DB_NAME).unlink()
+    before = _files(run)
+    for argv in (["status", str(run)], ["check", str(run)], ["resume", str(run)],
+                 ["predict", str(run), "--task", "a", "x.png"]):
+        assert main(argv) == 2
+        assert "database is missing" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="database"):
+        make_run(run)  # a new run over the blobs of a run whose database is gone is refused
+    assert _files(run) == before
+
+
+def test_incompatible_version_and_corrupt_database(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path)
+    with sqlite3.connect(run / DB_NAME) as db:
+        db.execute("PRAGMA user_version = 99")
+    db.close()
+    before = _files(run)
+    for argv in (["status", str(run)], ["check", str(run)], ["resume", str(run)]):
+        assert main(argv) == 2
+        assert "incompatible munet version" in capsys.readouterr().err
+    assert _files(run) == before
+    (run / DB_NAME).write_bytes(b"not a database" * 100)
+    assert main(["check", str(run)]) == 2
+    assert "file is not a database" in capsys.readouterr().err
+
+
+def test_second_writer_is_refused(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    with Store.open(run, write=True):
+        before = _files(run)
+        with pytest.raises(StoreError, match="being written by another munet process"):
+            resume(str(run), {})
+        with pytest.raises(StoreError, match="being written by another munet process"):
+            make_run(run, inherit_momentum=True)  # the same command resumes, but not while another writes
+        assert _files(run) == before
+        assert check_store(run).problems == []  # readers are fine while a writer holds the run
+
+
+def test_leftovers_of_an_interrupted_write_are_noted_then_removed(run_dir, tmp_path):
+    run = _copy(run_dir, tmp_path)
+    (run / BLOB_DIR / ("0" * 64 + ".safetensors")).write_bytes(b"orphan")
+    (run / BLOB_DIR / "x.safetensors.tmp").write_bytes(b"partial")
+    report = check_store(run)
+    assert report.problems == [] and "1 unreferenced blob(s) and 1 partial write(s)" in report.notes[0]
+    with Store.open(run, write=True) as store:
+        assert store.collect_garbage() == 2
+    assert check_store(run).notes == []
+
+
+def test_clone_inherits_momentum():
+    comp = Component(1, "adapter_0", ResidualAdapter(8, 4), origin="a")
+    comp.momentum = {"up.weight": torch.ones(8, 4)}
+    twin = comp.clone(2, "b")
+    assert torch.equal(twin.momentum["up.weight"], comp.momentum["up.weight"])
+    assert twin.momentum["up.weight"] is not comp.momentum["up.weight"]
+
+
+def test_training_starts_from_inherited_momentum(system):
+    import random
+
+    from conftest import make_task
+
+    from munet.evolution.hparams import MutationPolicy
+    from munet.evolution.mutate import make_child
+    from munet.training.frozen import FeatureCache
+    from munet.training.trainer import Evaluator, TrainSettings, train_generation
+
+    task = make_task("a", 3)
+    settings = TrainSettings(batch_size=16, max_steps_between_validations=2, validations=1, inherit_momentum=True)
+    evaluator = Evaluator(settings, FeatureCache(1 << 24), (0.5,) * 3, (0.5,) * 3)
+    policy = MutationPolicy("fixed", 0.0, random.Random(0))
+    child = make_child(system, system.root_path, "a", {"ds_image_size": 8}, False, policy)
+    train_generation([child], [float("-inf")], task, child.hparams, settings, evaluator, lambda p, q: q,
+                     torch.Generator().manual_seed(0))
+    head = child.components["head"]
+    assert child.metrics["improved"] and set(head.momentum) == {"linear.weight", "linear.bias"}
+    system.paths["a"].append(child)
+    grandchild = make_child(system, child, "a", {"ds_image_size": 8}, True, policy)
+    assert torch.equal(grandchild.components["head"].momentum["linear.weight"], head.momentum["linear.weight"])

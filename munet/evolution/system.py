@@ -68,7 +68,6 @@ class System:
         self.posembed_cache: dict[int, Component] = {}
         self.paths: dict[str, list[Path]] = {}
         self.num_classes: dict[str, int] = {}
-        self.history: list[dict[str, Any]] = []  # one record per path ever sampled (not the paths: memory)
         m = root.model
         comps = {
             "embedding": self._root_component("embedding", patch_embedding(m.patch_embed)),

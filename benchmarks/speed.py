@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,7 @@ CACHE_BYTES = 2048 << 20
 EXTRA_TASKS = [f"split:{base}:{r}" for base in ("fashion_mnist", "animal_silhouettes", "uci_digits")
                for r in ("0-4", "5-9", "0-2", "3-5", "6-9", "0-1", "2-3", "4-5")]
 SCALING_TASK = "split:mnist_5k:0-4"  # the task whose iteration is timed; in neither system
-CAPTURE_TASKS = ("uci_digits", "fashion_mnist")  # the generation is captured in the second task's iteration
+CAPTURE_TASKS = ("uci_digits", "fashion_mnist")  # generations are captured in the second task's iteration
 
 
 @dataclass
@@ -104,15 +105,17 @@ class Sizes:
 
 
 def full_sizes(cfg: RunConfig) -> Sizes:
+    """Sizes of the full run, from the default configuration's budget."""
     # a sixth of a default child's steps (two validations): the ratios barely depend on the step count, and the
     # full run must stay under 15 minutes on 2 cores
     generation = Budget(max(cfg.steps_between_validations // 4, 1), 2, cfg.max_val_examples // 2)
     return Sizes(reps=3, gen_reps=1, single_steps=30, capture=Budget(2, 1, 128, 64), generation=generation,
-                 memory=Budget(10, 2, 500), populate=Budget(1, 1, 64, 64), iteration=Budget(5, 2, 250),
+                 memory=Budget(5, 2, 500), populate=Budget(1, 1, 64, 64), iteration=Budget(5, 2, 250),
                  few_tasks=8, many_tasks=32, infer_batch=256)
 
 
 def quick_sizes() -> Sizes:
+    """Small sizes: every row runs, in about 2 minutes; the ratios are only indicative."""
     return Sizes(reps=1, gen_reps=1, single_steps=6, capture=Budget(1, 1, 64, 32), generation=Budget(2, 1, 64),
                  memory=Budget(3, 1, 128), populate=Budget(1, 1, 32, 32), iteration=Budget(2, 1, 64),
                  few_tasks=4, many_tasks=12, infer_batch=64)
@@ -366,6 +369,7 @@ def capture_generations(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], 
 
 
 def describe(children: list[Path]) -> list[dict[str, Any]]:
+    """Where each child starts training and what it trains: how much of it can be shared."""
     rows = []
     for c in children:
         ops = c.ops()
@@ -388,6 +392,7 @@ def train_captured(gen: Generation, task: TaskData, root: Root, settings: TrainS
 
 
 def bench_generation(gen: Generation, task: TaskData, root: Root, cfg: RunConfig, sizes: Sizes) -> dict[str, Any]:
+    """The generation trained together (one cache) vs each child alone (a fresh cache each), same batches."""
     settings = sizes.generation.settings(cfg.batch_size)
     outcome: dict[str, list[Path]] = {}
 
@@ -431,7 +436,19 @@ def bench_inference(paths: list[Path], images_u8: torch.Tensor, root: Root, size
             "composition": describe_retained(paths)}
 
 
+def bench_saved_run(run_dir: FsPath, sizes: Sizes) -> dict[str, Any]:
+    """The multi-task inference row on the retained paths of a saved run, on test images of its first task."""
+    from munet.api import load  # the store is only needed for this option
+
+    run = load(run_dir)
+    cfg = run.meta["config"]
+    x = load_task(cfg["tasks"][0], cfg["seed"], cfg.get("data_dir")).test_x[: sizes.infer_batch]
+    result = bench_inference([run.path(t) for t in run.tasks], x, run.system.root, sizes)
+    return dict(result, source=str(run_dir))
+
+
 def describe_retained(paths: list[Path]) -> list[dict[str, Any]]:
+    """Task, image size and component ids of each path: which prefixes they can share."""
     return [{"task": p.task, "image_size": p.hparams["ds_image_size"],
              "components": [c.id for c in p.components.values()]} for p in paths]
 
@@ -469,17 +486,34 @@ def bench_scaling(root: Root, cfg: RunConfig, few: System, many: System, sizes: 
             trained = [0.0]
             evo.on_generation = lambda _task, _gen, children: trained.__setitem__(
                 0, trained[0] + children[0].metrics["train_time"])
+            macs = [0]
+
+            def count(module: nn.Module, _args: Any, output: Any) -> None:
+                if isinstance(module, nn.Linear):
+                    macs[0] += output.numel() * module.in_features
+                elif isinstance(module, nn.Conv2d):
+                    macs[0] += output.numel() * module.weight[0].numel()
+
+            hook = nn.modules.module.register_module_forward_hook(count)
             t0 = time.perf_counter()
-            evo.task_iteration(task.name)
+            try:
+                evo.task_iteration(task.name)
+            finally:
+                hook.remove()
             elapsed = time.perf_counter() - t0
             totals[f"{label}_s"] = totals.get(f"{label}_s", 0.0) + elapsed
+            totals[f"{label}_forward_gmacs"] = totals.get(f"{label}_forward_gmacs", 0.0) + macs[0] / 1e9
             totals[f"{label}_overhead_s"] = totals.get(f"{label}_overhead_s", 0.0) + elapsed - trained[0]
         return run
 
-    # the deep copy of the system is outside the timed iteration
+    # the deep copy of the system is outside the timed iteration; the children differ between the two sides
+    # (their seeds are other tasks' paths), so the forward work each side did is counted too
     interleaved(iteration(few, "few"), iteration(many, "many"), sizes.reps)
-    return {"ratio": totals["many_s"] / totals["few_s"], "overhead_ratio": totals["many_overhead_s"]
-            / totals["few_overhead_s"], "few_tasks": len(few.paths), "many_tasks": len(many.paths),
+    ratio_ = totals["many_s"] / totals["few_s"]
+    work = totals["many_forward_gmacs"] / totals["few_forward_gmacs"]
+    return {"ratio": ratio_, "overhead_ratio": totals["many_overhead_s"] / totals["few_overhead_s"],
+            "work_ratio": work, "ratio_per_work": ratio_ / work,
+            "few_tasks": len(few.paths), "many_tasks": len(many.paths),
             "max_seeds": max_seeds, "task": SCALING_TASK, **{k: v / sizes.reps for k, v in totals.items()}}
 
 
@@ -511,29 +545,44 @@ def memory_worker(spec_file: str) -> None:
 
 
 def bench_memory(gen: Generation, root: Root, cfg: RunConfig, sizes: Sizes, threads: int) -> dict[str, Any]:
+    """Peak resident memory of training the generation vs its largest child alone, each in a fresh subprocess,
+    repeated (A B B A ...): the allocator makes single peaks vary by several percent, so medians are compared."""
     largest = max(range(len(gen.children)), key=lambda i: gen.children[i].num_trainable_params())
-    results: dict[str, dict[str, int]] = {}
+    peaks: dict[str, list[tuple[int, int]]] = {"generation": [], "single": []}
     with tempfile.TemporaryDirectory() as tmp:
+        specs = {}
         for label, which in (("generation", list(range(len(gen.children)))), ("single", [largest])):
-            spec_file = os.path.join(tmp, f"{label}.pt")
+            specs[label] = os.path.join(tmp, f"{label}.pt")
             torch.save({"generation": gen, "which": which, "task_spec": gen.task, "seed": cfg.seed, "ds": gen.ds,
                         "budget": dataclasses.asdict(sizes.memory), "batch_size": cfg.batch_size,
-                        "threads": threads, "root_stats": (root.mean, root.std)}, spec_file)
-            done = subprocess.run([sys.executable, __file__, "--memory-worker", spec_file], capture_output=True,
-                                  text=True, check=True)
-            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
-    g, s = results["generation"], results["single"]
-    grow_g, grow_s = g["peak_kb"] - g["rss_before_kb"], s["peak_kb"] - s["rss_before_kb"]
-    return {"ratio": grow_g / max(grow_s, 1), "ratio_total_peak": g["peak_kb"] / s["peak_kb"],
-            "generation_growth_mb": grow_g / 1024, "single_growth_mb": grow_s / 1024,
-            "generation_peak_mb": g["peak_kb"] / 1024, "single_peak_mb": s["peak_kb"] / 1024,
-            "single_child": gen.children[largest].id}
+                        "threads": threads, "root_stats": (root.mean, root.std)}, specs[label])
+
+        def measure(label: str) -> Callable[[], None]:
+            def run() -> None:
+                done = subprocess.run([sys.executable, __file__, "--memory-worker", specs[label]],
+                                      capture_output=True, text=True, check=True)
+                out = json.loads(done.stdout.strip().splitlines()[-1])
+                peaks[label].append((out["peak_kb"] - out["rss_before_kb"], out["peak_kb"]))
+            return run
+
+        interleaved(measure("generation"), measure("single"), sizes.reps)
+    (grow_g, peak_g), (grow_s, peak_s) = (tuple(statistics.median(v) for v in zip(*peaks[k]))
+                                          for k in ("generation", "single"))
+    mb = 1 / 1024
+    return {"ratio": grow_g / max(grow_s, 1), "ratio_total_peak": peak_g / peak_s,
+            "generation_growth_mb": grow_g * mb, "single_growth_mb": grow_s * mb,
+            "generation_peak_mb": peak_g * mb, "single_peak_mb": peak_s * mb,
+            "growth_mb_each": {k: [g * mb for g, _ in v] for k, v in peaks.items()},
+            "single_child": gen.children[largest].id,
+            "trainable_params": {"generation": sum(c.num_trainable_params() for c in gen.children),
+                                 "single": gen.children[largest].num_trainable_params()}}
 
 
 # --- driver ---------------------------------------------------------------------------------------------------------
 TARGETS = {
     "single_child": (">=", 0.95), "generation_sharing": (">=", 2.0), "seed_phase_sharing": (">=", 2.0),
     "multitask_inference": (">=", 3.0), "task_scaling": ("<=", 1.3), "task_scaling_overhead": ("<=", 1.3),
+    "task_scaling_per_work": ("<=", 1.3),
     "generation_memory": ("<=", 1.5), "generation_memory_total": ("<=", 1.5),
 }
 
@@ -546,6 +595,8 @@ def table(results: dict[str, Any]) -> str:
         "multitask_inference": "{paths} tasks answered together vs paths one by one (speed-up)",
         "task_scaling": "task iteration: {many_tasks} vs {few_tasks} tasks in the system (time ratio)",
         "task_scaling_overhead": "task iteration outside training: {many_tasks} vs {few_tasks} tasks (time ratio)",
+        "task_scaling_per_work": "task iteration per unit of model work: {many_tasks} vs {few_tasks} tasks "
+                                 "(time ratio / forward-MAC ratio {work_ratio:.2f})",
         "generation_memory": "peak memory growth while training: generation vs its largest child alone",
         "generation_memory_total": "peak resident memory of the process: generation vs its largest child alone",
     }
@@ -567,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=str(RESULTS), help="where to write the JSON results")
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(TARGETS))
+    parser.add_argument("--run-dir", help="answer the tasks of this saved run (its retained paths) in the multi-task "
+                        "inference row, instead of the paths of the system the benchmark fills itself")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -602,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
             results["generation_memory_total"] = dict(results["generation_memory"],
                                                       ratio=results["generation_memory"]["ratio_total_peak"])
             log(f"generation memory: {results['generation_memory']['ratio']:.2f}x")
+    if args.run_dir and "multitask_inference" in only:
+        only.discard("multitask_inference")
+        results["multitask_inference"] = bench_saved_run(FsPath(args.run_dir), sizes)
+        log(f"multi-task inference ({args.run_dir}): {results['multitask_inference']['ratio']:.2f}x")
     if only & {"multitask_inference", "task_scaling"}:
         names = (list(cfg.tasks) + EXTRA_TASKS)[: sizes.many_tasks]
         evo = populate(root, cfg, names[: sizes.few_tasks], sizes)
@@ -616,8 +673,10 @@ def main(argv: list[str] | None = None) -> int:
             populate(root, cfg, names[sizes.few_tasks:], sizes, evo)
             log(f"filled a system with {sizes.many_tasks} tasks")
             results["task_scaling"] = bench_scaling(root, cfg, few, evo.system, sizes)
-            results["task_scaling_overhead"] = dict(results["task_scaling"],
-                                                    ratio=results["task_scaling"]["overhead_ratio"])
+            scaling = results["task_scaling"]
+            for key, value in (("task_scaling_overhead", "overhead_ratio"),
+                               ("task_scaling_per_work", "ratio_per_work")):
+                results[key] = dict(scaling, ratio=scaling[value])
             log(f"task scaling: {results['task_scaling']['ratio']:.2f}x")
     results["meta"] = {"mode": "quick" if args.quick else "full", "threads": torch.get_num_threads(),
                        "torch": torch.__version__, "root": root.description, "image_size": cfg.image_size,

@@ -27,6 +27,15 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a CPU shared with other work: one thread avoids thread contention (tens of times faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tiny_root(depth: int = 3, seed: int = 0) -> Root:
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,

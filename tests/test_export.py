@@ -19,14 +19,7 @@ from munet.model.components import ResidualAdapter
 from munet.model.path import Path
 from munet.model.vitarch import describe_vit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a CPU shared with other work: one thread avoids thread contention (tens of times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from munet.runner import resume
 from munet.storage.check import check_store
 from munet.storage.store import BLOB_DIR, DB_NAME, LOCK_NAME, Store
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a CPU shared with other work: one thread avoids thread contention (tens of times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

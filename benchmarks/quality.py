@@ -311,8 +311,8 @@ def plot(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
     labels = {"munet": "muNet (scale factor s)", "munet-random": "muNet, random-init root", "finetune": "fine-tune all",
               "freeze": "freeze bottom X blocks", "adapters": "adapters (width X)", "lora": "LoRA (rank r)"}
     for family, (color, marker, line) in styles.items():
-        points = sorted((m["params_per_task"], m["average"], m) for m in methods
-                        if m["family"] == family and m["average"] is not None)
+        points = sorted(((m["params_per_task"], m["average"], m) for m in methods
+                         if m["family"] == family and m["average"] is not None), key=lambda p: p[:2])
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]

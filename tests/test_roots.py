@@ -22,7 +22,8 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 
 from munet.errors import ConfigError, MunetError, WeightsError
 from munet.model import dinov2_onnx
-from munet.model.roots import DEFAULT_ROOT, HALF_MEAN, IMAGENET_MEAN, ROOTS, load_root
+from munet.model.checkpoint_formats import HALF_MEAN, IMAGENET_MEAN
+from munet.model.roots import DEFAULT_ROOT, ROOTS, load_root
 
 FULL_PARAMS = 22_056_192
 # patch_embed + cls + pos_embed (1370 x 384) + norm = 753,408; each DINOv2 ViT-S block adds 1,775,232.

@@ -53,6 +53,9 @@ Commands::
     python benchmarks/quality.py --smoke      # about a minute
     python benchmarks/quality.py --quick      # about 15 minutes
     python benchmarks/quality.py              # full, at most 2 hours
+    # or on 2 cores, the two halves side by side (one thread each), then the report from the finished units:
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --only munet & OMP_NUM_THREADS=1 python benchmarks/quality.py \
+        --only baselines; wait; python benchmarks/quality.py
 """
 
 from __future__ import annotations
@@ -343,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-ranks", help="comma-separated LoRA ranks (overrides the mode's)")
     parser.add_argument("--results", default=str(RESULTS), help="results directory (default: benchmarks/results)")
     parser.add_argument("--plan", action="store_true", help="print the units and exit")
+    parser.add_argument("--only", choices=("munet", "baselines"),
+                        help="run only these units and write no report (to split the units between two processes; "
+                             "a final run without --only reuses every finished unit and writes the report)")
     args = parser.parse_args(argv)
 
     mode = make_mode("smoke" if args.smoke else "quick" if args.quick else "full")
@@ -373,15 +379,18 @@ def main(argv: list[str] | None = None) -> int:
     print("budget per task (training images): " + ", ".join(f"{t} {b:,}" for t, b in budget.items()))
     t_start = time.perf_counter()
     methods: list[dict[str, Any]] = []
-    for i, (name, family, label, run_cfg) in enumerate(munet_runs):
+    # s = 1 and the random root first: the headline comparisons are done first if a run is cut short
+    order = sorted(munet_runs, key=lambda r: (r[1] != "munet" or r[3].scale_factor != 1.0, r[1] != "munet-random"))
+    finished: dict[str, dict[str, Any]] = {}
+    for i, (name, family, label, run_cfg) in enumerate(order if args.only != "baselines" else []):
         t0 = time.perf_counter()
-        unit = run_munet(name, run_cfg, work, units, sizes)
-        methods.append(munet_method(label, family, unit, task_names))
-        print(f"[muNet {i + 1}/{len(munet_runs)}] {name}: average test {methods[-1]['average'] or float('nan'):.4f} "
+        finished[name] = munet_method(label, family, run_munet(name, run_cfg, work, units, sizes), task_names)
+        print(f"[muNet {i + 1}/{len(order)}] {name}: average test {finished[name]['average'] or float('nan'):.4f} "
               f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)", flush=True)
+    methods += [finished[name] for name, *_ in munet_runs if name in finished]
     runner = BaselineRunner(cfg, tasks)
     skipped = []
-    for i, spec in enumerate(specs):
+    for i, spec in enumerate(specs if args.only != "munet" else []):
         if spec.kind == "lora" and not peft_available():
             skipped.append(spec.name)
             print(f"[baseline {i + 1}/{len(specs)}] {spec.name}: skipped. {PEFT_HINT}", flush=True)
@@ -392,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[baseline {i + 1}/{len(specs)}] {spec.name}: average test "
               f"{methods[-1]['average'] or float('nan'):.4f} ({time.perf_counter() - t0:.0f} s; total "
               f"{time.perf_counter() - t_start:.0f} s)", flush=True)
+    if args.only:
+        print(f"finished the {args.only} units in {time.perf_counter() - t_start:.0f} s; run without --only for the "
+              "report")
+        return 0
 
     table = format_table(methods, task_names)
     print("\n" + table)

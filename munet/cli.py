@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import re
 import sys
@@ -80,6 +81,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     status = run_status(args.run_dir)
     print(status_json(status) if args.json else format_status(status))
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from munet.reporting.history import format_history, run_history
+
+    history = run_history(args.run_dir)
+    print(json.dumps(history, indent=1) if args.json else format_history(history))
     return 0
 
 
@@ -160,6 +169,10 @@ def make_parser() -> argparse.ArgumentParser:
     st_p.add_argument("run_dir", help="run directory")
     st_p.add_argument("--json", action="store_true", help="print the status as JSON")
     st_p.set_defaults(func=_cmd_status)
+    hi_p = sub.add_parser("history", help="which mutations were tried and accepted; each best path's lineage")
+    hi_p.add_argument("run_dir", help="run directory")
+    hi_p.add_argument("--json", action="store_true", help="print the history as JSON")
+    hi_p.set_defaults(func=_cmd_history)
     ck_p = sub.add_parser("check", help="verify every blob and reference of a run directory (exit 1 on problems)")
     ck_p.add_argument("run_dir", help="run directory")
     ck_p.set_defaults(func=_cmd_check)

@@ -14,6 +14,7 @@ import munet
 from munet.cli import main
 from munet.errors import StoreError
 from munet.model.components import Component, ResidualAdapter
+from munet.reporting.history import mutation_kind, run_history
 from munet.reporting.status import run_status
 from munet.runner import resume
 from munet.storage.check import check_store
@@ -105,6 +106,31 @@ def test_status_command(run_dir, capsys):
     status = json.loads(capsys.readouterr().out)
     assert [t["task"] for t in status["tasks"]] == ["a", "b"]
     assert all(t["test_acc"] is not None for t in status["tasks"])
+
+
+def test_history_matches_the_store(run_dir, capsys):
+    history = run_history(run_dir)
+    with Store.open(run_dir) as store:
+        sampled = dict(store.conn.execute("SELECT task, COUNT(*) FROM paths GROUP BY task").fetchall())
+        best = {t["task"]: t["path"] for t in run_status(run_dir)["tasks"]}
+    tasks = {t["task"]: t for t in history["tasks"]}
+    assert {t: tasks[t]["children"] for t in tasks} == sampled
+    for name, task in tasks.items():
+        assert task["best"] == best[name] and task["lineage"][-1]["path"] == best[name]
+        assert task["strict_accepted"] <= task["strict_children"] <= task["children"]
+    # every strict-acceptance child is counted once per mutation kind it carries, or under "(none)"
+    assert sum(t["strict_children"] for t in tasks.values()) <= sum(m["tried"] for m in history["mutations"])
+    assert all(0 <= m["accepted"] <= m["tried"] for m in history["mutations"])
+    assert main(["history", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "mutations in children of the same task" in out and f"best path {best['a']} " in out
+    assert main(["history", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["task"] == "a"
+
+
+def test_mutation_kinds_group_indices():
+    assert mutation_kind("clone:block_3") == "clone:block" and mutation_kind("add:adapter_12") == "add:adapter"
+    assert mutation_kind("opt_lr") == "opt_lr" and mutation_kind("ds_image_size") == "ds_image_size"
 
 
 def test_check_passes_on_a_sound_store(run_dir, capsys):

@@ -1,0 +1,114 @@
+"""``munet history``: what evolution did in a run, read from the store alone.
+
+Which mutations were tried and how often a child carrying each was accepted (with the mean change of validation
+quality against its parent), and for each task the lineage of its best path: the mutations along it and the
+hyperparameters that moved away from the root's defaults. This is the evidence behind "why is task X weak?".
+
+A child's mutations are the ones its record lists plus every dataset hyperparameter (``ds_*``) that differs from its
+parent's: dataset hyperparameters are drawn once per generation (all children see the same batches, spec §4.3), so
+the child record does not list them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path as FsPath
+from typing import Any
+
+from munet.storage.store import Store
+
+ROOT_PATH_ID = 0
+
+
+def mutation_kind(key: str) -> str:
+    """Groups a mutation key: ``clone:block_3`` -> ``clone:block``, ``add:adapter_2`` -> ``add:adapter``;
+    hyperparameters keep their name."""
+    return re.sub(r"_\d+$", "", key)
+
+
+def _child_mutations(row: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
+    mutations = dict(row["mutations"])
+    if parent is not None:
+        for key, value in row["hparams"].items():
+            if key.startswith("ds_") and key not in mutations and parent["hparams"].get(key, value) != value:
+                mutations[key] = [parent["hparams"][key], value]
+    return mutations
+
+
+def run_history(run_dir: str | FsPath) -> dict[str, Any]:
+    """The mutation statistics and best-path lineages of the run in ``run_dir`` (see :func:`format_history`)."""
+    with Store.open(run_dir) as store:
+        tasks = [row[0] for row in store.conn.execute("SELECT name FROM tasks ORDER BY position")]
+        rows = {pid: {"id": pid, "task": task, "parent": parent, "hparams": json.loads(hp),
+                      "mutations": json.loads(mut or "{}"), "accepted": acc, "quality": q, "test": tq, "score": sc}
+                for pid, task, parent, hp, mut, acc, q, tq, sc in store.conn.execute(
+                    "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score FROM paths")}
+        live = "SELECT path_id FROM live WHERE rank IS NOT NULL"
+        retained = {row[0] for row in store.conn.execute(live)}
+
+    stats: dict[str, dict[str, float]] = defaultdict(lambda: {"tried": 0, "accepted": 0, "delta_sum": 0.0})
+    per_task = {t: {"task": t, "children": 0, "accepted": 0, "strict_children": 0, "strict_accepted": 0} for t in tasks}
+    for row in rows.values():
+        parent = rows.get(row["parent"])
+        row["all_mutations"] = _child_mutations(row, parent)
+        counts = per_task.setdefault(row["task"], {"task": row["task"], "children": 0, "accepted": 0,
+                                                   "strict_children": 0, "strict_accepted": 0})
+        counts["children"] += 1
+        counts["accepted"] += bool(row["accepted"])
+        # only children of the same task face strict acceptance; the others (seed phase) are kept when they validate
+        if parent is None or parent["task"] != row["task"]:
+            continue
+        counts["strict_children"] += 1
+        counts["strict_accepted"] += bool(row["accepted"])
+        delta = (row["quality"] - parent["quality"]) if None not in (row["quality"], parent["quality"]) else 0.0
+        for kind in {mutation_kind(k) for k in row["all_mutations"]} or {"(none)"}:
+            stats[kind]["tried"] += 1
+            stats[kind]["accepted"] += bool(row["accepted"])
+            stats[kind]["delta_sum"] += delta
+
+    defaults = next((r["hparams"] for r in sorted(rows.values(), key=lambda r: r["id"])
+                     if r["parent"] == ROOT_PATH_ID and not r["mutations"]), {})
+    for task, counts in per_task.items():
+        best = max((rows[p] for p in retained if p in rows and rows[p]["task"] == task),
+                   key=lambda r: (r["score"] if r["score"] is not None else float("-inf"), r["id"]), default=None)
+        if best is None:
+            continue
+        lineage, pid = [], best["id"]
+        while pid in rows and rows[pid]["task"] == task:
+            lineage.append({"path": pid, "val": rows[pid]["quality"], "mutations": rows[pid]["all_mutations"]})
+            pid = rows[pid]["parent"]
+        counts.update(best=best["id"], val=best["quality"], test=best["test"], origin=pid, lineage=lineage[::-1],
+                      moved={k: [defaults[k], v] for k, v in best["hparams"].items()
+                             if k in defaults and defaults[k] != v})
+    mutations = [{"kind": k, "tried": int(s["tried"]), "accepted": int(s["accepted"]),
+                  "mean_val_delta": s["delta_sum"] / s["tried"]} for k, s in sorted(stats.items())]
+    return {"run": str(run_dir), "mutations": mutations, "tasks": list(per_task.values())}
+
+
+def _origin(pid: int | None) -> str:
+    return "root" if pid == ROOT_PATH_ID else f"path {pid}"
+
+
+def format_history(h: dict[str, Any]) -> str:
+    """Human-readable history: a mutation table, then each task's best-path lineage."""
+    lines = [f"run {h['run']}", "", "mutations in children of the same task (strict acceptance):",
+             f"  {'mutation':<28} {'tried':>6} {'accepted':>9} {'rate':>6} {'mean val change':>16}"]
+    for m in sorted(h["mutations"], key=lambda m: -m["tried"]):
+        rate = m["accepted"] / m["tried"] if m["tried"] else 0.0
+        lines.append(f"  {m['kind']:<28} {m['tried']:>6} {m['accepted']:>9} {rate:>6.0%} {m['mean_val_delta']:>+16.4f}")
+    for t in h["tasks"]:
+        lines += ["", f"{t['task']}: {t['children']} children, {t['accepted']} accepted "
+                      f"({t['strict_accepted']}/{t['strict_children']} under strict acceptance)"]
+        if "best" not in t:
+            continue
+        test = f", test {t['test']:.4f}" if t["test"] is not None else ""
+        lines.append(f"  best path {t['best']} (val {t['val']:.4f}{test}), grown from {_origin(t['origin'])}:")
+        for step in t["lineage"]:
+            muts = ", ".join(f"{k} {v[0]}->{v[1]}" if k.startswith(("ds_", "opt_", "num_", "adapter_dim", "_mu"))
+                             else k for k, v in step["mutations"].items()) or "no mutation"
+            lines.append(f"    path {step['path']} val {step['val']:.4f}: {muts}")
+        moved = ", ".join(f"{k} {a}->{b}" for k, (a, b) in t["moved"].items()) or "none"
+        lines.append(f"  hyperparameters moved from the root's defaults: {moved}")
+    return "\n".join(lines)

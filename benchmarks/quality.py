@@ -155,10 +155,23 @@ class Units:
             result = json.loads(self.file(unit).read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        return result if result.get("settings") == settings else None
+        return result if _same_settings(result.get("settings"), settings) else None
 
     def put(self, unit: str, result: dict[str, Any]) -> None:
         atomic_write(self.file(unit), json.dumps(result, indent=1, default=str))
+
+
+DEFAULTS = RunConfig().to_dict()
+
+
+def _same_settings(stored: Any, current: Any) -> bool:
+    """Equal settings, where a configuration key that is missing from ``stored`` (recorded before the key existed)
+    matches the key's default value."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return set(stored) <= set(current) and all(
+            _same_settings(stored[k], v) if k in stored else k in DEFAULTS and v == DEFAULTS[k]
+            for k, v in current.items())
+    return stored == current
 
 
 def cores() -> int:

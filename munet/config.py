@@ -48,6 +48,9 @@ class RunConfig:
         out: output directory.
         data_dir: where online data sets are downloaded.
         feature_cache_mb: memory bound of the frozen-feature cache.
+        shared_training: train a generation's children in lock-step, computing each shared frozen prefix once;
+            ``False`` trains them one after another (the official code's way). Results are the same; together with
+            ``feature_cache_mb = 0`` it measures what sharing saves.
     """
 
     tasks: list[str] = field(default_factory=lambda: [
@@ -78,6 +81,7 @@ class RunConfig:
     out: str = "runs/default"
     data_dir: str = "data"
     feature_cache_mb: int = 2048
+    shared_training: bool = True
 
     def validate(self) -> RunConfig:
         """Raises ConfigError naming the first value outside its allowed range; returns self."""

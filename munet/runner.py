@@ -77,7 +77,7 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
 
 
 # Keys that do not change results: a resumed run may set them anew (another device, a bigger cache).
-OPERATIONAL_KEYS = ("device", "feature_cache_mb", "data_dir", "out")
+OPERATIONAL_KEYS = ("device", "feature_cache_mb", "data_dir", "out", "shared_training")
 
 
 @dataclass
@@ -207,7 +207,8 @@ def build_session(cfg: RunConfig, store: Store, stream: TextIO | None = None, re
         system.add_task(name, data.num_classes)
     settings = TrainSettings(batch_size=cfg.batch_size, max_steps_between_validations=cfg.steps_between_validations,
                              validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
-                             autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum)
+                             autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
+                             shared_training=cfg.shared_training)
     evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), root.mean, root.std)
     evolution = Evolution(system, tasks, policy, settings, evaluator, cfg.children_per_task, cfg.generation_size,
                           cfg.max_image_size, cfg.mutate_adapters, cfg.max_task_population, cfg.max_seeds, cfg.seed)

@@ -55,6 +55,18 @@ class Crash(Exception):
     """Stands for the process dying (in-process variant)."""
 
 
+def test_run_without_sharing_or_cache_equals_default_run(tmp_path):
+    """Sharing (lock-step children, frozen-feature cache) is an optimisation only: the same records and weights."""
+    settings = {"seed": 5, "mutation_prob": 0.4}
+    make_run(tmp_path / "shared", **settings)
+    make_run(tmp_path / "alone", shared_training=False, feature_cache_mb=0, **settings)
+    shared, alone = dump(tmp_path / "shared"), dump(tmp_path / "alone")
+    for d in (shared, alone):
+        d["meta"]["config"] = {k: v for k, v in d["meta"]["config"].items()
+                               if k not in ("shared_training", "feature_cache_mb")}
+    assert len(shared["paths"]) > 4 and alone == shared
+
+
 def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path, monkeypatch):
     settings = {"rounds": 2, "inherit_momentum": True, "seed": 3, "mutation_prob": 0.3}
     make_run(tmp_path / "ref", **settings)

@@ -58,6 +58,8 @@ class TrainSettings:
         autocast_bf16: run forward passes in bfloat16 autocast (CUDA only).
         inherit_momentum: µ2Net's optimiser-state inheritance: start each trainable component's momentum from
             the trace it was cloned with, and keep the trace of the kept snapshot on the component.
+        shared_training: train a generation's children in lock-step sharing frozen prefixes; ``False`` trains
+            them one after another on the same batches (same results, for measuring what sharing saves).
     """
 
     batch_size: int = 64
@@ -70,6 +72,7 @@ class TrainSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
     inherit_momentum: bool = False
+    shared_training: bool = True
 
     def steps_between_validations(self, num_train: int) -> int:
         return max(1, min(math.ceil(num_train / self.batch_size), self.max_steps_between_validations))
@@ -156,6 +159,12 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
         generator: the random stream for batch order and augmentation.
         on_step: called after every training step with the number of children trained in it (progress).
     """
+    if not settings.shared_training and len(children) > 1:
+        start = generator.get_state()  # every child sees the batches and augmentations the generation would
+        for child, score in zip(children, parent_scores):
+            generator.set_state(start)
+            train_generation([child], [score], task, ds_hparams, settings, evaluator, score_fn, generator, on_step)
+        return
     t0 = time.perf_counter()
     dev = settings.device
     size = ds_hparams["ds_image_size"]

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sqlite3
 import sys
@@ -159,6 +160,21 @@ class Units:
 
     def put(self, unit: str, result: dict[str, Any]) -> None:
         atomic_write(self.file(unit), json.dumps(result, indent=1, default=str))
+        self.file(unit).with_suffix(".claim").unlink(missing_ok=True)
+
+    def claim(self, unit: str) -> bool:
+        """Marks ``unit`` as run by this process; ``False`` if another live process has claimed it (so several
+        ``--only`` workers can share the units)."""
+        mark = self.file(unit).with_suffix(".claim")
+        try:
+            pid = int(mark.read_text())
+            os.kill(pid, 0)  # raises if no such process
+            if pid != os.getpid():
+                return False
+        except (OSError, ValueError):
+            pass
+        atomic_write(mark, str(os.getpid()))
+        return True
 
 
 DEFAULTS = RunConfig().to_dict()
@@ -203,12 +219,15 @@ def realised_lineages(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, in
     return out
 
 
-def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes: dict[str, int]) -> dict[str, Any]:
-    """One muNet run (resumable as a whole); returns its unit result."""
+def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes: dict[str, int]
+              ) -> dict[str, Any] | None:
+    """One muNet run (resumable as a whole); returns its unit result (``None`` if another process runs it)."""
     settings = cfg.to_dict()
     done = units.get(name, settings)
     if done:
         return done
+    if not units.claim(name):
+        return None
     out = FsPath(cfg.out)
     if out.exists():  # an interrupted run of this unit: start it again
         shutil.rmtree(out)
@@ -246,11 +265,15 @@ class BaselineRunner:
         return self.system
 
     def run(self, spec: BaselineSpec, task: str, units: Units) -> dict[str, Any] | None:
+        """Trains and tests one baseline on one task (or returns its finished result); ``None`` if another process
+        is running it."""
         unit = f"{spec.name}__{task}"
         settings = {"baseline": spec.name, "task": task, "config": self.cfg.to_dict()}
         done = units.get(unit, settings)
         if done:
             return done
+        if not units.claim(unit):
+            return None
         system = self._system()
         t0 = time.perf_counter()
         path = build_baseline(system, task, spec, seed=self.cfg.seed)
@@ -395,9 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     # s = 1 and the random root first: the headline comparisons are done first if a run is cut short
     order = sorted(munet_runs, key=lambda r: (r[1] != "munet" or r[3].scale_factor != 1.0, r[1] != "munet-random"))
     finished: dict[str, dict[str, Any]] = {}
+    busy: list[str] = []  # units another live process is running
     for i, (name, family, label, run_cfg) in enumerate(order if args.only != "baselines" else []):
         t0 = time.perf_counter()
-        finished[name] = munet_method(label, family, run_munet(name, run_cfg, work, units, sizes), task_names)
+        unit = run_munet(name, run_cfg, work, units, sizes)
+        if unit is None:
+            busy.append(name)
+            continue
+        finished[name] = munet_method(label, family, unit, task_names)
         print(f"[muNet {i + 1}/{len(order)}] {name}: average test {finished[name]['average'] or float('nan'):.4f} "
               f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)", flush=True)
     methods += [finished[name] for name, *_ in munet_runs if name in finished]
@@ -410,10 +438,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         per_task = {t: runner.run(spec, t, units) for t in task_names}
+        if None in per_task.values():
+            busy += [f"{spec.name}__{t}" for t, r in per_task.items() if r is None]
+            continue
         methods.append(baseline_method(spec, per_task, task_names))
         print(f"[baseline {i + 1}/{len(specs)}] {spec.name}: average test "
               f"{methods[-1]['average'] or float('nan'):.4f} ({time.perf_counter() - t0:.0f} s; total "
               f"{time.perf_counter() - t_start:.0f} s)", flush=True)
+    if busy:
+        print(f"{len(busy)} unit(s) are being run by other processes: {', '.join(busy)}", flush=True)
+        if not args.only:
+            print("no report until they finish; run again then")
+            return 1
     if args.only:
         print(f"finished the {args.only} units in {time.perf_counter() - t_start:.0f} s; run without --only for the "
               "report")

@@ -1,0 +1,49 @@
+"""The quality benchmark's resumable units: settings matching and claims shared between worker processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from munet.config import RunConfig
+
+
+@pytest.fixture(scope="module")
+def quality():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_unit_recorded_before_a_key_existed_matches_only_that_keys_default(quality, tmp_path):
+    units = quality.Units(tmp_path)
+    current = {"baseline": "finetune", "task": "a", "config": RunConfig().to_dict()}
+    older = {"baseline": "finetune", "task": "a",
+             "config": {k: v for k, v in RunConfig().to_dict().items() if k != "shared_training"}}
+    units.put("finetune__a", {"settings": older, "test_acc": 0.5})
+    assert units.get("finetune__a", current)["test_acc"] == 0.5
+    changed = dict(current, config=RunConfig(shared_training=False).to_dict())
+    assert units.get("finetune__a", changed) is None
+    assert units.get("finetune__a", dict(current, task="b")) is None
+
+
+def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
+    units = quality.Units(tmp_path)
+    assert units.claim("munet_s1.0") and units.claim("munet_s1.0")  # this process may claim again
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        units.file("busy").with_suffix(".claim").write_text(str(other.pid))
+        assert not units.claim("busy")
+    finally:
+        other.kill()
+        other.wait()
+    assert units.claim("busy")  # the claimant died: the unit is free again
+    units.put("busy", {"settings": {}})
+    assert not units.file("busy").with_suffix(".claim").exists()

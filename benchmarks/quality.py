@@ -415,8 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     print("budget per task (training images): " + ", ".join(f"{t} {b:,}" for t, b in budget.items()))
     t_start = time.perf_counter()
     methods: list[dict[str, Any]] = []
-    # s = 1 and the random root first: the headline comparisons are done first if a run is cut short
-    order = sorted(munet_runs, key=lambda r: (r[1] != "munet" or r[3].scale_factor != 1.0, r[1] != "munet-random"))
+    # s = 1 and the random root first (the headline comparisons), then the sweep from the smallest s, which moves
+    # furthest from s = 1: the most informative runs are done first if the benchmark is cut short
+    order = sorted(munet_runs, key=lambda r: (r[1] != "munet" or r[3].scale_factor != 1.0, r[1] != "munet-random",
+                                              r[3].scale_factor))
     finished: dict[str, dict[str, Any]] = {}
     busy: list[str] = []  # units another live process is running
     for i, (name, family, label, run_cfg) in enumerate(order if args.only != "baselines" else []):

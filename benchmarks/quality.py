@@ -337,6 +337,47 @@ def format_table(methods: list[dict[str, Any]], task_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+CLEAR_MARGIN = 0.05  # "beats the random root by a clear margin": our reading, 5 points of average accuracy
+
+
+def check_targets(methods: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's three targets, checked on the results: muNet s = 1 vs fine-tune (>= +2.4 points with <= 53 % of
+    its parameters per task), no freeze/adapters/LoRA point dominating a muNet point (higher average accuracy and
+    fewer parameters), and the pretrained root clearly above the random root."""
+    by_name = {m["method"]: m for m in methods if m["average"] is not None}
+    s1, ft, rnd = by_name.get("muNet s=1.0"), by_name.get("finetune"), by_name.get("muNet random root")
+    out: dict[str, Any] = {}
+    if s1 and ft:
+        gain, share = s1["average"] - ft["average"], s1["params_per_task"] / ft["params_per_task"]
+        out["vs_finetune"] = {"gain": gain, "param_share": share, "met": gain >= 0.024 and share <= 0.53}
+    curve = [m for m in by_name.values() if m["family"] == "munet"]
+    dominating = [{"baseline": b["method"], "munet": m["method"]} for b in by_name.values()
+                  if b["family"] in ("freeze", "adapters", "lora") for m in curve
+                  if b["average"] > m["average"] and b["params_per_task"] < m["params_per_task"]]
+    out["curve_dominates"] = {"dominated_points": dominating, "met": bool(curve) and not dominating}
+    if s1 and rnd:
+        margin = s1["average"] - rnd["average"]
+        out["pretrained_vs_random"] = {"margin": margin, "met": margin >= CLEAR_MARGIN}
+    return out
+
+
+def format_targets(targets: dict[str, Any]) -> str:
+    lines = []
+    if "vs_finetune" in targets:
+        t = targets["vs_finetune"]
+        lines.append(f"muNet s=1 vs fine-tune: {t['gain'] * 100:+.2f} points with {t['param_share']:.0%} of its "
+                     f"parameters per task (target >= +2.4 with <= 53%): {'met' if t['met'] else 'NOT met'}")
+    d = targets["curve_dominates"]
+    pairs = ", ".join(f"{p['baseline']} over {p['munet']}" for p in d["dominated_points"]) or "none"
+    lines.append(f"baseline points with higher accuracy and fewer parameters than a muNet point: {pairs}: "
+                 f"{'met' if d['met'] else 'NOT met'}")
+    if "pretrained_vs_random" in targets:
+        t = targets["pretrained_vs_random"]
+        lines.append(f"pretrained vs random root: {t['margin'] * 100:+.2f} points (clear margin: >= "
+                     f"{CLEAR_MARGIN * 100:.0f}): {'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def plot(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
     """Average test accuracy against parameters per task: muNet's curve against every baseline point."""
     import matplotlib
@@ -458,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     table = format_table(methods, task_names)
-    print("\n" + table)
+    targets = check_targets(methods)
+    print("\n" + table + "\n\n" + format_targets(targets))
     report = {"mode": mode.name, "config": cfg.to_dict(), "random_root": RANDOM_ROOT, "tasks": task_names,
               "train_sizes": sizes, "budget_images_per_task": budget, "skipped": skipped,
               "definitions": {
@@ -468,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "frozen root params / number of tasks",
                   "core_hours": "wall seconds x torch CPU threads / 3600",
                   "images": "training images processed (muNet: all children; baselines: the budget)"},
-              "methods": methods, "table": table}
+              "methods": methods, "table": table, "targets": targets}
     target = results / mode.output
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target.with_suffix(".json"), json.dumps(report, indent=1, default=str))

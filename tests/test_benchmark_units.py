@@ -47,3 +47,20 @@ def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
     assert units.claim("busy")  # the claimant died: the unit is free again
     units.put("busy", {"settings": {}})
     assert not units.file("busy").with_suffix(".claim").exists()
+
+
+def test_targets_are_checked_on_the_results(quality):
+    def method(name, family, average, params):
+        return {"method": name, "family": family, "average": average, "params_per_task": params}
+
+    methods = [method("muNet s=1.0", "munet", 0.90, 4.0), method("muNet s=0.3", "munet", 0.85, 2.0),
+               method("muNet random root", "munet-random", 0.50, 4.0), method("finetune", "finetune", 0.87, 10.0),
+               method("freeze:4", "freeze", 0.88, 3.0), method("lora:4", "lora", 0.95, 12.0)]
+    targets = quality.check_targets(methods)
+    assert targets["vs_finetune"]["met"] and round(targets["vs_finetune"]["gain"], 6) == 0.03
+    # freeze:4 beats s=0.3 on accuracy but has more parameters; it beats s=1 on parameters but not accuracy
+    assert targets["curve_dominates"]["met"]
+    methods[4] = method("freeze:4", "freeze", 0.91, 3.0)  # now better and smaller than s=1
+    targets = quality.check_targets(methods)
+    assert targets["curve_dominates"]["dominated_points"] == [{"baseline": "freeze:4", "munet": "muNet s=1.0"}]
+    assert targets["pretrained_vs_random"]["met"] and "NOT met" in quality.format_targets(targets)

@@ -27,18 +27,19 @@ Compute: wall seconds, core-hours = wall seconds x cores / 3600 (cores = torch's
 processed (validation and test passes not counted). muNet's wall time includes loading the root and the data (a few
 seconds per run); a baseline's covers building, training and testing its paths.
 
-Modes (estimates for a quiet 2-core CPU, from the measured throughputs in README and offline-assets.md; the
-machine was too busy to time them, so they are estimates):
+Modes (times measured on the 2-core development CPU):
 - ``--smoke``: 2 small tasks (uci_digits, faces), 1 block at 28 px, 2 children, 3 steps; s in {1, 0.3}, the random
   root, fine-tune, freeze 0 and 1, adapters 8, LoRA 2. Checks the pipeline in about a minute; numbers mean nothing.
-- ``--quick`` (about 15 min): 4 tasks (uci_digits, mnist_5k, animal_silhouettes, textures), 3 blocks at 28 px,
+- ``--quick`` (3 min 40 s): 4 tasks (uci_digits, mnist_5k, animal_silhouettes, textures), 3 blocks at 28 px,
   4 children in generations of 2, 2 validations of at most 10 steps (muNet lineage budget 2,560 images per task);
-  all 7 muNet runs (about 45 s each); fine-tune, freeze 0..3, adapters {8, 64}, LoRA {4, 16} (about 25 s each).
-- full (default, at most 2 h): the offline default configuration (8 tasks, 6 blocks at 42 px, 8 children in
-  generations of 4, 3 validations of at most 20 steps: 7,680 images per task for the large tasks); 7 muNet runs
-  (about 8-10 min each, less for small s); fine-tune (about 6 min), freeze 0..6 (about 23 min together), adapters
-  {8, 64} and LoRA {4, 16} (about 5-6 min each). Widen the grids with ``--adapters`` / ``--lora-ranks`` if time
-  allows.
+  all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {4, 16}.
+- full (default, under 2 h with two workers): the offline default configuration (8 tasks, 6 blocks at 42 px,
+  8 children in generations of 4, 3 validations of at most 20 steps: 7,680 images per task for the large tasks);
+  7 muNet runs (15-16 min each with one thread, 7 min for the random root), fine-tune, freeze 0..6, adapters
+  {8, 64} and LoRA {4, 16} (63 min together with one thread). Split between two single-threaded workers
+  (``--only munet`` / ``--only baselines``; a worker that runs out of its own units can take the other's
+  remaining muNet units), the whole benchmark fits in about 2 hours on 2 cores. Widen the grids with
+  ``--adapters`` / ``--lora-ranks`` where time allows.
 
 Resumable: each finished unit (one muNet run, or one baseline on one task) writes its result JSON under
 ``benchmarks/results/quality/<mode>/units/``; a rerun skips units whose JSON matches the current settings. An

@@ -49,12 +49,14 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
         retained = {row[0] for row in store.conn.execute(live)}
 
     stats: dict[str, dict[str, float]] = defaultdict(lambda: {"tried": 0, "accepted": 0, "delta_sum": 0.0})
-    per_task = {t: {"task": t, "children": 0, "accepted": 0, "strict_children": 0, "strict_accepted": 0} for t in tasks}
+    def zero(task: str) -> dict[str, Any]:
+        return {"task": task, "children": 0, "accepted": 0, "strict_children": 0, "strict_accepted": 0}
+
+    per_task = {t: zero(t) for t in tasks}
     for row in rows.values():
         parent = rows.get(row["parent"])
         row["all_mutations"] = _child_mutations(row, parent)
-        counts = per_task.setdefault(row["task"], {"task": row["task"], "children": 0, "accepted": 0,
-                                                   "strict_children": 0, "strict_accepted": 0})
+        counts = per_task.setdefault(row["task"], zero(row["task"]))
         counts["children"] += 1
         counts["accepted"] += bool(row["accepted"])
         # only children of the same task face strict acceptance; the others (seed phase) are kept when they validate

@@ -35,8 +35,8 @@ Modes (times measured on the 2-core development CPU):
   all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {4, 16}.
 - full (default, under 2 h with two workers): the offline default configuration (8 tasks, 6 blocks at 42 px,
   8 children in generations of 4, 3 validations of at most 20 steps: 7,680 images per task for the large tasks);
-  7 muNet runs (15-16 min each with one thread, 7 min for the random root), fine-tune, freeze 0..6, adapters
-  {8, 64} and LoRA {4, 16} (63 min together with one thread). Split between two single-threaded workers
+  7 muNet runs (871-1,026 s each with one thread, 433 s for the random root), fine-tune, freeze 0..6, adapters
+  {8, 64} and LoRA {4, 16} (3,795 s together with one thread). Split between two single-threaded workers
   (``--only munet`` / ``--only baselines``; a worker that runs out of its own units can take the other's
   remaining muNet units), the whole benchmark fits in about 2 hours on 2 cores. Widen the grids with
   ``--adapters`` / ``--lora-ranks`` where time allows.

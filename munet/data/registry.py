@@ -1,7 +1,8 @@
 """Task registry and the single entry point :func:`load_task` for every data source.
 
 Task specs:
-    * ``NAME``: a registered task (the 8 offline tasks, plus any added with :func:`register_task`);
+    * ``NAME``: a registered task (the 8 offline tasks, the 4 held-out glyph tasks, plus any added with
+      :func:`register_task`);
     * ``folder:PATH``: a folder of images, see :func:`munet.data.user.load_image_folder`;
     * ``npz:PATH``: arrays in a ``.npz`` file, see :func:`munet.data.user.load_npz`;
     * ``torchvision:NAME``: a ``torchvision.datasets`` class, downloaded into ``data_dir`` (e.g. ``EMNIST:digits``);
@@ -22,18 +23,24 @@ from pathlib import Path
 
 import torch
 
-from munet.data import offline
+from munet.data import glyphs, offline
 from munet.data.task import TaskData
 from munet.errors import DataError
 
-__all__ = ["OFFLINE_BENCHMARK", "TASKS", "clear_cache", "load_task", "parse_class_selection", "register_task"]
+__all__ = ["HELD_OUT", "OFFLINE_BENCHMARK", "TASKS", "clear_cache", "load_task", "parse_class_selection",
+           "register_task"]
 
 #: The offline benchmark, in its fixed order.
 OFFLINE_BENCHMARK: list[str] = ["fashion_mnist", "mnist_5k", "uci_digits", "animal_silhouettes", "faces",
                                 "textures", "surfaces", "fashion_mnist_coarse"]
 
+#: Held-out glyph tasks (:mod:`munet.data.glyphs`): defaults are chosen on the offline benchmark and only reported on
+#: these afterwards, never tuned on them.
+HELD_OUT: list[str] = ["glyphs_latin_upper", "glyphs_greek", "glyphs_math", "glyphs_latin_lower"]
+
 #: Registered tasks: name -> ``loader(seed) -> TaskData``.
 TASKS: dict[str, Callable[[int], TaskData]] = {name: getattr(offline, name) for name in OFFLINE_BENCHMARK}
+TASKS.update({name: getattr(glyphs, name) for name in HELD_OUT})
 
 _PREFIXES = ("folder:", "npz:", "torchvision:", "hf:", "split:")
 _CACHE_SIZE = 32

@@ -62,83 +62,42 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
-import sqlite3
+import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any
 
 import torch
 
-from munet.baselines import (
+sys.path.insert(0, str(FsPath(__file__).resolve().parent))  # quality_modes, also when imported from a file path
+from quality_modes import baseline_validations, load_mode  # noqa: E402
+
+from munet.baselines import (  # noqa: E402
     PEFT_HINT,
     BaselineSpec,
     baseline_settings,
     build_baseline,
     count_params,
     lineage_budget,
-    munet_images,
     peft_available,
-    steps_between_validations,
     train_baseline,
 )
-from munet.config import RunConfig
-from munet.data.task import TaskData
-from munet.evolution.system import ScoreConfig, System
-from munet.model.roots import load_root
-from munet.runner import load_tasks, resolve_device, run
-from munet.storage.store import DB_NAME, atomic_write
-from munet.training.frozen import FeatureCache
-from munet.training.trainer import Evaluator
+from munet.config import RunConfig  # noqa: E402
+from munet.data.task import TaskData  # noqa: E402
+from munet.evolution.system import ScoreConfig, System  # noqa: E402
+from munet.model.roots import load_root  # noqa: E402
+from munet.runner import load_tasks, resolve_device, run  # noqa: E402
+from munet.storage.store import Store, StoreError, atomic_write  # noqa: E402
+from munet.training.frozen import FeatureCache  # noqa: E402
+from munet.training.trainer import Evaluator  # noqa: E402
 
 RESULTS = FsPath(__file__).resolve().parent / "results"
 RANDOM_ROOT = "random:vit_small_patch14_dinov2"  # the DINOv2 ViT-S/14 architecture, random init
-SCALES = (1.0, 0.98, 0.95, 0.9, 0.7, 0.3)
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One benchmark size.
-
-    Args:
-        name: ``full``, ``quick`` or ``smoke``.
-        cfg: the muNet configuration (tasks, root, depth, image size, budget) every unit shares.
-        scales: muNet scale factors with the pretrained root.
-        adapters: adapter widths.
-        lora_ranks: LoRA ranks.
-        output: stem of the result files (JSON and PNG), relative to the results directory.
-    """
-
-    name: str
-    cfg: RunConfig
-    scales: tuple[float, ...]
-    adapters: tuple[int, ...]
-    lora_ranks: tuple[int, ...]
-    output: str
-
-    def baselines(self) -> list[BaselineSpec]:
-        """Fine-tune, freeze every X in 0..depth, then the adapter and LoRA grids."""
-        specs = [BaselineSpec("finetune")] + [BaselineSpec("freeze", x) for x in range(self.cfg.depth + 1)]
-        specs += [BaselineSpec("adapters", a) for a in self.adapters]
-        return specs + [BaselineSpec("lora", r) for r in self.lora_ranks]
-
-
-def make_mode(name: str) -> Mode:
-    if name == "smoke":
-        cfg = RunConfig(tasks=["uci_digits", "faces"], depth=1, image_size=28, max_image_size=28,
-                        children_per_task=2, generation_size=2, steps_between_validations=3, validations=1,
-                        max_val_examples=100)
-        return Mode("smoke", cfg, (1.0, 0.3), (8,), (2,), "quality/smoke/quality")
-    if name == "quick":
-        cfg = RunConfig(tasks=["uci_digits", "mnist_5k", "animal_silhouettes", "textures"], depth=3, image_size=28,
-                        max_image_size=42, children_per_task=4, generation_size=2, steps_between_validations=10,
-                        validations=2, max_val_examples=500)
-        return Mode("quick", cfg, SCALES, (8, 64), (4, 16), "quality_quick")
-    return Mode("full", RunConfig(), SCALES, (8, 64), (4, 16), "quality")
 
 
 # --- units --------------------------------------------------------------------------------------------------------
@@ -195,28 +154,27 @@ def cores() -> int:
     return torch.get_num_threads()
 
 
-def realised_lineages(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) -> dict[str, int]:
-    """Training images along each retained path's ancestors within its task (from the run store's ``paths`` and
-    ``live`` tables); empty if the store cannot be read."""
+def run_records(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per task, from the run's store: ``images``, the training images all its children and probes processed, and
+    ``lineage_images``, those along its retained path's ancestors within the task; empty if the store is unreadable."""
     try:
-        db = sqlite3.connect(f"file:{run_dir / DB_NAME}?mode=ro", uri=True)
-        try:
-            records = {pid: {"task": task, "parent": parent}
-                       for pid, task, parent in db.execute("SELECT id, task, parent FROM paths")}
-            retained = [{"id": pid, "task": task} for pid, task in db.execute(
-                "SELECT id, task FROM paths WHERE id IN (SELECT path_id FROM live WHERE rank IS NOT NULL)")]
-        finally:
-            db.close()
-    except sqlite3.Error:
+        with Store.open(run_dir) as store:
+            rows = store.sampled_paths()
+    except StoreError:
         return {}
-    out: dict[str, int] = {}
-    for path in retained:
-        task, pid, chain = path["task"], path["id"], 0
-        while pid in records and records[pid]["task"] == task:
-            chain, pid = chain + 1, records[pid]["parent"]
-        if task in train_sizes:
-            k = steps_between_validations(cfg, train_sizes[task])
-            out[task] = chain * cfg.validations * k * cfg.batch_size
+    by_id = {r["id"]: r for r in rows}
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        entry = out.setdefault(r["task"], {"images": 0, "lineage_images": 0})
+        entry["images"] += int(r["metrics"].get("train_images") or 0)
+    for r in rows:
+        if not r["retained"] or r["task"] not in train_sizes:
+            continue
+        node, images = r, 0
+        while node is not None and node["task"] == r["task"]:
+            images += int(node["metrics"].get("train_images") or 0)
+            node = by_id.get(node["parent"])
+        out[r["task"]]["lineage_images"] = images
     return out
 
 
@@ -238,13 +196,13 @@ def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes
     with open(logs / f"{name}.log", "w") as log:
         summary = run(cfg, stream=log)
     wall = time.perf_counter() - t0
-    lineage = realised_lineages(out, cfg, train_sizes)
+    records = run_records(out, cfg, train_sizes)
     tasks = {r["task"]: {"test_acc": r["test_acc"], "val_acc": r["val_acc"], "params": r["params"],
                          "accounted": r["accounted"], "layers": r["layers"], "image_size": r["image_size"],
-                         "reuse": r["reuse"], "lineage_images": lineage.get(r["task"])} for r in summary["tasks"]}
+                         "reuse": r["reuse"], **records.get(r["task"], {})} for r in summary["tasks"]}
     result = {"unit": name, "settings": settings, "kind": "munet", "root": summary["root"], "wall_s": wall,
               "cores": cores(), "device": str(resolve_device(cfg.device)), "tasks": tasks,
-              "images": sum(munet_images(cfg, train_sizes[t]) for t in tasks if t in train_sizes)}
+              "images": sum(t.get("images", 0) for t in tasks.values())}
     units.put(name, result)
     return result
 
@@ -265,11 +223,14 @@ class BaselineRunner:
                 self.system.add_task(name, data.num_classes)
         return self.system
 
-    def run(self, spec: BaselineSpec, task: str, units: Units) -> dict[str, Any] | None:
-        """Trains and tests one baseline on one task (or returns its finished result); ``None`` if another process
-        is running it."""
-        unit = f"{spec.name}__{task}"
-        settings = {"baseline": spec.name, "task": task, "config": self.cfg.to_dict()}
+    def run(self, spec: BaselineSpec, task: str, units: Units, images: int, seed: int = 0, tag: str = ""
+            ) -> dict[str, Any] | None:
+        """Trains and tests one baseline on one task on about ``images`` training images (or returns its finished
+        result); ``None`` if another process is running it."""
+        unit = f"{spec.name}__{task}{tag}"
+        validations = baseline_validations(self.cfg, images, len(self.tasks[task].train_y))
+        settings = {"baseline": spec.name, "task": task, "config": self.cfg.replace(seed=seed).to_dict(),
+                    "validations": validations}
         done = units.get(unit, settings)
         if done:
             return done
@@ -277,11 +238,11 @@ class BaselineRunner:
             return None
         system = self._system()
         t0 = time.perf_counter()
-        path = build_baseline(system, task, spec, seed=self.cfg.seed)
-        train = baseline_settings(self.cfg, self.device)
+        path = build_baseline(system, task, spec, seed=seed)
+        train = baseline_settings(self.cfg, self.device, validations)
         # a fresh cache per unit, as each muNet run has, so no unit reuses another's frozen features
         evaluator = Evaluator(train, FeatureCache(self.cfg.feature_cache_mb << 20), system.root.mean, system.root.std)
-        result = train_baseline(path, self.tasks[task], train, evaluator, seed=self.cfg.seed)
+        result = train_baseline(path, self.tasks[task], train, evaluator, seed=seed)
         n = count_params(path)
         result.update(unit=unit, settings=settings, kind="baseline", baseline=spec.name, task=task,
                       wall_s=time.perf_counter() - t0, cores=cores(), device=str(self.device),
@@ -296,28 +257,55 @@ def _average(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
 
 
-def munet_method(label: str, family: str, unit: dict[str, Any], task_names: list[str]) -> dict[str, Any]:
-    tasks = unit["tasks"]
-    per_task = sum(t["accounted"] for t in tasks.values()) / max(len(tasks), 1)
-    return {"method": label, "family": family, "scale_factor": unit["settings"]["scale_factor"],
-            "root": unit["root"], "test_acc": {t: tasks.get(t, {}).get("test_acc") for t in task_names},
-            "average": _average([tasks.get(t, {}).get("test_acc") for t in task_names]),
-            "params_per_task": per_task, "images": unit["images"], "wall_s": unit["wall_s"],
-            "core_hours": unit["wall_s"] * unit["cores"] / 3600, "device": unit["device"],
-            "lineage_images": {t: tasks[t]["lineage_images"] for t in tasks}, "tasks": tasks}
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
-def baseline_method(spec: BaselineSpec, results: dict[str, dict[str, Any]], task_names: list[str]
-                    ) -> dict[str, Any]:
+def _seeds(method: dict[str, Any], averages: list[float | None]) -> dict[str, Any]:
+    """Adds ``seeds`` and ``spread`` (sample standard deviation of the per-seed averages; 0 for one seed)."""
+    known = [a for a in averages if a is not None]
+    method.update(seeds=len(averages), per_seed=averages,
+                  spread=statistics.stdev(known) if len(known) > 1 else 0.0)
+    return method
+
+
+def munet_method(label: str, family: str, units: list[dict[str, Any]], task_names: list[str], budget: int = 1
+                 ) -> dict[str, Any]:
+    """One muNet point: the mean over ``units`` (one per seed) of test accuracies, parameters and compute."""
+    def task_mean(t: str, key: str) -> float | None:
+        values = [u["tasks"].get(t, {}).get(key) for u in units]
+        return _mean(values) if values and None not in values else None
+
+    averages = [_average([u["tasks"].get(t, {}).get("test_acc") for t in task_names]) for u in units]
+    per_task = _mean([sum(t["accounted"] for t in u["tasks"].values()) / max(len(u["tasks"]), 1) for u in units])
+    first = units[0]
+    method = {"method": label, "family": family, "budget": budget, "scale_factor": first["settings"]["scale_factor"],
+              "root": first["root"], "test_acc": {t: task_mean(t, "test_acc") for t in task_names},
+              "average": _mean(averages) if None not in averages else None, "params_per_task": per_task,
+              "images": round(_mean([u["images"] for u in units])), "wall_s": _mean([u["wall_s"] for u in units]),
+              "core_hours": _mean([u["wall_s"] * u["cores"] / 3600 for u in units]), "device": first["device"],
+              "lineage_images": {t: first["tasks"][t].get("lineage_images") for t in first["tasks"]},
+              "tasks": first["tasks"]}
+    return _seeds(method, averages)
+
+
+def baseline_method(spec: BaselineSpec, runs: list[dict[str, dict[str, Any]]], task_names: list[str],
+                    budget: int = 1) -> dict[str, Any]:
+    """One baseline point: the mean over ``runs`` (one per seed, each ``task -> unit result``)."""
     count = len(task_names)
-    per_task = sum(r["params"]["own"] + r["params"]["shared"] / count for r in results.values()) / count
-    wall = sum(r["wall_s"] for r in results.values())
-    return {"method": spec.name, "family": spec.kind, "value": spec.value,
-            "test_acc": {t: results[t]["test_acc"] for t in task_names},
-            "average": _average([results[t]["test_acc"] for t in task_names]), "params_per_task": per_task,
-            "images": sum(r["images"] for r in results.values()), "wall_s": wall,
-            "core_hours": sum(r["wall_s"] * r["cores"] for r in results.values()) / 3600,
-            "device": next(iter(results.values()))["device"], "tasks": results}
+    first = runs[0]
+    per_task = sum(r["params"]["own"] + r["params"]["shared"] / count for r in first.values()) / count
+    averages = [_average([run[t]["test_acc"] for t in task_names]) for run in runs]
+    accs = {t: [run[t]["test_acc"] for run in runs] for t in task_names}
+    method = {"method": spec.name + (f" x{budget}" if budget != 1 else ""), "family": spec.kind, "value": spec.value,
+              "spec": spec.name, "budget": budget,
+              "test_acc": {t: _mean(v) if None not in v else None for t, v in accs.items()},
+              "average": _mean(averages) if None not in averages else None, "params_per_task": per_task,
+              "images": round(_mean([sum(r["images"] for r in run.values()) for run in runs])),
+              "wall_s": _mean([sum(r["wall_s"] for r in run.values()) for run in runs]),
+              "core_hours": _mean([sum(r["wall_s"] * r["cores"] for r in run.values()) / 3600 for run in runs]),
+              "device": next(iter(first.values()))["device"], "tasks": first}
+    return _seeds(method, averages)
 
 
 def _short(task: str) -> str:
@@ -327,55 +315,90 @@ def _short(task: str) -> str:
 
 def format_table(methods: list[dict[str, Any]], task_names: list[str]) -> str:
     cols = [_short(t) for t in task_names]
-    header = f"{'method':<18}" + "".join(f" {c:>11}" for c in cols) + \
-        f" {'average':>8} {'params/task':>12} {'train imgs':>11} {'wall s':>8} {'core-h':>7}"
+    header = f"{'method':<26}" + "".join(f" {c:>11}" for c in cols) + \
+        f" {'average':>8} {'spread':>7} {'params/task':>12} {'train imgs':>11} {'wall s':>8} {'core-h':>7}"
     lines = [header, "-" * len(header)]
     for m in methods:
         accs = "".join(f" {a:>11.4f}" if a is not None else f" {'-':>11}" for a in m["test_acc"].values())
         avg = f"{m['average']:.4f}" if m["average"] is not None else "-"
-        lines.append(f"{m['method']:<18}{accs} {avg:>8} {m['params_per_task']:>12,.0f} {m['images']:>11,} "
-                     f"{m['wall_s']:>8.0f} {m['core_hours']:>7.3f}")
+        spread = f"{m['spread']:.4f}" if m.get("seeds", 1) > 1 else "1 seed"
+        lines.append(f"{m['method']:<26}{accs} {avg:>8} {spread:>7} {m['params_per_task']:>12,.0f} "
+                     f"{m['images']:>11,} {m['wall_s']:>8.0f} {m['core_hours']:>7.3f}")
     return "\n".join(lines)
 
 
 CLEAR_MARGIN = 0.05  # "beats the random root by a clear margin": our reading, 5 points of average accuracy
 
 
-def check_targets(methods: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's three targets, checked on the results: muNet s = 1 vs fine-tune (>= +2.4 points with <= 53 % of
-    its parameters per task), no freeze/adapters/LoRA point dominating a muNet point (higher average accuracy and
-    fewer parameters), and the pretrained root clearly above the random root."""
-    by_name = {m["method"]: m for m in methods if m["average"] is not None}
-    s1, ft, rnd = by_name.get("muNet s=1.0"), by_name.get("finetune"), by_name.get("muNet random root")
+BASELINE_FAMILIES = ("finetune", "freeze", "adapters", "lora")
+
+
+def check_targets(methods: list[dict[str, Any]], default_target: float | None = None) -> dict[str, Any]:
+    """The targets, checked on the results (budget 1 unless stated):
+
+    * ``curve``: at every budget, muNet s = 1 is at least as accurate as the best baseline at that budget with at
+      most half of its parameters per task;
+    * ``curve_dominates``: no baseline point has both higher accuracy and fewer parameters than a point of muNet's
+      s-sweep;
+    * ``default_run``: muNet s = 1 reaches ``default_target`` average test accuracy (when given);
+    * ``vs_finetune`` (the paper's headline: >= +2.4 points with <= 53 % of fine-tuning's parameters per task) and
+      ``pretrained_vs_random`` (a clear margin), as before.
+    """
+    at = lambda m, b: m.get("budget", 1) == b and m["average"] is not None  # noqa: E731
+    s1 = {m["budget"]: m for m in methods if m["family"] == "munet" and m["scale_factor"] == 1.0 and at(m, m["budget"])}
+    by_name = {m["method"]: m for m in methods if at(m, 1)}
     out: dict[str, Any] = {}
-    if s1 and ft:
-        gain, share = s1["average"] - ft["average"], s1["params_per_task"] / ft["params_per_task"]
-        out["vs_finetune"] = {"gain": gain, "param_share": share, "met": gain >= 0.024 and share <= 0.53}
-    curve = [m for m in by_name.values() if m["family"] == "munet"]
+    curve = []
+    for budget, mu in sorted(s1.items()):
+        baselines = [m for m in methods if m["family"] in BASELINE_FAMILIES and at(m, budget)]
+        if not baselines:
+            continue
+        best = max(baselines, key=lambda m: m["average"])
+        share = mu["params_per_task"] / best["params_per_task"]
+        curve.append({"budget": budget, "munet": mu["average"], "best": best["method"], "best_average": best["average"],
+                      "param_share": share, "met": mu["average"] >= best["average"] and share <= 0.5})
+    if curve:
+        out["curve"] = {"budgets": curve, "met": all(c["met"] for c in curve)}
+    sweep = [m for m in by_name.values() if m["family"] == "munet"]
     dominating = [{"baseline": b["method"], "munet": m["method"]} for b in by_name.values()
-                  if b["family"] in ("freeze", "adapters", "lora") for m in curve
+                  if b["family"] in BASELINE_FAMILIES for m in sweep
                   if b["average"] > m["average"] and b["params_per_task"] < m["params_per_task"]]
-    out["curve_dominates"] = {"dominated_points": dominating, "met": bool(curve) and not dominating}
-    if s1 and rnd:
-        margin = s1["average"] - rnd["average"]
+    out["curve_dominates"] = {"dominated_points": dominating, "met": bool(sweep) and not dominating}
+    if default_target is not None and 1 in s1:
+        out["default_run"] = {"average": s1[1]["average"], "target": default_target,
+                              "met": s1[1]["average"] >= default_target}
+    ft, rnd = by_name.get("finetune"), by_name.get("muNet random root")
+    if 1 in s1 and ft:
+        gain, share = s1[1]["average"] - ft["average"], s1[1]["params_per_task"] / ft["params_per_task"]
+        out["vs_finetune"] = {"gain": gain, "param_share": share, "met": gain >= 0.024 and share <= 0.53}
+    if 1 in s1 and rnd:
+        margin = s1[1]["average"] - rnd["average"]
         out["pretrained_vs_random"] = {"margin": margin, "met": margin >= CLEAR_MARGIN}
     return out
 
 
 def format_targets(targets: dict[str, Any]) -> str:
+    verdict = lambda t: "met" if t["met"] else "NOT met"  # noqa: E731
     lines = []
-    if "vs_finetune" in targets:
-        t = targets["vs_finetune"]
-        lines.append(f"muNet s=1 vs fine-tune: {t['gain'] * 100:+.2f} points with {t['param_share']:.0%} of its "
-                     f"parameters per task (target >= +2.4 with <= 53%): {'met' if t['met'] else 'NOT met'}")
+    for c in targets.get("curve", {}).get("budgets", []):
+        lines.append(f"budget x{c['budget']}: muNet s=1 {c['munet']:.4f} vs best baseline {c['best']} "
+                     f"{c['best_average']:.4f}, with {c['param_share']:.0%} of its parameters per task (target: at "
+                     f"least as accurate with <= 50%): {verdict(c)}")
     d = targets["curve_dominates"]
     pairs = ", ".join(f"{p['baseline']} over {p['munet']}" for p in d["dominated_points"]) or "none"
     lines.append(f"baseline points with higher accuracy and fewer parameters than a muNet point: {pairs}: "
-                 f"{'met' if d['met'] else 'NOT met'}")
+                 f"{verdict(d)}")
+    if "default_run" in targets:
+        t = targets["default_run"]
+        lines.append(f"default run: {t['average']:.4f} average test accuracy (target >= {t['target']}): {verdict(t)}")
+    if "vs_finetune" in targets:
+        t = targets["vs_finetune"]
+        lines.append(f"muNet s=1 vs fine-tune: {t['gain'] * 100:+.2f} points with {t['param_share']:.0%} of its "
+                     f"parameters per task (target >= +2.4 with <= 53%): {verdict(t)}")
     if "pretrained_vs_random" in targets:
         t = targets["pretrained_vs_random"]
         lines.append(f"pretrained vs random root: {t['margin'] * 100:+.2f} points (clear margin: >= "
-                     f"{CLEAR_MARGIN * 100:.0f}): {'met' if t['met'] else 'NOT met'}")
+                     f"{CLEAR_MARGIN * 100:.0f}): {verdict(t)}")
     return "\n".join(lines)
 
 
@@ -393,7 +416,8 @@ def plot(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
               "freeze": "freeze bottom X blocks", "adapters": "adapters (width X)", "lora": "LoRA (rank r)"}
     for family, (color, marker, line) in styles.items():
         points = sorted(((m["params_per_task"], m["average"], m) for m in methods
-                         if m["family"] == family and m["average"] is not None), key=lambda p: p[:2])
+                         if m["family"] == family and m["average"] is not None and m.get("budget", 1) == 1),
+                        key=lambda p: p[:2])
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -402,8 +426,15 @@ def plot(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
             note = f"s={m['scale_factor']}" if family == "munet" else "" if m.get("value") is None else str(m["value"])
             if note:
                 ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    _finish(fig, ax, "parameters per task (shared parts split between tasks)", title, target)
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, title: str, target: FsPath) -> None:
+    """Log x axis, labels, grid and legend; saves the figure to ``target``."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log")
-    ax.set_xlabel("parameters per task (shared parts split between tasks)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("average test accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -413,12 +444,52 @@ def plot(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
     plt.close(fig)
 
 
+def plot_curve(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
+    """Average test accuracy against compute (core-hours), one line per method over the budgets; error bars are
+    the spread over seeds where a point has several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for m in methods:
+        if m["average"] is None:
+            continue
+        if m["family"] == "munet" and m["scale_factor"] == 1.0:
+            lines.setdefault("muNet s=1", []).append(m)
+        elif m["family"] in BASELINE_FAMILIES:
+            lines.setdefault(m["spec"], []).append(m)
+    lines = {k: v for k, v in lines.items() if len(v) > 1 or k == "muNet s=1"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, (label, points) in enumerate(sorted(lines.items(), key=lambda kv: kv[0] != "muNet s=1")):
+        points.sort(key=lambda m: m["budget"])
+        xs, ys = [m["core_hours"] for m in points], [m["average"] for m in points]
+        errs = [m.get("spread", 0.0) for m in points]
+        style = dict(color="C3", marker="o", linewidth=2.5) if label == "muNet s=1" else \
+            dict(color=f"C{i % 10}", marker="s", linestyle="--")
+        ax.errorbar(xs, ys, yerr=errs, capsize=3, label=label, **style)
+        for x, y, m in zip(xs, ys, points):
+            ax.annotate(f"x{m['budget']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    _finish(fig, ax, "compute: core-hours (training images processed in the JSON)", title, target)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="4 tasks, 3 blocks at 28 px, small budget (~15 min)")
-    size.add_argument("--smoke", action="store_true", help="2 tiny tasks, 1 block, a few steps (~1 min)")
+    size.add_argument("--mode", default="full", help="a module of benchmarks/quality_modes (full, quick, smoke)")
+    size.add_argument("--quick", action="store_const", const="quick", dest="mode", help="--mode quick")
+    size.add_argument("--smoke", action="store_const", const="smoke", dest="mode", help="--mode smoke")
+    parser.add_argument("--curve", action="store_true",
+                        help="also the budget curve: muNet s=1 and the curve baselines at every budget of the mode, "
+                             "the mode's seeds for muNet s=1 and the best baselines, and the ablations")
+    parser.add_argument("--tasks", help="comma-separated task specs replacing the mode's tasks (any spec munet takes)")
+    parser.add_argument("--held-out", action="store_true", help="the held-out glyph tasks instead of the mode's")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--adapters", help="comma-separated adapter widths (overrides the mode's)")
     parser.add_argument("--lora-ranks", help="comma-separated LoRA ranks (overrides the mode's)")
@@ -429,66 +500,120 @@ def main(argv: list[str] | None = None) -> int:
                              "a final run without --only reuses every finished unit and writes the report)")
     args = parser.parse_args(argv)
 
-    mode = make_mode("smoke" if args.smoke else "quick" if args.quick else "full")
+    mode = load_mode(args.mode)
     ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731
-    mode = Mode(mode.name, mode.cfg.replace(device=args.device), mode.scales,
-                ints(args.adapters) if args.adapters else mode.adapters,
-                ints(args.lora_ranks) if args.lora_ranks else mode.lora_ranks, mode.output)
+    cfg, suffix = mode.cfg.replace(device=args.device), ""
+    if args.held_out:
+        from munet.data.registry import HELD_OUT
+
+        cfg, suffix = cfg.replace(tasks=list(HELD_OUT)), "held_out"
+    elif args.tasks:
+        cfg, suffix = cfg.replace(tasks=[t for t in args.tasks.split(",") if t]), "tasks_" + slug(args.tasks)[:60]
+    mode = dataclasses.replace(mode, cfg=cfg, adapters=ints(args.adapters) if args.adapters else mode.adapters,
+                               lora_ranks=ints(args.lora_ranks) if args.lora_ranks else mode.lora_ranks)
+    name = mode.name + (f"_{suffix}" if suffix else "")
+    output = mode.output + (f"_{suffix}" if suffix else "")
     results = FsPath(args.results)
-    work = results / "quality" / mode.name
-    cfg = mode.cfg
-    munet_runs = [(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s)) for s in mode.scales]
-    munet_runs.append(("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
-    munet_runs = [(n, f, lbl, c.replace(out=str(work / "munet" / n))) for n, f, lbl, c in munet_runs]
-    specs = mode.baselines()
-    print(f"quality benchmark, {mode.name} mode: {len(munet_runs)} muNet runs, {len(specs)} baselines x "
-          f"{len(cfg.tasks)} tasks; results in {work}")
+    work = results / "quality" / name
+
+    def munet_unit(unit: str, family: str, label: str, run_cfg: RunConfig, budget: int = 1, seed: int = 0
+                   ) -> tuple[str, str, str, RunConfig, int, int]:
+        return unit, family, label, run_cfg.replace(out=str(work / "munet" / unit)), budget, seed
+
+    s1 = munet_unit("munet_s1.0", "munet", "muNet s=1.0", cfg)
+    runs = [s1]
+    if args.curve:
+        runs += [munet_unit(f"munet_s1.0_b{b}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b), budget=b)
+                 for b in mode.budgets if b != 1]
+        runs += [munet_unit(f"munet_s1.0_seed{k}", "munet", "muNet s=1.0", cfg.replace(seed=k), seed=k)
+                 for k in mode.seeds if k != 0]
+    runs.append(munet_unit("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
+    runs += [munet_unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
+             for s in sorted(mode.scales) if s != 1.0]
+    if args.curve:
+        runs += [munet_unit(f"ablation_{slug(label)}", "munet-ablation", f"ablation: {label}", cfg.replace(**changes))
+                 for label, changes in mode.ablations]
+    specs = [BaselineSpec("finetune")] + [BaselineSpec("freeze", x) for x in range(cfg.depth + 1)]
+    specs += [BaselineSpec("adapters", a) for a in mode.adapters] + [BaselineSpec("lora", r) for r in mode.lora_ranks]
+    curve_specs = [BaselineSpec.parse(t) for t in mode.curve_baselines]
+    print(f"quality benchmark, {name} mode{' with the curve' if args.curve else ''}: {len(runs)} muNet runs, "
+          f"{len(specs)} baselines x {len(cfg.tasks)} tasks" + (f", {len(curve_specs)} baselines at budgets "
+          f"{[b for b in mode.budgets if b != 1]}, seeds {list(mode.seeds)}" if args.curve else "")
+          + f"; results in {work}")
     if args.plan:
-        for name, _, _, c in munet_runs:
-            print(f"  {name}: root {c.root}, s = {c.scale_factor}")
-        print("  baselines: " + ", ".join(s.name for s in specs))
+        for unit, _, label, c, budget, seed in runs:
+            print(f"  {unit}: {label}, root {c.root}, s = {c.scale_factor}, budget x{budget}, seed {seed}, "
+                  f"{c.children_per_task} children per task")
+        print("  baselines: " + ", ".join(s.name for s in specs) + ", each on the images muNet s=1 processed")
         return 0
 
     units = Units(work / "units")
     tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, sys.stderr)
     task_names = list(tasks)
     sizes = {t: len(d.train_y) for t, d in tasks.items()}
-    budget = {t: lineage_budget(cfg, n) for t, n in sizes.items()}
-    print("budget per task (training images): " + ", ".join(f"{t} {b:,}" for t, b in budget.items()))
+    print("muNet's longest lineage per task (training images, the paper's baseline budget): "
+          + ", ".join(f"{t} {lineage_budget(cfg, n):,}" for t, n in sizes.items()))
     t_start = time.perf_counter()
-    methods: list[dict[str, Any]] = []
-    # s = 1 and the random root first (the headline comparisons), then the sweep from the smallest s, which moves
-    # furthest from s = 1: the most informative runs are done first if the benchmark is cut short
-    order = sorted(munet_runs, key=lambda r: (r[1] != "munet" or r[3].scale_factor != 1.0, r[1] != "munet-random",
-                                              r[3].scale_factor))
-    finished: dict[str, dict[str, Any]] = {}
+    finished: dict[str, dict[str, Any]] = {}  # unit name -> unit result
     busy: list[str] = []  # units another live process is running
-    for i, (name, family, label, run_cfg) in enumerate(order if args.only != "baselines" else []):
-        t0 = time.perf_counter()
-        unit = run_munet(name, run_cfg, work, units, sizes)
-        if unit is None:
-            busy.append(name)
-            continue
-        finished[name] = munet_method(label, family, unit, task_names)
-        print(f"[muNet {i + 1}/{len(order)}] {name}: average test {finished[name]['average'] or float('nan'):.4f} "
-              f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)", flush=True)
-    methods += [finished[name] for name, *_ in munet_runs if name in finished]
+
+    def munet_result(entry: tuple[str, str, str, RunConfig, int, int]) -> dict[str, Any] | None:
+        unit = entry[0]
+        if unit not in finished:
+            t0 = time.perf_counter()
+            result = run_munet(unit, entry[3], work, units, sizes)
+            if result is None:
+                busy.append(unit)
+                return None
+            finished[unit] = result
+            avg = _average([result["tasks"].get(t, {}).get("test_acc") for t in task_names])
+            print(f"[muNet] {unit}: average test {avg or float('nan'):.4f} ({time.perf_counter() - t0:.0f} s; total "
+                  f"{time.perf_counter() - t_start:.0f} s)", flush=True)
+        return finished[unit]
+
+    for entry in runs if args.only != "baselines" else []:
+        munet_result(entry)
     runner = BaselineRunner(cfg, tasks)
-    skipped = []
-    for i, spec in enumerate(specs if args.only != "munet" else []):
+    skipped: list[str] = []
+    baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> per task
+
+    def baselines(spec: BaselineSpec, budget: int, seed: int) -> None:
         if spec.kind == "lora" and not peft_available():
-            skipped.append(spec.name)
-            print(f"[baseline {i + 1}/{len(specs)}] {spec.name}: skipped. {PEFT_HINT}", flush=True)
-            continue
+            if spec.name not in skipped:
+                skipped.append(spec.name)
+                print(f"[baseline] {spec.name}: skipped. {PEFT_HINT}", flush=True)
+            return
+        reference = next(r for r in [s1, *runs] if r[4] == budget and r[5] == 0 and r[1] == "munet"
+                         and r[3].scale_factor == 1.0)
+        budget_unit = munet_result(reference)  # the images muNet s=1 processed per task at this budget
+        if budget_unit is None:
+            busy.append(f"{spec.name} x{budget} (waits for {reference[0]})")
+            return
+        tag = (f"__b{budget}" if budget != 1 else "") + (f"__seed{seed}" if seed else "")
         t0 = time.perf_counter()
-        per_task = {t: runner.run(spec, t, units) for t in task_names}
+        per_task = {t: runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag) for t in task_names}
         if None in per_task.values():
-            busy += [f"{spec.name}__{t}" for t, r in per_task.items() if r is None]
-            continue
-        methods.append(baseline_method(spec, per_task, task_names))
-        print(f"[baseline {i + 1}/{len(specs)}] {spec.name}: average test "
-              f"{methods[-1]['average'] or float('nan'):.4f} ({time.perf_counter() - t0:.0f} s; total "
-              f"{time.perf_counter() - t_start:.0f} s)", flush=True)
+            busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
+            return
+        baseline_runs[(spec.name, budget, seed)] = per_task
+        avg = _average([r["test_acc"] for r in per_task.values()])
+        print(f"[baseline] {spec.name} x{budget} seed {seed}: average test {avg or float('nan'):.4f} "
+              f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    if args.only != "munet":
+        for spec in specs:
+            baselines(spec, 1, 0)
+        if args.curve:
+            done = [(k[0], _average([r["test_acc"] for r in v.values()])) for k, v in baseline_runs.items()]
+            top = [n for n, a in sorted(done, key=lambda d: -(d[1] or 0))][: mode.top_baselines]
+            for spec_name in top:
+                for seed in mode.seeds:
+                    if seed != 0:
+                        baselines(BaselineSpec.parse(spec_name), 1, seed)
+            for budget in mode.budgets:
+                if budget != 1:
+                    for spec in curve_specs:
+                        baselines(spec, budget, 0)
     if busy:
         print(f"{len(busy)} unit(s) are being run by other processes: {', '.join(busy)}", flush=True)
         if not args.only:
@@ -499,25 +624,45 @@ def main(argv: list[str] | None = None) -> int:
               "report")
         return 0
 
+    methods: list[dict[str, Any]] = []
+    labelled: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    families: dict[tuple[str, int], str] = {}
+    for unit, family, label, _, budget, _ in runs:
+        if unit in finished:
+            labelled.setdefault((label, budget), []).append(finished[unit])
+            families[(label, budget)] = family
+    for (label, budget), group in labelled.items():
+        methods.append(munet_method(label, families[(label, budget)], group, task_names, budget))
+    for spec in [*specs, *[c for c in curve_specs if c not in specs]]:
+        for budget in sorted({k[1] for k in baseline_runs if k[0] == spec.name}):
+            seeds = [baseline_runs[k] for k in sorted(baseline_runs) if k[0] == spec.name and k[1] == budget]
+            methods.append(baseline_method(spec, seeds, task_names, budget))
     table = format_table(methods, task_names)
-    targets = check_targets(methods)
+    targets = check_targets(methods, mode.default_target if not suffix else None)
     print("\n" + table + "\n\n" + format_targets(targets))
-    report = {"mode": mode.name, "config": cfg.to_dict(), "random_root": RANDOM_ROOT, "tasks": task_names,
-              "train_sizes": sizes, "budget_images_per_task": budget, "skipped": skipped,
+    report = {"mode": name, "curve": args.curve, "config": cfg.to_dict(), "random_root": RANDOM_ROOT,
+              "tasks": task_names, "train_sizes": sizes, "skipped": skipped,
               "definitions": {
-                  "budget": "rounds x ceil(children_per_task / generation_size) x validations x K x batch_size "
-                            "training images per task, K = min(ceil(N_train / batch_size), steps_between_validations)",
+                  "budget": "budget 1 is muNet's configuration; budget b gives muNet b times the children per task "
+                            "iteration, and each baseline trains on b times the training images muNet s=1 processed "
+                            "for the task at budget 1 (all children and probes, measured from the run's store)",
                   "params_per_task": "muNet: mean accounted params (spec §5); baselines: own params + shared "
                                      "frozen root params / number of tasks",
                   "core_hours": "wall seconds x torch CPU threads / 3600",
-                  "images": "training images processed (muNet: all children; baselines: the budget)"},
+                  "images": "training images processed (muNet: all children and probes; baselines: their budget)",
+                  "spread": "sample standard deviation of the average over seeds"},
               "methods": methods, "table": table, "targets": targets}
-    target = results / mode.output
+    target = results / output
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target.with_suffix(".json"), json.dumps(report, indent=1, default=str))
-    plot(methods, f"muNet vs baselines, {mode.name} mode: {len(task_names)} tasks, {cfg.root} depth {cfg.depth} "
-         f"@ {cfg.image_size} px", target.with_suffix(".png"))
-    print(f"wrote {target.with_suffix('.json')} and {target.with_suffix('.png')}")
+    title = f"{len(task_names)} tasks, {cfg.root} depth {cfg.depth} @ {cfg.image_size} px"
+    plot(methods, f"muNet vs baselines, {name} mode: {title}", target.with_suffix(".png"))
+    written = [target.with_suffix(".json"), target.with_suffix(".png")]
+    if args.curve:
+        curve_png = target.parent / f"{target.name}_curve.png"
+        plot_curve(methods, f"accuracy against compute, {name} mode: {title}", curve_png)
+        written.append(curve_png)
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 

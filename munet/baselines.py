@@ -16,13 +16,12 @@ root, image size, default hyperparameters and standardised zero head as muNet's 
 Every baseline also gets a new :class:`~munet.model.components.StandardisedHead`, calibrated by the trainer like
 muNet's fresh heads: the fair comparison the reference measurements ask for (offline-assets.md).
 
-Budget (the same for every baseline and task): the training images of the longest lineage muNet can grow for the
-task, ``rounds x generations x validations x K x batch_size`` with ``generations = ceil(children_per_task /
-generation_size)`` and ``K = min(ceil(N_train / batch_size), steps_between_validations)``. A lineage gains at most
-one child per generation (a child's parent is retained before the next generation starts) and each child trains
-``validations x K`` steps, so no retained muNet path of the task was trained on more images of the task; this is
-the spec's "same sequential budget as one muNet lineage". A baseline trains once for that many steps, validating
-``rounds x generations x validations`` times and keeping its best-validation snapshot, as muNet's children do.
+Budget: by default the training images of the longest lineage muNet can grow for the task (the paper's "same
+sequential budget as one muNet lineage"), ``rounds x generations x validations x K x batch_size`` with
+``generations = ceil(children_per_task / generation_size)`` and ``K = min(ceil(N_train / batch_size),
+steps_between_validations)``; the quality benchmark instead passes as many validation periods as fill the images
+muNet processed for the task (equal compute). A baseline trains once, validating every K steps and keeping its
+best-validation snapshot, as muNet's children do.
 
 Parameters per task: the task's own parameters (cloned or new components; for LoRA only its LoRA matrices) plus
 the frozen root parts its path reads, split evenly between the tasks (every task of a baseline reads the same
@@ -249,16 +248,11 @@ def lineage_budget(cfg: RunConfig, num_train: int) -> int:
     return cfg.rounds * generations(cfg) * cfg.validations * steps_between_validations(cfg, num_train) * cfg.batch_size
 
 
-def munet_images(cfg: RunConfig, num_train: int) -> int:
-    """Training images muNet processes for a task over the whole run: every child of every round."""
-    return cfg.rounds * cfg.children_per_task * cfg.validations * steps_between_validations(cfg, num_train) \
-        * cfg.batch_size
-
-
-def baseline_settings(cfg: RunConfig, device: torch.device) -> TrainSettings:
-    """muNet's per-child settings with the validations of a whole lineage, so one training run uses the budget."""
+def baseline_settings(cfg: RunConfig, device: torch.device, validations: int | None = None) -> TrainSettings:
+    """muNet's per-child settings with ``validations`` validation periods (default: those of a whole lineage, the
+    paper's budget), so one training run uses the baseline's budget."""
     return TrainSettings(batch_size=cfg.batch_size, max_steps_between_validations=cfg.steps_between_validations,
-                         validations=cfg.validations * generations(cfg) * cfg.rounds,
+                         validations=validations or cfg.validations * generations(cfg) * cfg.rounds,
                          max_val_examples=cfg.max_val_examples, device=device, autocast_bf16=device.type == "cuda")
 
 

@@ -43,6 +43,14 @@ class RunConfig:
             trace of the component it was cloned from (traces are stored with the run, one per trained component).
         max_task_population: keep at most this many paths per task after each generation (0: no cap).
         max_seeds: probe at most this many other tasks' paths at the start of a task iteration (0: all).
+        separate_probes: probe the seeds (other tasks' paths and the root, head-only) in a generation of their own
+            before the task's children, instead of in the first children's slots (the spec), so every one of the
+            ``children_per_task`` children is a mutated one.
+        probe_validations: validation periods each separate probe trains (0: ``validations``, as a child).
+        accept_ties: accept a child whose validation score equals its parent's (µ2Net's ``>=``); muNet is strict.
+        stop_margin: stop a child early at a validation scoring more than this below its parent's score while it
+            has nothing accepted yet (0: never), to spend the compute on other children.
+        keep_diverged: a child that diverges after an accepted validation keeps that snapshot (the spec).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         out: output directory.
@@ -63,7 +71,7 @@ class RunConfig:
     scale_factor: float = 1.0
     compute_scale: float = 1.0
     children_per_task: int = 8
-    generation_size: int = 4
+    generation_size: int = 1
     rounds: int = 1
     batch_size: int = 64
     steps_between_validations: int = 20
@@ -76,6 +84,11 @@ class RunConfig:
     inherit_momentum: bool = False
     max_task_population: int = 0
     max_seeds: int = 3
+    separate_probes: bool = True
+    probe_validations: int = 1
+    accept_ties: bool = False
+    stop_margin: float = 0.0
+    keep_diverged: bool = True
     seed: int = 0
     device: str = "auto"
     out: str = "runs/default"
@@ -94,12 +107,14 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb"):
+        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb", "probe_validations"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("scale_factor", "compute_scale"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 <= self.stop_margin <= 1:
+            raise ConfigError(f"stop_margin must be in [0, 1], got {self.stop_margin}")
         if not 0 <= self.mutation_prob <= 1:
             raise ConfigError(f"mutation_prob must be in [0, 1], got {self.mutation_prob}")
         if self.lr not in MODEL_RANGES["opt_lr"]:

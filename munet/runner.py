@@ -115,7 +115,7 @@ class Session:
 
     def work(self, task_order: list[str]) -> int:
         """Work units (child training steps) of running one iteration of each task in ``task_order``."""
-        return sum(self.cfg.children_per_task * self.evolution.steps_per_child(t) for t in task_order)
+        return sum(self.evolution.iteration_work(t) for t in task_order)
 
     def wall_time(self) -> float:
         return self.elapsed + time.perf_counter() - self._t0
@@ -208,10 +208,12 @@ def build_session(cfg: RunConfig, store: Store, stream: TextIO | None = None, re
     settings = TrainSettings(batch_size=cfg.batch_size, max_steps_between_validations=cfg.steps_between_validations,
                              validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
                              autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
-                             shared_training=cfg.shared_training)
+                             shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
+                             stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
     evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), root.mean, root.std)
     evolution = Evolution(system, tasks, policy, settings, evaluator, cfg.children_per_task, cfg.generation_size,
-                          cfg.max_image_size, cfg.mutate_adapters, cfg.max_task_population, cfg.max_seeds, cfg.seed)
+                          cfg.max_image_size, cfg.mutate_adapters, cfg.max_task_population, cfg.max_seeds, cfg.seed,
+                          separate_probes=cfg.separate_probes, probe_validations=cfg.probe_validations)
     session = Session(cfg, out, system, evolution, tasks, stream, store)
     if ck is not None:
         session.state = resume_evolution(store, evolution, ck)

@@ -15,7 +15,6 @@ from munet.baselines import (
     build_baseline,
     count_params,
     lineage_budget,
-    munet_images,
     train_baseline,
 )
 from munet.config import RunConfig
@@ -151,8 +150,8 @@ def test_budget_is_the_longest_munet_lineage():
     # K = min(ceil(6000 / 64), 20) = 20: 2 rounds x 2 generations x 3 validations x 20 steps x 64 images
     assert lineage_budget(cfg, 6000) == 2 * 2 * 3 * 20 * 64
     assert lineage_budget(cfg, 120) == 2 * 2 * 3 * 2 * 64  # K = ceil(120 / 64) = 2
-    assert munet_images(cfg, 6000) == 2 * 8 * 3 * 20 * 64
     settings = baseline_settings(cfg, torch.device("cpu"))
     for n in (120, 1078, 6000):
         steps = settings.steps_between_validations(n) * settings.validations
         assert steps * settings.batch_size == lineage_budget(cfg, n)
+    assert baseline_settings(cfg, torch.device("cpu"), validations=7).validations == 7

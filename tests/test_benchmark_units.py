@@ -50,17 +50,51 @@ def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
 
 
 def test_targets_are_checked_on_the_results(quality):
-    def method(name, family, average, params):
-        return {"method": name, "family": family, "average": average, "params_per_task": params}
+    def method(name, family, average, params, budget=1, scale=None):
+        return {"method": name, "family": family, "average": average, "params_per_task": params, "budget": budget,
+                "scale_factor": scale, "spec": name.split(" ")[0]}
 
-    methods = [method("muNet s=1.0", "munet", 0.90, 4.0), method("muNet s=0.3", "munet", 0.85, 2.0),
-               method("muNet random root", "munet-random", 0.50, 4.0), method("finetune", "finetune", 0.87, 10.0),
-               method("freeze:4", "freeze", 0.88, 3.0), method("lora:4", "lora", 0.95, 12.0)]
-    targets = quality.check_targets(methods)
+    methods = [method("muNet s=1.0", "munet", 0.90, 4.0, scale=1.0),
+               method("muNet s=0.3", "munet", 0.85, 2.0, scale=0.3),
+               method("muNet random root", "munet-random", 0.50, 4.0, scale=1.0),
+               method("finetune", "finetune", 0.87, 10.0), method("freeze:4", "freeze", 0.88, 3.0),
+               method("lora:4", "lora", 0.95, 12.0),
+               method("muNet s=1.0 x2", "munet", 0.93, 4.0, budget=2, scale=1.0),
+               method("freeze:0 x2", "freeze", 0.92, 9.0, budget=2)]
+    targets = quality.check_targets(methods, default_target=0.9)
     assert targets["vs_finetune"]["met"] and round(targets["vs_finetune"]["gain"], 6) == 0.03
     # freeze:4 beats s=0.3 on accuracy but has more parameters; it beats s=1 on parameters but not accuracy
     assert targets["curve_dominates"]["met"]
+    assert targets["default_run"]["met"]
+    # budget 1: lora:4 (0.95) is the best baseline and beats s=1; budget 2: s=1 wins with 4/9 of the parameters
+    assert [(c["budget"], c["best"], c["met"]) for c in targets["curve"]["budgets"]] == \
+        [(1, "lora:4", False), (2, "freeze:0 x2", True)]
+    assert not targets["curve"]["met"]
     methods[4] = method("freeze:4", "freeze", 0.91, 3.0)  # now better and smaller than s=1
-    targets = quality.check_targets(methods)
+    targets = quality.check_targets(methods, default_target=0.95)
     assert targets["curve_dominates"]["dominated_points"] == [{"baseline": "freeze:4", "munet": "muNet s=1.0"}]
+    assert not targets["default_run"]["met"]
     assert targets["pretrained_vs_random"]["met"] and "NOT met" in quality.format_targets(targets)
+
+
+def test_baselines_train_on_the_images_munet_processed(quality):
+    from quality_modes import baseline_validations
+
+    from munet.config import RunConfig
+
+    cfg = RunConfig(batch_size=64, steps_between_validations=20)
+    assert baseline_validations(cfg, 35_840, 6000) == 28  # K = 20: 35,840 / (20 x 64)
+    assert baseline_validations(cfg, 10_000, 120) == 78  # K = ceil(120 / 64) = 2: 10,000 / 128
+    assert baseline_validations(cfg, 10, 6000) == 1
+
+
+def test_every_mode_loads_and_its_ablations_are_valid_configurations(quality):
+    from quality_modes import load_mode, names
+
+    assert {"full", "quick", "smoke"} <= set(names())
+    for name in names():
+        mode = load_mode(name)
+        for budget in mode.budgets:
+            mode.at_budget(mode.cfg, budget).validate()
+        for _, changes in mode.ablations:
+            assert mode.cfg.replace(**changes) != mode.cfg, "an ablation must change the configuration"

@@ -43,7 +43,8 @@ def test_run_then_add_task_keeps_earlier_tasks_bit_identical(tmp_path, capsys):
     before = {r["task"]: r["test_acc"] for r in summary["tasks"]}
     assert set(before) == {"uci_digits", "faces"}
     with sqlite3.connect(out / "munet.db") as db:
-        assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 4
+        # 2 children per task, and the separate probes: the root (uci_digits), uci_digits' path and the root (faces)
+        assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 2 * 2 + 1 + 2
     assert main(["add-task", str(out), "textures", *TINY]) == 0
     after = {r["task"]: r["test_acc"] for r in json.loads((out / "summary.json").read_text())["tasks"]}
     assert set(after) == {"uci_digits", "faces", "textures"}

@@ -14,7 +14,7 @@ from munet.training.frozen import FeatureCache
 from munet.training.trainer import Evaluator, TrainSettings
 
 
-def _evolution(seed: int = 0, cap: int = 0, mu_policy: str = "fixed", mu: float = 0.3) -> Evolution:
+def _evolution(seed: int = 0, cap: int = 0, mu_policy: str = "fixed", mu: float = 0.3, **options) -> Evolution:
     root = make_tiny_root()
     tasks = {"a": make_task("a", 3, seed=1), "b": make_task("b", 2, seed=2), "c": make_task("c", 4, seed=3)}
     policy = MutationPolicy(mu_policy, mu, random.Random(seed))
@@ -26,7 +26,7 @@ def _evolution(seed: int = 0, cap: int = 0, mu_policy: str = "fixed", mu: float 
     settings = TrainSettings(batch_size=16, max_steps_between_validations=2, validations=2, max_val_examples=48)
     evaluator = Evaluator(settings, FeatureCache(1 << 26), root.mean, root.std)
     return Evolution(system, tasks, policy, settings, evaluator, children_per_task=4, generation_size=2,
-                     max_image_size=12, max_task_population=cap, seed=seed)
+                     max_image_size=12, max_task_population=cap, seed=seed, **options)
 
 
 @torch.no_grad()
@@ -85,3 +85,18 @@ def test_per_action_policy_runs():
     evo.task_iteration("a")
     evo.task_iteration("b")
     assert evo.system.best_path("b") is not None
+
+
+def test_separate_probes_take_no_child_slot_and_train_their_own_budget():
+    evo = _evolution(separate_probes=True, probe_validations=1)
+    evo.task_iteration("a")
+    generations = []
+    evo.on_generation = lambda task, gen, children: generations.append(children)
+    evo.task_iteration("b")
+    probes, *rest = generations
+    assert [c.parent for c in probes] == [evo.system.best_path("a"), evo.system.root_path]
+    assert all(c.metrics["seed_probe"] and len(c.metrics["evals"]) == 1 for c in probes)
+    children = [c for gen in rest for c in gen]
+    assert len(rest) == 2 and len(children) == evo.children_per_task  # 4 children in generations of 2
+    assert not any(c.metrics["seed_probe"] for c in children)
+    assert all(len(c.metrics["evals"]) == evo.settings.validations for c in children if not c.metrics["failed"])

@@ -148,7 +148,7 @@ def _write_tasks(folder: Path) -> list[str]:
 def _command(tasks: list[str], out: Path) -> list[str]:
     return [sys.executable, "-m", "munet", "run", "--root", "random:vit_tiny_patch16_224", "--depth", "1",
             "--image-size", "16", "--max-image-size", "32", "--tasks", ",".join(tasks), "--children-per-task", "6",
-            "--generation-size", "2", "--steps-between-validations", "3", "--validations", "2", "--batch-size", "16",
+            "--generation-size", "3", "--steps-between-validations", "3", "--validations", "2", "--batch-size", "16",
             "--max-val-examples", "32", "--mutation-prob", "0.3", "--inherit-momentum", "true", "--out", str(out)]
 
 
@@ -170,14 +170,18 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     attempts = [("timed", "run"), (f"{CRASH_ENV}=blob:2", "resume"), ("timed", "run"),
                 (f"{CRASH_ENV}=commit:3", "resume"), ("timed", "resume")]
     killed, positions = 0, []
-    for how, command in attempts:
+    for attempt, (how, command) in enumerate(attempts):
         argv = _command(tasks, out) if command == "run" or not (out / DB_NAME).exists() else [
             sys.executable, "-m", "munet", "resume", str(out)]
         env = dict([how.split("=", 1)]) if "=" in how else {}
         proc = _start(argv, env)
         if how == "timed":
-            for line in proc.stdout:  # wait for a finished generation, then kill at a random moment
-                if "| gen " in line:
+            # wait for 1, 2 or 3 finished generations (so the kills land in different places however loaded the
+            # machine is), then kill at a random moment
+            finished = 0
+            for line in proc.stdout:
+                finished += "| gen " in line
+                if finished == 1 + attempt % 3:
                     time.sleep(rng.uniform(0.0, 1.2 * generation_time))
                     proc.send_signal(signal.SIGKILL)
                     break

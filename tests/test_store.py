@@ -54,9 +54,10 @@ def test_layout_records_and_content_addressed_blobs(run_dir):
         assert {"source", "sha256", "arch", "components"} <= set(root) and root["source"] == "random-init"
         paths = db.execute("SELECT task, parent, components, hparams, accepted, reason, generation, iteration, "
                            "train_time, quality FROM paths").fetchall()
-        assert len(paths) == 8  # every sampled path: 2 tasks x 4 children
+        assert len(paths) == 11  # every sampled path: 2 tasks x 4 children, and probes (task a: the root; b: a's, root)
         assert all(r[5].startswith(("accepted", "rejected", "discarded")) for r in paths)
-        assert all(r[7] in (0, 1) and r[6] in (0, 1) and r[8] > 0 and json.loads(r[3])["opt_lr"] for r in paths)
+        # generation 0 probes, generations 1 and 2 hold the children
+        assert all(r[7] in (0, 1) and r[6] in (0, 1, 2) and r[8] > 0 and json.loads(r[3])["opt_lr"] for r in paths)
         population = db.execute("SELECT test_quality, accounted FROM paths WHERE id IN "
                                 "(SELECT path_id FROM live WHERE rank IS NOT NULL)").fetchall()
         assert len(population) == 2  # one retained path per task, its record up to date

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -97,3 +98,65 @@ def test_schedules():
     assert learning_rate(cos, 30, 10, 3) == pytest.approx(0.0)
     rs = dict(hp, opt_lr_schedule="restarts", opt_lr_warmup_ratio=0.2)
     assert learning_rate(rs, 2, 10, 3) == pytest.approx(learning_rate(rs, 12, 10, 3))
+
+
+def test_child_diverging_after_an_accepted_validation_keeps_that_snapshot(system, policy, tiny_root):
+    """Spec §4.3: a child whose loss blows up after a validation it was accepted on keeps that snapshot;
+    ``keep_diverged=False`` discards it (the behaviour before the fix)."""
+    task = make_task("a")
+    outcomes = {}
+    for keep in (True, False):
+        child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
+        settings = dataclasses.replace(SETTINGS, keep_diverged=keep)
+        steps = []
+
+        def after_step(n, child=child, steps=steps):
+            steps.append(n)
+            if len(steps) == SETTINGS.max_steps_between_validations:  # right after the first (accepted) validation
+                with torch.no_grad():
+                    child.components["head"].module.linear.weight.fill_(float("nan"))
+
+        train_generation([child], [float("-inf")], task, DS, settings, _evaluator(tiny_root), lambda p, q: q,
+                         torch.Generator().manual_seed(0), on_step=after_step)
+        assert child.metrics["failed"] and len(child.metrics["evals"]) == 1
+        outcomes[keep] = child.metrics["improved"]
+        if keep:  # the snapshot is loaded back: finite weights that give the accepted validation accuracy
+            assert torch.isfinite(child.components["head"].module.linear.weight).all()
+            acc = _evaluator(tiny_root).accuracy(child, task, "val", 8, SETTINGS.max_val_examples)
+            assert acc == pytest.approx(child.metrics["evals"][0])
+    assert outcomes == {True: True, False: False}
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_a_tie_with_the_parent_is_accepted_only_with_accept_ties(system, policy, tiny_root, ties):
+    child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
+    settings = dataclasses.replace(SETTINGS, accept_ties=ties)
+    train_generation([child], [0.5], make_task("a"), DS, settings, _evaluator(tiny_root), lambda p, q: 0.5,
+                     torch.Generator().manual_seed(0))
+    assert child.metrics["improved"] is ties
+
+
+def test_hopeless_child_stops_early_and_a_close_one_trains_on(system, policy, tiny_root):
+    settings = dataclasses.replace(SETTINGS, validations=4, stop_margin=0.1)
+    hopeless, close = (make_child(system, system.root_path, "a", DS, mutate=False, policy=policy) for _ in range(2))
+    scores = {id(hopeless): 0.3, id(close): 0.75}
+    train_generation([hopeless, close], [0.8, 0.8], make_task("a"), DS, settings, _evaluator(tiny_root),
+                     lambda p, q: scores[id(p)], torch.Generator().manual_seed(0))
+    k = settings.max_steps_between_validations
+    assert hopeless.metrics["stopped"] and hopeless.metrics["train_steps"] == k
+    assert len(hopeless.metrics["evals"]) == 1 and not hopeless.metrics["improved"]
+    assert close.metrics["stopped"] is None and close.metrics["train_steps"] == 4 * k
+    assert close.metrics["train_images"] == 4 * k * settings.batch_size
+
+
+def test_one_by_one_training_leaves_the_batch_stream_where_lock_step_training_does(system, policy, tiny_root):
+    settings = dataclasses.replace(SETTINGS, validations=3, stop_margin=0.1)
+    ends = []
+    for shared in (True, False):
+        kids = [make_child(system, system.root_path, "a", DS, mutate=False, policy=policy) for _ in range(2)]
+        scores = {id(kids[0]): 0.3, id(kids[1]): 0.75}  # the first child stops after one validation
+        gen = torch.Generator().manual_seed(0)
+        train_generation(kids, [0.8, 0.8], make_task("a"), DS, dataclasses.replace(settings, shared_training=shared),
+                         _evaluator(tiny_root), lambda p, q, scores=scores: scores[id(p)], gen)
+        ends.append(torch.randint(1 << 30, (4,), generator=gen))
+    assert torch.equal(ends[0], ends[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -56,11 +57,15 @@ class Evolution:
         max_task_population: population cap per task after each generation (0: none).
         max_seeds: at most this many other tasks' paths probed per task iteration (0: all).
         seed: seed of the training-batch stream.
+        separate_probes: probe the seeds in a generation of their own before the task's ``children_per_task``
+            mutated children, instead of in the first children's slots (the spec); see :meth:`generations`.
+        probe_validations: validation periods a probe of a separate probe generation trains (0: as a child).
     """
 
     def __init__(self, system: System, tasks: dict[str, TaskData], policy: MutationPolicy, settings: TrainSettings,
                  evaluator: Evaluator, children_per_task: int, generation_size: int, max_image_size: int,
-                 mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0):
+                 mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
+                 *, separate_probes: bool = False, probe_validations: int = 0):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -68,6 +73,9 @@ class Evolution:
         self.mutate_adapters = mutate_adapters
         self.max_task_population, self.max_seeds = max_task_population, max_seeds
         self.seed = seed
+        self.separate_probes = separate_probes
+        self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
+                               if separate_probes and probe_validations else settings)
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.on_step: Callable[[int], None] | None = None
         self.on_generation: Callable[[str, int, list[Path]], None] | None = None
@@ -80,8 +88,20 @@ class Evolution:
         k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
         return k * self.settings.validations
 
+    def iteration_work(self, task: str) -> int:
+        """Child training steps of one iteration of ``task``, for progress: exact for the children, and for
+        separate probes assuming every other task has a retained path by then."""
+        work = self.children_per_task * self.steps_per_child(task)
+        if self.separate_probes:
+            others = len(self.tasks) - 1
+            probes = 1 + (min(others, self.max_seeds) if self.max_seeds else others)
+            k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
+            work += probes * k * self.probe_settings.validations
+        return work
+
     def generations(self) -> int:
-        return math.ceil(self.children_per_task / self.generation_size)
+        """Generations per task iteration: the children's, plus the probe generation when probes are separate."""
+        return math.ceil(self.children_per_task / self.generation_size) + int(self.separate_probes)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_ds_hparams(self, task: str, mutate: bool) -> dict[str, Any]:
@@ -128,7 +148,11 @@ class Evolution:
     def step(self, state: IterationState) -> list[Path]:
         """Samples, trains and selects one generation of ``state``'s task iteration; returns its children."""
         system, task, gen = self.system, state.task, state.generation
-        n = min(self.generation_size, self.children_per_task - gen * self.generation_size)
+        probing = self.separate_probes and gen == 0
+        if probing:  # every seed at once: probes share batches and frozen prefixes, and take no child's slot
+            n = len(state.seeds)
+        else:
+            n = min(self.generation_size, self.children_per_task - (gen - self.separate_probes) * self.generation_size)
         ds = self.sample_ds_hparams(task, mutate=state.next_seed >= len(state.seeds))
         children, parents = [], []
         for _ in range(n):
@@ -143,7 +167,8 @@ class Evolution:
             for comp in child.components.values():
                 comp.module.to(self.settings.device)
         to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
-        train_generation(children, to_beat, self.tasks[task], ds, self.settings, self.evaluator,
+        settings = self.probe_settings if probing else self.settings
+        train_generation(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
                          self._score_with_quality, state.generator, on_step=self.on_step)
         for child, parent, beat in zip(children, parents, to_beat):
             child.metrics.update(generation=gen, iteration=self.iteration, parent=parent.id, parent_score=beat)

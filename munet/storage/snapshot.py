@@ -93,13 +93,16 @@ def path_row(system: System, path: Path) -> dict[str, Any]:
 
 
 def _reason(m: dict[str, Any], score: float) -> str:
-    if m.get("failed"):
+    if m.get("failed") and not m.get("improved"):
         return f"discarded: {m['failed']}"
     beat = m.get("parent_score", float("-inf"))
     if m.get("improved"):
+        later = f" (then {m['failed']}; its accepted snapshot is kept)" if m.get("failed") else ""
         if not math.isfinite(beat):
-            return "accepted: its parent is another task's path or the root, so any validated child is kept"
-        return f"accepted: validation score {score:.4f} beats its parent's {beat:.4f}"
+            return "accepted: its parent is another task's path or the root, so any validated child is kept" + later
+        return f"accepted: validation score {score:.4f} beats its parent's {beat:.4f}" + later
+    if m.get("stopped"):
+        return f"rejected: stopped early, {m['stopped']}"
     if m.get("quality") is None:
         return "rejected: never validated"
     return f"rejected: best validation score {score:.4f} did not beat its parent's {beat:.4f}"

@@ -185,6 +185,16 @@ class Store:
         stored = value if isinstance(value, bytes) else json.dumps(value)
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, stored))
 
+    # --- records ------------------------------------------------------------------------------------------------
+    def sampled_paths(self) -> list[dict[str, Any]]:
+        """Every path the run sampled: ``id``, ``task``, ``parent``, ``accepted``, ``retained`` (in a task's
+        population now) and ``metrics`` (the trainer's outcome: validation curve, training steps and images...)."""
+        retained = {row[0] for row in self.conn.execute("SELECT path_id FROM live WHERE rank IS NOT NULL")}
+        return [{"id": pid, "task": task, "parent": parent, "accepted": bool(acc), "retained": pid in retained,
+                 "metrics": json.loads(metrics or "{}")}
+                for pid, task, parent, acc, metrics in self.conn.execute(
+                    "SELECT id, task, parent, accepted, metrics FROM paths ORDER BY id")]
+
     # --- blobs --------------------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> FsPath:
         return self.dir / BLOB_DIR / f"{digest}.safetensors"

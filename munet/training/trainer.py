@@ -60,6 +60,12 @@ class TrainSettings:
             the trace it was cloned with, and keep the trace of the kept snapshot on the component.
         shared_training: train a generation's children in lock-step sharing frozen prefixes; ``False`` trains
             them one after another on the same batches (same results, for measuring what sharing saves).
+        accept_ties: accept a validation score equal to the one to beat (µ2Net's ``>=``); muNet's test is strict.
+        stop_margin: stop training a child, before its budget ends, at a validation whose score is more than this
+            below the score it must beat while it has no accepted snapshot (0: never; only children of a path of
+            the same task have a finite score to beat).
+        keep_diverged: a child that diverges after an accepted validation keeps that snapshot (the spec); ``False``
+            discards it.
     """
 
     batch_size: int = 64
@@ -73,6 +79,9 @@ class TrainSettings:
     autocast_bf16: bool = False
     inherit_momentum: bool = False
     shared_training: bool = True
+    accept_ties: bool = False
+    stop_margin: float = 0.0
+    keep_diverged: bool = True
 
     def steps_between_validations(self, num_train: int) -> int:
         return max(1, min(math.ceil(num_train / self.batch_size), self.max_steps_between_validations))
@@ -89,6 +98,12 @@ class ChildState:
     snapshot: dict[int, dict[str, torch.Tensor]] | None = None
     momentum: dict[int, dict[str, torch.Tensor]] | None = None  # the optimiser's traces at the snapshot
     failed: str | None = None
+    stopped: str | None = None  # why training ended early without failing (hopeless after a validation)
+    steps: int = 0  # training steps taken
+
+    @property
+    def active(self) -> bool:
+        return self.failed is None and self.stopped is None
 
 
 class Evaluator:
@@ -146,7 +161,8 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
     """Trains ``children`` in lock-step and leaves the outcome in each child's ``metrics``.
 
     Sets ``quality`` (best validation accuracy), ``evals``, ``improved`` (accepted), ``failed`` (reason, if
-    dropped) and ``train_time``; accepted children end with their best-scoring snapshot loaded.
+    training broke down), ``stopped`` (reason, if stopped early as hopeless), ``train_steps``, ``train_images``
+    and ``train_time``; accepted children end with their best-scoring snapshot loaded.
 
     Args:
         children: the generation's children (all for ``task``).
@@ -161,9 +177,12 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
     """
     if not settings.shared_training and len(children) > 1:
         start = generator.get_state()  # every child sees the batches and augmentations the generation would
+        longest = (-1, start)
         for child, score in zip(children, parent_scores):
             generator.set_state(start)
             train_generation([child], [score], task, ds_hparams, settings, evaluator, score_fn, generator, on_step)
+            longest = max(longest, (child.metrics["train_steps"], generator.get_state()), key=lambda t: t[0])
+        generator.set_state(longest[1])  # where lock-step training, which runs as long as its longest child, ends
         return
     t0 = time.perf_counter()
     dev = settings.device
@@ -205,19 +224,22 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
             prefix = partial(frozen_forward, x=to_device(xb, dev), cache=FeatureCache(1 << 40),
                              tag="batch")
         for st in states:
-            if not st.failed:
+            if st.active:
                 _train_step(st, prefix, yb, step, k, settings, evaluator, chance_loss)
         if (step + 1) % k == 0:
             for st in states:
-                if not st.failed:
-                    _validate(st, task, size, limit, evaluator, score_fn)
+                if st.active:
+                    _validate(st, task, size, limit, evaluator, score_fn, settings)
         if on_step:
             on_step(len(states))
+        if not any(st.active for st in states):
+            break
     elapsed = time.perf_counter() - t0
     for st in states:
         m = st.path.metrics
-        m.update(evals=st.evals, train_time=elapsed, failed=st.failed)
-        m["improved"] = st.failed is None and st.snapshot is not None
+        m.update(evals=st.evals, train_time=elapsed, failed=st.failed, stopped=st.stopped, train_steps=st.steps,
+                 train_images=st.steps * settings.batch_size)
+        m["improved"] = st.snapshot is not None and (st.failed is None or settings.keep_diverged)
         m["quality"] = max(st.evals) if st.evals else None
         if m["improved"]:
             comps = {c.id: c for c in st.path.trainable_components()}
@@ -233,6 +255,7 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
 def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor]], yb: torch.Tensor, step: int,
                 k: int, settings: TrainSettings, evaluator: Evaluator, chance_loss: float) -> None:
     path = st.path
+    st.steps += 1  # counted before the loss check: the batch was processed even if it is the one that diverges
     with evaluator._autocast():
         start, h = prefix(path)
         logits = path.forward(h, start=start)
@@ -255,11 +278,14 @@ def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor
 
 
 def _validate(st: ChildState, task: TaskData, size: int, limit: int, evaluator: Evaluator,
-              score_fn: Callable[[Path, float], float]) -> None:
+              score_fn: Callable[[Path, float], float], settings: TrainSettings) -> None:
     quality = evaluator.accuracy(st.path, task, "val", size, limit)
     st.evals.append(quality)
     score = score_fn(st.path, quality)
-    if score > st.best_score:  # strict, as in muNet
+    if st.snapshot is None and settings.stop_margin and score < st.best_score - settings.stop_margin:
+        st.stopped = f"hopeless: validation score {score:.4f} after {st.steps} steps, {st.best_score:.4f} to beat"
+        return
+    if score > st.best_score or (settings.accept_ties and score == st.best_score):  # muNet: strict; µ2Net: >=
         st.best_score = score
         st.snapshot = {c.id: copy.deepcopy(c.module.state_dict()) for c in st.path.trainable_components()}
         if st.momentum is not None:

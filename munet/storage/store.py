@@ -26,6 +26,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path as FsPath
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import torch
 from safetensors import SafetensorError
@@ -60,13 +61,22 @@ CREATE TABLE live (path_id INTEGER PRIMARY KEY, link INTEGER, rank INTEGER);
 
 
 def atomic_write(path: FsPath, data: bytes | str) -> None:
-    """Writes ``data`` to ``path`` through a temporary file, an fsync and a rename."""
+    """Writes ``data`` to ``path`` through a temporary file, an fsync and a rename.
+
+    Raises:
+        OSError: the write failed (disk full, permissions); ``path`` is unchanged and the temporary file removed.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # a partial file on a full disk would only hold on to space
+            tmp.unlink()
+        raise
 
 
 def blob_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -92,49 +102,73 @@ class Store:
     # --- opening ------------------------------------------------------------------------------------------------
     @staticmethod
     def exists(run_dir: str | FsPath) -> bool:
-        """Whether ``run_dir`` holds a committed store (an interrupted creation does not count)."""
-        return _committed(FsPath(run_dir) / DB_NAME)
+        """Whether ``run_dir`` holds a store that a new run must not replace: a committed run, or a database that is
+        damaged or unreadable (opening it says why). Nothing, an empty database or an interrupted creation does not
+        count."""
+        return _db_state(FsPath(run_dir) / DB_NAME) not in ("absent", "empty", "interrupted")
 
     @classmethod
     def create(cls, run_dir: str | FsPath) -> Store:
-        """A new, empty store in ``run_dir`` (created if needed), locked for writing."""
+        """A new, empty store in ``run_dir`` (created if needed), locked for writing.
+
+        Only an interrupted creation (tables without a single record) or an empty database without blobs is
+        replaced; anything that may hold a run's data is refused, never deleted.
+        """
         run_dir = FsPath(run_dir)
         lock = _lock(run_dir)
         db = run_dir / DB_NAME
         try:
-            if _committed(db):
+            state = _db_state(db)
+            if state in ("committed", "unreadable"):
                 raise StoreError(f"{run_dir} already holds a munet run")
+            if state == "damaged":
+                raise StoreError(_damaged_message(db))
             blobs = run_dir / BLOB_DIR
-            if not db.exists() and blobs.is_dir() and any(blobs.iterdir()):
-                raise StoreError(f"{run_dir} holds blobs but its database {DB_NAME} is missing: the run cannot be "
+            if state in ("absent", "empty") and blobs.is_dir() and any(blobs.iterdir()):
+                what = "missing" if state == "absent" else "empty"
+                raise StoreError(f"{run_dir} holds blobs but its database {DB_NAME} is {what}: the run cannot be "
                                  "read; restore the database or choose another directory")
-            # a database without a checkpoint is an interrupted creation: it committed nothing, start afresh
+            # tables without any record are an interrupted creation: it committed nothing, start afresh
             for leftover in (db, db.with_name(DB_NAME + "-wal"), db.with_name(DB_NAME + "-shm"),
                              *(blobs.iterdir() if blobs.is_dir() else ())):
                 leftover.unlink(missing_ok=True)
             blobs.mkdir(exist_ok=True)
             conn = _connect(db, create=True)
-            conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            try:
+                conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            except sqlite3.Error as err:
+                conn.close()
+                raise StoreError(f"cannot create the run database {db}: {err}") from err
         except BaseException:
             _unlock(lock)
             raise
         return cls(run_dir, conn, lock)
 
     @classmethod
-    def open(cls, run_dir: str | FsPath, write: bool = False) -> Store:
-        """The store of an existing run; ``write`` takes the run's lock (one writer at a time)."""
+    def open(cls, run_dir: str | FsPath, write: bool = False, require_checkpoint: bool = True) -> Store:
+        """The store of an existing run.
+
+        Args:
+            run_dir: the run directory.
+            write: take the run's lock (one writer at a time) and open the database for writing; without it the
+                store is opened read-only and nothing in the directory is changed (read-only media work too).
+            require_checkpoint: refuse a database without a checkpoint record (``munet check`` reports it instead).
+        """
         run_dir = FsPath(run_dir)
         db = run_dir / DB_NAME
-        if not run_dir.is_dir():
+        if not run_dir.exists():
             raise StoreError(f"{run_dir} does not exist")
+        if not run_dir.is_dir():
+            hint = f"; pass its directory {run_dir.parent}" if run_dir.name == DB_NAME else ""
+            raise StoreError(f"{run_dir} is a file, not a run directory{hint}")
         if not db.exists():
             what = "its database is missing" if (run_dir / BLOB_DIR).is_dir() else "it is not a munet run directory"
             raise StoreError(f"{run_dir} holds no {DB_NAME}: {what}")
         lock = _lock(run_dir) if write else None
         conn = None
         try:
-            conn = _connect(db, create=False)
-            _check_version(conn, db)
+            conn = _connect(db, create=False) if write else _connect_readonly(db)
+            _check_version(conn, db, require_checkpoint)
         except BaseException:
             if conn is not None:
                 conn.close()  # the last connection's close removes SQLite's -wal and -shm files again
@@ -150,7 +184,10 @@ class Store:
 
     def abandon(self) -> None:
         """Closes a store whose creation failed before its first checkpoint, removing what it wrote."""
-        committed = self.get("checkpoint") is not None
+        try:
+            committed = self.get("checkpoint") is not None
+        except sqlite3.Error:
+            committed = True  # cannot tell (a broken connection): keep everything rather than risk a run
         self.close()
         if committed:
             return
@@ -207,12 +244,18 @@ class Store:
         path = self.blob_path(digest)
         if not path.exists():
             tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            self.crash_point("blob")
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.crash_point("blob")
+                os.replace(tmp, path)
+            except OSError as err:
+                with contextlib.suppress(OSError):  # a partial blob on a full disk would only hold on to space
+                    tmp.unlink()
+                raise StoreError(f"cannot write blob {path.name} in {self.dir}: {err.strerror or err}. "
+                                 f"{_KEPT}") from err
         return digest
 
     def read_blob(self, digest: str, what: str) -> dict[str, torch.Tensor]:
@@ -241,7 +284,10 @@ class Store:
         removed = 0
         for path in (self.dir / BLOB_DIR).iterdir():
             if path.name.endswith(".tmp") or (path.suffix == ".safetensors" and path.stem not in keep):
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # a leftover is harmless: the next checkpoint tries again, `check` notes it
+                    continue
                 removed += 1
         return removed
 
@@ -250,16 +296,21 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic transaction; the WAL is folded back into the database after it commits."""
         self._require_write()
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
+            self.conn.execute("BEGIN IMMEDIATE")
             yield self.conn
             self.crash_point("commit")
             self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+        except BaseException as err:
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back itself (it does on a full disk)
+                self.conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.OperationalError):  # disk full, I/O error, permissions, locked
+                raise StoreError(f"cannot write the run database in {self.dir}: {err}. {_KEPT}") from err
             raise
-        # keeps the run directory at its real size (the WAL otherwise grows to ~4 MB before SQLite folds it)
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # keeps the run directory at its real size (the WAL otherwise grows to ~4 MB before SQLite folds it); the
+        # transaction is durable in the WAL already, so a fold that fails (a full disk) is retried by the next one
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def crash_point(self, name: str) -> None:
         """Test hook: with ``MUNET_CRASH_AT=<name>:<n>`` the process kills itself the n-th time it gets here."""
@@ -283,10 +334,20 @@ class Store:
         return {"database": db, "blobs": blobs, "total": db + blobs}
 
 
+_KEPT = ("Nothing of this checkpoint was kept: the run's last complete checkpoint is intact. Free space (or fix the "
+         "permissions), then run the same command again")
+
+
+def _uri(db: FsPath, **params: str) -> str:
+    """A SQLite URI for ``db``. The path is percent-encoded: unescaped, a ``?``, ``#`` or ``%`` in a directory name
+    would end the path or start an escape, and SQLite would open (or create) another file."""
+    return f"file://{quote(str(db.absolute()))}?{urlencode(params)}"
+
+
 def _connect(db: FsPath, create: bool) -> sqlite3.Connection:
     mode = "rwc" if create else "rw"  # never create a database by accident when opening one
     try:
-        conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=30)
+        conn = sqlite3.connect(_uri(db, mode=mode), uri=True, isolation_level=None, timeout=30)
     except sqlite3.Error as err:
         raise StoreError(f"cannot open the run database {db}: {err}") from err
     try:
@@ -298,35 +359,89 @@ def _connect(db: FsPath, create: bool) -> sqlite3.Connection:
     return conn
 
 
-def _check_version(conn: sqlite3.Connection, db: FsPath) -> None:
+def _connect_readonly(db: FsPath) -> sqlite3.Connection:
+    """Opens ``db`` for reading only: SQLite's ``mode=ro`` never writes the database (an empty file stays empty).
+
+    A WAL database read with ``mode=ro`` still needs its ``-shm`` index, which SQLite creates beside the database
+    (with an empty ``-wal``) when it is missing; a read-only directory cannot hold them. There, with no WAL content
+    to read, ``immutable=1`` tells SQLite that nothing can change the file, so it reads it without any index or
+    lock, which is true of read-only media. A WAL holding transactions that were never folded back (a crash) is
+    still readable with ``mode=ro`` when its ``-shm`` is there too; without it the run must be copied to writable
+    storage first.
+    """
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    params = {"mode": "ro"}
+    if not os.access(db.parent, os.W_OK) and not (wal.exists() and shm.exists()):
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(f"{db}: its last transactions are in {wal.name}, which SQLite cannot read without "
+                             f"{shm.name}, and the directory is read-only; copy the run directory to writable "
+                             "storage and read it there")
+        params["immutable"] = "1"
+    try:
+        return sqlite3.connect(_uri(db, **params), uri=True, isolation_level=None, timeout=30)
+    except sqlite3.Error as err:
+        raise StoreError(f"cannot open the run database {db}: {err}") from err
+
+
+def _check_version(conn: sqlite3.Connection, db: FsPath, require_checkpoint: bool = True) -> None:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as err:
         raise StoreError(f"{db} is not a readable munet database: {err}") from err
+    if version == 0 and not tables:
+        raise StoreError(f"{db.parent} is not a munet run (empty database {db.name}); delete {db} or choose "
+                         "another directory")
     if version != SCHEMA_VERSION:
         raise StoreError(f"{db} was written by an incompatible munet version (store schema {version}; munet "
                          f"{__version__} reads schema {SCHEMA_VERSION}); use the munet version that wrote it")
-    missing = {"meta", "tasks", "paths", "components", "live"} - tables
+    missing = set(_TABLES) - tables
     if missing:
         raise StoreError(f"{db} is incomplete: tables {', '.join(sorted(missing))} are missing")
-    if conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is None:
+    if require_checkpoint and conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is None:
+        if _has_records(conn):
+            raise StoreError(_damaged_message(db))
         raise StoreError(f"{db} holds no checkpoint: the run's creation was interrupted; run the same `munet run` "
                          "again to start it afresh")
 
 
-def _committed(db: FsPath) -> bool:
-    """Whether ``db`` holds a committed run (its creation transaction and first checkpoint committed)."""
+_TABLES = ("meta", "tasks", "paths", "components", "live")
+
+
+def _has_records(conn: sqlite3.Connection) -> bool:
+    """Whether any table holds a row; the creation transaction makes them all empty, the first checkpoint fills
+    them all in one transaction, so rows without a checkpoint mean damage, not an interrupted creation."""
+    return any(conn.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in _TABLES)
+
+
+def _damaged_message(db: FsPath) -> str:
+    return (f"{db} holds a run's records but no checkpoint record: the database is damaged (this is not an "
+            f"interrupted creation), so munet neither resumes nor replaces it; inspect it with `munet check "
+            f"{db.parent}`, and to start afresh delete {db.parent} yourself or choose another directory")
+
+
+def _db_state(db: FsPath) -> str:
+    """What ``db`` holds: ``absent``, ``empty`` (no tables), ``interrupted`` (the tables, no record),
+    ``committed`` (a checkpoint), ``damaged`` (records without a checkpoint) or ``unreadable``."""
     if not db.exists():
-        return False
+        return "absent"
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is not None
-        finally:
-            conn.close()
+        conn = _connect_readonly(db)
+    except StoreError:
+        return "unreadable"
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            return "empty"
+        if not set(_TABLES) <= tables:
+            return "unreadable"  # opening it says what is wrong
+        if conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is not None:
+            return "committed"
+        return "damaged" if _has_records(conn) else "interrupted"
     except sqlite3.Error:
-        return True  # present but unreadable: opening it reports why; never overwrite it
+        return "unreadable"  # present but unreadable: opening it reports why; never overwrite it
+    finally:
+        conn.close()
 
 
 def _lock(run_dir: FsPath) -> Any:

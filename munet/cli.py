@@ -122,6 +122,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import munet
     from munet.predict import as_records, format_predictions
 
+    if args.top < 1:  # a slice [:k] with k <= 0 would print all labels but -k, or none
+        raise MunetError(f"--top must be >= 1 (the number of most probable labels to print), got {args.top}")
     system = munet.load(args.run_dir)
     answers = system.predict(args.files, task=args.task)
     answers = answers if isinstance(answers, dict) else {args.task: answers}
@@ -205,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MunetError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine's doing (disk full, permissions), not a bug: the store layer keeps it whole
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the run is saved up to its last finished generation; continue it with the same command "

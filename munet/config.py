@@ -125,6 +125,11 @@ class RunConfig:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if self.image_size > self.max_image_size:
             raise ConfigError(f"image_size {self.image_size} exceeds max_image_size {self.max_image_size}")
+        largest = 1024  # pixels; bounds the activations of a batch, which grow with the square of the image size
+        if self.max_image_size > largest:
+            raise ConfigError(f"max_image_size must be <= {largest} pixels, got {self.max_image_size}")
+        if not 0 <= self.seed < 2**63:  # what every random stream (numpy, torch, Python) accepts as a seed
+            raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,9 +169,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Reads a TOML or JSON config file into a dict of overrides."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} cannot be decoded); save it as "
+                          "UTF-8 TOML or JSON") from err
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:

@@ -4,9 +4,12 @@ the store is unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
 import shutil
 import sqlite3
+import subprocess
 
 import pytest
 from conftest import make_run, make_task, make_tiny_root
@@ -91,4 +94,157 @@ def test_interrupted_creation_still_starts_afresh(tmp_path):
     Store.create(tmp_path / "run").close()  # the schema committed, the first checkpoint not
     (tmp_path / "run" / BLOB_DIR / ("0" * 64 + ".safetensors")).write_bytes(b"root blob of the interrupted creation")
     make_run(tmp_path / "run", children_per_task=2)
+    assert check_store(tmp_path / "run").problems == []
+
+
+# --- 2. tracebacks and unbounded memory -----------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, match", [
+    (["--seed=-1"], r"seed must be in \[0, 2\^63\)"),
+    ([f"--seed={2**63}"], r"seed must be in \[0, 2\^63\)"),
+    (["--image-size", "4200", "--max-image-size", "4200"], "max_image_size must be <= 1024 pixels"),
+    (["--image-size", "4200"], "image_size 4200 exceeds max_image_size"),
+])
+def test_config_numbers_are_range_checked_before_anything_is_allocated(tmp_path, capsys, flags, match):
+    err = _error(capsys, ["run", "--out", str(tmp_path / "run"), *flags])
+    assert re.search(match, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_that_is_not_utf8(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes('tasks = ["caf\u00e9"]\n'.encode("latin-1"))
+    err = _error(capsys, ["run", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert "is not UTF-8" in err and str(cfg) in err
+
+
+def test_huge_npz_label_is_refused_before_naming_classes(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    x = np.zeros((20, 8, 8), np.uint8)
+    y = np.arange(20) % 2
+    y[3] = 2**40  # once built 2**40 class names until the kernel killed the process
+    np.savez(tmp_path / "big.npz", x=x, y=y)
+    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(3))
+    err = _error(capsys, ["run", "--out", str(tmp_path / "run"), "--tasks", f"npz:{tmp_path / 'big.npz'}",
+                          "--image-size", "8", "--device", "cpu"])
+    assert f"label {2**40} is out of range" in err and "big.npz" in err
+
+
+def test_huge_split_range_is_refused_before_building_it(tmp_path):
+    import numpy as np
+
+    from munet.data.registry import load_task
+    from munet.errors import DataError
+
+    np.savez(tmp_path / "t.npz", x=np.zeros((30, 8, 8), np.uint8), y=np.arange(30) % 3)
+    with pytest.raises(DataError, match=r"'0-1000000000' is out of range; the task has 3 classes"):
+        load_task(f"split:npz:{tmp_path / 't.npz'}:0-1000000000", 0)  # once built a set of 10^9 ints first
+    assert load_task(f"split:npz:{tmp_path / 't.npz'}:1-2", 0).num_classes == 2
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_predict_top_must_be_positive(run_dir, tmp_path, capsys, top):
+    from PIL import Image
+
+    Image.new("L", (12, 12)).save(tmp_path / "x.png")
+    err = _error(capsys, ["predict", str(run_dir), "--task", "a", f"--top={top}", str(tmp_path / "x.png")])
+    assert "--top must be >= 1" in err
+
+
+@contextlib.contextmanager
+def _mounted(target, *options: str):
+    """``mount OPTIONS... target`` for the block, or the test is skipped with the reason the machine gives."""
+    target.mkdir(exist_ok=True)
+    try:
+        done = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+    except OSError as err:
+        pytest.skip(f"no mount command here: {err}")
+    if done.returncode != 0:
+        pytest.skip(f"this machine cannot mount {' '.join(options)} (needs root): {done.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def _fill(folder) -> None:
+    """Fills the file system of ``folder`` to the last byte."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+
+
+def _results(run) -> list[tuple]:
+    from munet.reporting.status import run_status
+
+    return [(t["task"], t["path"], t["score"], t["test_acc"]) for t in run_status(run)["tasks"]]
+
+
+@pytest.mark.parametrize("where, nth", [("blob", 1), ("blob", 2), ("blob", 4), ("database", 3)])
+def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch, where, nth):
+    """A real ENOSPC (a small tmpfs filled up) at the n-th checkpoint: exit 2 with `error:`, the last complete
+    checkpoint intact, and the same command finishes the run once there is space, with the uninterrupted results."""
+    import munet.runner
+    from munet.storage.store import Store
+
+    assert _cli_run(monkeypatch, tmp_path / "ref") == 0
+    capsys.readouterr()
+    mount = tmp_path / "small"
+    with _mounted(mount, "-t", "tmpfs", "-o", "size=8m", "tmpfs"):
+        out = mount / "run"
+        calls = {"n": 0}
+        if where == "blob":  # full before the checkpoint writes its first new blob
+            real = munet.runner.save_checkpoint
+
+            def full_at_nth(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == nth:
+                    _fill(mount)
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(munet.runner, "save_checkpoint", full_at_nth)
+        else:  # full after the blobs, before the transaction that references them
+            real_tx = Store.transaction
+
+            @contextlib.contextmanager
+            def full_at_nth_tx(self):
+                calls["n"] += 1
+                if calls["n"] == nth:
+                    _fill(mount)
+                with real_tx(self) as db:
+                    yield db
+
+            monkeypatch.setattr(Store, "transaction", full_at_nth_tx)
+        assert _cli_run(monkeypatch, out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        assert ("No space left on device" in err or "disk is full" in err) and "last complete checkpoint" in err
+        assert not list((out / BLOB_DIR).glob("*.tmp")) if out.exists() else True  # no partial blob holds space
+        if nth == 1:  # the first checkpoint failed: nothing to keep, nothing left
+            assert not (out / DB_NAME).exists()
+        else:
+            assert check_store(out).problems == []
+            with Store.open(out) as store:
+                assert store.get("plan")["done"] < 2  # the run stopped at the last checkpoint that fitted
+        (mount / "filler").unlink()
+        monkeypatch.undo()  # the fault injection goes; _cli_run patches root and tasks again
+        assert _cli_run(monkeypatch, out) == 0  # the same command resumes (or starts afresh)
+        assert check_store(out).problems == [] and _results(out) == _results(tmp_path / "ref")
+
+
+def test_permission_denied_while_writing(run_dir, tmp_path, capsys, monkeypatch):
+    """An OSError from the machine (here EACCES on the summary, after the last checkpoint) is `error:`, exit 2."""
+    import builtins
+
+    def refuse_summary(file, *args, **kwargs):
+        if str(file).endswith("summary.json.tmp"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr("munet.storage.store.open", refuse_summary, raising=False)
+    assert _cli_run(monkeypatch, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Permission denied: ") and "summary.json.tmp" in err and "Traceback" not in err
     assert check_store(tmp_path / "run").problems == []

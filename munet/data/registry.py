@@ -85,15 +85,14 @@ def parse_class_selection(text: str, num_classes: int, spec: str) -> list[int]:
                 lo, hi = int(lo_s), int(hi_s)
                 if lo > hi:
                     raise ValueError
-                chosen.update(range(lo, hi + 1))
             else:
-                chosen.add(int(part))
+                lo = hi = int(part)
         except ValueError:
             raise DataError(f"{spec}: bad class selection {part!r} (use a-b, a,b,c or a mix such as 0-3,7)") from None
-    bad = sorted(c for c in chosen if not 0 <= c < num_classes)
-    if bad:
-        raise DataError(f"{spec}: class indices {bad} are out of range; the task has {num_classes} classes "
-                        f"(0..{num_classes - 1})")
+        if not 0 <= lo <= hi < num_classes:  # before building the range: 0-1000000000 once built 10^9 ints
+            raise DataError(f"{spec}: class selection {part!r} is out of range; the task has {num_classes} classes "
+                            f"(0..{num_classes - 1})")
+        chosen.update(range(lo, hi + 1))
     if len(chosen) < 2:
         raise DataError(f"{spec}: a class subset needs at least 2 classes, got {sorted(chosen)}")
     return sorted(chosen)

@@ -207,6 +207,12 @@ def task_from_arrays(
     # Validate labels before carving splits: a bad label is the more useful message than "split is empty".
     top = max((int(y.max()) for _, y in parts.values() if len(y)), default=-1) + 1
     if class_names is None:
+        # the classes are then 0..top-1: bound top before naming them (a label of 2**40 once built 2**40 names)
+        examples = sum(len(y) for _, y in parts.values())
+        if top > examples:
+            raise DataError(f"{source}: label {top - 1} is out of range: labels are class indices 0..K-1, and "
+                            f"{examples} examples cannot hold more than {examples} classes (relabel the classes "
+                            "0..K-1, or give class_names)")
         class_names = [str(i) for i in range(top)]
     class_names = [str(c) for c in class_names]
     if top > len(class_names):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import shutil
 import sqlite3
@@ -248,3 +249,86 @@ def test_permission_denied_while_writing(run_dir, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.startswith("error: Permission denied: ") and "summary.json.tmp" in err and "Traceback" not in err
     assert check_store(tmp_path / "run").problems == []
+
+
+# --- 3. valid input refused: read-only storage ----------------------------------------------------------------------
+@contextlib.contextmanager
+def _read_only(src, target):
+    """``src`` seen read-only at ``target``: a read-only bind mount (root cannot write there either: EROFS); without
+    root, a directory without write permission; else the test is skipped."""
+    if os.geteuid() != 0:
+        os.chmod(src, 0o555)
+        try:
+            yield src
+        finally:
+            os.chmod(src, 0o755)
+        return
+    with _mounted(target, "--bind", str(src)):
+        done = subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"this machine cannot remount a bind mount read-only: {done.stderr.strip()}")
+        assert not os.access(target, os.W_OK)
+        yield target
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_read_only_commands_work_on_read_only_storage(run_dir, tmp_path, capsys, index):
+    """``index``: SQLite's WAL index files are there (read with mode=ro), or not, as after the writer's last close
+    (read with immutable=1)."""
+    import munet
+
+    src = _copy(run_dir, tmp_path / "src")
+    (src / LOCK_NAME).unlink()  # a finished run copied to read-only media need not carry its lock file
+    for name in (DB_NAME + "-wal", DB_NAME + "-shm"):
+        (src / name).unlink(missing_ok=True)
+    if index:
+        reader = sqlite3.connect(f"file:{src / DB_NAME}?mode=ro", uri=True)
+        reader.execute("SELECT 1 FROM meta").fetchone()
+        reader.close()  # a read-only reader leaves the index behind
+        assert (src / (DB_NAME + "-shm")).exists()
+    from PIL import Image
+
+    Image.new("L", (12, 12), 200).save(tmp_path / "x.png")
+    before = _files(src)
+    files = sorted(p.name for p in src.iterdir())
+    with _read_only(src, tmp_path / "ro") as run:
+        for argv in (["status", str(run)], ["history", str(run)], ["check", str(run)],
+                     ["predict", str(run), "--task", "all", str(tmp_path / "x.png")],
+                     ["export", str(run), "--task", "a", "--out", str(tmp_path / "export")]):
+            assert main(argv) == 0, capsys.readouterr().err  # once "unable to open database file"
+        assert "ok" in capsys.readouterr().out
+        assert munet.load(run).tasks == ["a", "b"]
+        err = _error(capsys, ["resume", str(run)])  # writing is refused with the reason
+        assert "not writable" in err
+    assert _files(src) == before and sorted(p.name for p in src.iterdir()) == files
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_unfolded_wal_on_read_only_storage_is_a_clear_error(run_dir, tmp_path, capsys):
+    src = _copy(run_dir, tmp_path / "src")
+    crashed = tmp_path / "crashed"
+    conn = sqlite3.connect(src / DB_NAME)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # the write stays in the WAL, as after a crash
+    with conn:
+        conn.execute("UPDATE meta SET value = '1.5' WHERE key = 'wall_time_s'")
+    shutil.copytree(src, crashed, ignore=shutil.ignore_patterns("*-shm"))
+    conn.close()
+    assert (crashed / (DB_NAME + "-wal")).stat().st_size > 0
+    with _read_only(crashed, tmp_path / "ro") as run:
+        err = _error(capsys, ["status", str(run)])
+    assert "copy the run directory to writable storage" in err
+
+
+def test_read_only_commands_change_nothing(run_dir, tmp_path, capsys):
+    """Every read-only command leaves every byte of the store as it was: the database is opened with mode=ro."""
+    run = _copy(run_dir, tmp_path / "run")
+    before = _files(run)
+    for argv in (["status", str(run)], ["history", str(run)], ["check", str(run)]):
+        assert main(argv) == 0
+    assert _files(run) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / DB_NAME).write_bytes(b"")
+    for argv in (["status", str(empty)], ["check", str(empty)], ["history", str(empty)]):
+        _error(capsys, argv)
+    assert (empty / DB_NAME).read_bytes() == b"" and sorted(p.name for p in empty.iterdir()) == [DB_NAME]

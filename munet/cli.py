@@ -49,9 +49,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """The run configuration from preset, config file and command-line overrides, validated."""
-    base = get_preset(args.preset or "default")
-    return base.replace(**_overrides(args)).validate()
+    """The run configuration from preset, config file and command-line overrides, validated; relative paths of
+    ``folder:`` and ``npz:`` tasks are made absolute, since the run stores them and may be resumed from anywhere."""
+    from munet.data.user import absolute_spec
+
+    cfg = get_preset(args.preset or "default").replace(**_overrides(args)).validate()
+    return cfg.replace(tasks=[absolute_spec(t) for t in cfg.tasks])
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -62,9 +65,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_add_task(args: argparse.Namespace) -> int:
+    from munet.data.user import absolute_spec
     from munet.runner import add_tasks
 
-    add_tasks(args.run_dir, args.tasks, _overrides(args))
+    add_tasks(args.run_dir, [absolute_spec(t) for t in args.tasks], _overrides(args))
     return 0
 
 

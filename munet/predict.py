@@ -63,6 +63,9 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
     for item in items:
         if isinstance(item, (str, FsPath)):
             path = FsPath(item)
+            if path.is_dir():
+                raise DataError(f"{path} is a directory, not an image file; pass the image files it holds (e.g. "
+                                f"{path / '*.png'})")
             if not path.is_file():
                 raise DataError(f"image file {path} does not exist")
             arr = _read_image(path)

@@ -332,3 +332,50 @@ def test_read_only_commands_change_nothing(run_dir, tmp_path, capsys):
     for argv in (["status", str(empty)], ["check", str(empty)], ["history", str(empty)]):
         _error(capsys, argv)
     assert (empty / DB_NAME).read_bytes() == b"" and sorted(p.name for p in empty.iterdir()) == [DB_NAME]
+
+
+# --- 4. misleading words --------------------------------------------------------------------------------------------
+def test_empty_database_is_not_a_run(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / DB_NAME).write_bytes(b"")
+    for argv in (["status", str(run)], ["check", str(run)], ["resume", str(run)]):
+        err = _error(capsys, argv)
+        assert "not a munet run (empty database" in err and "incompatible" not in err
+    assert (run / DB_NAME).read_bytes() == b""  # `check` once rewrote it
+    assert _cli_run(monkeypatch, run) == 0  # an empty database holds nothing to lose: a new run may start there
+
+
+def test_wrong_kind_of_path_is_named(run_dir, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    err = _error(capsys, ["predict", str(run_dir), "--task", "a", str(tmp_path / "images")])
+    assert "is a directory, not an image file" in err
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a run directory" in _error(capsys, ["check", str(tmp_path / "file")])
+    err = _error(capsys, ["status", str(run_dir / DB_NAME)])
+    assert "is a file, not a run directory; pass its directory" in err
+    assert "does not exist" in _error(capsys, ["check", str(tmp_path / "nothing")])
+
+
+def test_relative_data_paths_are_stored_absolute(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from munet.storage.store import Store
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("t.npz", "sub/u.npz"):
+        np.savez(data / name, x=rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), y=np.arange(40) % 2)
+    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(3))
+    monkeypatch.chdir(data)
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--tasks", "npz:t.npz,split:npz:sub/u.npz:0-1", "--image-size", "8",
+            "--max-image-size", "8", "--children-per-task", "2", "--generation-size", "2",
+            "--steps-between-validations", "1", "--validations", "1", "--batch-size", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    with Store.open(out) as store:
+        assert store.get("config")["tasks"] == [f"npz:{data / 't.npz'}", f"split:npz:{data / 'sub' / 'u.npz'}:0-1"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["resume", str(out)]) == 0  # once "npz file t.npz does not exist"
+    assert "is complete" in capsys.readouterr().out

@@ -20,8 +20,8 @@ from munet.data.splits import stratified_split
 from munet.data.task import TaskData
 from munet.errors import DataError
 
-__all__ = ["DEFAULT_FOLDER_SIZE", "images_to_nchw_uint8", "load_image_folder", "load_npz", "pil_to_array",
-           "stack_pil_images", "task_from_arrays"]
+__all__ = ["DEFAULT_FOLDER_SIZE", "absolute_spec", "images_to_nchw_uint8", "load_image_folder", "load_npz",
+           "pil_to_array", "stack_pil_images", "task_from_arrays"]
 
 #: Stored size when the images of a folder do not all share one size.
 DEFAULT_FOLDER_SIZE = 64
@@ -30,6 +30,18 @@ _GREY_TOLERANCE = 2
 _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # Fractions used when a folder or file has no explicit splits: 70 / 10 / 20 % of each class.
 _AUTO_FRACTIONS = (0.7, 0.1, 0.2)
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with the path of a ``folder:`` or ``npz:`` source made absolute (inside ``split:`` too), so that it
+    names the same data from any working directory: a run stores its specs and is resumed from anywhere."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("folder", "npz") and rest:
+        return f"{kind}:{Path(rest).expanduser().absolute()}"
+    base, sep, selection = rest.rpartition(":")
+    if kind == "split" and sep and base:
+        return f"split:{absolute_spec(base)}:{selection}"
+    return spec
 
 
 def _size_tuple(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:

@@ -167,8 +167,12 @@ class Store:
         lock = _lock(run_dir) if write else None
         conn = None
         try:
-            conn = _connect(db, create=False) if write else _connect_readonly(db)
+            conn = _connect_readonly(db)
             _check_version(conn, db, require_checkpoint)
+            if write:  # only once it is known to be a run: opening for writing turns the database to WAL mode
+                conn.close()
+                conn = None
+                conn = _connect(db, create=False)
         except BaseException:
             if conn is not None:
                 conn.close()  # the last connection's close removes SQLite's -wal and -shm files again

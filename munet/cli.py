@@ -99,7 +99,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from munet.storage.check import check_store
 
-    report = check_store(args.run_dir)
+    report = check_store(args.run_dir, data=args.data)
     for note in report.notes:
         print(f"note: {note}")
     for problem in report.problems:
@@ -181,6 +181,8 @@ def make_parser() -> argparse.ArgumentParser:
     hi_p.set_defaults(func=_cmd_history)
     ck_p = sub.add_parser("check", help="verify every blob and reference of a run directory (exit 1 on problems)")
     ck_p.add_argument("run_dir", help="run directory")
+    ck_p.add_argument("--data", action="store_true", help="also load every task's data and compare it with the "
+                      "fingerprint stored when the task joined the run")
     ck_p.set_defaults(func=_cmd_check)
     ex_p = sub.add_parser("export", help="write one task's model as a self-contained directory")
     ex_p.add_argument("run_dir", help="run directory")

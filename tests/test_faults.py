@@ -51,9 +51,9 @@ def _error(capsys, argv: list[str], status: int = 2) -> str:
     return err
 
 
-def _cli_run(monkeypatch: pytest.MonkeyPatch, out, *extra: str) -> int:
+def _cli_run(monkeypatch: pytest.MonkeyPatch, out, *extra: str, root=make_tiny_root) -> int:
     """``munet run`` of the tiny configuration of ``make_run`` (tiny root, synthetic tasks) through the CLI."""
-    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))
+    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: root(depth or 3))
     monkeypatch.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
         n: make_task(n, 3 - i, seed=i + 1) for i, n in enumerate(specs)})
     return main(["run", "--out", str(out), "--set", "tasks=a,b", "--root", "tiny", "--depth", "3", "--image-size", "8",
@@ -379,3 +379,119 @@ def test_relative_data_paths_are_stored_absolute(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["resume", str(out)]) == 0  # once "npz file t.npz does not exist"
     assert "is complete" in capsys.readouterr().out
+
+
+# --- 5. silently wrong ----------------------------------------------------------------------------------------------
+class Crash(Exception):
+    """Stands for the process dying (in-process)."""
+
+
+def _crash_at_third_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from munet.storage.store import Store
+
+    seen = {"n": 0}
+
+    def crash(self, where):
+        seen["n"] += where == "commit"
+        if seen["n"] == 3:
+            raise Crash(where)
+
+    monkeypatch.setattr(Store, "crash_point", crash)
+
+
+def test_replaced_task_data_is_refused_by_resume(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from munet.data.registry import clear_cache
+
+    rng = np.random.default_rng(0)
+    arrays = {n: (rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), np.arange(40) % 2) for n in ("t", "u")}
+    for name, (x, y) in arrays.items():
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(3))
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--tasks", f"npz:{tmp_path / 't.npz'},npz:{tmp_path / 'u.npz'}",
+            "--image-size", "8", "--max-image-size", "8", "--children-per-task", "2", "--generation-size", "2",
+            "--steps-between-validations", "1", "--validations", "1", "--batch-size", "8", "--device", "cpu"]
+    with monkeypatch.context() as m:
+        _crash_at_third_commit(m)
+        with pytest.raises(Crash):
+            main(argv)
+    x, y = arrays["u"]
+    np.savez(tmp_path / "u.npz", x=255 - x, y=y)  # same shapes and labels, other images
+    clear_cache()  # a new process would read the file again
+    before = _files(out)
+    err = _error(capsys, ["resume", str(out)])
+    assert "the data of task u " in err and "is not the data the run" in err
+    assert main(["check", str(out), "--data"]) == 1
+    assert "problem: the data of task u " in capsys.readouterr().out
+    assert _files(out) == before
+    np.savez(tmp_path / "u.npz", x=x, y=y)
+    clear_cache()
+    assert main(["resume", str(out)]) == 0 and check_store(out, data=True).problems == []
+
+
+def test_resume_verifies_the_root_blobs_before_writing(tmp_path, capsys, monkeypatch):
+    from munet.storage.store import Store
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_at_third_commit(m)
+        with pytest.raises(Crash):
+            _cli_run(m, out)
+    with Store.open(out) as store:
+        digest = store.conn.execute("SELECT blob FROM components WHERE name = 'block_1' AND origin = 'root'"
+                                    ).fetchone()[0]
+    store.blob_path(digest).unlink()
+    before = _files(out)
+    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))
+    monkeypatch.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
+        n: make_task(n, 3 - i, seed=i + 1) for i, n in enumerate(specs)})
+    err = _error(capsys, ["resume", str(out)])  # once trained to the end, leaving a store predict cannot read
+    assert f"blob {digest}.safetensors of the root's block_1 is missing" in err
+    assert _files(out) == before
+
+
+def test_record_pointed_at_another_components_blob_is_found(run_dir, tmp_path, capsys):
+    run = _copy(run_dir, tmp_path / "run")
+    with sqlite3.connect(run / DB_NAME) as db:  # two blocks of the root: the same shapes, both blobs sound
+        blobs = dict(db.execute("SELECT name, blob FROM components WHERE origin = 'root'"))
+        db.execute("UPDATE components SET blob = ? WHERE name = 'block_2' AND origin = 'root'", (blobs["block_1"],))
+    db.close()
+    assert main(["check", str(run)]) == 1  # once passed, and predict answered with the wrong weights
+    assert "points at another blob" in capsys.readouterr().out
+    from PIL import Image
+
+    Image.new("L", (12, 12)).save(tmp_path / "x.png")
+    assert "points at another blob" in _error(capsys, ["predict", str(run), "--task", "a", str(tmp_path / "x.png")])
+
+
+def test_root_with_nan_weights_is_refused(tmp_path, capsys, monkeypatch):
+    import torch
+
+    def nan_root(depth: int):
+        root = make_tiny_root(depth)
+        with torch.no_grad():
+            root.model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+        return root
+
+    assert _cli_run(monkeypatch, tmp_path / "run", root=nan_root) == 2  # once exit 0 with every child discarded
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "NaN or infinite weights in blocks.1.mlp.fc1.weight" in err
+    assert not (tmp_path / "run" / DB_NAME).exists()
+
+
+def test_stores_without_fingerprints_or_digest_stay_readable(run_dir, tmp_path, capsys):
+    """A store written before data fingerprints and the components digest existed loads, checks and predicts."""
+    import json
+
+    import munet
+
+    run = _copy(run_dir, tmp_path / "run")
+    with sqlite3.connect(run / DB_NAME) as db:
+        ck = json.loads(db.execute("SELECT value FROM meta WHERE key = 'checkpoint'").fetchone()[0])
+        del ck["components_digest"]
+        db.execute("UPDATE meta SET value = ? WHERE key = 'checkpoint'", (json.dumps(ck),))
+        db.execute("DELETE FROM meta WHERE key = 'data_fingerprints'")
+    db.close()
+    assert check_store(run).problems == [] and munet.load(run).tasks == ["a", "b"]

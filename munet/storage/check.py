@@ -3,7 +3,6 @@ reference between records (paths, population, components, root, checkpoint) and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
@@ -28,10 +27,14 @@ class CheckReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def check_store(run_dir: str | FsPath) -> CheckReport:
+def check_store(run_dir: str | FsPath, data: bool = False) -> CheckReport:
     """Verifies the store in ``run_dir``, read-only; a store that cannot be opened at all raises StoreError instead.
 
     A database without a checkpoint record is opened anyway, so that its damage is reported as a problem.
+
+    Args:
+        run_dir: the run directory.
+        data: also load every task's data and compare it with the fingerprint stored when it joined the run.
     """
     report = CheckReport()
     with Store.open(run_dir, require_checkpoint=False) as store:
@@ -55,6 +58,8 @@ def check_store(run_dir: str | FsPath) -> CheckReport:
                 _check_blob(store, momentum, f"momentum of {what}", shapes, exact=False, problems=problems)
                 referenced.add(momentum)
         _check_references(store, components, problems)
+        if data:
+            _check_data(store, report)
         files = list((store.dir / BLOB_DIR).iterdir()) if (store.dir / BLOB_DIR).is_dir() else []
         orphans = [p for p in files if p.suffix == ".safetensors" and p.stem not in referenced]
         partial = [p for p in files if p.name.endswith(".tmp")]
@@ -71,16 +76,9 @@ def _check_blob(store: Store, digest: str, what: str, shapes: dict[str, list[int
                 problems: list[str]) -> None:
     """Hash, format and tensor shapes of one blob (``exact``: the same tensor names, else a subset)."""
     path = store.blob_path(digest)
-    if not path.is_file():
-        problems.append(f"blob {path.name} of {what} is missing")
-        return
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    if sha.hexdigest() != digest:
-        problems.append(f"blob {path.name} of {what} is corrupt: its content does not match its sha256 (truncated or "
-                        "altered)")
+    problem = store.blob_problem(digest, what)
+    if problem:
+        problems.append(problem)
         return
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -100,6 +98,10 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         if cid not in components:
             problems.append(f"the root's {name} (component #{cid}) has no component record")
     ck = store.get("checkpoint") or {}
+    bound = ck.get("components_digest")  # absent in stores written before it was recorded
+    if bound is not None and bound != store.components_digest():
+        problems.append("the component records are not those the checkpoint was written with: a record points at "
+                        "another blob than when it was stored")
     for grid, cid in (ck.get("posembeds") or {}).items():
         if cid not in components:
             problems.append(f"the root position embedding for a {grid}x{grid} grid (component #{cid}) has no record")
@@ -129,3 +131,24 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
     tasks = {row[0] for row in store.conn.execute("SELECT name FROM tasks")}
     for task in set(plan.get("order", [])) - tasks:
         problems.append(f"planned task {task!r} has no task record")
+
+
+def _check_data(store: Store, report: CheckReport) -> None:
+    """Each task's data, loaded from its source, against the fingerprint stored when it joined the run."""
+    from munet.data.registry import load_task
+    from munet.errors import MunetError
+    from munet.storage.snapshot import data_fingerprint
+
+    cfg, stored = store.get("config") or {}, store.get("data_fingerprints") or {}
+    for spec in cfg.get("tasks", []):
+        try:
+            task = load_task(spec, cfg["seed"], cfg["data_dir"])
+        except MunetError as err:
+            report.notes.append(f"the data of task {spec} could not be loaded, so it was not verified: {err}")
+            continue
+        if task.name not in stored:
+            report.notes.append(f"task {task.name} has no stored data fingerprint (a store from an older munet)")
+        elif data_fingerprint(task) != stored[task.name]:
+            report.problems.append(f"the data of task {task.name} ({task.description}) is not the data the run was "
+                                   "made with (its sha256 differs from the one stored then)")
+    report.counts["data sets"] = len(stored)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from munet.data.task import TaskData
-from munet.errors import StoreError, WeightsError
+from munet.errors import DataError, StoreError, WeightsError
 from munet.evolution.loop import Evolution, IterationState
 from munet.evolution.system import ScoreConfig, System
 from munet.model.components import (
@@ -66,13 +66,46 @@ class Checkpoint:
 
 # --- writing ----------------------------------------------------------------------------------------------------
 def root_record(root: Root, system: System) -> dict[str, Any]:
-    """The root's identity and architecture; its weights are the root components' blobs."""
+    """The root's identity and architecture; its weights are the root components' blobs.
+
+    Raises:
+        WeightsError: the root has NaN or infinite weights (every child would diverge and be discarded).
+    """
+    for name, tensor in root.model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"the root {root.description} [{root.source}] has NaN or infinite weights in {name}: "
+                               "nothing can be trained on it; check or replace its weights file")
     return {"name": root.name, "description": root.description, "source": root.source, "sha256": root.sha256,
             "mean": list(root.mean), "std": list(root.std), "pretrained": root.pretrained,
             "full_depth": root.full_depth, "depth": root.depth, "patch_size": root.patch_size,
             "arch": check_rebuild(root.model, describe_vit(root.model)), "path_id": system.root_path.id,
             "components": {n: c.id for n, c in system.root_path.components.items()},
             "hparams": system.root_path.hparams}
+
+
+def data_fingerprint(data: TaskData) -> str:
+    """sha256 over a task's class names and every split's images and labels (shapes, types and bytes): stored when
+    the task joins a run, compared when the run resumes, so replaced data cannot silently change a run."""
+    sha = hashlib.sha256(json.dumps(data.class_names).encode())
+    for split in ("train", "val", "test"):
+        for tensor in data.split(split):
+            array = tensor.contiguous().numpy()
+            sha.update(f"{split} {array.dtype} {array.shape}".encode())
+            sha.update(array.data)
+    return sha.hexdigest()
+
+
+def _fingerprints(store: Store, tasks: dict[str, TaskData]) -> dict[str, str]:
+    """The stored data fingerprints with those of ``tasks`` added; raises DataError when a task's data is not the
+    data it joined the run with (checked before the checkpoint writes anything)."""
+    stored = dict(store.get("data_fingerprints") or {})  # a store written before fingerprints records them now
+    for name, data in tasks.items():
+        digest = data_fingerprint(data)
+        if stored.setdefault(name, digest) != digest:
+            raise DataError(f"the data of task {name} ({data.description}) is not the data the run in {store.dir} "
+                            f"was made with (its sha256 differs from the one stored then); restore the original data, "
+                            "or start a new run in another directory")
+    return stored
 
 
 def path_row(system: System, path: Path) -> dict[str, Any]:
@@ -124,6 +157,7 @@ def save_checkpoint(store: Store, system: System, evolution: Evolution, state: I
         meta: extra meta values to write in the same transaction (config, root identity).
         tasks: tasks to record (name, classes) if not recorded yet, in the run's order.
     """
+    fingerprints = _fingerprints(store, tasks) if tasks else None
     live = _live_paths(system)
     comps = {c.id: c for c in system.root_path.components.values()}
     comps.update({c.id: c for c in system.posembed_cache.values()})
@@ -141,6 +175,8 @@ def save_checkpoint(store: Store, system: System, evolution: Evolution, state: I
     with store.transaction() as db:
         for key, value in (meta or {}).items():
             store.put(key, value)
+        if fingerprints is not None:
+            store.put("data_fingerprints", fingerprints)
         recorded = {row[0] for row in db.execute("SELECT name FROM tasks")}
         new = [(name, data) for name, data in (tasks or {}).items() if name not in recorded]
         db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
@@ -167,6 +203,7 @@ def save_checkpoint(store: Store, system: System, evolution: Evolution, state: I
             "posembeds": {str(g): c.id for g, c in system.posembed_cache.items()},
             "num_classes": system.num_classes, "policy_rng": _jsonable_state(evolution.policy.rng.getstate()),
             "python_rng": _jsonable_state(random.getstate()), "saved_at": time.time(),
+            "components_digest": store.components_digest(),
             "in_flight": None if state is None else {
                 "task": state.task, "seeds": [p.id for p in state.seeds], "next_seed": state.next_seed,
                 "generation": state.generation},
@@ -245,6 +282,10 @@ def verify_root(store: Store, root: Root, system: System) -> None:
         if digest is None or digest != _digest(comp.module.state_dict()):
             raise WeightsError(f"the root's {name} differs from the one the run in {store.dir} was made with "
                                f"({rec['description']})")
+        # the root's blobs are never read when it comes from its source, yet `predict` and `export` read them
+        problem = store.blob_problem(digest, f"the root's {name}")
+        if problem:
+            raise StoreError(f"{problem}; run `munet check {store.dir}`")
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -270,6 +311,10 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     if ck is None or plan is None:
         raise StoreError(f"{store.dir} holds no committed checkpoint")
     rec = store.get("root")
+    bound = ck.get("components_digest")  # absent in stores written before it was recorded
+    if bound is not None and bound != store.components_digest():
+        raise StoreError(f"the component records of {store.dir} are not those its checkpoint was written with (a "
+                         f"record points at another blob); run `munet check {store.dir}`")
     system = System(root, image_size, score, extra_hparams)
     if {n: c.id for n, c in system.root_path.components.items()} != rec["components"]:
         raise StoreError(f"the root components of {store.dir} do not match the root's layout")

@@ -277,6 +277,32 @@ class Store:
         except SafetensorError as err:  # pragma: no cover - a file matching its hash was written by us
             raise StoreError(f"blob {path.name} of {what} is not a safetensors file: {err}") from err
 
+    def blob_problem(self, digest: str, what: str) -> str | None:
+        """Why blob ``digest`` (of ``what``) cannot be trusted: missing, unreadable, or its content not matching its
+        name (truncated or altered); ``None`` when it is sound. Reads the file in chunks, loads nothing."""
+        path = self.blob_path(digest)
+        if not path.is_file():
+            return f"blob {path.name} of {what} is missing"
+        sha = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(chunk)
+        except OSError as err:
+            return f"blob {path.name} of {what} is unreadable: {err.strerror or err}"
+        if sha.hexdigest() != digest:
+            return (f"blob {path.name} of {what} is corrupt: its content does not match its sha256 (truncated or "
+                    "altered)")
+        return None
+
+    def components_digest(self) -> str:
+        """sha256 binding every component record to its blobs (id, name, blob, momentum): stored with each checkpoint,
+        so a record pointed at another component's (sound) blob is found."""
+        sha = hashlib.sha256()
+        for row in self.conn.execute("SELECT id, name, blob, momentum FROM components ORDER BY id"):
+            sha.update(json.dumps(row).encode())
+        return sha.hexdigest()
+
     def referenced_blobs(self) -> set[str]:
         rows = self.conn.execute("SELECT blob, momentum FROM components").fetchall()
         return {d for row in rows for d in row if d}

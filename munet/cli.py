@@ -104,7 +104,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     for problem in report.problems:
         print(f"problem: {problem}")
-    counts = ", ".join(f"{n} {what}" for what, n in report.counts.items())
+    counts = ", ".join(f"{n} {what}" for what, n in report.counts.items()) or "what could be read"
     if report.problems:
         print(f"{args.run_dir}: {len(report.problems)} problem(s) found (checked {counts})")
         return 1

@@ -100,6 +100,8 @@ class RunConfig:
         """Raises ConfigError naming the first value outside its allowed range; returns self."""
         if not self.tasks:
             raise ConfigError("tasks: at least one task is needed")
+        if not all(isinstance(t, str) and t.strip() for t in self.tasks):
+            raise ConfigError(f"tasks: every task must be a non-empty spec string, got {self.tasks}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks: duplicate entries in {self.tasks}")
         positive = ("children_per_task", "generation_size", "rounds", "batch_size", "steps_between_validations",

@@ -495,3 +495,104 @@ def test_stores_without_fingerprints_or_digest_stay_readable(run_dir, tmp_path, 
         db.execute("DELETE FROM meta WHERE key = 'data_fingerprints'")
     db.close()
     assert check_store(run).problems == [] and munet.load(run).tasks == ["a", "b"]
+
+
+# --- generated bad input (seeded, so a failure reproduces) ----------------------------------------------------------
+def _damage(rng, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.choice([1, 4, 32])):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    return bytes(data[: rng.randrange(1, len(data))] if rng.random() < 0.3 else data)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fuzz_damaged_database(run_dir, tmp_path, capsys, seed):
+    """Random byte flips and truncations of munet.db: every read-only command answers (ok, problems, or `error:`),
+    never a traceback (once: sqlite3.DatabaseError, JSONDecodeError, KeyError), and changes nothing."""
+    import random
+
+    from PIL import Image
+
+    Image.new("L", (12, 12)).save(tmp_path / "x.png")
+    rng = random.Random(seed)
+    for case in range(20):
+        run = _copy(run_dir, tmp_path / f"c{case}")
+        (run / DB_NAME).write_bytes(_damage(rng, (run / DB_NAME).read_bytes()))
+        before = _files(run)
+        for argv in (["check", str(run)], ["status", str(run)], ["history", str(run)],
+                     ["predict", str(run), "--task", "all", str(tmp_path / "x.png")]):
+            status = main(argv)
+            err = capsys.readouterr().err
+            assert status in (0, 1, 2) and "Traceback" not in err, (case, argv, err)
+            assert status != 2 or err.startswith("error: "), (case, argv, err)
+        assert _files(run) == before, case
+
+
+def _random_array(rng, np):
+    shape = tuple(int(rng.integers(0, 6)) for _ in range(int(rng.integers(0, 5))))
+    kind = rng.choice(["u1", "f4", "i8", "bool", "U3"])
+    if kind == "U3":
+        return np.full(shape, "ab")
+    if kind == "f4":
+        return rng.choice([0.0, 0.5, 1.0, 2.0, np.nan, np.inf, -1.0], size=shape).astype(np.float32)
+    if kind == "i8":
+        return rng.choice([0, 1, 2, 255, 256, -1, 2**40], size=shape)
+    return rng.integers(0, 2 if kind == "bool" else 256, size=shape).astype(kind)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzz_bad_npz(tmp_path, seed):
+    """Random arrays under the npz keys load or raise DataError naming the file; nothing else."""
+    import numpy as np
+
+    from munet.data.user import load_npz
+    from munet.errors import DataError
+
+    rng = np.random.default_rng(seed)
+    loaded = 0
+    for case in range(150):
+        layouts = [["x", "y"], ["images", "labels"], ["x_train", "y_train", "x_test", "y_test"], ["x"]]
+        keys = layouts[int(rng.integers(len(layouts)))]
+        arrays = {k: _random_array(rng, np) for k in keys}
+        if rng.random() < 0.5:  # often a plausible image array, so the labels get checked too
+            arrays[keys[0]] = rng.integers(0, 256, (int(rng.integers(1, 30)), 4, 4)).astype(np.uint8)
+        if rng.random() < 0.2:
+            arrays["class_names"] = _random_array(rng, np)
+        path = tmp_path / f"c{case}.npz"
+        np.savez(path, **arrays)
+        try:
+            load_npz(path, seed=0)
+            loaded += 1
+        except DataError as err:
+            assert str(path) in str(err), (case, err)
+    assert loaded < 150  # the generator does make bad files
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzz_config_values(tmp_path, seed):
+    """Random values for every key, as --set pairs and in TOML files: a valid config, or a ConfigError naming the
+    key; never another exception."""
+    import dataclasses
+    import random
+
+    from munet.cli import build_config, make_parser
+    from munet.config import RunConfig
+    from munet.errors import MunetError
+
+    rng = random.Random(seed)
+    keys = [f.name for f in dataclasses.fields(RunConfig)]
+    values = ["-1", "0", "1", "0.5", "1e400", "-1e400", "nan", "inf", str(2**63), str(-(2**63)), "true", "x", "",
+              "a,b", "4096", "1,2"]
+    toml_values = ["-1", "0", "2", "0.5", "nan", "inf", str(2**63 - 1), '"x"', "[1, 2]", "{a = 1}", "true", "4096"]
+    for case in range(100):
+        key = rng.choice(keys)
+        if rng.random() < 0.5:
+            argv = ["run", "--set", f"{key}={rng.choice(values)}"]
+        else:
+            cfg = tmp_path / f"c{case}.toml"
+            cfg.write_text(f"{key} = {rng.choice(toml_values)}\n")
+            argv = ["run", "--config", str(cfg)]
+        try:
+            build_config(make_parser().parse_args(argv))
+        except MunetError:
+            pass

@@ -153,6 +153,8 @@ def images_to_nchw_uint8(x: np.ndarray, source: str) -> np.ndarray:
         raise DataError(f"{source}: images must have shape (N,H,W), (N,H,W,C) or (N,C,H,W); got {x.shape}")
     if x.shape[0] == 0:
         raise DataError(f"{source}: no images (array shape {x.shape})")
+    if min(x.shape[2:]) == 0:
+        raise DataError(f"{source}: images of shape {x.shape} have no pixels (height or width 0)")
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if np.issubdtype(x.dtype, np.floating):

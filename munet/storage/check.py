@@ -9,7 +9,7 @@ from pathlib import Path as FsPath
 
 from safetensors import safe_open
 
-from munet.storage.store import BLOB_DIR, Store
+from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
 
 
 @dataclass
@@ -38,38 +38,47 @@ def check_store(run_dir: str | FsPath, data: bool = False) -> CheckReport:
     """
     report = CheckReport()
     with Store.open(run_dir, require_checkpoint=False) as store:
-        problems = report.problems
-        verdict = store.conn.execute("PRAGMA integrity_check").fetchone()[0]
-        if verdict != "ok":
-            problems.append(f"the database fails SQLite's integrity check: {verdict}")
-        for key in ("config", "root", "plan", "checkpoint"):
-            if store.get(key) is None:
-                problems.append(f"the database has no {key!r} record")
-        components: dict[int, str] = {}
-        referenced: set[str] = set()
-        rows = store.conn.execute("SELECT id, name, tensors, blob, momentum FROM components").fetchall()
-        for cid, name, tensors, blob, momentum in rows:
-            components[cid] = name
-            what = f"component {name}#{cid}"
-            shapes = json.loads(tensors)
-            _check_blob(store, blob, what, shapes, exact=True, problems=problems)
-            referenced.add(blob)
-            if momentum:
-                _check_blob(store, momentum, f"momentum of {what}", shapes, exact=False, problems=problems)
-                referenced.add(momentum)
-        _check_references(store, components, problems)
-        if data:
-            _check_data(store, report)
-        files = list((store.dir / BLOB_DIR).iterdir()) if (store.dir / BLOB_DIR).is_dir() else []
-        orphans = [p for p in files if p.suffix == ".safetensors" and p.stem not in referenced]
-        partial = [p for p in files if p.name.endswith(".tmp")]
-        if orphans or partial:
-            report.notes.append(f"{len(orphans)} unreferenced blob(s) and {len(partial)} partial write(s), left by an "
-                                "interrupted checkpoint; the next checkpoint deletes them")
-        report.counts = {"blobs": len(referenced), "components": len(components),
-                         "paths": store.conn.execute("SELECT COUNT(*) FROM paths").fetchone()[0],
-                         "live paths": store.conn.execute("SELECT COUNT(*) FROM live").fetchone()[0]}
+        try:
+            _check(store, report, data)
+        except (*DAMAGE_ERRORS, KeyError) as err:  # the finding; what could be read before is reported too
+            what = f"a record lacks its field {err}" if isinstance(err, KeyError) else str(err)
+            report.problems.append(f"the database is damaged, checking stopped there: {what}")
     return report
+
+
+def _check(store: Store, report: CheckReport, data: bool) -> None:
+    """Every check of :func:`check_store`, findings into ``report``."""
+    problems = report.problems
+    verdict = store.conn.execute("PRAGMA integrity_check").fetchone()[0]
+    if verdict != "ok":
+        problems.append(f"the database fails SQLite's integrity check: {verdict}")
+    for key in ("config", "root", "plan", "checkpoint"):
+        if store.get(key) is None:
+            problems.append(f"the database has no {key!r} record")
+    components: dict[int, str] = {}
+    referenced: set[str] = set()
+    rows = store.conn.execute("SELECT id, name, tensors, blob, momentum FROM components").fetchall()
+    for cid, name, tensors, blob, momentum in rows:
+        components[cid] = name
+        what = f"component {name}#{cid}"
+        shapes = json.loads(tensors)
+        _check_blob(store, blob, what, shapes, exact=True, problems=problems)
+        referenced.add(blob)
+        if momentum:
+            _check_blob(store, momentum, f"momentum of {what}", shapes, exact=False, problems=problems)
+            referenced.add(momentum)
+    _check_references(store, components, problems)
+    if data:
+        _check_data(store, report)
+    files = list((store.dir / BLOB_DIR).iterdir()) if (store.dir / BLOB_DIR).is_dir() else []
+    orphans = [p for p in files if p.suffix == ".safetensors" and p.stem not in referenced]
+    partial = [p for p in files if p.name.endswith(".tmp")]
+    if orphans or partial:
+        report.notes.append(f"{len(orphans)} unreferenced blob(s) and {len(partial)} partial write(s), left by an "
+                            "interrupted checkpoint; the next checkpoint deletes them")
+    report.counts = {"blobs": len(referenced), "components": len(components),
+                     "paths": store.conn.execute("SELECT COUNT(*) FROM paths").fetchone()[0],
+                     "live paths": store.conn.execute("SELECT COUNT(*) FROM live").fetchone()[0]}
 
 
 def _check_blob(store: Store, digest: str, what: str, shapes: dict[str, list[int]], exact: bool,

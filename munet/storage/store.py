@@ -37,6 +37,9 @@ from munet import __version__
 from munet.errors import StoreError
 
 SCHEMA_VERSION = 1
+# What reading a damaged database raises: SQLite's errors (a malformed file, text that is not UTF-8) and records
+# that are no longer JSON.
+DAMAGE_ERRORS = (sqlite3.DatabaseError, json.JSONDecodeError, UnicodeDecodeError)
 DB_NAME = "munet.db"
 BLOB_DIR = "blobs"
 LOCK_NAME = "munet.lock"
@@ -173,10 +176,12 @@ class Store:
                 conn.close()
                 conn = None
                 conn = _connect(db, create=False)
-        except BaseException:
+        except BaseException as err:
             if conn is not None:
                 conn.close()  # the last connection's close removes SQLite's -wal and -shm files again
             _unlock(lock)
+            if isinstance(err, DAMAGE_ERRORS):
+                raise StoreError(f"{db} is damaged: {err}; restore the run from a copy") from err
             raise
         return cls(run_dir, conn, lock)
 
@@ -206,8 +211,15 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        # a record without a field it always has is damage too, when only records were read (in a writer's block a
+        # KeyError may come from any code, and must stay a bug report)
+        damage = DAMAGE_ERRORS if self.writable else (*DAMAGE_ERRORS, KeyError)
         self.close()
+        if isinstance(exc, damage):  # a damaged or hand-edited database is the user's to fix, not a crash
+            raise StoreError(f"the run database {self.dir / DB_NAME} cannot be read: {exc}. It is damaged or was "
+                             f"edited: `munet check {self.dir}` reports what it can read; restore the run from a "
+                             "copy") from exc
 
     @property
     def writable(self) -> bool:

@@ -13,33 +13,22 @@ What runs:
   LoRA of several ranks (LoRA needs ``peft``: ``pip install -e '.[bench]'``; without it the LoRA points are
   skipped with a note and everything else runs).
 
-Budget: each baseline trains each task on the images of the longest lineage muNet can grow for that task:
-``rounds x ceil(children_per_task / generation_size) x validations x K x batch_size`` training images, with
-``K = min(ceil(N_train / batch_size), steps_between_validations)`` (no retained muNet path was trained on more
-images of its task; the spec's "same sequential budget as one muNet lineage"). For muNet the report also gives
-the realised lineage of each retained path and the images all of its children processed.
+Budget (equal compute, in training images): budget 1 is the mode's muNet configuration; each baseline trains each
+task on as many training images as muNet s = 1 processed for it at the same budget (every child and probe, read
+from the run's store), in whole validation periods of muNet's K. Budget b (``--curve``) gives muNet b times the
+children per task iteration and the curve baselines b times the images. Core-hours are reported beside images.
 
 Parameters per task: muNet's accounting (spec §5: a component shared by k tasks counts 1/k to each). For a
 baseline: the task's own parameters (cloned or new components; LoRA matrices only, for LoRA) plus the frozen root
 parts its path reads divided by the number of tasks (every task reads the same root parts, stored once).
 
 Compute: wall seconds, core-hours = wall seconds x cores / 3600 (cores = torch's CPU threads), and training images
-processed (validation and test passes not counted). muNet's wall time includes loading the root and the data (a few
-seconds per run); a baseline's covers building, training and testing its paths.
+processed (validation and test passes not counted).
 
-Modes (times measured on the 2-core development CPU):
-- ``--smoke``: 2 small tasks (uci_digits, faces), 1 block at 28 px, 2 children, 3 steps; s in {1, 0.3}, the random
-  root, fine-tune, freeze 0 and 1, adapters 8, LoRA 2. Checks the pipeline in about a minute; numbers mean nothing.
-- ``--quick`` (3 min 40 s): 4 tasks (uci_digits, mnist_5k, animal_silhouettes, textures), 3 blocks at 28 px,
-  4 children in generations of 2, 2 validations of at most 10 steps (muNet lineage budget 2,560 images per task);
-  all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {4, 16}.
-- full (default, under 2 h with two workers): the offline default configuration (8 tasks, 6 blocks at 42 px,
-  8 children in generations of 4, 3 validations of at most 20 steps: 7,680 images per task for the large tasks);
-  7 muNet runs (871-1,026 s each with one thread, 433 s for the random root), fine-tune, freeze 0..6, adapters
-  {8, 64} and LoRA {4, 16} (3,795 s together with one thread). Split between two single-threaded workers
-  (``--only munet`` / ``--only baselines``; a worker that runs out of its own units can take the other's
-  remaining muNet units), the whole benchmark fits in about 2 hours on 2 cores. Widen the grids with
-  ``--adapters`` / ``--lora-ranks`` where time allows.
+Modes are files in ``benchmarks/quality_modes/`` (``--mode NAME``; ``--quick`` and ``--smoke`` for short), each
+with a docstring stating what it runs, the expected result and the command. ``--tasks SPEC,...`` replaces the
+mode's tasks and ``--held-out`` uses the held-out glyph tasks (results kept apart); ``--baselines`` picks
+baselines.
 
 Resumable: each finished unit (one muNet run, or one baseline on one task) writes its result JSON under
 ``benchmarks/results/quality/<mode>/units/``; a rerun skips units whose JSON matches the current settings. An
@@ -48,15 +37,7 @@ interrupted muNet run is restarted from scratch (its partial run directory is re
 Outputs: ``benchmarks/results/quality.json`` and ``quality.png`` (``quality_quick.*`` for ``--quick``; smoke
 results stay under ``benchmarks/results/quality/smoke/``), and a printed table.
 
-Commands::
-
-    pip install -e '.[bench]'                 # peft for the LoRA baselines
-    python benchmarks/quality.py --smoke      # about a minute
-    python benchmarks/quality.py --quick      # about 15 minutes
-    python benchmarks/quality.py              # full, at most 2 hours
-    # or on 2 cores, the two halves side by side (one thread each), then the report from the finished units:
-    OMP_NUM_THREADS=1 python benchmarks/quality.py --only munet & OMP_NUM_THREADS=1 python benchmarks/quality.py \
-        --only baselines; wait; python benchmarks/quality.py
+Commands: see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -494,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", help="comma-separated adapter widths (overrides the mode's)")
     parser.add_argument("--lora-ranks", help="comma-separated LoRA ranks (overrides the mode's)")
     parser.add_argument("--results", default=str(RESULTS), help="results directory (default: benchmarks/results)")
+    parser.add_argument("--baselines", help="comma-separated baselines (e.g. freeze:0,adapters:64) replacing the "
+                                            "mode's budget-1 grid, in that order")
     parser.add_argument("--plan", action="store_true", help="print the units and exit")
     parser.add_argument("--only", choices=("munet", "baselines"),
                         help="run only these units and write no report (to split the units between two processes; "
@@ -535,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                  for label, changes in mode.ablations]
     specs = [BaselineSpec("finetune")] + [BaselineSpec("freeze", x) for x in range(cfg.depth + 1)]
     specs += [BaselineSpec("adapters", a) for a in mode.adapters] + [BaselineSpec("lora", r) for r in mode.lora_ranks]
+    if args.baselines:
+        specs = [BaselineSpec.parse(t) for t in args.baselines.split(",") if t]
     curve_specs = [BaselineSpec.parse(t) for t in mode.curve_baselines]
     print(f"quality benchmark, {name} mode{' with the curve' if args.curve else ''}: {len(runs)} muNet runs, "
           f"{len(specs)} baselines x {len(cfg.tasks)} tasks" + (f", {len(curve_specs)} baselines at budgets "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import re
 import sqlite3
 
 import numpy as np
 import pytest
 import torch
 
+import munet
 from munet.cli import main
 from munet.config import RunConfig
 
@@ -45,10 +48,17 @@ def test_run_then_add_task_keeps_earlier_tasks_bit_identical(tmp_path, capsys):
     with sqlite3.connect(out / "munet.db") as db:
         # 2 children per task, and the separate probes: the root (uci_digits), uci_digits' path and the root (faces)
         assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 2 * 2 + 1 + 2
+    images = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 28, 28, 3), dtype=torch.uint8, generator=images).numpy()
+    predicted = {t: [p.probabilities for p in ps] for t, ps in munet.load(out).predict(images).items()}
     assert main(["add-task", str(out), "textures", *TINY]) == 0
     after = {r["task"]: r["test_acc"] for r in json.loads((out / "summary.json").read_text())["tasks"]}
     assert set(after) == {"uci_digits", "faces", "textures"}
     assert all(after[t] == before[t] for t in before)
+    # recomputed from the store after the new task: the earlier tasks' answers are bit-identical
+    again = munet.load(out).predict(images)
+    for task, probabilities in predicted.items():
+        assert [p.probabilities for p in again[task]] == probabilities
     _error(capsys, ["add-task", str(out), "textures"])  # nothing new to add
 
 
@@ -125,4 +135,16 @@ def test_altered_weights_file_is_rejected(capsys, tmp_path):
 def test_default_config_is_valid_and_matches_docs():
     cfg = RunConfig().validate()
     assert len(cfg.tasks) == 8 and cfg.root == "dinov2-imgfocus"
-    assert torch.device("cpu")
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = 0
+    for row in readme.splitlines():  # the README's key table: | `a`, `b` | 1, `x` | meaning |
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        if len(cells) != 3 or not cells[0].startswith("`") or cells[1].startswith(("the ", "`dinov2")):
+            continue
+        keys = [k.strip(" `") for k in re.split(r",|/", cells[0])]
+        values = [v.strip(" `") for v in re.split(r", | / ", cells[1])]
+        if all(k in cfg.to_dict() for k in keys):
+            for key, value in zip(keys, values, strict=True):
+                assert value == str(getattr(cfg, key)).lower() or float(value) == getattr(cfg, key), key
+                documented += 1
+    assert documented >= 20

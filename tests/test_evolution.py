@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from conftest import make_task, make_tiny_root
 
@@ -74,10 +75,14 @@ def test_seed_phase_probes_other_tasks_then_mutates():
     assert all(not c.metrics["seed_probe"] for c in seen[2:])
 
 
-def test_population_cap_and_end_of_iteration_keep_best():
-    evo = _evolution(cap=1)
+@pytest.mark.parametrize("cap", [0, 1])
+def test_population_cap_and_end_of_iteration_keep_best(cap):
+    evo = _evolution(cap=cap)
+    sizes = []
+    evo.on_generation = lambda task, gen, children: sizes.append(len(evo.system.paths[task]))
     evo.task_iteration("a")
-    assert len(evo.system.paths["a"]) == 1
+    assert max(sizes) == 1 if cap else max(sizes) > 1  # without a cap the population grows within the iteration
+    assert len(evo.system.paths["a"]) == 1  # the end of an iteration keeps the best path only
 
 
 def test_per_action_policy_runs():

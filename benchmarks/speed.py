@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (conventional alias)
 from torch import nn
 
-import munet.evolution.loop as loop_module
 from munet.config import RunConfig
 from munet.configs.default import get_config
 from munet.data.augment import eval_batch
@@ -345,26 +344,21 @@ def capture_generations(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], 
     run_tasks = {n: tasks[n] for n in CAPTURE_TASKS}
     evo = new_evolution(root, cfg, run_tasks, sizes.capture, children=2 * generation_size,
                         generation_size=generation_size, max_seeds=cfg.max_seeds)
-    real = loop_module.train_generation
     found: dict[str, Generation] = {}
 
-    def spy(children: list[Path], to_beat: list[float], task: TaskData, ds: dict[str, Any], *args: Any,
-            **kwargs: Any) -> None:
-        if task.name == CAPTURE_TASKS[-1]:
+    def spy(task: str, gen: int, children: list[Path], to_beat: list[float], ds: dict[str, Any]) -> None:
+        if task == CAPTURE_TASKS[-1]:
             phase = "seed_phase" if any(c.metrics["seed_probe"] for c in children) else "after_seed_phase"
-            found.setdefault(phase, Generation(detached_copy(children), list(to_beat), task.name, dict(ds)))
+            found.setdefault(phase, Generation(detached_copy(children), list(to_beat), task, dict(ds)))
             if phase == "after_seed_phase":
                 raise _Captured
-        real(children, to_beat, task, ds, *args, **kwargs)
 
-    loop_module.train_generation = spy  # the loop calls train_generation through its module globals
+    evo.before_training = spy
     try:
         for name in CAPTURE_TASKS:
             evo.task_iteration(name)
     except _Captured:
         pass
-    finally:
-        loop_module.train_generation = real
     if len(found) < 2:
         raise RuntimeError("the capture run sampled no generation after the seed phase; raise children_per_task")
     return found

@@ -105,3 +105,13 @@ def test_separate_probes_take_no_child_slot_and_train_their_own_budget():
     assert len(rest) == 2 and len(children) == evo.children_per_task  # 4 children in generations of 2
     assert not any(c.metrics["seed_probe"] for c in children)
     assert all(len(c.metrics["evals"]) == evo.settings.validations for c in children if not c.metrics["failed"])
+
+
+def test_before_training_hook_sees_each_generation_untrained():
+    evo = _evolution()
+    seen = []
+    evo.before_training = lambda task, gen, children, to_beat, ds: seen.append(
+        (task, gen, len(children), len(to_beat), ds["ds_image_size"], any("quality" in c.metrics for c in children)))
+    evo.task_iteration("a")
+    assert [s[:4] for s in seen] == [("a", 0, 2, 2), ("a", 1, 2, 2)]  # 4 children in generations of 2
+    assert not any(s[5] for s in seen)

@@ -79,6 +79,8 @@ class Evolution:
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.on_step: Callable[[int], None] | None = None
         self.on_generation: Callable[[str, int, list[Path]], None] | None = None
+        # hook called with (task, generation, children, scores to beat, data hparams) just before training
+        self.before_training: Callable[[str, int, list[Path], list[float], dict[str, Any]], None] | None = None
 
     @property
     def rng(self) -> random.Random:
@@ -167,6 +169,8 @@ class Evolution:
             for comp in child.components.values():
                 comp.module.to(self.settings.device)
         to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
+        if self.before_training:
+            self.before_training(task, gen, children, to_beat, ds)
         settings = self.probe_settings if probing else self.settings
         train_generation(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
                          self._score_with_quality, state.generator, on_step=self.on_step)

@@ -127,6 +127,7 @@ def test_history_matches_the_store(run_dir, capsys):
     assert main(["history", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "mutations in children of the same task" in out and f"best path {best['a']} " in out
+    assert tasks["a"]["origin_is_root"] and "grown from root" in out  # the first task has nothing else to grow from
     assert main(["history", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tasks"][0]["task"] == "a"
 

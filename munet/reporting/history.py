@@ -11,15 +11,12 @@ the child record does not list them itself.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path as FsPath
 from typing import Any
 
 from munet.storage.store import Store
-
-ROOT_PATH_ID = 0
 
 
 def mutation_kind(key: str) -> str:
@@ -40,13 +37,11 @@ def _child_mutations(row: dict[str, Any], parent: dict[str, Any] | None) -> dict
 def run_history(run_dir: str | FsPath) -> dict[str, Any]:
     """The mutation statistics and best-path lineages of the run in ``run_dir`` (see :func:`format_history`)."""
     with Store.open(run_dir) as store:
-        tasks = [row[0] for row in store.conn.execute("SELECT name FROM tasks ORDER BY position")]
-        rows = {pid: {"id": pid, "task": task, "parent": parent, "hparams": json.loads(hp),
-                      "mutations": json.loads(mut or "{}"), "accepted": acc, "quality": q, "test": tq, "score": sc}
-                for pid, task, parent, hp, mut, acc, q, tq, sc in store.conn.execute(
-                    "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score FROM paths")}
-        live = "SELECT path_id FROM live WHERE rank IS NOT NULL"
-        retained = {row[0] for row in store.conn.execute(live)}
+        tasks = store.task_names()
+        root = store.get("root") or {}
+        rows = {r["id"]: dict(r, accepted=int(r["accepted"]), test=r["test_quality"]) for r in store.sampled_paths()}
+    retained = {pid for pid, r in rows.items() if r["retained"]}
+    root_id = root.get("path_id", 0)
 
     stats: dict[str, dict[str, float]] = defaultdict(lambda: {"tried": 0, "accepted": 0, "delta_sum": 0.0})
     def zero(task: str) -> dict[str, Any]:
@@ -70,8 +65,7 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
             stats[kind]["accepted"] += bool(row["accepted"])
             stats[kind]["delta_sum"] += delta
 
-    defaults = next((r["hparams"] for r in sorted(rows.values(), key=lambda r: r["id"])
-                     if r["parent"] == ROOT_PATH_ID and not r["mutations"]), {})
+    defaults = root.get("hparams", {})  # the root path's: where every lineage's hyperparameters start
     for task, counts in per_task.items():
         best = max((rows[p] for p in retained if p in rows and rows[p]["task"] == task),
                    key=lambda r: (r["score"] if r["score"] is not None else float("-inf"), r["id"]), default=None)
@@ -81,7 +75,8 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
         while pid in rows and rows[pid]["task"] == task:
             lineage.append({"path": pid, "val": rows[pid]["quality"], "mutations": rows[pid]["all_mutations"]})
             pid = rows[pid]["parent"]
-        counts.update(best=best["id"], val=best["quality"], test=best["test"], origin=pid, lineage=lineage[::-1],
+        counts.update(best=best["id"], val=best["quality"], test=best["test"], origin=pid,
+                      origin_is_root=pid == root_id, lineage=lineage[::-1],
                       moved={k: [defaults[k], v] for k, v in best["hparams"].items()
                              if k in defaults and defaults[k] != v})
     mutations = [{"kind": k, "tried": int(s["tried"]), "accepted": int(s["accepted"]),
@@ -89,8 +84,8 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
     return {"run": str(run_dir), "mutations": mutations, "tasks": list(per_task.values())}
 
 
-def _origin(pid: int | None) -> str:
-    return "root" if pid == ROOT_PATH_ID else f"path {pid}"
+def _origin(task: dict[str, Any]) -> str:
+    return "root" if task.get("origin_is_root") else f"path {task['origin']}"
 
 
 def format_history(h: dict[str, Any]) -> str:
@@ -106,7 +101,7 @@ def format_history(h: dict[str, Any]) -> str:
         if "best" not in t:
             continue
         test = f", test {t['test']:.4f}" if t["test"] is not None else ""
-        lines.append(f"  best path {t['best']} (val {t['val']:.4f}{test}), grown from {_origin(t['origin'])}:")
+        lines.append(f"  best path {t['best']} (val {t['val']:.4f}{test}), grown from {_origin(t)}:")
         for step in t["lineage"]:
             muts = ", ".join(f"{k} {v[0]}->{v[1]}" if k.startswith(("ds_", "opt_", "num_", "adapter_dim", "_mu"))
                              else k for k, v in step["mutations"].items()) or "no mutation"

@@ -14,7 +14,7 @@ def run_status(run_dir: str | FsPath) -> dict[str, Any]:
     """The status of the run in ``run_dir`` as a dict (see :func:`format_status`)."""
     with Store.open(run_dir) as store:
         plan, ck, root = store.get("plan"), store.get("checkpoint"), store.get("root")
-        tasks = [row[0] for row in store.conn.execute("SELECT name FROM tasks ORDER BY position")]
+        tasks = store.task_names()
         query = ("SELECT paths.task, paths.id, paths.score, paths.quality, paths.test_quality, paths.params, "
                  "paths.accounted FROM live JOIN paths ON paths.id = live.path_id WHERE live.rank IS NOT NULL")
         best: dict[str, tuple] = {}

@@ -239,14 +239,21 @@ class Store:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, stored))
 
     # --- records ------------------------------------------------------------------------------------------------
+    def task_names(self) -> list[str]:
+        """The run's tasks, in the order they joined it."""
+        return [row[0] for row in self.conn.execute("SELECT name FROM tasks ORDER BY position")]
+
     def sampled_paths(self) -> list[dict[str, Any]]:
-        """Every path the run sampled: ``id``, ``task``, ``parent``, ``accepted``, ``retained`` (in a task's
-        population now) and ``metrics`` (the trainer's outcome: validation curve, training steps and images...)."""
+        """Every path the run sampled, by id: ``task``, ``parent``, ``hparams``, ``mutations``, ``accepted``,
+        ``quality`` (best validation), ``test_quality``, ``score``, ``retained`` (in a task's population now) and
+        ``metrics`` (the trainer's outcome: validation curve, training steps and images...)."""
         retained = {row[0] for row in self.conn.execute("SELECT path_id FROM live WHERE rank IS NOT NULL")}
-        return [{"id": pid, "task": task, "parent": parent, "accepted": bool(acc), "retained": pid in retained,
-                 "metrics": json.loads(metrics or "{}")}
-                for pid, task, parent, acc, metrics in self.conn.execute(
-                    "SELECT id, task, parent, accepted, metrics FROM paths ORDER BY id")]
+        return [{"id": pid, "task": task, "parent": parent, "hparams": json.loads(hp or "{}"),
+                 "mutations": json.loads(mut or "{}"), "accepted": bool(acc), "quality": q, "test_quality": tq,
+                 "score": sc, "retained": pid in retained, "metrics": json.loads(metrics or "{}")}
+                for pid, task, parent, hp, mut, acc, q, tq, sc, metrics in self.conn.execute(
+                    "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score, metrics "
+                    "FROM paths ORDER BY id")]
 
     # --- blobs --------------------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> FsPath:

@@ -239,8 +239,9 @@ def generations(cfg: RunConfig) -> int:
 
 
 def steps_between_validations(cfg: RunConfig, num_train: int) -> int:
-    """muNet's K for a task with ``num_train`` training images (as :class:`TrainSettings` computes it)."""
-    return max(1, min(math.ceil(num_train / cfg.batch_size), cfg.steps_between_validations))
+    """muNet's K for a task with ``num_train`` training images."""
+    return TrainSettings(batch_size=cfg.batch_size, max_steps_between_validations=cfg.steps_between_validations
+                         ).steps_between_validations(num_train)
 
 
 def lineage_budget(cfg: RunConfig, num_train: int) -> int:

@@ -4,11 +4,11 @@ reproduces, the expected result and the command (big_vision style). ``load_mode(
 from __future__ import annotations
 
 import importlib
-import math
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
+from munet.baselines import steps_between_validations
 from munet.config import RunConfig
 
 #: Baselines trained at every budget of the curve (the strongest kinds; the full grid runs at budget 1).
@@ -56,8 +56,7 @@ class Mode:
 def baseline_validations(cfg: RunConfig, images: int, num_train: int) -> int:
     """Validation periods of a baseline that trains on about ``images`` training images of a task: muNet's
     validation period K of that task, as many periods as the images fill (at least one)."""
-    k = max(1, min(math.ceil(num_train / cfg.batch_size), cfg.steps_between_validations))
-    return max(1, round(images / (k * cfg.batch_size)))
+    return max(1, round(images / (steps_between_validations(cfg, num_train) * cfg.batch_size)))
 
 
 def names() -> list[str]:

@@ -300,8 +300,9 @@ def bench_single_child(root: Root, cfg: RunConfig, task: TaskData, sizes: Sizes)
     def run_munet() -> None:
         c = detached_copy([child])[0]
         ev = Evaluator(settings, FeatureCache(CACHE_BYTES), root.mean, root.std)
-        train_generation([c], [float("-inf")], task, ds, settings, ev, lambda p, q: q, torch.Generator().manual_seed(0))
-        outcome["munet"] = c
+        result = train_generation([c], [float("-inf")], task, ds, settings, ev, lambda p, q: q,
+                                  torch.Generator().manual_seed(0))
+        outcome["munet"], outcome["munet_val"] = c, result[0].quality
 
     def run_plain() -> None:
         model = PlainViT(detached_copy([child])[0])
@@ -318,7 +319,7 @@ def bench_single_child(root: Root, cfg: RunConfig, task: TaskData, sizes: Sizes)
     return {"ratio": ratio(t_plain, t_munet), "munet_s": t_munet, "plain_s": t_plain,
             "steps": sizes.single_steps, "trainable": f"block_{trainable_from}..{cfg.depth - 1}, norm, head",
             "trainable_params": trained.num_trainable_params(), "max_weight_diff_vs_plain": diff,
-            "val_munet": trained.metrics["quality"], "val_plain": outcome["plain_val"]}
+            "val_munet": outcome["munet_val"], "val_plain": outcome["plain_val"]}
 
 
 # --- 2. a real generation, with and without sharing ----------------------------------------------------------------
@@ -382,8 +383,10 @@ def train_captured(gen: Generation, task: TaskData, root: Root, settings: TrainS
     idx = list(range(len(gen.children))) if which is None else which
     children = detached_copy([gen.children[i] for i in idx])
     ev = Evaluator(settings, FeatureCache(CACHE_BYTES), root.mean, root.std)
-    train_generation(children, [gen.to_beat[i] for i in idx], task, gen.ds, settings, ev, lambda p, q: q,
-                     torch.Generator().manual_seed(0))
+    outcomes = train_generation(children, [gen.to_beat[i] for i in idx], task, gen.ds, settings, ev, lambda p, q: q,
+                                torch.Generator().manual_seed(0))
+    for child, outcome in zip(children, outcomes):
+        child.metrics.update(outcome.as_metrics())
     return children
 
 

@@ -271,10 +271,9 @@ def train_baseline(path: Path, task: TaskData, settings: TrainSettings, evaluato
         comp.module.to(settings.device)
     ds = {k: path.hparams[k] for k in (*DATA_RANGES, "ds_image_size")}
     generator = torch.Generator().manual_seed(seed)
-    train_generation([path], [float("-inf")], task, ds, settings, evaluator, lambda p, q: q, generator)
-    m = path.metrics
-    steps = settings.steps_between_validations(len(task.train_y)) * settings.validations
-    test = evaluator.accuracy(path, task, "test", ds["ds_image_size"]) if m["improved"] else None
-    return {"val_acc": m["quality"], "test_acc": test, "failed": m["failed"], "steps": steps,
-            "images": steps * settings.batch_size, "wall_s": time.perf_counter() - t0, "evals": m["evals"]}
+    outcome = train_generation([path], [float("-inf")], task, ds, settings, evaluator, lambda p, q: q, generator)[0]
+    path.metrics.update(outcome.as_metrics())
+    test = evaluator.accuracy(path, task, "test", ds["ds_image_size"]) if outcome.accepted else None
+    return {"val_acc": outcome.quality, "test_acc": test, "failed": outcome.failed, "steps": outcome.steps,
+            "images": outcome.images, "wall_s": time.perf_counter() - t0, "evals": outcome.evals}
 

@@ -45,8 +45,11 @@ def _alone_copies(children: list[Path]) -> list[Path]:
 
 
 def _train(children, task, root, ds=DS, settings: TrainSettings = SETTINGS) -> None:
-    train_generation(children, [float("-inf")] * len(children), task, ds, settings, _evaluator(root, settings),
-                     lambda p, q: q, torch.Generator().manual_seed(0))
+    """Trains ``children`` together and keeps each outcome in its metrics, as the loop does."""
+    outcomes = train_generation(children, [float("-inf")] * len(children), task, ds, settings,
+                                _evaluator(root, settings), lambda p, q: q, torch.Generator().manual_seed(0))
+    for child, outcome in zip(children, outcomes):
+        child.metrics.update(outcome.as_metrics())
 
 
 def _assert_same_training(a: list[Path], b: list[Path], exact: bool = False) -> None:

@@ -242,10 +242,10 @@ def test_training_starts_from_inherited_momentum(system):
     evaluator = Evaluator(settings, FeatureCache(1 << 24), (0.5,) * 3, (0.5,) * 3)
     policy = MutationPolicy("fixed", 0.0, random.Random(0))
     child = make_child(system, system.root_path, "a", {"ds_image_size": 8}, False, policy)
-    train_generation([child], [float("-inf")], task, child.hparams, settings, evaluator, lambda p, q: q,
-                     torch.Generator().manual_seed(0))
+    outcome, = train_generation([child], [float("-inf")], task, child.hparams, settings, evaluator, lambda p, q: q,
+                                torch.Generator().manual_seed(0))
     head = child.components["head"]
-    assert child.metrics["improved"] and set(head.momentum) == {"linear.weight", "linear.bias"}
+    assert outcome.accepted and set(head.momentum) == {"linear.weight", "linear.bias"}
     system.paths["a"].append(child)
     grandchild = make_child(system, child, "a", {"ds_image_size": 8}, True, policy)
     assert torch.equal(grandchild.components["head"].momentum["linear.weight"], head.momentum["linear.weight"])

@@ -31,7 +31,7 @@ def _children(system, policy, n=3):
 
 
 def _train(children, task, root, seed=0):
-    train_generation(children, [float("-inf")] * len(children), task, DS, SETTINGS, _evaluator(root),
+    return train_generation(children, [float("-inf")] * len(children), task, DS, SETTINGS, _evaluator(root),
                      lambda p, q: q, torch.Generator().manual_seed(seed))
 
 
@@ -41,11 +41,10 @@ def test_lock_step_generation_equals_training_children_one_by_one(system, policy
     alone = [copy.deepcopy(c) for c in together]  # same weights, separate objects
     for c in alone:
         c.parent = None
-    _train(together, task, tiny_root)
-    for c in alone:
-        _train([c], task, tiny_root)
-    for a, b in zip(together, alone):
-        assert a.metrics["evals"] == b.metrics["evals"]
+    outcomes = _train(together, task, tiny_root)
+    alone_outcomes = [_train([c], task, tiny_root)[0] for c in alone]
+    for a, b, oa, ob in zip(together, alone, outcomes, alone_outcomes):
+        assert oa.evals == ob.evals
         for name, comp in a.components.items():
             for x, y in zip(comp.module.state_dict().values(), b.components[name].module.state_dict().values()):
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
@@ -54,11 +53,11 @@ def test_lock_step_generation_equals_training_children_one_by_one(system, policy
 def test_frozen_components_are_bit_identical_after_training(system, policy, tiny_root):
     before = {n: copy.deepcopy(c.module.state_dict()) for n, c in system.root_path.components.items()}
     children = _children(system, policy)
-    _train(children, make_task("a"), tiny_root)
+    outcomes = _train(children, make_task("a"), tiny_root)
     for name, comp in system.root_path.components.items():
         for k, v in comp.module.state_dict().items():
             assert torch.equal(v, before[name][k]), f"{name}.{k} changed"
-    assert all(c.metrics["quality"] is not None for c in children)
+    assert all(o.quality is not None for o in outcomes)
     head = children[0].components["head"].module.linear.weight
     assert head.abs().sum() > 0  # the trainable head did train
 
@@ -69,24 +68,25 @@ def test_diverging_child_is_discarded_with_reason_and_others_go_on(system, polic
     bad.hparams.update(opt_lr=1e9, opt_lr_schedule="constant")
     with torch.no_grad():
         bad.components["head"].module.linear.weight.normal_().mul_(1e30)
-    _train(children, make_task("a"), tiny_root)
-    assert bad.metrics["failed"] and not bad.metrics["improved"]
-    assert children[0].metrics["improved"] and children[0].metrics["failed"] is None
+    outcomes = _train(children, make_task("a"), tiny_root)
+    assert outcomes[1].failed and not outcomes[1].accepted
+    assert outcomes[0].accepted and outcomes[0].failed is None
 
 
 def test_child_not_beating_parent_is_rejected(system, policy, tiny_root):
     child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
-    train_generation([child], [2.0], make_task("a"), DS, SETTINGS, _evaluator(tiny_root), lambda p, q: q,
-                     torch.Generator().manual_seed(0))
-    assert not child.metrics["improved"] and child.metrics["quality"] <= 1.0
+    outcome, = train_generation([child], [2.0], make_task("a"), DS, SETTINGS, _evaluator(tiny_root), lambda p, q: q,
+                                torch.Generator().manual_seed(0))
+    assert not outcome.accepted and outcome.quality <= 1.0
 
 
 def test_snapshot_restores_best_validation(system, policy, tiny_root):
     child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
     task = make_task("a")
     ev = _evaluator(tiny_root)
-    train_generation([child], [float("-inf")], task, DS, SETTINGS, ev, lambda p, q: q, torch.Generator().manual_seed(0))
-    assert ev.accuracy(child, task, "val", 8, SETTINGS.max_val_examples) == pytest.approx(max(child.metrics["evals"]))
+    outcome, = train_generation([child], [float("-inf")], task, DS, SETTINGS, ev, lambda p, q: q,
+                                torch.Generator().manual_seed(0))
+    assert ev.accuracy(child, task, "val", 8, SETTINGS.max_val_examples) == pytest.approx(max(outcome.evals))
 
 
 def test_schedules():
@@ -116,14 +116,14 @@ def test_child_diverging_after_an_accepted_validation_keeps_that_snapshot(system
                 with torch.no_grad():
                     child.components["head"].module.linear.weight.fill_(float("nan"))
 
-        train_generation([child], [float("-inf")], task, DS, settings, _evaluator(tiny_root), lambda p, q: q,
-                         torch.Generator().manual_seed(0), on_step=after_step)
-        assert child.metrics["failed"] and len(child.metrics["evals"]) == 1
-        outcomes[keep] = child.metrics["improved"]
+        outcome, = train_generation([child], [float("-inf")], task, DS, settings, _evaluator(tiny_root),
+                                    lambda p, q: q, torch.Generator().manual_seed(0), on_step=after_step)
+        assert outcome.failed and len(outcome.evals) == 1
+        outcomes[keep] = outcome.accepted
         if keep:  # the snapshot is loaded back: finite weights that give the accepted validation accuracy
             assert torch.isfinite(child.components["head"].module.linear.weight).all()
             acc = _evaluator(tiny_root).accuracy(child, task, "val", 8, SETTINGS.max_val_examples)
-            assert acc == pytest.approx(child.metrics["evals"][0])
+            assert acc == pytest.approx(outcome.evals[0])
     assert outcomes == {True: True, False: False}
 
 
@@ -131,22 +131,20 @@ def test_child_diverging_after_an_accepted_validation_keeps_that_snapshot(system
 def test_a_tie_with_the_parent_is_accepted_only_with_accept_ties(system, policy, tiny_root, ties):
     child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
     settings = dataclasses.replace(SETTINGS, accept_ties=ties)
-    train_generation([child], [0.5], make_task("a"), DS, settings, _evaluator(tiny_root), lambda p, q: 0.5,
-                     torch.Generator().manual_seed(0))
-    assert child.metrics["improved"] is ties
+    outcome, = train_generation([child], [0.5], make_task("a"), DS, settings, _evaluator(tiny_root),
+                                lambda p, q: 0.5, torch.Generator().manual_seed(0))
+    assert outcome.accepted is ties
 
 
 def test_hopeless_child_stops_early_and_a_close_one_trains_on(system, policy, tiny_root):
     settings = dataclasses.replace(SETTINGS, validations=4, stop_margin=0.1)
     hopeless, close = (make_child(system, system.root_path, "a", DS, mutate=False, policy=policy) for _ in range(2))
     scores = {id(hopeless): 0.3, id(close): 0.75}
-    train_generation([hopeless, close], [0.8, 0.8], make_task("a"), DS, settings, _evaluator(tiny_root),
+    stop, go = train_generation([hopeless, close], [0.8, 0.8], make_task("a"), DS, settings, _evaluator(tiny_root),
                      lambda p, q: scores[id(p)], torch.Generator().manual_seed(0))
     k = settings.max_steps_between_validations
-    assert hopeless.metrics["stopped"] and hopeless.metrics["train_steps"] == k
-    assert len(hopeless.metrics["evals"]) == 1 and not hopeless.metrics["improved"]
-    assert close.metrics["stopped"] is None and close.metrics["train_steps"] == 4 * k
-    assert close.metrics["train_images"] == 4 * k * settings.batch_size
+    assert stop.stopped and stop.steps == k and len(stop.evals) == 1 and not stop.accepted
+    assert go.stopped is None and go.steps == 4 * k and go.images == 4 * k * settings.batch_size
 
 
 def test_one_by_one_training_leaves_the_batch_stream_where_lock_step_training_does(system, policy, tiny_root):

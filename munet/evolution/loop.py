@@ -172,10 +172,11 @@ class Evolution:
         if self.before_training:
             self.before_training(task, gen, children, to_beat, ds)
         settings = self.probe_settings if probing else self.settings
-        train_generation(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
-                         self._score_with_quality, state.generator, on_step=self.on_step)
-        for child, parent, beat in zip(children, parents, to_beat):
-            child.metrics.update(generation=gen, iteration=self.iteration, parent=parent.id, parent_score=beat)
+        outcomes = train_generation(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
+                                    self.system.score, state.generator, on_step=self.on_step)
+        for child, parent, beat, outcome in zip(children, parents, to_beat, outcomes):
+            child.metrics.update(outcome.as_metrics(), generation=gen, iteration=self.iteration, parent=parent.id,
+                                 parent_score=beat)
             if child.metrics["failed"]:
                 log.warning("task %s: child #%d discarded: %s", task, child.id, child.metrics["failed"])
             if child.metrics["improved"]:
@@ -197,14 +198,6 @@ class Evolution:
                     path.metrics["test_quality"] = self.evaluator.accuracy(path, t, "test", size)
         self.iteration += 1
         return best
-
-    def _score_with_quality(self, path: Path, quality: float) -> float:
-        saved = path.metrics.get("quality")
-        path.metrics["quality"] = quality
-        try:
-            return self.system.score(path)
-        finally:
-            path.metrics["quality"] = saved
 
     def _prune(self, task: str) -> None:
         if self.max_task_population and len(self.system.paths[task]) > self.max_task_population:

@@ -133,8 +133,10 @@ class System:
     def retained_paths(self) -> list[Path]:
         return [p for task in self.paths for p in self.paths[task]]
 
-    def score(self, path: Path) -> float:
-        quality = path.metrics.get("quality")
+    def score(self, path: Path, quality: float | None = None) -> float:
+        """The path's score with its recorded validation quality, or with ``quality`` when given (a child being
+        trained: its parameters and FLOPs are known before its quality is)."""
+        quality = path.metrics.get("quality") if quality is None else quality
         if quality is None:
             return float("-inf")
         cfg = self.score_cfg

@@ -106,6 +106,37 @@ class ChildState:
         return self.failed is None and self.stopped is None
 
 
+@dataclass
+class ChildOutcome:
+    """What training did to one child.
+
+    Attributes:
+        quality: best validation accuracy (``None`` if never validated).
+        evals: validation accuracy after each validation period.
+        accepted: its best score beat the one to beat; its best-scoring snapshot is loaded.
+        failed: why training broke down (NaN or diverging loss), if it did.
+        stopped: why training ended early as hopeless, if it did.
+        steps: training steps taken; ``images`` = steps x batch size.
+        images: training images processed.
+        train_time: wall seconds of the generation it was trained in.
+    """
+
+    quality: float | None
+    evals: list[float]
+    accepted: bool
+    failed: str | None
+    stopped: str | None
+    steps: int
+    images: int
+    train_time: float
+
+    def as_metrics(self) -> dict[str, Any]:
+        """The outcome under the keys a path's metrics (and the store's ``paths.metrics``) use."""
+        return {"quality": self.quality, "evals": self.evals, "improved": self.accepted, "failed": self.failed,
+                "stopped": self.stopped, "train_steps": self.steps, "train_images": self.images,
+                "train_time": self.train_time}
+
+
 class Evaluator:
     """Evaluates paths on fixed (deterministic) inputs, sharing frozen-prefix features through a cache."""
 
@@ -157,12 +188,10 @@ def _calibrate_head(path: Path, task: TaskData, evaluator: Evaluator, image_size
 
 def train_generation(children: list[Path], parent_scores: list[float], task: TaskData, ds_hparams: dict[str, Any],
                      settings: TrainSettings, evaluator: Evaluator, score_fn: Callable[[Path, float], float],
-                     generator: torch.Generator, on_step: Callable[[int], None] | None = None) -> None:
-    """Trains ``children`` in lock-step and leaves the outcome in each child's ``metrics``.
-
-    Sets ``quality`` (best validation accuracy), ``evals``, ``improved`` (accepted), ``failed`` (reason, if
-    training broke down), ``stopped`` (reason, if stopped early as hopeless), ``train_steps``, ``train_images``
-    and ``train_time``; accepted children end with their best-scoring snapshot loaded.
+                     generator: torch.Generator, on_step: Callable[[int], None] | None = None
+                     ) -> list[ChildOutcome]:
+    """Trains ``children`` in lock-step; returns each child's outcome, in order. Accepted children end with their
+    best-scoring snapshot loaded.
 
     Args:
         children: the generation's children (all for ``task``).
@@ -177,13 +206,14 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
     """
     if not settings.shared_training and len(children) > 1:
         start = generator.get_state()  # every child sees the batches and augmentations the generation would
-        longest = (-1, start)
+        longest, outcomes = (-1, start), []
         for child, score in zip(children, parent_scores):
             generator.set_state(start)
-            train_generation([child], [score], task, ds_hparams, settings, evaluator, score_fn, generator, on_step)
-            longest = max(longest, (child.metrics["train_steps"], generator.get_state()), key=lambda t: t[0])
+            outcomes += train_generation([child], [score], task, ds_hparams, settings, evaluator, score_fn,
+                                         generator, on_step)
+            longest = max(longest, (outcomes[-1].steps, generator.get_state()), key=lambda t: t[0])
         generator.set_state(longest[1])  # where lock-step training, which runs as long as its longest child, ends
-        return
+        return outcomes
     t0 = time.perf_counter()
     dev = settings.device
     size = ds_hparams["ds_image_size"]
@@ -235,13 +265,12 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
         if not any(st.active for st in states):
             break
     elapsed = time.perf_counter() - t0
+    outcomes: dict[int, ChildOutcome] = {}
     for st in states:
-        m = st.path.metrics
-        m.update(evals=st.evals, train_time=elapsed, failed=st.failed, stopped=st.stopped, train_steps=st.steps,
-                 train_images=st.steps * settings.batch_size)
-        m["improved"] = st.snapshot is not None and (st.failed is None or settings.keep_diverged)
-        m["quality"] = max(st.evals) if st.evals else None
-        if m["improved"]:
+        accepted = st.snapshot is not None and (st.failed is None or settings.keep_diverged)
+        outcomes[id(st.path)] = ChildOutcome(max(st.evals) if st.evals else None, st.evals, accepted, st.failed,
+                                             st.stopped, st.steps, st.steps * settings.batch_size, elapsed)
+        if accepted:
             comps = {c.id: c for c in st.path.trainable_components()}
             for cid, state in st.snapshot.items():
                 comps[cid].module.load_state_dict(state)
@@ -250,6 +279,7 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
                     comp.momentum = (st.momentum or {}).get(cid)
         st.path.set_mode(train=False)
         st.optimizer = st.snapshot = st.momentum = None
+    return [outcomes[id(child)] for child in children]
 
 
 def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor]], yb: torch.Tensor, step: int,

@@ -1,7 +1,7 @@
 """Quality benchmark: muNet against fine-tuning, frozen bottom blocks, residual adapters and LoRA on the same budget.
 
 Everything runs through munet's own code paths: muNet through ``munet.runner.run``; every baseline as a
-``munet.model.path.Path`` built from the same root (``munet.baselines.build_baseline``), with the same data,
+``munet.model.path.TaskPath`` built from the same root (``munet.baselines.build_baseline``), with the same data,
 splits, augmentation defaults, standardised zero head, trainer (``train_generation``) and test evaluation
 (``Evaluator.accuracy``). See ``munet/baselines.py`` for exactly what each baseline trains.
 

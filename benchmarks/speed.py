@@ -56,7 +56,7 @@ from munet.evolution.hparams import DEFAULTS, MutationPolicy
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
 from munet.evolution.system import ScoreConfig, System
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.roots import load_root
 from munet.reporting.status import run_status
@@ -146,7 +146,7 @@ def shrink(task: TaskData, n: int) -> TaskData:
                                test_y=task.test_y[:n])
 
 
-def detached_copy(paths: list[Path]) -> list[Path]:
+def detached_copy(paths: list[TaskPath]) -> list[TaskPath]:
     """Deep copies of ``paths`` (shared components stay shared between the copies) without their ancestry."""
     parents = [p.parent for p in paths]
     for p in paths:
@@ -174,7 +174,7 @@ def new_evolution(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], budget
                      cfg.mutate_adapters, cfg.max_task_population, max_seeds, seed)
 
 
-def max_abs_diff(a: list[Path], b: list[Path]) -> float:
+def max_abs_diff(a: list[TaskPath], b: list[TaskPath]) -> float:
     """Largest difference between the weights of corresponding paths."""
     worst = 0.0
     for pa, pb in zip(a, b):
@@ -185,7 +185,7 @@ def max_abs_diff(a: list[Path], b: list[Path]) -> float:
     return worst
 
 
-def op_flops(path: Path, op: tuple[str, ...]) -> float:
+def op_flops(path: TaskPath, op: tuple[str, ...]) -> float:
     """Forward multiply-adds of one op for one image (the formulas of ``munet.evolution.system.path_flops``)."""
     c = path.components
     dim = c["cls"].module.value.shape[-1]
@@ -201,7 +201,7 @@ def op_flops(path: Path, op: tuple[str, ...]) -> float:
     return float(c["head"].module.linear.weight.numel() if name == "head" else dim)  # norm: the class token
 
 
-def sharing_ceiling(paths: list[Path], training: bool) -> float:
+def sharing_ceiling(paths: list[TaskPath], training: bool) -> float:
     """Work of running ``paths`` one by one over the work when every prefix shared by component ids is computed
     once: the most any sharing can save. For training, an op on or after the first trainable one costs 3x its
     forward if it trains (forward, input and weight gradients), else 2x; only frozen prefixes can be shared."""
@@ -229,7 +229,7 @@ def sharing_ceiling(paths: list[Path], training: bool) -> float:
 class PlainViT(nn.Module):
     """The same network as the munet child, written as one ordinary module (a plain fine-tuning setup)."""
 
-    def __init__(self, child: Path):
+    def __init__(self, child: TaskPath):
         super().__init__()
         c = child.components
         self.patch_embed = copy.deepcopy(c["embedding"].module)
@@ -327,7 +327,7 @@ def bench_single_child(root: Root, cfg: RunConfig, task: TaskData, sizes: Sizes)
 class Generation:
     """Children of one generation as the real loop made them, before training."""
 
-    children: list[Path]
+    children: list[TaskPath]
     to_beat: list[float]
     task: str
     ds: dict[str, Any]
@@ -347,7 +347,7 @@ def capture_generations(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], 
                         generation_size=generation_size, max_seeds=cfg.max_seeds)
     found: dict[str, Generation] = {}
 
-    def spy(task: str, gen: int, children: list[Path], to_beat: list[float], ds: dict[str, Any]) -> None:
+    def spy(task: str, gen: int, children: list[TaskPath], to_beat: list[float], ds: dict[str, Any]) -> None:
         if task == CAPTURE_TASKS[-1]:
             phase = "seed_phase" if any(c.metrics["seed_probe"] for c in children) else "after_seed_phase"
             found.setdefault(phase, Generation(detached_copy(children), list(to_beat), task, dict(ds)))
@@ -365,7 +365,7 @@ def capture_generations(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], 
     return found
 
 
-def describe(children: list[Path]) -> list[dict[str, Any]]:
+def describe(children: list[TaskPath]) -> list[dict[str, Any]]:
     """Where each child starts training and what it trains: how much of it can be shared."""
     rows = []
     for c in children:
@@ -377,7 +377,7 @@ def describe(children: list[Path]) -> list[dict[str, Any]]:
 
 
 def train_captured(gen: Generation, task: TaskData, root: Root, settings: TrainSettings,
-                   which: list[int] | None = None) -> list[Path]:
+                   which: list[int] | None = None) -> list[TaskPath]:
     """Trains fresh copies of the generation's children (all, or those indexed by ``which``) together, from a
     fresh cache and the same batch stream."""
     idx = list(range(len(gen.children))) if which is None else which
@@ -393,7 +393,7 @@ def train_captured(gen: Generation, task: TaskData, root: Root, settings: TrainS
 def bench_generation(gen: Generation, task: TaskData, root: Root, cfg: RunConfig, sizes: Sizes) -> dict[str, Any]:
     """The generation trained together (one cache) vs each child alone (a fresh cache each), same batches."""
     settings = sizes.generation.settings(cfg.batch_size)
-    outcome: dict[str, list[Path]] = {}
+    outcome: dict[str, list[TaskPath]] = {}
 
     def alone() -> None:
         outcome["alone"] = [train_captured(gen, task, root, settings, [i])[0] for i in range(len(gen.children))]
@@ -413,7 +413,7 @@ def bench_generation(gen: Generation, task: TaskData, root: Root, cfg: RunConfig
 
 
 # --- 3. multi-task inference ----------------------------------------------------------------------------------------
-def bench_inference(paths: list[Path], images_u8: torch.Tensor, root: Root, sizes: Sizes) -> dict[str, Any]:
+def bench_inference(paths: list[TaskPath], images_u8: torch.Tensor, root: Root, sizes: Sizes) -> dict[str, Any]:
     """All retained paths answer one batch: shared prefixes once vs each path on its own."""
     outcome: dict[str, list[torch.Tensor]] = {}
 
@@ -446,7 +446,7 @@ def bench_saved_run(run_dir: FsPath, sizes: Sizes) -> dict[str, Any]:
     return dict(result, source=str(run_dir))
 
 
-def describe_retained(paths: list[Path]) -> list[dict[str, Any]]:
+def describe_retained(paths: list[TaskPath]) -> list[dict[str, Any]]:
     """Task, image size and component ids of each path: which prefixes they can share."""
     return [{"task": p.task, "image_size": p.hparams["ds_image_size"],
              "components": [c.id for c in p.components.values()]} for p in paths]

@@ -15,7 +15,7 @@ from munet.errors import ExportError, MunetError
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.system import ScoreConfig, System
 from munet.export import FORMATS, export_path, path_config
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.model.roots import load_root
 from munet.predict import ImageLike, Prediction, predict, to_uint8_images
 from munet.storage.snapshot import load_checkpoint, root_from_store, verify_root
@@ -46,7 +46,7 @@ class MultitaskSystem:
         """Tasks with a retained path, in the run's order."""
         return [t for t in self.class_names if self.system.best_path(t) is not None]
 
-    def path(self, task: str) -> Path:
+    def path(self, task: str) -> TaskPath:
         """The path answering ``task``."""
         best = self.system.best_path(task) if task in self.class_names else None
         if best is None:

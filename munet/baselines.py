@@ -1,6 +1,6 @@
 """The common fine-tuning baselines of spec §5, built as muNet paths so they share every code path with muNet.
 
-Each baseline is one :class:`~munet.model.path.Path` per task, made from the root path's components (the same
+Each baseline is one :class:`~munet.model.path.TaskPath` per task, made from the root path's components (the same
 root, image size, default hyperparameters and standardised zero head as muNet's children), trained by
 :func:`~munet.training.trainer.train_generation` and tested by :meth:`~munet.training.trainer.Evaluator.accuracy`:
 
@@ -44,7 +44,7 @@ from munet.data.task import TaskData
 from munet.evolution.hparams import DATA_RANGES
 from munet.evolution.system import System
 from munet.model.components import Component, ResidualAdapter, StandardisedHead
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.training.trainer import Evaluator, TrainSettings, train_generation
 
 KINDS = ("finetune", "freeze", "adapters", "lora")
@@ -125,7 +125,7 @@ class LoraBlock(nn.Module):
         return self.block(x)
 
     def requires_grad_(self, requires_grad: bool = True) -> LoraBlock:
-        # Path.set_mode switches whole components; only the LoRA matrices may ever train.
+        # TaskPath.set_mode switches whole components; only the LoRA matrices may ever train.
         for name, p in self.named_parameters():
             p.requires_grad_(requires_grad and is_lora_param(name))
         return self
@@ -136,7 +136,7 @@ class LoraBlock(nn.Module):
 
 # --- building -----------------------------------------------------------------------------------------------------
 def build_baseline(system: System, task: str, spec: BaselineSpec, image_size: int | None = None, seed: int = 0
-                   ) -> Path:
+                   ) -> TaskPath:
     """A new path for ``task`` (already added to ``system``) that trains what ``spec`` says, from the root.
 
     Args:
@@ -185,7 +185,7 @@ def build_baseline(system: System, task: str, spec: BaselineSpec, image_size: in
     comps["norm"] = clone(root.components["norm"])  # trained by every baseline (spec §5)
     head = StandardisedHead(system.root.embed_dim, system.num_classes[task])
     comps["head"] = system.new_component("head", head, origin=task)
-    path = Path(system.take_path_id(), task, comps, hparams, parent=root)
+    path = TaskPath(system.take_path_id(), task, comps, hparams, parent=root)
     path.metrics.update(fresh_head=True, baseline=spec.name, offsprings=0)
     return path
 
@@ -222,7 +222,7 @@ class ParamCount:
         return self.own + self.shared / max(num_tasks, 1)
 
 
-def count_params(path: Path) -> ParamCount:
+def count_params(path: TaskPath) -> ParamCount:
     own = sum(own_params(c) for c in path.components.values())
     total = path.num_params()
     trainable = 0
@@ -258,7 +258,7 @@ def baseline_settings(cfg: RunConfig, device: torch.device, validations: int | N
 
 
 # --- training -----------------------------------------------------------------------------------------------------
-def train_baseline(path: Path, task: TaskData, settings: TrainSettings, evaluator: Evaluator, seed: int = 0
+def train_baseline(path: TaskPath, task: TaskData, settings: TrainSettings, evaluator: Evaluator, seed: int = 0
                    ) -> dict[str, Any]:
     """Trains ``path`` with muNet's trainer (one child, nothing to beat) and tests its best-validation snapshot.
 

@@ -25,7 +25,7 @@ from torch import nn
 from munet import __version__
 from munet.errors import ExportError
 from munet.model.components import ResidualAdapter, block_index
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.model.vitarch import build_vit
 from munet.storage.store import atomic_write, blob_bytes
 
@@ -60,7 +60,7 @@ class ExportedViT(VisionTransformer):
         return self.norm(x)
 
 
-def path_config(path: Path, arch: dict[str, Any], class_names: list[str], mean: tuple, std: tuple,
+def path_config(path: TaskPath, arch: dict[str, Any], class_names: list[str], mean: tuple, std: tuple,
                 provenance: dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of an exported path (``arch``: the root's :func:`~munet.model.vitarch.describe_vit`)."""
     size = int(path.hparams["ds_image_size"])
@@ -84,7 +84,7 @@ def path_config(path: Path, arch: dict[str, Any], class_names: list[str], mean: 
     }
 
 
-def path_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def path_state_dict(path: TaskPath) -> dict[str, torch.Tensor]:
     """The path's weights under the exported model's names; the standardised head is folded into the linear."""
     c = path.components
     state = {f"patch_embed.{k}": v for k, v in c["embedding"].module.state_dict().items()}
@@ -110,7 +110,7 @@ def build_model(config: dict[str, Any]) -> ExportedViT:
     return build_vit(arch["vit"], cls=ExportedViT, adapters=adapters)
 
 
-def export_path(path: Path, config: dict[str, Any], out: str | FsPath, fmt: str = "safetensors") -> FsPath:
+def export_path(path: TaskPath, config: dict[str, Any], out: str | FsPath, fmt: str = "safetensors") -> FsPath:
     """Writes ``path`` as a self-contained model into ``out`` and checks the written model against the path.
 
     Returns:
@@ -139,7 +139,7 @@ def export_path(path: Path, config: dict[str, Any], out: str | FsPath, fmt: str 
     return target
 
 
-def _check_same(model: ExportedViT, path: Path, config: dict[str, Any]) -> None:
+def _check_same(model: ExportedViT, path: TaskPath, config: dict[str, Any]) -> None:
     size = config["image_size"]
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -15,7 +15,7 @@ from PIL import Image
 from munet.data.augment import eval_batch
 from munet.data.user import _read_image, images_to_nchw_uint8, pil_to_array
 from munet.errors import DataError
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.training.frozen import FeatureCache, shared_forward
 
 ImageLike = str | FsPath | Image.Image | np.ndarray | torch.Tensor
@@ -82,7 +82,7 @@ def _single(x: np.ndarray | torch.Tensor) -> bool:
     return x.ndim == 3 and x.shape[-1] == 3
 
 
-def predict(paths: dict[str, Path], class_names: dict[str, list[str]], images: list[torch.Tensor],
+def predict(paths: dict[str, TaskPath], class_names: dict[str, list[str]], images: list[torch.Tensor],
             mean: tuple, std: tuple, device: torch.device | None = None) -> dict[str, list[Prediction]]:
     """Every given task's prediction for every image.
 

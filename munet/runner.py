@@ -22,7 +22,7 @@ from munet.errors import ConfigError, MunetError, TaskUnavailable
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.loop import Evolution, IterationState
 from munet.evolution.system import ScoreConfig, System
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.model.roots import load_root
 from munet.reporting.progress import Progress
 from munet.reporting.table import format_table, task_rows
@@ -143,7 +143,7 @@ class Session:
             progress.done = min(self.state.generation * per_generation, self.work([self.state.task]))
         evo.on_step = progress.advance
 
-        def on_generation(task: str, gen: int, children: list[Path]) -> None:
+        def on_generation(task: str, gen: int, children: list[TaskPath]) -> None:
             accepted = sum(bool(c.metrics["improved"]) for c in children)
             best = self.system.best_path(task)
             best_q = f"{best.metrics['quality']:.4f}" if best else "-"

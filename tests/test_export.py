@@ -16,7 +16,7 @@ from munet.cli import main
 from munet.errors import ExportError, MunetError
 from munet.export import export_path, path_config
 from munet.model.components import ResidualAdapter
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.model.vitarch import describe_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,7 +76,7 @@ def test_export_with_adapters(system, tmp_path):
         head.linear.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
         head.calibrate(torch.randn(64, system.root.embed_dim, generator=torch.Generator().manual_seed(3)))
     comps["head"] = system.new_component("head", head, {"a"}, "a")
-    path = Path(99, "a", comps, dict(root.hparams))
+    path = TaskPath(99, "a", comps, dict(root.hparams))
     arch = describe_vit(system.root.model)
     config = path_config(path, arch, ["x", "y", "z"], system.root.mean, system.root.std, {})
     export_path(path, config, tmp_path)

@@ -11,10 +11,10 @@ from munet.evolution.hparams import MutationPolicy
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
 from munet.evolution.system import ScoreConfig, System
-from munet.model.path import Path
+from munet.model.path import TaskPath
 
 
-def _retain(system: System, path: Path, quality: float) -> None:
+def _retain(system: System, path: TaskPath, quality: float) -> None:
     path.metrics["quality"] = quality
     system.paths[path.task].append(path)
 

@@ -14,7 +14,7 @@ from conftest import make_task
 from munet.evolution.hparams import DEFAULTS
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.training.frozen import FeatureCache, RowStore, frozen_forward, frozen_rows, shared_forward
 from munet.training.trainer import Evaluator, TrainSettings, to_device, train_generation
 
@@ -28,7 +28,7 @@ def _evaluator(root, settings: TrainSettings = SETTINGS, max_bytes: int = 1 << 2
     return Evaluator(settings, FeatureCache(max_bytes), root.mean, root.std)
 
 
-def _children(system, policy, ds=DS) -> list[Path]:
+def _children(system, policy, ds=DS) -> list[TaskPath]:
     """A probe of the root (head only), two mutated children and one with its own block_1: three frozen prefixes."""
     kids = [make_child(system, system.root_path, "a", ds, mutate=False, policy=policy)]
     kids += [make_child(system, system.root_path, "a", ds, mutate=True, policy=policy) for _ in range(2)]
@@ -37,7 +37,7 @@ def _children(system, policy, ds=DS) -> list[Path]:
     return kids
 
 
-def _alone_copies(children: list[Path]) -> list[Path]:
+def _alone_copies(children: list[TaskPath]) -> list[TaskPath]:
     copies = [copy.deepcopy(c) for c in children]  # same weights, separate objects
     for c in copies:
         c.parent = None
@@ -52,7 +52,7 @@ def _train(children, task, root, ds=DS, settings: TrainSettings = SETTINGS) -> N
         child.metrics.update(outcome.as_metrics())
 
 
-def _assert_same_training(a: list[Path], b: list[Path], exact: bool = False) -> None:
+def _assert_same_training(a: list[TaskPath], b: list[TaskPath], exact: bool = False) -> None:
     for x, y in zip(a, b):
         assert x.metrics["evals"] == y.metrics["evals"]
         for name, comp in x.components.items():
@@ -156,7 +156,7 @@ def test_evaluator_cache_is_keyed_by_components_and_size_shared_across_children_
 
 
 # --- 3. multi-task inference ----------------------------------------------------------------------------------------
-def _retained(system, policy) -> list[Path]:
+def _retained(system, policy) -> list[TaskPath]:
     """Four locked paths: two differing only in their head, one with its own block_2, one at another image size."""
     paths = [make_child(system, system.root_path, t, DS, mutate=False, policy=policy) for t in ("a", "b", "a")]
     paths[2].components["block_2"] = system.clone_component(paths[2].components["block_2"], "a")
@@ -215,7 +215,7 @@ def test_seed_phase_probes_at_most_max_seeds_other_tasks_newest_first_plus_the_r
     settings = TrainSettings(batch_size=16, max_steps_between_validations=1, validations=1, max_val_examples=16)
     evo = Evolution(system, {"a": make_task("a")}, policy, settings, _evaluator(tiny_root, settings),
                     children_per_task=4, generation_size=4, max_image_size=8, max_seeds=2)
-    probed: list[Path] = []
+    probed: list[TaskPath] = []
     evo.on_generation = lambda task, gen, children: probed.extend(c for c in children if c.metrics["seed_probe"])
     evo.task_iteration("a")
     newest = [system.best_path(t) for t in ("e", "d")]

@@ -16,7 +16,7 @@ from munet.data.task import TaskData
 from munet.evolution.hparams import DATA_RANGES, DEFAULTS, MutationPolicy, image_sizes, incremental_mutation
 from munet.evolution.mutate import make_child
 from munet.evolution.system import System
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.training.trainer import Evaluator, TrainSettings, train_generation
 
 log = logging.getLogger("munet")
@@ -35,7 +35,7 @@ class IterationState:
     """
 
     task: str
-    seeds: list[Path]
+    seeds: list[TaskPath]
     next_seed: int
     generation: int
     generator: torch.Generator
@@ -78,9 +78,9 @@ class Evolution:
                                if separate_probes and probe_validations else settings)
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.on_step: Callable[[int], None] | None = None
-        self.on_generation: Callable[[str, int, list[Path]], None] | None = None
+        self.on_generation: Callable[[str, int, list[TaskPath]], None] | None = None
         # hook called with (task, generation, children, scores to beat, data hparams) just before training
-        self.before_training: Callable[[str, int, list[Path], list[float], dict[str, Any]], None] | None = None
+        self.before_training: Callable[[str, int, list[TaskPath], list[float], dict[str, Any]], None] | None = None
 
     @property
     def rng(self) -> random.Random:
@@ -119,7 +119,7 @@ class Evolution:
                     ds[key] = incremental_mutation(ds[key], values, self.rng)
         return ds
 
-    def sample_parent(self, task: str, seeds: list[Path]) -> Path:
+    def sample_parent(self, task: str, seeds: list[TaskPath]) -> TaskPath:
         """Best-first walk accepting each path w.p. 0.5^offsprings; else uniform over seeds and own paths."""
         own = sorted(self.system.paths[task], key=lambda p: (self.system.score(p), p.id), reverse=True)
         for path in own:
@@ -128,7 +128,7 @@ class Evolution:
         return self.rng.choice(seeds + own)
 
     # --- the loop -----------------------------------------------------------------------------------------------
-    def task_iteration(self, task: str) -> Path | None:
+    def task_iteration(self, task: str) -> TaskPath | None:
         """One task iteration (spec §4.2); returns the task's retained best path."""
         state = self.begin(task)
         while not self.finished(state):
@@ -147,7 +147,7 @@ class Evolution:
     def finished(self, state: IterationState) -> bool:
         return state.generation >= self.generations()
 
-    def step(self, state: IterationState) -> list[Path]:
+    def step(self, state: IterationState) -> list[TaskPath]:
         """Samples, trains and selects one generation of ``state``'s task iteration; returns its children."""
         system, task, gen = self.system, state.task, state.generation
         probing = self.separate_probes and gen == 0
@@ -187,7 +187,7 @@ class Evolution:
             self.on_generation(task, gen, children)
         return children
 
-    def finish(self, state: IterationState) -> Path | None:
+    def finish(self, state: IterationState) -> TaskPath | None:
         """Ends a task iteration: keeps and locks the best path, evaluates new retained paths on test."""
         best = self.system.end_task(state.task)
         for path in self.system.retained_paths():

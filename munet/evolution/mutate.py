@@ -12,7 +12,7 @@ import torch
 from munet.evolution.hparams import MODEL_RANGES, MutationPolicy, incremental_mutation
 from munet.evolution.system import System
 from munet.model.components import Component, ResidualAdapter, StandardisedHead, block_index
-from munet.model.path import Path
+from munet.model.path import TaskPath
 
 
 def architecture(num_layers: int, adapters: set[int]) -> list[str]:
@@ -37,8 +37,8 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
     return True
 
 
-def make_child(system: System, parent: Path, task: str, ds_hparams: dict[str, Any], mutate: bool,
-               policy: MutationPolicy, mutate_adapters: bool = True) -> Path:
+def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
+               policy: MutationPolicy, mutate_adapters: bool = True) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
@@ -97,6 +97,6 @@ def make_child(system: System, parent: Path, task: str, ds_hparams: dict[str, An
             comps[name] = found
     if parent.task == task:
         parent.metrics["offsprings"] = parent.metrics.get("offsprings", 0) + 1
-    child = Path(child_id, task, comps, hparams, parent=parent)
+    child = TaskPath(child_id, task, comps, hparams, parent=parent)
     child.metrics.update(mutations=mutations, offsprings=0, fresh_head=fresh_head, seed_probe=not mutate)
     return child

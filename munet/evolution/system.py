@@ -10,7 +10,7 @@ from timm.layers import resample_abs_pos_embed
 
 from munet.evolution.hparams import DEFAULTS
 from munet.model.components import NOT_TRAINABLE, Component, TokenParam, patch_embedding
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.model.root import Root
 
 
@@ -31,7 +31,7 @@ class ScoreConfig:
     reference_flops: float | None = None
 
 
-def path_flops(path: Path) -> float:
+def path_flops(path: TaskPath) -> float:
     """Forward FLOPs for one image (2 per multiply-add), counted analytically from the path's shapes."""
     c = path.components
     dim = c["cls"].module.value.shape[-1]
@@ -66,7 +66,7 @@ class System:
         self.next_path_id = 0
         self.next_component_id = 0
         self.posembed_cache: dict[int, Component] = {}
-        self.paths: dict[str, list[Path]] = {}
+        self.paths: dict[str, list[TaskPath]] = {}
         self.num_classes: dict[str, int] = {}
         m = root.model
         comps = {
@@ -78,7 +78,7 @@ class System:
             comps[f"block_{i}"] = self._root_component(f"block_{i}", copy.deepcopy(block))
         comps["norm"] = self._root_component("norm", copy.deepcopy(m.norm))
         hparams = dict(DEFAULTS, num_layers=root.depth, ds_image_size=image_size, **(extra_hparams or {}))
-        self.root_path = Path(self.take_path_id(), NOT_TRAINABLE, comps, hparams)
+        self.root_path = TaskPath(self.take_path_id(), NOT_TRAINABLE, comps, hparams)
         self.root_path.metrics.update(score=float("-inf"), offsprings=0)
         self.reference_params = self.score_cfg.reference_params or self._default_reference_params(image_size)
         self.reference_flops = self.score_cfg.reference_flops or path_flops(self._reference_path(image_size))
@@ -110,9 +110,9 @@ class System:
             self.posembed_cache[grid] = self._root_component("posembed", TokenParam(resized))
         return self.posembed_cache[grid]
 
-    def _reference_path(self, image_size: int) -> Path:
+    def _reference_path(self, image_size: int) -> TaskPath:
         comps = dict(self.root_path.components, posembed=self.root_posembed(image_size))
-        return Path(-1, NOT_TRAINABLE, comps, self.root_path.hparams)
+        return TaskPath(-1, NOT_TRAINABLE, comps, self.root_path.hparams)
 
     def _default_reference_params(self, image_size: int) -> int:
         dim = self.root.embed_dim
@@ -125,15 +125,15 @@ class System:
         self.paths.setdefault(task, [])
         self.num_classes[task] = num_classes
 
-    def best_path(self, task: str) -> Path | None:
+    def best_path(self, task: str) -> TaskPath | None:
         """Highest score; ties go to the most recent path (µ2Net)."""
         paths = self.paths.get(task) or []
         return max(paths, key=lambda p: (self.score(p), p.id)) if paths else None
 
-    def retained_paths(self) -> list[Path]:
+    def retained_paths(self) -> list[TaskPath]:
         return [p for task in self.paths for p in self.paths[task]]
 
-    def score(self, path: Path, quality: float | None = None) -> float:
+    def score(self, path: TaskPath, quality: float | None = None) -> float:
         """The path's score with its recorded validation quality, or with ``quality`` when given (a child being
         trained: its parameters and FLOPs are known before its quality is)."""
         quality = path.metrics.get("quality") if quality is None else quality
@@ -145,7 +145,7 @@ class System:
             score *= cfg.compute_scale ** (path_flops(path) / self.reference_flops)
         return score
 
-    def start_task(self, task: str) -> list[Path]:
+    def start_task(self, task: str) -> list[TaskPath]:
         """Unlocks ``task``'s components and returns the seed paths: other tasks' retained paths, newest first,
         then the root."""
         for path in self.paths[task]:
@@ -154,7 +154,7 @@ class System:
         seeds = [p for t, ps in self.paths.items() if t != task for p in ps]
         return sorted(seeds, key=lambda p: p.id, reverse=True) + [self.root_path]
 
-    def end_task(self, task: str) -> Path | None:
+    def end_task(self, task: str) -> TaskPath | None:
         """Keeps only the best path, locks its components with ``task`` and drops links to discarded paths."""
         best = self.best_path(task)
         if best is None:

@@ -13,7 +13,7 @@ Op = tuple[str, ...]  # the component names one forward step reads
 
 
 @dataclass(eq=False)
-class Path:
+class TaskPath:
     """A model for ``task``: component references, hyperparameters, metrics and a parent link.
 
     Forward pass (shapes for a batch of B images of S x S pixels, patch p, g = S / p, width D)::
@@ -27,7 +27,7 @@ class Path:
     task: str
     components: dict[str, Component]
     hparams: dict[str, Any]
-    parent: Path | None = None
+    parent: TaskPath | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
     # --- architecture -------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ class Path:
             total += c.num_params / len(owners)
         return total
 
-    def ancestors(self) -> list[Path]:
+    def ancestors(self) -> list[TaskPath]:
         """``[self, parent, grandparent, ...]`` up to the root path."""
         chain, p = [], self
         while p is not None:
@@ -115,4 +115,4 @@ class Path:
 
     def __repr__(self) -> str:
         ids = [c.id for c in self.components.values()]
-        return f"Path(#{self.id} {self.task}, layers={self.num_layers}, components={ids})"
+        return f"TaskPath(#{self.id} {self.task}, layers={self.num_layers}, components={ids})"

@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from munet.evolution.system import System
-from munet.model.path import Path
+from munet.model.path import TaskPath
 
 
 def _compress(names: list[str]) -> str:
@@ -32,7 +32,7 @@ def _compress(names: list[str]) -> str:
     return ",".join(out)
 
 
-def reuse_summary(path: Path) -> str:
+def reuse_summary(path: TaskPath) -> str:
     """Where the path's components come from: ``root: ... | <other task>: ... | own: ...``."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name, comp in path.components.items():

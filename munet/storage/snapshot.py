@@ -32,7 +32,7 @@ from munet.model.components import (
     TokenParam,
     patch_embedding,
 )
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.vitarch import build_vit, check_rebuild, describe_vit
 from munet.storage.store import Store, blob_bytes
@@ -60,7 +60,7 @@ class Checkpoint:
     done: int
     iteration: int
     in_flight: dict[str, Any] | None
-    paths: dict[int, Path] = field(default_factory=dict)
+    paths: dict[int, TaskPath] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,7 +108,7 @@ def _fingerprints(store: Store, tasks: dict[str, TaskData]) -> dict[str, str]:
     return stored
 
 
-def path_row(system: System, path: Path) -> dict[str, Any]:
+def path_row(system: System, path: TaskPath) -> dict[str, Any]:
     """The record of a sampled path, taken right after its generation (its parent link is still the original)."""
     m = dict(path.metrics)
     mutations = m.pop("mutations", None) or {}
@@ -213,10 +213,10 @@ def save_checkpoint(store: Store, system: System, evolution: Evolution, state: I
     store.collect_garbage()
 
 
-def _live_paths(system: System) -> dict[int, tuple[Path, int | None, int | None]]:
+def _live_paths(system: System) -> dict[int, tuple[TaskPath, int | None, int | None]]:
     """``id -> (path, current parent id, rank in its task's population or None)`` of every path the system holds:
     the populations and the ancestors their parent links still reach (the root path excluded)."""
-    live: dict[int, tuple[Path, int | None, int | None]] = {}
+    live: dict[int, tuple[TaskPath, int | None, int | None]] = {}
     for paths in system.paths.values():
         for rank, path in enumerate(paths):
             live[path.id] = (path, path.parent.id if path.parent else None, rank)
@@ -339,7 +339,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
             system.posembed_cache[posembed_ids[cid]] = comp
     for cid, locks in store.conn.execute("SELECT id, locks FROM components"):
         by_id[cid].locks = set(json.loads(locks))
-    paths: dict[int, Path] = {system.root_path.id: system.root_path}
+    paths: dict[int, TaskPath] = {system.root_path.id: system.root_path}
     links: dict[int, int | None] = {}
     population: list[tuple[int, int, str]] = []
     query = ("SELECT live.path_id, live.link, live.rank, paths.task, paths.components, paths.hparams, "
@@ -352,7 +352,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
                              f"`munet check {store.dir}`") from None
         m = json.loads(metrics)
         m["mutations"] = json.loads(mutations or "{}")
-        paths[pid] = Path(pid, task, comps, json.loads(hparams), None, m)
+        paths[pid] = TaskPath(pid, task, comps, json.loads(hparams), None, m)
         links[pid] = link
         if rank is not None:
             population.append((rank, pid, task))

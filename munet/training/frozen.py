@@ -8,7 +8,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from munet.model.path import Path
+from munet.model.path import TaskPath
 
 MIN_ROWS = 16  # see frozen_rows
 
@@ -58,7 +58,7 @@ def _nbytes(value: torch.Tensor | RowStore) -> int:
     return t.numel() * t.element_size()
 
 
-def frozen_rows(path: Path, images: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, num_rows: int,
+def frozen_rows(path: TaskPath, images: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, num_rows: int,
                 cache: FeatureCache, tag: Hashable) -> tuple[int, torch.Tensor]:
     """Like :func:`frozen_forward` for rows ``idx`` of a fixed data set whose inputs are deterministic (training
     without augmentation): each example goes through each distinct frozen prefix once per run, however many
@@ -94,7 +94,7 @@ def frozen_rows(path: Path, images: Callable[[torch.Tensor], torch.Tensor], idx:
     return k, store.values[idx]
 
 
-def frozen_forward(path: Path, x: torch.Tensor, cache: FeatureCache, tag: Hashable,
+def frozen_forward(path: TaskPath, x: torch.Tensor, cache: FeatureCache, tag: Hashable,
                    chunk: int = 0) -> tuple[int, torch.Tensor]:
     """Runs the path's frozen prefix on ``x``, reusing the longest cached prefix with the same components.
 
@@ -124,7 +124,7 @@ def frozen_forward(path: Path, x: torch.Tensor, cache: FeatureCache, tag: Hashab
     return k, out
 
 
-def shared_forward(paths: list[Path], images: Callable[[int], torch.Tensor], cache: FeatureCache, tag: Hashable,
+def shared_forward(paths: list[TaskPath], images: Callable[[int], torch.Tensor], cache: FeatureCache, tag: Hashable,
                    chunk: int = 0) -> list[torch.Tensor]:
     """Every path's output on the same inputs (multi-task inference), computing each shared prefix once.
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from munet.data.augment import eval_batch, train_batch
 from munet.data.task import TaskData
-from munet.model.path import Path
+from munet.model.path import TaskPath
 from munet.training.frozen import FeatureCache, frozen_forward, frozen_rows
 from munet.training.schedule import learning_rate, make_optimizer
 
@@ -91,7 +91,7 @@ class TrainSettings:
 class ChildState:
     """Bookkeeping of one child during training."""
 
-    path: Path
+    path: TaskPath
     best_score: float
     optimizer: torch.optim.Optimizer | None = None
     evals: list[float] = field(default_factory=list)
@@ -156,7 +156,7 @@ class Evaluator:
         return self._inputs[key]
 
     @torch.no_grad()
-    def accuracy(self, path: Path, task: TaskData, split: str, image_size: int, limit: int = 0) -> float:
+    def accuracy(self, path: TaskPath, task: TaskData, split: str, image_size: int, limit: int = 0) -> float:
         """Exact accuracy over the split (or its first ``limit`` examples), including the last partial batch."""
         x = self.inputs(task, split, image_size, limit)
         y = to_device(task.split(split)[1][: len(x)], self.settings.device)
@@ -174,7 +174,7 @@ class Evaluator:
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _calibrate_head(path: Path, task: TaskData, evaluator: Evaluator, image_size: int) -> None:
+def _calibrate_head(path: TaskPath, task: TaskData, evaluator: Evaluator, image_size: int) -> None:
     """Freezes a new head's input statistics from the features it will read on training images."""
     n = evaluator.settings.calibration_examples
     x = evaluator.inputs(task, "train", image_size, n)
@@ -186,8 +186,8 @@ def _calibrate_head(path: Path, task: TaskData, evaluator: Evaluator, image_size
     path.components["head"].module.calibrate(feats.float())
 
 
-def train_generation(children: list[Path], parent_scores: list[float], task: TaskData, ds_hparams: dict[str, Any],
-                     settings: TrainSettings, evaluator: Evaluator, score_fn: Callable[[Path, float], float],
+def train_generation(children: list[TaskPath], parent_scores: list[float], task: TaskData, ds_hparams: dict[str, Any],
+                     settings: TrainSettings, evaluator: Evaluator, score_fn: Callable[[TaskPath, float], float],
                      generator: torch.Generator, on_step: Callable[[int], None] | None = None
                      ) -> list[ChildOutcome]:
     """Trains ``children`` in lock-step; returns each child's outcome, in order. Accepted children end with their
@@ -282,7 +282,7 @@ def train_generation(children: list[Path], parent_scores: list[float], task: Tas
     return [outcomes[id(child)] for child in children]
 
 
-def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor]], yb: torch.Tensor, step: int,
+def _train_step(st: ChildState, prefix: Callable[[TaskPath], tuple[int, torch.Tensor]], yb: torch.Tensor, step: int,
                 k: int, settings: TrainSettings, evaluator: Evaluator, chance_loss: float) -> None:
     path = st.path
     st.steps += 1  # counted before the loss check: the batch was processed even if it is the one that diverges
@@ -308,7 +308,7 @@ def _train_step(st: ChildState, prefix: Callable[[Path], tuple[int, torch.Tensor
 
 
 def _validate(st: ChildState, task: TaskData, size: int, limit: int, evaluator: Evaluator,
-              score_fn: Callable[[Path, float], float], settings: TrainSettings) -> None:
+              score_fn: Callable[[TaskPath, float], float], settings: TrainSettings) -> None:
     quality = evaluator.accuracy(st.path, task, "val", size, limit)
     st.evals.append(quality)
     score = score_fn(st.path, quality)

@@ -85,8 +85,8 @@ RANDOM_ROOT = "random:vit_small_patch14_dinov2"  # the DINOv2 ViT-S/14 architect
 class Units:
     """Finished units' result JSONs in ``folder``; a unit counts as done only if its stored settings match."""
 
-    def __init__(self, folder: FsPath):
-        self.folder = folder
+    def __init__(self, folder: FsPath, read_only: bool = False):
+        self.folder, self.read_only = folder, read_only  # read-only: finished units only, nothing is claimed or run
         folder.mkdir(parents=True, exist_ok=True)
 
     def file(self, unit: str) -> FsPath:
@@ -106,6 +106,8 @@ class Units:
     def claim(self, unit: str) -> bool:
         """Marks ``unit`` as run by this process; ``False`` if another live process has claimed it (so several
         ``--only`` workers can share the units)."""
+        if self.read_only:
+            return False
         mark = self.file(unit).with_suffix(".claim")
         try:
             pid = int(mark.read_text())
@@ -478,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", help="comma-separated baselines (e.g. freeze:0,adapters:64) replacing the "
                                             "mode's budget-1 grid, in that order")
     parser.add_argument("--plan", action="store_true", help="print the units and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="write the report from the finished units only, running nothing (missing ones are listed)")
     parser.add_argument("--only", choices=("munet", "baselines"),
                         help="run only these units and write no report (to split the units between two processes; "
                              "a final run without --only reuses every finished unit and writes the report)")
@@ -532,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  baselines: " + ", ".join(s.name for s in specs) + ", each on the images muNet s=1 processed")
         return 0
 
-    units = Units(work / "units")
+    units = Units(work / "units", read_only=args.report)
     tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, sys.stderr)
     task_names = list(tasks)
     sizes = {t: len(d.train_y) for t, d in tasks.items()}
@@ -599,7 +603,9 @@ def main(argv: list[str] | None = None) -> int:
                 if budget != 1:
                     for spec in curve_specs:
                         baselines(spec, budget, 0)
-    if busy:
+    if busy and args.report:
+        print(f"left out of the report, not finished: {', '.join(busy)}", flush=True)
+    elif busy:
         print(f"{len(busy)} unit(s) are being run by other processes: {', '.join(busy)}", flush=True)
         if not args.only:
             print("no report until they finish; run again then")
@@ -625,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(methods, task_names)
     targets = check_targets(methods, mode.default_target if not suffix else None)
     print("\n" + table + "\n\n" + format_targets(targets))
-    report = {"mode": name, "curve": args.curve, "config": cfg.to_dict(), "random_root": RANDOM_ROOT,
+    report = {"mode": name, "curve": args.curve, "left_out": busy if args.report else [], "config": cfg.to_dict(),
+              "random_root": RANDOM_ROOT,
               "tasks": task_names, "train_sizes": sizes, "skipped": skipped,
               "definitions": {
                   "budget": "budget 1 is muNet's configuration; budget b gives muNet b times the children per task "

@@ -98,3 +98,10 @@ def test_every_mode_loads_and_its_ablations_are_valid_configurations(quality):
             mode.at_budget(mode.cfg, budget).validate()
         for _, changes in mode.ablations:
             assert mode.cfg.replace(**changes) != mode.cfg, "an ablation must change the configuration"
+
+
+def test_read_only_units_claim_nothing(quality, tmp_path):
+    units = quality.Units(tmp_path, read_only=True)
+    assert not units.claim("u") and not units.file("u").with_suffix(".claim").exists()
+    quality.Units(tmp_path).put("u", {"settings": {"x": 1}})
+    assert units.get("u", {"x": 1}) == {"settings": {"x": 1}}  # finished units are still read

@@ -27,8 +27,9 @@ from munet.config import RunConfig
 from munet.evolution.system import ScoreConfig, System
 from munet.model.roots import load_root
 from munet.runner import load_tasks, resolve_device
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
-from munet.training.trainer import Evaluator, TrainSettings
+from munet.training.settings import TrainSettings
 
 RESULTS = FsPath(__file__).resolve().parent / "results" / "probes.json"
 SETTINGS = "3@28,4@42,6@42"  # depth@image_size

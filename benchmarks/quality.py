@@ -74,8 +74,8 @@ from munet.evolution.system import ScoreConfig, System  # noqa: E402
 from munet.model.roots import load_root  # noqa: E402
 from munet.runner import load_tasks, resolve_device, run  # noqa: E402
 from munet.storage.store import Store, StoreError, atomic_write  # noqa: E402
+from munet.training.evaluate import Evaluator  # noqa: E402
 from munet.training.frozen import FeatureCache  # noqa: E402
-from munet.training.trainer import Evaluator  # noqa: E402
 
 RESULTS = FsPath(__file__).resolve().parent / "results"
 RANDOM_ROOT = "random:vit_small_patch14_dinov2"  # the DINOv2 ViT-S/14 architecture, random init

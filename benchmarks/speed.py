@@ -60,9 +60,11 @@ from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.roots import load_root
 from munet.reporting.status import run_status
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, shared_forward
 from munet.training.schedule import learning_rate
-from munet.training.trainer import Evaluator, TrainSettings, is_identity_augmentation, train_generation
+from munet.training.settings import TrainSettings
+from munet.training.trainer import is_identity_augmentation, train_generation
 
 RESULTS = FsPath(__file__).resolve().parent / "results" / "speed.json"
 CACHE_BYTES = 2048 << 20

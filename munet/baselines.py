@@ -2,7 +2,7 @@
 
 Each baseline is one :class:`~munet.model.path.TaskPath` per task, made from the root path's components (the same
 root, image size, default hyperparameters and standardised zero head as muNet's children), trained by
-:func:`~munet.training.trainer.train_generation` and tested by :meth:`~munet.training.trainer.Evaluator.accuracy`:
+:func:`~munet.training.trainer.train_generation` and tested by :meth:`~munet.training.evaluate.Evaluator.accuracy`:
 
 * ``finetune``: every component cloned and trained (embedding, class token, position embedding, blocks, norm).
 * ``freeze:X``: the bottom ``X`` blocks (and the embedding) stay the root's; blocks ``>= X`` and the final norm
@@ -45,7 +45,9 @@ from munet.evolution.hparams import DATA_RANGES
 from munet.evolution.system import System
 from munet.model.components import Component, ResidualAdapter, StandardisedHead
 from munet.model.path import TaskPath
-from munet.training.trainer import Evaluator, TrainSettings, train_generation
+from munet.training.evaluate import Evaluator
+from munet.training.settings import TrainSettings
+from munet.training.trainer import train_generation
 
 KINDS = ("finetune", "freeze", "adapters", "lora")
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # timm Block: attn.qkv, attn.proj, mlp.fc1, mlp.fc2

@@ -35,8 +35,9 @@ from munet.storage.snapshot import (
     verify_root,
 )
 from munet.storage.store import Store, atomic_write
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
-from munet.training.trainer import Evaluator, TrainSettings
+from munet.training.settings import TrainSettings
 
 log = logging.getLogger("munet")
 

@@ -19,8 +19,9 @@ from munet.baselines import (
 )
 from munet.config import RunConfig
 from munet.model.components import ResidualAdapter
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
-from munet.training.trainer import Evaluator, TrainSettings
+from munet.training.settings import TrainSettings
 
 SIZE = 8  # the system fixture's image size: 2 x 2 patches of the tiny root
 TINY = TrainSettings(batch_size=16, max_steps_between_validations=3, validations=2, max_val_examples=48)

@@ -11,8 +11,9 @@ from conftest import make_task, make_tiny_root
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.loop import Evolution
 from munet.evolution.system import System
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
-from munet.training.trainer import Evaluator, TrainSettings
+from munet.training.settings import TrainSettings
 
 
 def _evolution(seed: int = 0, cap: int = 0, mu_policy: str = "fixed", mu: float = 0.3, **options) -> Evolution:

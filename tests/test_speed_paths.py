@@ -15,8 +15,10 @@ from munet.evolution.hparams import DEFAULTS
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
 from munet.model.path import TaskPath
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, RowStore, frozen_forward, frozen_rows, shared_forward
-from munet.training.trainer import Evaluator, TrainSettings, to_device, train_generation
+from munet.training.settings import TrainSettings, to_device
+from munet.training.trainer import train_generation
 
 DS = {k: v for k, v in DEFAULTS.items() if k.startswith("ds_")} | {"ds_image_size": 8}
 DS_AUGMENTED = DS | {"ds_area_range_min": 0.5, "ds_flip_left_right": True, "ds_brightness_delta": 0.1,

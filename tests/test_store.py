@@ -234,8 +234,10 @@ def test_training_starts_from_inherited_momentum(system):
 
     from munet.evolution.hparams import MutationPolicy
     from munet.evolution.mutate import make_child
+    from munet.training.evaluate import Evaluator
     from munet.training.frozen import FeatureCache
-    from munet.training.trainer import Evaluator, TrainSettings, train_generation
+    from munet.training.settings import TrainSettings
+    from munet.training.trainer import train_generation
 
     task = make_task("a", 3)
     settings = TrainSettings(batch_size=16, max_steps_between_validations=2, validations=1, inherit_momentum=True)

@@ -11,9 +11,11 @@ from conftest import make_task
 
 from munet.evolution.hparams import DEFAULTS
 from munet.evolution.mutate import make_child
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
 from munet.training.schedule import learning_rate
-from munet.training.trainer import Evaluator, TrainSettings, train_generation
+from munet.training.settings import TrainSettings
+from munet.training.trainer import train_generation
 
 DS = {k: v for k, v in DEFAULTS.items() if k.startswith("ds_")} | {"ds_image_size": 8}
 SETTINGS = TrainSettings(batch_size=16, max_steps_between_validations=3, validations=2, max_val_examples=48)

@@ -17,7 +17,9 @@ from munet.evolution.hparams import DATA_RANGES, DEFAULTS, MutationPolicy, image
 from munet.evolution.mutate import make_child
 from munet.evolution.system import System
 from munet.model.path import TaskPath
-from munet.training.trainer import Evaluator, TrainSettings, train_generation
+from munet.training.evaluate import Evaluator
+from munet.training.settings import TrainSettings
+from munet.training.trainer import train_generation
 
 log = logging.getLogger("munet")
 

@@ -23,68 +23,18 @@ import torch.nn.functional as F
 from munet.data.augment import eval_batch, train_batch
 from munet.data.task import TaskData
 from munet.model.path import TaskPath
+from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, frozen_forward, frozen_rows
 from munet.training.schedule import learning_rate, make_optimizer
+from munet.training.settings import TrainSettings, to_device
 
 DIVERGENCE_FACTOR = 20.0  # loss above this multiple of chance-level loss (ln C) counts as diverged
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; a CPU tensor bound for CUDA goes through pinned memory so the copy is asynchronous."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def is_identity_augmentation(ds: dict[str, Any]) -> bool:
     """No crop, no flip, no colour jitter: training inputs are then deterministic per example."""
     jitter = ("ds_brightness_delta", "ds_contrast_delta", "ds_saturation_delta", "ds_hue_delta")
     return ds["ds_area_range_min"] >= 1.0 and not ds["ds_flip_left_right"] and not any(ds[k] for k in jitter)
-
-
-@dataclass
-class TrainSettings:
-    """Budget and batching of one child's training.
-
-    Args:
-        batch_size: training batch size.
-        max_steps_between_validations: K is ``min(ceil(N_train / batch_size), this)``.
-        validations: validations per child; a child trains ``K * validations`` steps.
-        max_val_examples: size of the fixed validation subset.
-        eval_batch_size: batch size for evaluation and frozen-feature computation.
-        clip_norm: global gradient-norm clip.
-        calibration_examples: training images used to freeze a new head's input statistics.
-        device: torch device.
-        autocast_bf16: run forward passes in bfloat16 autocast (CUDA only).
-        inherit_momentum: µ2Net's optimiser-state inheritance: start each trainable component's momentum from
-            the trace it was cloned with, and keep the trace of the kept snapshot on the component.
-        shared_training: train a generation's children in lock-step sharing frozen prefixes; ``False`` trains
-            them one after another on the same batches (same results, for measuring what sharing saves).
-        accept_ties: accept a validation score equal to the one to beat (µ2Net's ``>=``); muNet's test is strict.
-        stop_margin: stop training a child, before its budget ends, at a validation whose score is more than this
-            below the score it must beat while it has no accepted snapshot (0: never; only children of a path of
-            the same task have a finite score to beat).
-        keep_diverged: a child that diverges after an accepted validation keeps that snapshot (the spec); ``False``
-            discards it.
-    """
-
-    batch_size: int = 64
-    max_steps_between_validations: int = 10
-    validations: int = 4
-    max_val_examples: int = 1000
-    eval_batch_size: int = 256
-    clip_norm: float = 1.0
-    calibration_examples: int = 256
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    autocast_bf16: bool = False
-    inherit_momentum: bool = False
-    shared_training: bool = True
-    accept_ties: bool = False
-    stop_margin: float = 0.0
-    keep_diverged: bool = True
-
-    def steps_between_validations(self, num_train: int) -> int:
-        return max(1, min(math.ceil(num_train / self.batch_size), self.max_steps_between_validations))
 
 
 @dataclass
@@ -135,43 +85,6 @@ class ChildOutcome:
         return {"quality": self.quality, "evals": self.evals, "improved": self.accepted, "failed": self.failed,
                 "stopped": self.stopped, "train_steps": self.steps, "train_images": self.images,
                 "train_time": self.train_time}
-
-
-class Evaluator:
-    """Evaluates paths on fixed (deterministic) inputs, sharing frozen-prefix features through a cache."""
-
-    def __init__(self, settings: TrainSettings, cache: FeatureCache, mean: tuple, std: tuple):
-        self.settings = settings
-        self.cache = cache
-        self.mean, self.std = mean, std
-        self._inputs: dict[tuple, torch.Tensor] = {}
-
-    def inputs(self, task: TaskData, split: str, image_size: int, limit: int = 0) -> torch.Tensor:
-        """Normalised, resized images of a split (the first ``limit``), kept for the last key asked."""
-        key = (task.name, split, image_size, limit)
-        if key not in self._inputs:
-            x, _ = task.split(split)
-            x = x[:limit] if limit else x
-            self._inputs = {key: to_device(eval_batch(x, image_size, self.mean, self.std), self.settings.device)}
-        return self._inputs[key]
-
-    @torch.no_grad()
-    def accuracy(self, path: TaskPath, task: TaskData, split: str, image_size: int, limit: int = 0) -> float:
-        """Exact accuracy over the split (or its first ``limit`` examples), including the last partial batch."""
-        x = self.inputs(task, split, image_size, limit)
-        y = to_device(task.split(split)[1][: len(x)], self.settings.device)
-        with self._autocast():
-            start, h = frozen_forward(path, x, self.cache, (task.name, split, image_size, limit),
-                                      chunk=self.settings.eval_batch_size)
-            correct = sum(int((path.forward(hb, start=start).argmax(-1) == yb).sum())
-                          for hb, yb in zip(h.split(self.settings.eval_batch_size),
-                                            y.split(self.settings.eval_batch_size)))
-        return correct / len(y)
-
-    def _autocast(self) -> Any:
-        dev = self.settings.device
-        enabled = self.settings.autocast_bf16 and dev.type == "cuda"
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _calibrate_head(path: TaskPath, task: TaskData, evaluator: Evaluator, image_size: int) -> None:
@@ -286,7 +199,7 @@ def _train_step(st: ChildState, prefix: Callable[[TaskPath], tuple[int, torch.Te
                 k: int, settings: TrainSettings, evaluator: Evaluator, chance_loss: float) -> None:
     path = st.path
     st.steps += 1  # counted before the loss check: the batch was processed even if it is the one that diverges
-    with evaluator._autocast():
+    with evaluator.autocast():
         start, h = prefix(path)
         logits = path.forward(h, start=start)
     loss = F.cross_entropy(logits.float(), yb)

@@ -72,7 +72,7 @@ from munet.config import RunConfig  # noqa: E402
 from munet.data.task import TaskData  # noqa: E402
 from munet.evolution.system import ScoreConfig, System  # noqa: E402
 from munet.model.roots import load_root  # noqa: E402
-from munet.runner import load_tasks, resolve_device, run  # noqa: E402
+from munet.runner import OPERATIONAL_KEYS, load_tasks, resolve_device, run  # noqa: E402
 from munet.storage.store import Store, StoreError, atomic_write  # noqa: E402
 from munet.training.evaluate import Evaluator  # noqa: E402
 from munet.training.frozen import FeatureCache  # noqa: E402
@@ -123,10 +123,17 @@ class Units:
 DEFAULTS = RunConfig().to_dict()
 
 
+def result_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The configuration keys that change a unit's results (not where it runs or writes), so finished units stay
+    valid in another checkout or on another machine."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL_KEYS}
+
+
 def _same_settings(stored: Any, current: Any) -> bool:
     """Equal settings, where a configuration key that is missing from ``stored`` (recorded before the key existed)
-    matches the key's default value."""
+    matches the key's default value, and operational keys (output directory, device...) do not count."""
     if isinstance(stored, dict) and isinstance(current, dict):
+        stored = {k: v for k, v in stored.items() if k not in OPERATIONAL_KEYS}
         return set(stored) <= set(current) and all(
             _same_settings(stored[k], v) if k in stored else k in DEFAULTS and v == DEFAULTS[k]
             for k, v in current.items())
@@ -164,7 +171,7 @@ def run_records(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) ->
 def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes: dict[str, int]
               ) -> dict[str, Any] | None:
     """One muNet run (resumable as a whole); returns its unit result (``None`` if another process runs it)."""
-    settings = cfg.to_dict()
+    settings = result_settings(cfg)
     done = units.get(name, settings)
     if done:
         return done
@@ -212,7 +219,7 @@ class BaselineRunner:
         result); ``None`` if another process is running it."""
         unit = f"{spec.name}__{task}{tag}"
         validations = baseline_validations(self.cfg, images, len(self.tasks[task].train_y))
-        settings = {"baseline": spec.name, "task": task, "config": self.cfg.replace(seed=seed).to_dict(),
+        settings = {"baseline": spec.name, "task": task, "config": result_settings(self.cfg.replace(seed=seed)),
                     "validations": validations}
         done = units.get(unit, settings)
         if done:

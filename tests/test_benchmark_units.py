@@ -105,3 +105,13 @@ def test_read_only_units_claim_nothing(quality, tmp_path):
     assert not units.claim("u") and not units.file("u").with_suffix(".claim").exists()
     quality.Units(tmp_path).put("u", {"settings": {"x": 1}})
     assert units.get("u", {"x": 1}) == {"settings": {"x": 1}}  # finished units are still read
+
+
+def test_a_unit_stays_valid_in_another_checkout(quality, tmp_path):
+    from munet.config import RunConfig
+
+    units = quality.Units(tmp_path)
+    here, there = RunConfig(out="/a/run"), RunConfig(out="/b/run", device="cuda")
+    units.put("u", {"settings": here.to_dict()})  # recorded with every key, as earlier versions did
+    assert units.get("u", quality.result_settings(there)) is not None
+    assert units.get("u", quality.result_settings(there.replace(seed=1))) is None

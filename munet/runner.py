@@ -71,6 +71,8 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
         except TaskUnavailable as err:
             stream.write(f"warning: task {spec} is unavailable and is left out: {err}\n")
             continue
+        for doubt in data.doubts():
+            stream.write(f"warning: task {data.name}: {doubt}\n")
         tasks[data.name] = data
     if not tasks:
         raise MunetError("none of the configured tasks could be loaded")

@@ -596,3 +596,23 @@ def test_fuzz_config_values(tmp_path, seed):
             build_config(make_parser().parse_args(argv))
         except MunetError:
             pass
+
+
+def test_repeated_class_names_and_classes_without_examples_are_warned_about(tmp_path):
+    import io
+
+    import numpy as np
+
+    from munet.runner import load_tasks
+
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    y = np.array([0, 1, 3] * 13 + [0])  # class 2 has no example
+    np.savez(tmp_path / "t.npz", x=x, y=y, class_names=np.array(["cat", "dog", "eel", "cat"]))
+    stream = io.StringIO()
+    load_tasks([f"npz:{tmp_path / 't.npz'}"], 0, str(tmp_path), stream)
+    text = stream.getvalue()
+    assert "class names used more than once: 'cat'" in text and "1 class(es) without a training example" in text
+    np.savez(tmp_path / "ok.npz", x=x, y=np.array([0, 1] * 20), class_names=np.array(["a", "b"]))
+    stream = io.StringIO()
+    load_tasks([f"npz:{tmp_path / 'ok.npz'}"], 0, str(tmp_path), stream)
+    assert "warning" not in stream.getvalue()

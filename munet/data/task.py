@@ -43,3 +43,18 @@ class TaskData:
 
     def sizes(self) -> dict[str, int]:
         return {s: len(self.split(s)[1]) for s in ("train", "val", "test")}
+
+    def doubts(self) -> list[str]:
+        """What looks wrong in the data without making it unusable: repeated class names, and classes without
+        a training example (the model can never learn them)."""
+        found = []
+        repeated = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+        if repeated:
+            found.append(f"class names used more than once: {', '.join(map(repr, repeated))}")
+        present = set(self.train_y.tolist())
+        missing = [self.class_names[k] for k in range(self.num_classes) if k not in present]
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            found.append(f"{len(missing)} class(es) without a training example: {shown}")
+        return found
+

@@ -616,3 +616,44 @@ def test_repeated_class_names_and_classes_without_examples_are_warned_about(tmp_
     stream = io.StringIO()
     load_tasks([f"npz:{tmp_path / 'ok.npz'}"], 0, str(tmp_path), stream)
     assert "warning" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzz_bad_image_folders(tmp_path, seed):
+    """Random folder layouts with good, truncated, empty and non-image files load or raise DataError naming the
+    folder or the file; nothing else."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from munet.data.user import load_image_folder
+    from munet.errors import DataError
+
+    rng = np.random.default_rng(seed)
+
+    def png(size: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    kinds = [lambda: png(int(rng.integers(4, 12))), lambda: png(8)[: int(rng.integers(1, 40))], lambda: b"",
+             lambda: b"not an image at all", lambda: png(1)]
+    loaded = 0
+    for case in range(40):
+        root = tmp_path / f"f{case}"
+        splits = [root / s for s in ("train", "val", "test")] if rng.random() < 0.3 else [root]
+        for split in splits:
+            for c in range(int(rng.integers(0, 5))):
+                folder = split / f"class{c}"
+                folder.mkdir(parents=True)
+                for i in range(int(rng.integers(0, 12))):
+                    kind = int(rng.choice(len(kinds), p=[0.96, 0.01, 0.01, 0.01, 0.01]))
+                    (folder / f"{i}.png").write_bytes(kinds[kind]())
+        root.mkdir(exist_ok=True)
+        try:
+            load_image_folder(root, seed=0)
+            loaded += 1
+        except DataError as err:
+            assert str(root) in str(err), (case, err)
+    assert 0 < loaded < 40  # the generator makes both good and bad folders

@@ -31,7 +31,6 @@ root parts, so they are stored once). This is muNet's accounting (spec §5) appl
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from munet.config import RunConfig
+from munet.config import RunConfig, generations_per_iteration
 from munet.data.task import TaskData
 from munet.evolution.hparams import DATA_RANGES
 from munet.evolution.system import System
@@ -237,7 +236,8 @@ def count_params(path: TaskPath) -> ParamCount:
 
 # --- budget -------------------------------------------------------------------------------------------------------
 def generations(cfg: RunConfig) -> int:
-    return math.ceil(cfg.children_per_task / cfg.generation_size)
+    """Generations of mutated children per task iteration: the longest lineage a task iteration can grow."""
+    return generations_per_iteration(cfg.children_per_task, cfg.generation_size, separate_probes=False)
 
 
 def steps_between_validations(cfg: RunConfig, num_train: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,16 @@ from munet.errors import ConfigError
 from munet.evolution.hparams import MODEL_RANGES, MU_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def generations_per_iteration(children_per_task: int, generation_size: int, separate_probes: bool) -> int:
+    """Generations per task iteration: the children's, plus the probe generation when probes are separate."""
+    return math.ceil(children_per_task / generation_size) + int(separate_probes)
+
+
+#: Values of keys added after runs were first stored, as munet behaved before each key existed.
+BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
+                                       "stop_margin": 0.0, "keep_diverged": False}
 
 
 @dataclass
@@ -136,6 +147,15 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> RunConfig:
+        """The configuration a run recorded; a key it lacks (added after the run was made) takes the value that
+        reproduces how munet behaved before the key existed, not today's default."""
+        return cls().replace(**{**BEFORE_KEYS_EXISTED, **stored})
+
+    def generations(self) -> int:
+        return generations_per_iteration(self.children_per_task, self.generation_size, self.separate_probes)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied; unknown keys raise ConfigError."""

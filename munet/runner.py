@@ -236,7 +236,7 @@ def _differences(cfg: RunConfig, stored: RunConfig) -> list[str]:
 
 
 def _stored_config(store: Store, run_dir: FsPath) -> RunConfig:
-    return RunConfig().replace(**store.get("config")).replace(out=str(run_dir))
+    return RunConfig.from_stored(store.get("config")).replace(out=str(run_dir))
 
 
 def run(cfg: RunConfig, stream: TextIO | None = None) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from munet.config import generations_per_iteration
 from munet.data.task import TaskData
 from munet.evolution.hparams import DATA_RANGES, DEFAULTS, MutationPolicy, image_sizes, incremental_mutation
 from munet.evolution.mutate import make_child
@@ -105,7 +105,7 @@ class Evolution:
 
     def generations(self) -> int:
         """Generations per task iteration: the children's, plus the probe generation when probes are separate."""
-        return math.ceil(self.children_per_task / self.generation_size) + int(self.separate_probes)
+        return generations_per_iteration(self.children_per_task, self.generation_size, self.separate_probes)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_ds_hparams(self, task: str, mutate: bool) -> dict[str, Any]:

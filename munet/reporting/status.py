@@ -6,6 +6,7 @@ import json
 from pathlib import Path as FsPath
 from typing import Any
 
+from munet.config import RunConfig
 from munet.reporting.progress import format_seconds
 from munet.storage.store import Store
 
@@ -41,7 +42,7 @@ def _rank(row: tuple) -> tuple[float, int]:
 
 
 def _generations(cfg: dict[str, Any]) -> int:
-    return -(-cfg["children_per_task"] // cfg["generation_size"])
+    return RunConfig.from_stored(cfg).generations()
 
 
 def format_status(s: dict[str, Any]) -> str:

@@ -172,8 +172,10 @@ def new_evolution(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], budget
         system.add_task(name, data.num_classes)
     settings = budget.settings(cfg.batch_size)
     evaluator = Evaluator(settings, FeatureCache(CACHE_BYTES), root.mean, root.std)
-    return Evolution(system, tasks, policy, settings, evaluator, children, generation_size, cfg.max_image_size,
-                     cfg.mutate_adapters, cfg.max_task_population, max_seeds, seed)
+    return Evolution(system, tasks, policy, settings, evaluator, children_per_task=children,
+                     generation_size=generation_size, max_image_size=cfg.max_image_size,
+                     mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
+                     max_seeds=max_seeds, seed=seed)
 
 
 def max_abs_diff(a: list[TaskPath], b: list[TaskPath]) -> float:

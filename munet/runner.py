@@ -214,9 +214,11 @@ def build_session(cfg: RunConfig, store: Store, stream: TextIO | None = None, re
                              shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
                              stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
     evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), root.mean, root.std)
-    evolution = Evolution(system, tasks, policy, settings, evaluator, cfg.children_per_task, cfg.generation_size,
-                          cfg.max_image_size, cfg.mutate_adapters, cfg.max_task_population, cfg.max_seeds, cfg.seed,
-                          separate_probes=cfg.separate_probes, probe_validations=cfg.probe_validations)
+    evolution = Evolution(system, tasks, policy, settings, evaluator, children_per_task=cfg.children_per_task,
+                          generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
+                          mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
+                          max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
+                          probe_validations=cfg.probe_validations)
     session = Session(cfg, out, system, evolution, tasks, stream, store)
     if ck is not None:
         session.state = resume_evolution(store, evolution, ck)

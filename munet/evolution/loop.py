@@ -65,9 +65,9 @@ class Evolution:
     """
 
     def __init__(self, system: System, tasks: dict[str, TaskData], policy: MutationPolicy, settings: TrainSettings,
-                 evaluator: Evaluator, children_per_task: int, generation_size: int, max_image_size: int,
+                 evaluator: Evaluator, *, children_per_task: int, generation_size: int, max_image_size: int,
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
-                 *, separate_probes: bool = False, probe_validations: int = 0):
+                 separate_probes: bool = False, probe_validations: int = 0):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size

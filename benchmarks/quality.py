@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(spec.name)
                 print(f"[baseline] {spec.name}: skipped. {PEFT_HINT}", flush=True)
             return
-        reference = next(r for r in [s1, *runs] if r[4] == budget and r[5] == 0 and r[1] == "munet"
+        reference = next(r for r in runs if r[4] == budget and r[5] == 0 and r[1] == "munet"
                          and r[3].scale_factor == 1.0)
         budget_unit = munet_result(reference)  # the images muNet s=1 processed per task at this budget
         if budget_unit is None:

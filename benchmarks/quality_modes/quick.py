@@ -1,4 +1,4 @@
-"""Quick: the benchmark at small scale, for ablations (minutes, not hours).
+"""Quick: the benchmark at small scale, for ablations (not yet timed with these settings).
 
 4 tasks (uci_digits, mnist_5k, animal_silhouettes, textures), the DINOv2 root's first 3 blocks at 28 px, a
 small budget (8 children per task in generations of 1, 2 validations of at most 10 steps); all 7 muNet runs;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ class TaskData:
         """What looks wrong in the data without making it unusable: repeated class names, and classes without
         a training example (the model can never learn them)."""
         found = []
-        repeated = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+        repeated = sorted(n for n, count in Counter(self.class_names).items() if count > 1)
         if repeated:
             found.append(f"class names used more than once: {', '.join(map(repr, repeated))}")
         present = set(self.train_y.tolist())

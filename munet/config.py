@@ -48,6 +48,9 @@ class RunConfig:
         max_val_examples: size of the fixed validation subset.
         lr: the root path's ``opt_lr``, i.e. the learning rate children start from (one of the evolvable values).
         mutation_prob: μ (the initial μ for the evolved policies).
+        clone_prob: probability of cloning (copying, then training) each frozen component a child reuses: μ of the
+            ``clone:`` actions (fixed policy) or their initial μ (per_action, at most 0.3); the evolved policy
+            draws clones with its own μ.
         mu_policy: ``fixed`` (muNet), ``evolved`` (µ2Net) or ``per_action`` (µ2Net+).
         mutate_adapters: allow inserting residual adapters.
         inherit_momentum: µ2Net's optimiser-state inheritance: a cloned component starts training from the momentum
@@ -90,6 +93,7 @@ class RunConfig:
     max_val_examples: int = 1000
     lr: float = 0.02
     mutation_prob: float = 0.1
+    clone_prob: float = 0.1
     mu_policy: str = "fixed"
     mutate_adapters: bool = True
     inherit_momentum: bool = False
@@ -128,8 +132,9 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.stop_margin <= 1:
             raise ConfigError(f"stop_margin must be in [0, 1], got {self.stop_margin}")
-        if not 0 <= self.mutation_prob <= 1:
-            raise ConfigError(f"mutation_prob must be in [0, 1], got {self.mutation_prob}")
+        for name in ("mutation_prob", "clone_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr not in MODEL_RANGES["opt_lr"]:
             raise ConfigError(f"lr must be one of {MODEL_RANGES['opt_lr']}, got {self.lr}")
         if self.mu_policy not in MU_POLICIES:
@@ -152,7 +157,8 @@ class RunConfig:
     def from_stored(cls, stored: dict[str, Any]) -> RunConfig:
         """The configuration a run recorded; a key it lacks (added after the run was made) takes the value that
         reproduces how munet behaved before the key existed, not today's default."""
-        return cls().replace(**{**BEFORE_KEYS_EXISTED, **stored})
+        before = {**BEFORE_KEYS_EXISTED, "clone_prob": stored.get("mutation_prob", cls.mutation_prob)}
+        return cls().replace(**{**before, **stored})
 
     def generations(self) -> int:
         return generations_per_iteration(self.children_per_task, self.generation_size, self.separate_probes)

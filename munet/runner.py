@@ -193,7 +193,7 @@ def build_session(cfg: RunConfig, store: Store, stream: TextIO | None = None, re
         raise ConfigError(f"image_size {cfg.image_size} must be a multiple of the root's patch size "
                           f"{root.patch_size}")
     tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
-    policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed))
+    policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob)
     extra: dict[str, Any] = {"opt_lr": cfg.lr}
     policy.init_hparams(extra)
     score = ScoreConfig(cfg.scale_factor, cfg.compute_scale)

@@ -168,3 +168,29 @@ def test_mutation_policies_produce_valid_children(tiny_root, kind):
 
 def test_root_components_are_locked(system):
     assert all(c.locks == {NOT_TRAINABLE} for c in system.root_path.components.values())
+
+
+@pytest.mark.parametrize("clone_prob", [0.0, 1.0])
+def test_clone_prob_drives_only_clone_actions(tiny_root, clone_prob):
+    policy = MutationPolicy("fixed", 0.0, random.Random(0), clone_prob=clone_prob)
+    system = System(tiny_root, 8)
+    system.add_task("a", 3)
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy)
+    blocks = [n for n in child.components if n.startswith("block_")]
+    cloned = [n for n in blocks if child.components[n] is not system.root_path.components[n]]
+    assert len(cloned) == (len(blocks) if clone_prob else 0)
+    assert child.hparams["num_layers"] == system.root_path.hparams["num_layers"]  # hparams keep μ = 0
+    assert not any(k.startswith("add:") for k in child.metrics["mutations"])
+
+
+def test_per_action_clone_prob_sets_the_initial_clone_probability(tiny_root):
+    policy = MutationPolicy("per_action", 0.1, random.Random(0), clone_prob=0.3)
+    extra: dict = {}
+    policy.init_hparams(extra)
+    system = System(tiny_root, 8, extra_hparams=extra)
+    system.add_task("a", 3)
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy)
+    clones = {k: v for k, v in child.hparams.items() if k.startswith("_mu_|clone:")}
+    others = {k: v for k, v in child.hparams.items() if k.startswith("_mu_|hp:")}
+    assert clones and all(abs(v - 0.3) <= 0.02 for v in clones.values())  # at most one step from the start
+    assert others and all(abs(v - 0.1) <= 0.02 for v in others.values())

@@ -79,11 +79,14 @@ class MutationPolicy:
         kind: one of ``MU_POLICIES``.
         mutation_prob: μ for ``fixed``; the initial ``_mu_`` otherwise.
         rng: the evolution's random stream.
+        clone_prob: probability of each ``clone:`` action for ``fixed``, the initial one for ``per_action``
+            (``None``: ``mutation_prob``); ``evolved`` draws clones with its ``_mu_`` like every other action.
     """
 
-    def __init__(self, kind: str, mutation_prob: float, rng: random.Random):
+    def __init__(self, kind: str, mutation_prob: float, rng: random.Random, clone_prob: float | None = None):
         self.kind = kind
         self.mutation_prob = mutation_prob
+        self.clone_prob = mutation_prob if clone_prob is None else clone_prob
         self.rng = rng
 
     def init_hparams(self, hparams: dict[str, Any]) -> None:
@@ -98,13 +101,15 @@ class MutationPolicy:
 
     def fires(self, action: str, hparams: dict[str, Any], mutations: dict[str, tuple]) -> bool:
         """Draws whether ``action`` (e.g. ``"hp:opt_lr"``, ``"clone:block_1"``, ``"add:adapter_0"``) happens."""
+        clone = action.startswith("clone:")
         if self.kind == "fixed":
-            return self.rng.random() < self.mutation_prob
+            return self.rng.random() < (self.clone_prob if clone else self.mutation_prob)
         if self.kind == "evolved":
             return self.rng.random() < hparams["_mu_"]
         key = f"_mu_|{action}"
         if key not in hparams:
-            hparams[key] = min(MU_ACTION_VALUES, key=lambda v: abs(v - hparams["_mu_"]))
+            start = self.clone_prob if clone else hparams["_mu_"]
+            hparams[key] = min(MU_ACTION_VALUES, key=lambda v: abs(v - start))
         if self.rng.random() < hparams["_mu_"]:
             self._step(hparams, key, MU_ACTION_VALUES, mutations)
         return self.rng.random() < hparams[key]

@@ -4,7 +4,6 @@ store cannot describe)."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path as FsPath
 from typing import Any
@@ -109,7 +108,6 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
                                          cfg["compute_scale"]), extra)
         if not rebuildable:
             verify_root(store, root, system)
-        class_names = {name: json.loads(names) for name, names in
-                       store.conn.execute("SELECT name, class_names FROM tasks ORDER BY position")}
+        class_names = store.task_class_names()
         meta = {"root": store.get("root"), "config": cfg}
     return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta)

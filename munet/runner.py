@@ -313,7 +313,7 @@ def add_tasks(run_dir: str, tasks: list[str], overrides: dict[str, Any], stream:
         if plan["done"] < len(plan["order"]):
             raise MunetError(f"{out} is unfinished ({plan['done']}/{len(plan['order'])} task iterations); finish it "
                              f"first with `munet resume {out}`")
-        known = {row[0] for row in store.conn.execute("SELECT name FROM tasks")}
+        known = set(store.task_names())
         cfg = stored.replace(**overrides)
         cfg = cfg.replace(tasks=list(cfg.tasks) + [t for t in tasks if t not in cfg.tasks], out=str(out))
         session = build_session(cfg, store, stream, resume=True)

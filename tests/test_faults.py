@@ -440,8 +440,7 @@ def test_resume_verifies_the_root_blobs_before_writing(tmp_path, capsys, monkeyp
         with pytest.raises(Crash):
             _cli_run(m, out)
     with Store.open(out) as store:
-        digest = store.conn.execute("SELECT blob FROM components WHERE name = 'block_1' AND origin = 'root'"
-                                    ).fetchone()[0]
+        digest = next(r.blob for r in store.components() if r.name == "block_1" and r.origin == "root")
     store.blob_path(digest).unlink()
     before = _files(out)
     monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections import Counter
 
 import pytest
 import torch
@@ -49,11 +50,11 @@ def _copy(run_dir, tmp_path):
 
 def test_layout_records_and_content_addressed_blobs(run_dir):
     with Store.open(run_dir) as store:
-        db = store.conn
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.get("config")["tasks"] == ["a", "b"] and store.get("plan") == {"order": ["a", "b"], "done": 2}
         root = store.get("root")
         assert {"source", "sha256", "arch", "components"} <= set(root) and root["source"] == "random-init"
+    with sqlite3.connect(run_dir / DB_NAME) as db:  # the stored format itself, as any SQLite reader sees it
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         paths = db.execute("SELECT task, parent, components, hparams, accepted, reason, generation, iteration, "
                            "train_time, quality FROM paths").fetchall()
         assert len(paths) == 11  # every sampled path: 2 tasks x 4 children, and probes (task a: the root; b: a's, root)
@@ -65,6 +66,7 @@ def test_layout_records_and_content_addressed_blobs(run_dir):
         assert len(population) == 2  # one retained path per task, its record up to date
         assert all(test is not None and accounted > 0 for test, accounted in population)
         rows = db.execute("SELECT id, name, blob, momentum, num_params FROM components").fetchall()
+    db.close()
     blobs = {p.stem for p in (run_dir / BLOB_DIR).iterdir()}
     for _, _, blob, momentum, _ in rows:
         assert hashlib.sha256((run_dir / BLOB_DIR / f"{blob}.safetensors").read_bytes()).hexdigest() == blob
@@ -94,8 +96,7 @@ def test_store_size_close_to_unique_parameters(run_dir):
     status = run_status(run_dir)
     blob_bytes = status["store_bytes"]["blobs"]
     with Store.open(run_dir) as store:
-        momentum = sum(store.blob_path(d).stat().st_size for (d,) in
-                       store.conn.execute("SELECT DISTINCT momentum FROM components WHERE momentum IS NOT NULL"))
+        momentum = sum(store.blob_path(d).stat().st_size for d in {r.momentum for r in store.components()} if d)
     # parameter blobs hold each unique float32 parameter once, plus a small header per blob
     assert 4 * status["unique_params"] <= blob_bytes - momentum <= 1.05 * 4 * status["unique_params"]
 
@@ -114,7 +115,7 @@ def test_status_command(run_dir, capsys):
 def test_history_matches_the_store(run_dir, capsys):
     history = run_history(run_dir)
     with Store.open(run_dir) as store:
-        sampled = dict(store.conn.execute("SELECT task, COUNT(*) FROM paths GROUP BY task").fetchall())
+        sampled = Counter(row["task"] for row in store.sampled_paths())
         best = {t["task"]: t["path"] for t in run_status(run_dir)["tasks"]}
     tasks = {t["task"]: t for t in history["tasks"]}
     assert {t: tasks[t]["children"] for t in tasks} == sampled
@@ -146,8 +147,8 @@ def test_check_passes_on_a_sound_store(run_dir, capsys):
 def test_damaged_blob_is_reported_and_refused(run_dir, tmp_path, capsys, damage):
     run = _copy(run_dir, tmp_path)
     with Store.open(run) as store:
-        cid, name, digest = store.conn.execute(
-            "SELECT id, name, blob FROM components WHERE name = 'block_0' AND origin = 'root'").fetchone()
+        cid, name, digest = next((r.id, r.name, r.blob) for r in store.components()
+                                 if r.name == "block_0" and r.origin == "root")
     blob = run / BLOB_DIR / f"{digest}.safetensors"
     data = blob.read_bytes()
     if damage == "truncate":

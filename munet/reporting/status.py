@@ -16,29 +16,25 @@ def run_status(run_dir: str | FsPath) -> dict[str, Any]:
     with Store.open(run_dir) as store:
         plan, ck, root = store.get("plan"), store.get("checkpoint"), store.get("root")
         tasks = store.task_names()
-        query = ("SELECT paths.task, paths.id, paths.score, paths.quality, paths.test_quality, paths.params, "
-                 "paths.accounted FROM live JOIN paths ON paths.id = live.path_id WHERE live.rank IS NOT NULL")
-        best: dict[str, tuple] = {}
-        for row in sorted(store.conn.execute(query), key=_rank):  # the system's best_path: top score, newest
-            best[row[0]] = row
-        n_params, n_blobs = store.conn.execute("SELECT SUM(num_params), COUNT(DISTINCT blob) FROM components"
-                                               ).fetchone()
-        momentum = store.conn.execute("SELECT COUNT(DISTINCT momentum) FROM components").fetchone()[0]
-        sampled = store.conn.execute("SELECT COUNT(*), SUM(accepted) FROM paths").fetchone()
+        best: dict[str, dict[str, Any]] = {}
+        for row in sorted(store.retained_paths(), key=_rank):  # the system's best_path: top score, newest
+            best[row["task"]] = row
+        counts, unique = store.path_counts(), store.unique_params()
         return {
             "run": str(run_dir), "root": root["description"], "root_source": root["source"],
             "root_sha256": root["sha256"], "plan": plan["order"], "done": plan["done"],
             "in_flight": ck["in_flight"], "wall_time_s": store.get("wall_time_s", 0.0),
             "generations_per_iteration": _generations(store.get("config")),
-            "tasks": [{"task": t, "path": b[1], "score": b[2], "val_acc": b[3], "test_acc": b[4], "params": b[5],
-                       "accounted": b[6]} for t in tasks if (b := best.get(t))],
-            "paths_sampled": sampled[0], "paths_accepted": sampled[1] or 0,
-            "unique_params": int(n_params or 0), "blobs": n_blobs + momentum, "store_bytes": store.sizes(),
+            "tasks": [{"task": t, "path": b["id"], "score": b["score"], "val_acc": b["quality"],
+                       "test_acc": b["test_quality"], "params": b["params"], "accounted": b["accounted"]}
+                      for t in tasks if (b := best.get(t))],
+            "paths_sampled": counts["sampled"], "paths_accepted": counts["accepted"],
+            "unique_params": unique["params"], "blobs": unique["blobs"], "store_bytes": store.sizes(),
         }
 
 
-def _rank(row: tuple) -> tuple[float, int]:
-    return (row[2] if row[2] is not None else float("-inf"), row[1])
+def _rank(row: dict[str, Any]) -> tuple[float, int]:
+    return (row["score"] if row["score"] is not None else float("-inf"), row["id"])
 
 
 def _generations(cfg: dict[str, Any]) -> int:

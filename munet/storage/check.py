@@ -3,7 +3,6 @@ reference between records (paths, population, components, root, checkpoint) and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
@@ -49,7 +48,7 @@ def check_store(run_dir: str | FsPath, data: bool = False) -> CheckReport:
 def _check(store: Store, report: CheckReport, data: bool) -> None:
     """Every check of :func:`check_store`, findings into ``report``."""
     problems = report.problems
-    verdict = store.conn.execute("PRAGMA integrity_check").fetchone()[0]
+    verdict = store.integrity()
     if verdict != "ok":
         problems.append(f"the database fails SQLite's integrity check: {verdict}")
     for key in ("config", "root", "plan", "checkpoint"):
@@ -57,16 +56,14 @@ def _check(store: Store, report: CheckReport, data: bool) -> None:
             problems.append(f"the database has no {key!r} record")
     components: dict[int, str] = {}
     referenced: set[str] = set()
-    rows = store.conn.execute("SELECT id, name, tensors, blob, momentum FROM components").fetchall()
-    for cid, name, tensors, blob, momentum in rows:
-        components[cid] = name
-        what = f"component {name}#{cid}"
-        shapes = json.loads(tensors)
-        _check_blob(store, blob, what, shapes, exact=True, problems=problems)
-        referenced.add(blob)
-        if momentum:
-            _check_blob(store, momentum, f"momentum of {what}", shapes, exact=False, problems=problems)
-            referenced.add(momentum)
+    for r in store.components():
+        components[r.id] = r.name
+        what = f"component {r.name}#{r.id}"
+        _check_blob(store, r.blob, what, r.tensors, exact=True, problems=problems)
+        referenced.add(r.blob)
+        if r.momentum:
+            _check_blob(store, r.momentum, f"momentum of {what}", r.tensors, exact=False, problems=problems)
+            referenced.add(r.momentum)
     _check_references(store, components, problems)
     if data:
         _check_data(store, report)
@@ -76,9 +73,9 @@ def _check(store: Store, report: CheckReport, data: bool) -> None:
     if orphans or partial:
         report.notes.append(f"{len(orphans)} unreferenced blob(s) and {len(partial)} partial write(s), left by an "
                             "interrupted checkpoint; the next checkpoint deletes them")
-    report.counts = {"blobs": len(referenced), "components": len(components),
-                     "paths": store.conn.execute("SELECT COUNT(*) FROM paths").fetchone()[0],
-                     "live paths": store.conn.execute("SELECT COUNT(*) FROM live").fetchone()[0]}
+    counts = store.path_counts()
+    report.counts = {"blobs": len(referenced), "components": len(components), "paths": counts["sampled"],
+                     "live paths": counts["live"]}
 
 
 def _check_blob(store: Store, digest: str, what: str, shapes: dict[str, list[int]], exact: bool,
@@ -115,9 +112,8 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         if cid not in components:
             problems.append(f"the root position embedding for a {grid}x{grid} grid (component #{cid}) has no record")
     root_id = root.get("path_id")
-    live = {pid: link for pid, link in store.conn.execute("SELECT path_id, link FROM live")}
-    rows = {pid: (task, comps) for pid, task, comps in
-            store.conn.execute("SELECT id, task, components FROM paths WHERE id IN (SELECT path_id FROM live)")}
+    live = store.live_links()
+    rows = {r.id: (r.task, r.components) for r in store.live_paths()}
     num_classes = ck.get("num_classes") or {}
     for pid, link in live.items():
         if pid not in rows:
@@ -128,7 +124,7 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
             problems.append(f"path #{pid} belongs to task {task!r}, which the checkpoint does not know")
         if link is not None and link != root_id and link not in live:
             problems.append(f"path #{pid} links to parent #{link}, which is not held")
-        for name, cid in json.loads(comps).items():
+        for name, cid in comps.items():
             if cid not in components:
                 problems.append(f"path #{pid} ({task}) uses {name} component #{cid}, which has no record")
     in_flight = ck.get("in_flight")
@@ -137,7 +133,7 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
             if pid != root_id and pid not in live:
                 problems.append(f"the in-flight iteration's seed path #{pid} is not held")
     plan = store.get("plan") or {}
-    tasks = {row[0] for row in store.conn.execute("SELECT name FROM tasks")}
+    tasks = set(store.task_names())
     for task in set(plan.get("order", [])) - tasks:
         problems.append(f"planned task {task!r} has no task record")
 

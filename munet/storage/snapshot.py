@@ -35,12 +35,7 @@ from munet.model.components import (
 from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.vitarch import build_vit, check_rebuild, describe_vit
-from munet.storage.store import Store, blob_bytes
-
-_PATH_COLUMNS = ("id", "task", "parent", "iteration", "generation", "components", "hparams", "mutations", "metrics",
-                 "accepted", "reason", "quality", "test_quality", "score", "params", "accounted", "train_time",
-                 "recorded_at")
-_UPDATED = ("metrics", "mutations", "quality", "test_quality", "score", "params", "accounted")
+from munet.storage.store import ComponentRecord, Store, blob_bytes
 
 
 @dataclass
@@ -163,39 +158,30 @@ def save_checkpoint(store: Store, system: System, evolution: Evolution, state: I
     comps.update({c.id: c for c in system.posembed_cache.values()})
     for path, _, _ in live.values():
         comps.update({c.id: c for c in path.components.values()})
-    known = {row[0] for row in store.conn.execute("SELECT id FROM components")}
-    new_rows = []
+    known = store.component_ids()
+    new_records = []
     for cid, comp in comps.items():
         if cid in known:  # a component's weights never change once its generation is over
             continue
         state_dict = comp.module.state_dict()
-        new_rows.append((cid, comp.name, comp.origin, json.dumps(sorted(comp.locks)), json.dumps(_shape_args(comp)),
-                         json.dumps({k: list(v.shape) for k, v in state_dict.items()}), comp.num_params,
-                         store.write_blob(state_dict), store.write_blob(comp.momentum) if comp.momentum else None))
-    with store.transaction() as db:
+        new_records.append(ComponentRecord(
+            cid, comp.name, comp.origin, sorted(comp.locks), _shape_args(comp),
+            {k: list(v.shape) for k, v in state_dict.items()}, comp.num_params, store.write_blob(state_dict),
+            store.write_blob(comp.momentum) if comp.momentum else None))
+    with store.transaction():
         for key, value in (meta or {}).items():
             store.put(key, value)
         if fingerprints is not None:
             store.put("data_fingerprints", fingerprints)
-        recorded = {row[0] for row in db.execute("SELECT name FROM tasks")}
-        new = [(name, data) for name, data in (tasks or {}).items() if name not in recorded]
-        db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
-                       [(name, len(recorded) + i, data.num_classes, json.dumps(data.class_names), data.description)
-                        for i, (name, data) in enumerate(new)])
-        db.executemany(f"INSERT OR REPLACE INTO paths VALUES ({', '.join('?' * len(_PATH_COLUMNS))})",
-                       [tuple(row[c] for c in _PATH_COLUMNS) for row in sampled])
-        for path, _, _ in live.values():  # metrics move on (offspring counts, test accuracy, accounted params)
-            row = path_row(system, path)
-            db.execute(f"UPDATE paths SET {', '.join(f'{c} = ?' for c in _UPDATED)} WHERE id = ?",
-                       (*[row[c] for c in _UPDATED], path.id))
-        db.execute("DELETE FROM live")
-        db.executemany("INSERT INTO live VALUES (?, ?, ?)",
-                       [(pid, link, rank) for pid, (_, link, rank) in live.items()])
-        db.executemany("INSERT INTO components VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new_rows)
-        db.executemany("UPDATE components SET locks = ? WHERE id = ?",
-                       [(json.dumps(sorted(c.locks)), cid) for cid, c in comps.items()])
-        stale = known - set(comps)
-        db.executemany("DELETE FROM components WHERE id = ?", [(cid,) for cid in stale])
+        store.record_tasks([(name, data.num_classes, data.class_names, data.description)
+                            for name, data in (tasks or {}).items()])
+        store.record_paths(sampled)
+        # metrics move on (offspring counts, test accuracy, accounted params)
+        store.update_paths([path_row(system, path) for path, _, _ in live.values()])
+        store.set_live([(pid, link, rank) for pid, (_, link, rank) in live.items()])
+        store.add_components(new_records)
+        store.set_locks({cid: sorted(c.locks) for cid, c in comps.items()})
+        store.delete_components(known - set(comps))
         store.put("plan", {"order": plan, "done": done})
         store.put("checkpoint", {
             "iteration": evolution.iteration, "next_path_id": system.next_path_id,
@@ -276,7 +262,7 @@ def verify_root(store: Store, root: Root, system: System) -> None:
         raise WeightsError(f"the run in {store.dir} was made with root {rec['name']} (sha256 {rec['sha256']}, "
                            f"depth {rec['depth']}); the configured root differs (sha256 {root.sha256}, depth "
                            f"{root.depth})")
-    blobs = dict(store.conn.execute("SELECT id, blob FROM components"))
+    blobs = {r.id: r.blob for r in store.components()}
     for name, comp in system.root_path.components.items():
         digest = blobs.get(rec["components"].get(name))
         if digest is None or digest != _digest(comp.module.state_dict()):
@@ -293,10 +279,10 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _component_tensors(store: Store, cid: int, name: str) -> dict[str, torch.Tensor]:
-    row = store.conn.execute("SELECT blob FROM components WHERE id = ?", (cid,)).fetchone()
-    if row is None:
+    digest = store.component_blob(cid)
+    if digest is None:
         raise StoreError(f"component {name}#{cid} has no record in {store.dir}; run `munet check {store.dir}`")
-    return store.read_blob(row[0], f"component {name}#{cid}")
+    return store.read_blob(digest, f"component {name}#{cid}")
 
 
 def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfig,
@@ -319,43 +305,39 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     if {n: c.id for n, c in system.root_path.components.items()} != rec["components"]:
         raise StoreError(f"the root components of {store.dir} do not match the root's layout")
     by_id = {c.id: c for c in system.root_path.components.values()}
-    rows = store.conn.execute("SELECT id, name, origin, locks, shape, blob, momentum FROM components").fetchall()
+    records = store.components()
     posembed_ids = {cid: int(g) for g, cid in ck["posembeds"].items()}
-    for cid, name, origin, locks, shape, blob, momentum in rows:
-        if cid in by_id:
+    for r in records:
+        if r.id in by_id:
             continue
-        what = f"component {name}#{cid}"
-        module = _empty_module(name, json.loads(shape), root)
+        what = f"component {r.name}#{r.id}"
+        module = _empty_module(r.name, r.shape, root)
         try:
-            module.load_state_dict(store.read_blob(blob, what))
+            module.load_state_dict(store.read_blob(r.blob, what))
         except RuntimeError as err:
             raise StoreError(f"{what} does not match its stored tensors: {err}") from err
         module.requires_grad_(False)
-        comp = Component(cid, name, module, set(json.loads(locks)), origin)
-        if momentum:
-            comp.momentum = store.read_blob(momentum, f"momentum of {what}")
-        by_id[cid] = comp
-        if cid in posembed_ids:
-            system.posembed_cache[posembed_ids[cid]] = comp
-    for cid, locks in store.conn.execute("SELECT id, locks FROM components"):
-        by_id[cid].locks = set(json.loads(locks))
+        comp = Component(r.id, r.name, module, set(r.locks), r.origin)
+        if r.momentum:
+            comp.momentum = store.read_blob(r.momentum, f"momentum of {what}")
+        by_id[r.id] = comp
+        if r.id in posembed_ids:
+            system.posembed_cache[posembed_ids[r.id]] = comp
+    for r in records:  # the root's components are built with the system; their locks are the stored ones
+        by_id[r.id].locks = set(r.locks)
     paths: dict[int, TaskPath] = {system.root_path.id: system.root_path}
     links: dict[int, int | None] = {}
     population: list[tuple[int, int, str]] = []
-    query = ("SELECT live.path_id, live.link, live.rank, paths.task, paths.components, paths.hparams, "
-             "paths.mutations, paths.metrics FROM live JOIN paths ON paths.id = live.path_id ORDER BY live.path_id")
-    for pid, link, rank, task, comp_ids, hparams, mutations, metrics in store.conn.execute(query):
+    for rec in store.live_paths():
         try:
-            comps = {n: by_id[cid] for n, cid in json.loads(comp_ids).items()}
+            comps = {n: by_id[cid] for n, cid in rec.components.items()}
         except KeyError as err:
-            raise StoreError(f"path #{pid} uses component #{err.args[0]}, which {store.dir} does not hold; run "
+            raise StoreError(f"path #{rec.id} uses component #{err.args[0]}, which {store.dir} does not hold; run "
                              f"`munet check {store.dir}`") from None
-        m = json.loads(metrics)
-        m["mutations"] = json.loads(mutations or "{}")
-        paths[pid] = TaskPath(pid, task, comps, json.loads(hparams), None, m)
-        links[pid] = link
-        if rank is not None:
-            population.append((rank, pid, task))
+        paths[rec.id] = TaskPath(rec.id, rec.task, comps, rec.hparams, None, dict(rec.metrics, mutations=rec.mutations))
+        links[rec.id] = rec.link
+        if rec.rank is not None:
+            population.append((rec.rank, rec.id, rec.task))
     for pid, link in links.items():
         paths[pid].parent = paths[link] if link is not None else None
     for task, n in ck["num_classes"].items():

@@ -24,6 +24,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -61,6 +62,42 @@ CREATE TABLE live (path_id INTEGER PRIMARY KEY, link INTEGER, rank INTEGER);
 # paths: every path ever sampled; components: every component the in-memory system holds (with its blob);
 # live: the paths the system holds, i.e. each task's population (rank = position) and, during a task iteration,
 # the ancestors still reachable through parent links (rank NULL); link is the current parent.
+PATH_COLUMNS = ("id", "task", "parent", "iteration", "generation", "components", "hparams", "mutations", "metrics",
+                "accepted", "reason", "quality", "test_quality", "score", "params", "accounted", "train_time",
+                "recorded_at")
+# what moves on after a path's generation (offspring counts, test accuracy, accounted parameters)
+UPDATED_PATH_COLUMNS = ("metrics", "mutations", "quality", "test_quality", "score", "params", "accounted")
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    """One component as stored: ``shape`` holds its constructor arguments, ``tensors`` its tensor shapes, ``blob``
+    and ``momentum`` the hashes of its weights and of its momentum trace."""
+
+    id: int
+    name: str
+    origin: str
+    locks: list[str]
+    shape: dict[str, int]
+    tensors: dict[str, list[int]]
+    num_params: int
+    blob: str
+    momentum: str | None
+
+
+@dataclass(frozen=True)
+class LivePathRecord:
+    """A path the checkpointed system holds: ``link`` is its current parent, ``rank`` its place in its task's
+    population (``None``: an ancestor kept for its children's lineage)."""
+
+    id: int
+    link: int | None
+    rank: int | None
+    task: str
+    components: dict[str, int]
+    hparams: dict[str, Any]
+    mutations: dict[str, Any]
+    metrics: dict[str, Any]
 
 
 def atomic_write(path: FsPath, data: bytes | str) -> None:
@@ -98,7 +135,7 @@ class Store:
 
     def __init__(self, run_dir: FsPath, conn: sqlite3.Connection, lock: Any | None):
         self.dir = run_dir
-        self.conn = conn
+        self._conn = conn
         self._lock = lock
         self._crash_counts: dict[str, int] = {}
 
@@ -187,7 +224,7 @@ class Store:
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
-            self.conn.close()
+            self._conn.close()
         _unlock(self._lock)
         self._lock = None
 
@@ -228,7 +265,7 @@ class Store:
     # --- meta ---------------------------------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         """A JSON value from the meta table (bytes values are returned as they are)."""
-        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             return default
         return row[0] if isinstance(row[0], bytes) else json.loads(row[0])
@@ -236,24 +273,121 @@ class Store:
     def put(self, key: str, value: Any) -> None:
         """Sets a meta value (JSON, or raw bytes); call inside :meth:`transaction`."""
         stored = value if isinstance(value, bytes) else json.dumps(value)
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, stored))
+        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, stored))
 
     # --- records ------------------------------------------------------------------------------------------------
     def task_names(self) -> list[str]:
         """The run's tasks, in the order they joined it."""
-        return [row[0] for row in self.conn.execute("SELECT name FROM tasks ORDER BY position")]
+        return [row[0] for row in self._conn.execute("SELECT name FROM tasks ORDER BY position")]
 
     def sampled_paths(self) -> list[dict[str, Any]]:
         """Every path the run sampled, by id: ``task``, ``parent``, ``hparams``, ``mutations``, ``accepted``,
         ``quality`` (best validation), ``test_quality``, ``score``, ``retained`` (in a task's population now) and
         ``metrics`` (the trainer's outcome: validation curve, training steps and images...)."""
-        retained = {row[0] for row in self.conn.execute("SELECT path_id FROM live WHERE rank IS NOT NULL")}
+        retained = {row[0] for row in self._conn.execute("SELECT path_id FROM live WHERE rank IS NOT NULL")}
         return [{"id": pid, "task": task, "parent": parent, "hparams": json.loads(hp or "{}"),
                  "mutations": json.loads(mut or "{}"), "accepted": bool(acc), "quality": q, "test_quality": tq,
                  "score": sc, "retained": pid in retained, "metrics": json.loads(metrics or "{}")}
-                for pid, task, parent, hp, mut, acc, q, tq, sc, metrics in self.conn.execute(
+                for pid, task, parent, hp, mut, acc, q, tq, sc, metrics in self._conn.execute(
                     "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score, metrics "
                     "FROM paths ORDER BY id")]
+
+    def task_class_names(self) -> dict[str, list[str]]:
+        """Each task's class names, in the order the tasks joined the run."""
+        return {name: json.loads(names) for name, names in
+                self._conn.execute("SELECT name, class_names FROM tasks ORDER BY position")}
+
+    def retained_paths(self) -> list[dict[str, Any]]:
+        """The paths in the tasks' populations: ``task``, ``id``, ``score``, ``quality``, ``test_quality``,
+        ``params`` and ``accounted``, by id."""
+        keys = ("task", "id", "score", "quality", "test_quality", "params", "accounted")
+        query = (f"SELECT {', '.join('paths.' + k for k in keys)} FROM live JOIN paths ON paths.id = live.path_id "
+                 "WHERE live.rank IS NOT NULL ORDER BY paths.id")
+        return [dict(zip(keys, row)) for row in self._conn.execute(query)]
+
+    def live_paths(self) -> list[LivePathRecord]:
+        """Every path the checkpointed system holds, by id."""
+        query = ("SELECT live.path_id, live.link, live.rank, paths.task, paths.components, paths.hparams, "
+                 "paths.mutations, paths.metrics FROM live JOIN paths ON paths.id = live.path_id ORDER BY live.path_id")
+        return [LivePathRecord(pid, link, rank, task, json.loads(comps), json.loads(hparams),
+                               json.loads(mutations or "{}"), json.loads(metrics))
+                for pid, link, rank, task, comps, hparams, mutations, metrics in self._conn.execute(query)]
+
+    def live_links(self) -> dict[int, int | None]:
+        """``path id -> current parent id`` of every live path, whether or not its path record exists."""
+        return dict(self._conn.execute("SELECT path_id, link FROM live"))
+
+    def path_counts(self) -> dict[str, int]:
+        """How many paths were ``sampled`` and ``accepted``, and how many are ``live``."""
+        sampled, accepted = self._conn.execute("SELECT COUNT(*), SUM(accepted) FROM paths").fetchone()
+        live = self._conn.execute("SELECT COUNT(*) FROM live").fetchone()[0]
+        return {"sampled": sampled, "accepted": accepted or 0, "live": live}
+
+    def components(self) -> list[ComponentRecord]:
+        """Every component record, by id."""
+        rows = self._conn.execute("SELECT id, name, origin, locks, shape, tensors, num_params, blob, momentum "
+                                 "FROM components ORDER BY id")
+        return [ComponentRecord(cid, name, origin, json.loads(locks), json.loads(shape), json.loads(tensors),
+                                n, blob, momentum)
+                for cid, name, origin, locks, shape, tensors, n, blob, momentum in rows]
+
+    def component_ids(self) -> set[int]:
+        return {row[0] for row in self._conn.execute("SELECT id FROM components")}
+
+    def component_blob(self, cid: int) -> str | None:
+        """The blob of component ``cid``, ``None`` when it has no record."""
+        row = self._conn.execute("SELECT blob FROM components WHERE id = ?", (cid,)).fetchone()
+        return None if row is None else row[0]
+
+    def unique_params(self) -> dict[str, int]:
+        """``params``: the parameters of all component records; ``blobs``: their distinct weight and momentum blobs."""
+        query = "SELECT SUM(num_params), COUNT(DISTINCT blob) FROM components"
+        n_params, n_blobs = self._conn.execute(query).fetchone()
+        momentum = self._conn.execute("SELECT COUNT(DISTINCT momentum) FROM components").fetchone()[0]
+        return {"params": int(n_params or 0), "blobs": n_blobs + momentum}
+
+    def integrity(self) -> str:
+        """SQLite's integrity check of the database: ``ok``, or what is wrong."""
+        return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+    # --- checkpoint writes (call inside :meth:`transaction`) -------------------------------------------------------
+    def record_tasks(self, tasks: list[tuple[str, int, list[str], str]]) -> None:
+        """Records ``(name, num_classes, class_names, description)`` of tasks not recorded yet, after those that
+        are, in the given order."""
+        recorded = set(self.task_names())
+        new = [task for task in tasks if task[0] not in recorded]
+        self._conn.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
+                              [(name, len(recorded) + i, n, json.dumps(names), description)
+                               for i, (name, n, names, description) in enumerate(new)])
+
+    def record_paths(self, rows: list[dict[str, Any]]) -> None:
+        """Writes sampled paths' records (keys :data:`PATH_COLUMNS`), replacing earlier records of the same id."""
+        self._conn.executemany(f"INSERT OR REPLACE INTO paths VALUES ({', '.join('?' * len(PATH_COLUMNS))})",
+                              [tuple(row[c] for c in PATH_COLUMNS) for row in rows])
+
+    def update_paths(self, rows: list[dict[str, Any]]) -> None:
+        """Updates the :data:`UPDATED_PATH_COLUMNS` of existing path records (``id`` names the record)."""
+        for row in rows:
+            self._conn.execute(f"UPDATE paths SET {', '.join(f'{c} = ?' for c in UPDATED_PATH_COLUMNS)} WHERE id = ?",
+                              (*[row[c] for c in UPDATED_PATH_COLUMNS], row["id"]))
+
+    def set_live(self, live: list[tuple[int, int | None, int | None]]) -> None:
+        """Replaces the live paths by ``(path id, current parent id, rank)``."""
+        self._conn.execute("DELETE FROM live")
+        self._conn.executemany("INSERT INTO live VALUES (?, ?, ?)", live)
+
+    def add_components(self, records: list[ComponentRecord]) -> None:
+        self._conn.executemany("INSERT INTO components VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              [(r.id, r.name, r.origin, json.dumps(r.locks), json.dumps(r.shape),
+                                json.dumps(r.tensors), r.num_params, r.blob, r.momentum) for r in records])
+
+    def set_locks(self, locks: dict[int, list[str]]) -> None:
+        """Sets the locks of components by id."""
+        self._conn.executemany("UPDATE components SET locks = ? WHERE id = ?",
+                              [(json.dumps(names), cid) for cid, names in locks.items()])
+
+    def delete_components(self, ids: set[int]) -> None:
+        self._conn.executemany("DELETE FROM components WHERE id = ?", [(cid,) for cid in ids])
 
     # --- blobs --------------------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> FsPath:
@@ -318,12 +452,12 @@ class Store:
         """sha256 binding every component record to its blobs (id, name, blob, momentum): stored with each checkpoint,
         so a record pointed at another component's (sound) blob is found."""
         sha = hashlib.sha256()
-        for row in self.conn.execute("SELECT id, name, blob, momentum FROM components ORDER BY id"):
+        for row in self._conn.execute("SELECT id, name, blob, momentum FROM components ORDER BY id"):
             sha.update(json.dumps(row).encode())
         return sha.hexdigest()
 
     def referenced_blobs(self) -> set[str]:
-        rows = self.conn.execute("SELECT blob, momentum FROM components").fetchall()
+        rows = self._conn.execute("SELECT blob, momentum FROM components").fetchall()
         return {d for row in rows for d in row if d}
 
     def collect_garbage(self) -> int:
@@ -342,24 +476,24 @@ class Store:
 
     # --- transactions -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[None]:
         """One atomic transaction; the WAL is folded back into the database after it commits."""
         self._require_write()
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            yield self.conn
+            self._conn.execute("BEGIN IMMEDIATE")
+            yield
             self.crash_point("commit")
-            self.conn.execute("COMMIT")
+            self._conn.execute("COMMIT")
         except BaseException as err:
             with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back itself (it does on a full disk)
-                self.conn.execute("ROLLBACK")
+                self._conn.execute("ROLLBACK")
             if isinstance(err, sqlite3.OperationalError):  # disk full, I/O error, permissions, locked
                 raise StoreError(f"cannot write the run database in {self.dir}: {err}. {_KEPT}") from err
             raise
         # keeps the run directory at its real size (the WAL otherwise grows to ~4 MB before SQLite folds it); the
         # transaction is durable in the WAL already, so a fold that fails (a full disk) is retried by the next one
         with contextlib.suppress(sqlite3.Error):
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def crash_point(self, name: str) -> None:
         """Test hook: with ``MUNET_CRASH_AT=<name>:<n>`` the process kills itself the n-th time it gets here."""

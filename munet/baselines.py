@@ -148,8 +148,7 @@ def build_baseline(system: System, task: str, spec: BaselineSpec, image_size: in
         seed: seed of new adapters and LoRA matrices.
 
     Returns:
-        The path, with the root path's hyperparameters and ``metrics["fresh_head"]`` set so the trainer calibrates
-        its head.
+        The path, with the root path's hyperparameters and ``fresh_head`` set so the trainer calibrates its head.
     """
     root = system.root_path
     depth = root.num_layers
@@ -186,8 +185,8 @@ def build_baseline(system: System, task: str, spec: BaselineSpec, image_size: in
     comps["norm"] = clone(root.components["norm"])  # trained by every baseline (spec §5)
     head = StandardisedHead(system.root.embed_dim, system.num_classes[task])
     comps["head"] = system.new_component("head", head, origin=task)
-    path = TaskPath(system.take_path_id(), task, comps, hparams, parent=root)
-    path.metrics.update(fresh_head=True, baseline=spec.name, offsprings=0)
+    path = TaskPath(system.take_path_id(), task, comps, hparams, parent=root, fresh_head=True)
+    path.metrics.update(baseline=spec.name)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -74,6 +75,19 @@ def test_seed_phase_probes_other_tasks_then_mutates():
         shared = {n for n, comp in probe.components.items() if comp is probe.parent.components.get(n)}
         assert shared >= set(probe.components) - {"head", "posembed"} and "head" not in shared
     assert all(not c.metrics["seed_probe"] for c in seen[2:])
+
+
+def test_offspring_counts_are_the_same_task_children_sampled_from_each_path():
+    evo = _evolution()
+    seen = []
+    evo.on_generation = lambda task, gen, children: seen.extend(children)
+    evo.task_iteration("a")
+    evo.task_iteration("a")
+    by_id = {p.id: p for p in seen}
+    counts = Counter(c.metrics["parent"] for c in seen if c.metrics["parent"] in by_id)
+    assert sum(counts.values()) > 0  # some children came from the task's own paths
+    assert {p.id: p.offsprings for p in seen if p.offsprings} == dict(counts)
+    assert evo.system.root_path.offsprings == 0  # the root is no task's own path
 
 
 @pytest.mark.parametrize("cap", [0, 1])

@@ -140,12 +140,13 @@ def test_locked_head_is_never_shared_across_tasks(system, policy):
     assert b.components["norm"] is a.components["norm"]  # frozen reference of another task's component
 
 
-def test_same_task_parent_counts_offspring(system, policy):
+def test_make_child_leaves_the_parent_untouched(system, policy):
     a = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=policy)
-    assert system.root_path.metrics["offsprings"] == 0  # the root is not the same task
-    make_child(system, a, "a", _ds(), mutate=True, policy=policy)
-    make_child(system, a, "a", _ds(), mutate=True, policy=policy)
-    assert a.metrics["offsprings"] == 2
+    assert a.fresh_head and a.offsprings == 0 and a.metrics == {"mutations": {}, "seed_probe": True}
+    before = (dict(a.metrics), dict(a.components), dict(a.hparams), a.parent)
+    child = make_child(system, a, "a", _ds(), mutate=True, policy=policy)
+    assert a.offsprings == 0 and (a.metrics, a.components, a.hparams, a.parent) == before  # the loop counts
+    assert child.parent is a and not child.fresh_head  # the parent's head fits: continued, not made anew
 
 
 @pytest.mark.parametrize("kind", ["fixed", "evolved", "per_action"])

@@ -68,7 +68,7 @@ def test_parent_sampling_follows_half_power_of_offspring(system, policy):
     second = make_child(system, system.root_path, "a", ds, mutate=False, policy=policy)
     _retain(system, best, 0.9)
     _retain(system, second, 0.8)
-    best.metrics["offsprings"], second.metrics["offsprings"] = 1, 0
+    best.offsprings, second.offsprings = 1, 0
     evo = Evolution.__new__(Evolution)
     evo.system, evo.policy = system, MutationPolicy("fixed", 0.1, random.Random(0))
     seeds = [system.root_path]
@@ -77,7 +77,7 @@ def test_parent_sampling_follows_half_power_of_offspring(system, policy):
     # best accepted w.p. 0.5; else second w.p. 1 (0.5^0); the uniform fallback is never reached
     assert counts[best.id] / n == pytest.approx(0.5, abs=0.02)
     assert counts[second.id] / n == pytest.approx(0.5, abs=0.02)
-    second.metrics["offsprings"] = 1
+    second.offsprings = 1
     counts = Counter(evo.sample_parent("a", seeds).id for _ in range(n))
     # 0.5 best, 0.25 second, 0.25 uniform over {root, best, second}
     assert counts[best.id] / n == pytest.approx(0.5 + 0.25 / 3, abs=0.02)

@@ -125,7 +125,7 @@ class Evolution:
         """Best-first walk accepting each path w.p. 0.5^offsprings; else uniform over seeds and own paths."""
         own = sorted(self.system.paths[task], key=lambda p: (self.system.score(p), p.id), reverse=True)
         for path in own:
-            if self.rng.random() < 0.5 ** path.metrics.get("offsprings", 0):
+            if self.rng.random() < 0.5 ** path.offsprings:
                 return path
         return self.rng.choice(seeds + own)
 
@@ -166,6 +166,8 @@ class Evolution:
             else:
                 parent, mutate = self.sample_parent(task, state.seeds), True
             children.append(make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters))
+            if parent.task == task:  # counted at once: the next child of this generation samples with it
+                parent.offsprings += 1
             parents.append(parent)
         for child in children:
             for comp in child.components.values():

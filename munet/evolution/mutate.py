@@ -95,8 +95,6 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
                 mutations[f"clone:{name}"] = (found.id, comps[name].id)
         else:
             comps[name] = found
-    if parent.task == task:
-        parent.metrics["offsprings"] = parent.metrics.get("offsprings", 0) + 1
-    child = TaskPath(child_id, task, comps, hparams, parent=parent)
-    child.metrics.update(mutations=mutations, offsprings=0, fresh_head=fresh_head, seed_probe=not mutate)
+    child = TaskPath(child_id, task, comps, hparams, parent=parent, fresh_head=fresh_head)
+    child.metrics.update(mutations=mutations, seed_probe=not mutate)
     return child

@@ -79,7 +79,7 @@ class System:
         comps["norm"] = self._root_component("norm", copy.deepcopy(m.norm))
         hparams = dict(DEFAULTS, num_layers=root.depth, ds_image_size=image_size, **(extra_hparams or {}))
         self.root_path = TaskPath(self.take_path_id(), NOT_TRAINABLE, comps, hparams)
-        self.root_path.metrics.update(score=float("-inf"), offsprings=0)
+        self.root_path.metrics.update(score=float("-inf"))
         self.reference_params = self.score_cfg.reference_params or self._default_reference_params(image_size)
         self.reference_flops = self.score_cfg.reference_flops or path_flops(self._reference_path(image_size))
 

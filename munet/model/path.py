@@ -16,6 +16,10 @@ Op = tuple[str, ...]  # the component names one forward step reads
 class TaskPath:
     """A model for ``task``: component references, hyperparameters, metrics and a parent link.
 
+    ``offsprings`` counts the children the evolution sampled from this path for its own task (the parent sampling
+    accepts it w.p. 0.5^offsprings, spec §4); ``fresh_head`` says its head was made new, so training calibrates it
+    first.
+
     Forward pass (shapes for a batch of B images of S x S pixels, patch p, g = S / p, width D)::
 
         embed: patch_embed(x) (B, g*g, D) -> cat(cls) (B, 1+g*g, D) -> + posembed
@@ -29,6 +33,8 @@ class TaskPath:
     hparams: dict[str, Any]
     parent: TaskPath | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    offsprings: int = 0
+    fresh_head: bool = False
 
     # --- architecture -------------------------------------------------------------------------------------------
     @property

@@ -105,7 +105,8 @@ def _fingerprints(store: Store, tasks: dict[str, TaskData]) -> dict[str, str]:
 
 def path_row(system: System, path: TaskPath) -> dict[str, Any]:
     """The record of a sampled path, taken right after its generation (its parent link is still the original)."""
-    m = dict(path.metrics)
+    # the stored metrics hold the path's offspring count and head flag too, first, as they always have
+    m = {"offsprings": path.offsprings, "fresh_head": path.fresh_head, **path.metrics}
     mutations = m.pop("mutations", None) or {}
     score = system.score(path)
     return {
@@ -334,7 +335,9 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
         except KeyError as err:
             raise StoreError(f"path #{rec.id} uses component #{err.args[0]}, which {store.dir} does not hold; run "
                              f"`munet check {store.dir}`") from None
-        paths[rec.id] = TaskPath(rec.id, rec.task, comps, rec.hparams, None, dict(rec.metrics, mutations=rec.mutations))
+        metrics = dict(rec.metrics, mutations=rec.mutations)
+        offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
+        paths[rec.id] = TaskPath(rec.id, rec.task, comps, rec.hparams, None, metrics, offsprings, fresh_head)
         links[rec.id] = rec.link
         if rec.rank is not None:
             population.append((rec.rank, rec.id, rec.task))

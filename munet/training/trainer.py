@@ -137,7 +137,7 @@ def train_generation(children: list[TaskPath], parent_scores: list[float], task:
     chance_loss = math.log(max(task.num_classes, 2))
     states = [ChildState(c, s) for c, s in zip(children, parent_scores)]
     for st in states:
-        if st.path.metrics.get("fresh_head"):
+        if st.path.fresh_head:
             _calibrate_head(st.path, task, evaluator, size)
         st.path.set_mode(train=True)
         st.optimizer = make_optimizer(st.path.trainable_parameters(), st.path.hparams)

@@ -1,14 +1,14 @@
-"""Running a configuration end to end: load root and tasks, evolve with a checkpoint after every generation,
-resume, add tasks, report."""
+"""Running a configuration end to end: one :class:`Run` is set up, stepped one generation at a time with a
+checkpoint after each, and reported; a new run, a resumed one and one with added tasks are ways of opening it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any, TextIO
 
@@ -20,16 +20,19 @@ from munet.data.registry import load_task
 from munet.data.task import TaskData
 from munet.errors import ConfigError, MunetError, TaskUnavailable
 from munet.evolution.hparams import MutationPolicy
-from munet.evolution.loop import Evolution, IterationState
+from munet.evolution.loop import Evolution
 from munet.evolution.system import ScoreConfig, System
 from munet.model.path import TaskPath
+from munet.model.root import Root
 from munet.model.roots import load_root
 from munet.reporting.progress import Progress
 from munet.reporting.table import format_table, task_rows
 from munet.storage.snapshot import (
+    Checkpoint,
+    RunState,
     load_checkpoint,
     path_row,
-    resume_evolution,
+    restore_run,
     root_record,
     save_checkpoint,
     verify_root,
@@ -83,38 +86,177 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
 OPERATIONAL_KEYS = ("device", "feature_cache_mb", "data_dir", "out", "shared_training")
 
 
-@dataclass
-class Session:
-    """Everything a run needs, built from a configuration, with the store it checkpoints into.
+class Run:
+    """One run: its configuration, its store (open for writing while the run is open), and once :meth:`setup` has
+    run, its tasks and :class:`RunState` (system, evolution, plan and position).
+
+    Open it with :meth:`create` (a new run) or :meth:`open` (an existing one: resumed, or with tasks added), then
+    :meth:`train` (or :meth:`step` one generation at a time; each is saved) and :meth:`report`; use it as a context
+    manager, which closes the store.
 
     Args:
         cfg: the configuration.
-        out: the run directory.
-        system: the multitask system.
-        evolution: the evolutionary loop.
-        tasks: the loaded tasks.
-        stream: where progress and the report go.
         store: the run's store, open for writing.
-        plan: the run's task iterations, in order (one task name each).
-        done: how many of ``plan`` are finished.
-        state: the in-flight task iteration, if a resumed run stopped inside one.
-        elapsed: seconds spent by earlier sessions of this run.
+        stream: where progress and the report go.
     """
 
-    cfg: RunConfig
-    out: FsPath
-    system: System
-    evolution: Evolution
-    tasks: dict[str, TaskData]
-    stream: TextIO
-    store: Store
-    plan: list[str] = field(default_factory=list)
-    done: int = 0
-    state: IterationState | None = None
-    elapsed: float = 0.0
-
-    def __post_init__(self) -> None:
+    def __init__(self, cfg: RunConfig, store: Store, stream: TextIO):
+        self.cfg, self.store, self.stream = cfg, store, stream
+        self.out = FsPath(cfg.out)
+        self.tasks: dict[str, TaskData] = {}
+        self.state: RunState | None = None
+        self.elapsed = 0.0  # seconds spent by earlier sessions of this run
         self._t0 = time.perf_counter()
+
+    # --- ways of opening ------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: RunConfig, stream: TextIO | None = None) -> Run:
+        """A new run in ``cfg.out``, set up and saved (its first checkpoint); nothing is left if that fails."""
+        cfg.validate()
+        out = FsPath(cfg.out)
+        prepare_output(out)
+        store = Store.create(out)
+        try:
+            # sys.stdout is looked up per call: a default bound at import would outlive a redirection
+            run = cls(cfg, store, stream or sys.stdout)
+            run.setup()
+            run.state.plan = [t for _ in range(cfg.rounds) for t in run.tasks]
+            run.save(first=True)
+        except BaseException:
+            store.abandon()
+            raise
+        return run
+
+    @classmethod
+    def open(cls, run_dir: str | FsPath, overrides: dict[str, Any], stream: TextIO | None = None, *,
+             expected: RunConfig | None = None, add: list[str] | None = None) -> Run:
+        """The run in ``run_dir``, restored from its last checkpoint.
+
+        Args:
+            run_dir: the run directory.
+            overrides: configuration changes; without ``add`` only keys that do not change results
+                (``OPERATIONAL_KEYS``) may differ.
+            stream: where progress and the report go.
+            expected: the configuration a ``munet run`` was given for this directory; results-affecting keys must
+                match the stored ones.
+            add: task specs to add (µ2Net's dynamic task introduction): one task iteration per new task is appended
+                to the finished plan, and the configuration may change.
+        """
+        out = FsPath(run_dir)
+        with contextlib.ExitStack() as on_error:
+            store = on_error.enter_context(Store.open(out, write=True))  # closed if opening fails
+            stored = RunConfig.from_stored(store.get("config")).replace(out=str(out))
+            cfg = stored.replace(**overrides)
+            if add is None:
+                diff = _differences(expected or cfg, stored)
+                if diff and expected is not None:
+                    raise MunetError(f"{out} holds a run with another configuration ({'; '.join(diff)}); resume it "
+                                     f"with `munet resume {out}`, or choose another --out")
+                if diff:
+                    raise MunetError(f"a resumed run keeps its configuration; cannot change {'; '.join(diff)}")
+            else:
+                plan = store.get("plan")
+                if plan["done"] < len(plan["order"]):
+                    raise MunetError(f"{out} is unfinished ({plan['done']}/{len(plan['order'])} task iterations); "
+                                     f"finish it first with `munet resume {out}`")
+                cfg = cfg.replace(tasks=list(cfg.tasks) + [t for t in add if t not in cfg.tasks], out=str(out))
+            known = set(store.task_names())
+            run = cls(cfg, store, stream or sys.stdout)
+            run.setup(restore=True)
+            if add is not None:
+                new = [name for name in run.tasks if name not in known]
+                if not new:
+                    raise MunetError(f"no new task to add: {', '.join(add)} already in {run_dir} or unavailable")
+                run.state.plan = run.state.plan + new
+            on_error.pop_all()
+        return run
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.store.__exit__(exc_type, exc, tb)
+
+    # --- set-up, load, save ---------------------------------------------------------------------------------------
+    def setup(self, restore: bool = False) -> None:
+        """Builds root, tasks, system and evolution from the configuration; ``restore`` loads the system and the
+        position from the store's last checkpoint."""
+        cfg, stream = self.cfg, self.stream
+        cfg.validate()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        device = resolve_device(cfg.device)
+        root = load_root(cfg.root, cfg.depth or None)
+        if cfg.image_size % root.patch_size or cfg.max_image_size < root.patch_size:
+            raise ConfigError(f"image_size {cfg.image_size} must be a multiple of the root's patch size "
+                              f"{root.patch_size}")
+        self.tasks = tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
+        policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob)
+        extra: dict[str, Any] = {"opt_lr": cfg.lr}
+        policy.init_hparams(extra)
+        score = ScoreConfig(cfg.scale_factor, cfg.compute_scale)
+        if restore:
+            system, checkpoint = self.load(root, score, extra)
+        else:
+            system, checkpoint = System(root, cfg.image_size, score, extra), None
+        for name, data in tasks.items():
+            if system.num_classes.get(name, data.num_classes) != data.num_classes:
+                raise MunetError(f"task {name} has {data.num_classes} classes but the stored system has "
+                                 f"{system.num_classes[name]}")
+            system.add_task(name, data.num_classes)
+        settings = TrainSettings(batch_size=cfg.batch_size,
+                                 max_steps_between_validations=cfg.steps_between_validations,
+                                 validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
+                                 autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
+                                 shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
+                                 stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
+        evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), root.mean, root.std)
+        evolution = Evolution(system, tasks, policy, settings, evaluator, children_per_task=cfg.children_per_task,
+                              generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
+                              mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
+                              max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
+                              probe_validations=cfg.probe_validations)
+        if checkpoint is None:
+            self.state = RunState(system, evolution)
+        else:  # the evolution's iteration count and every random stream, as the checkpoint left them
+            self.state = restore_run(self.store, evolution, checkpoint)
+            self.elapsed = float(self.store.get("wall_time_s", 0.0))
+        stream.write(f"root: {root.description} [{root.source}]\n"
+                     f"tasks: {', '.join(f'{n} ({d.num_classes} classes)' for n, d in tasks.items())}\n"
+                     f"device: {device}; {cfg.rounds} round(s) x {len(tasks)} tasks x {cfg.children_per_task} "
+                     "children\n")
+        stream.flush()
+        self._t0 = time.perf_counter()  # the wall time counts evolution, not loading
+
+    def load(self, root: Root, score: ScoreConfig, extra_hparams: dict[str, Any]) -> tuple[System, Checkpoint]:
+        """The system of the store's last checkpoint, rebuilt on ``root`` (which must be the run's), with the
+        checkpoint's position (applied by :meth:`setup` once the evolution exists)."""
+        system, checkpoint = load_checkpoint(self.store, root, self.cfg.image_size, score, extra_hparams)
+        verify_root(self.store, root, system)
+        return system, checkpoint
+
+    def save(self, sampled: list[dict[str, Any]] | None = None, first: bool = False) -> None:
+        """Persists the system and the position in the plan (one transaction); ``first`` also records the
+        configuration, the root's identity and the tasks."""
+        meta: dict[str, Any] = {"wall_time_s": self.wall_time()}
+        if first:
+            meta.update(config=self.cfg.to_dict(), munet_version=__version__)
+            if self.store.get("root") is None:
+                meta.update(root=root_record(self.system.root, self.system), created_at=time.time())
+        save_checkpoint(self.store, self.state, sampled, meta, self.tasks if first else None)
+
+    # --- training -------------------------------------------------------------------------------------------------
+    @property
+    def system(self) -> System:
+        return self.state.system
+
+    @property
+    def evolution(self) -> Evolution:
+        return self.state.evolution
+
+    @property
+    def finished(self) -> bool:
+        return self.state.done >= len(self.state.plan)
 
     def work(self, task_order: list[str]) -> int:
         """Work units (child training steps) of running one iteration of each task in ``task_order``."""
@@ -123,27 +265,31 @@ class Session:
     def wall_time(self) -> float:
         return self.elapsed + time.perf_counter() - self._t0
 
-    def checkpoint(self, sampled: list[dict[str, Any]] | None = None, first: bool = False) -> None:
-        """Persists the system and the position in the plan (one transaction); ``first`` also records the
-        configuration, the root's identity and the tasks."""
-        meta: dict[str, Any] = {"wall_time_s": self.wall_time()}
-        if first:
-            meta.update(config=self.cfg.to_dict(), munet_version=__version__)
-            if self.store.get("root") is None:
-                meta.update(root=root_record(self.system.root, self.system), created_at=time.time())
-        save_checkpoint(self.store, self.system, self.evolution, self.state, self.plan, self.done, sampled or [],
-                        meta, self.tasks if first else None)
+    def step(self) -> TaskPath | None:
+        """Runs one generation of the plan's current task iteration (starting it if needed) and saves; returns the
+        retained path when the generation ended the task iteration."""
+        state, evo = self.state, self.evolution
+        if state.in_flight is None:
+            state.in_flight = evo.begin(state.plan[state.done])
+        children = evo.step(state.in_flight)
+        sampled = [path_row(self.system, c) for c in children]  # before finish() relinks parents
+        best = None
+        if evo.finished(state.in_flight):
+            best = evo.finish(state.in_flight)
+            state.done, state.in_flight = state.done + 1, None
+        self.save(sampled)
+        return best
 
-    def run_plan(self) -> None:
-        """Runs the plan's remaining task iterations, checkpointing after every generation, with progress."""
-        evo = self.evolution
-        missing = [t for t in self.plan[self.done:] if t not in self.tasks]
+    def train(self) -> None:
+        """Runs the plan's remaining task iterations, a checkpoint after every generation, with progress."""
+        state, evo = self.state, self.evolution
+        missing = [t for t in state.plan[state.done:] if t not in self.tasks]
         if missing:
             raise MunetError(f"cannot go on: task(s) {', '.join(sorted(set(missing)))} of this run are unavailable")
-        progress = Progress(self.work(self.plan[self.done:]), self.stream)
-        if self.state is not None:  # generations finished before the interruption
-            per_generation = self.cfg.generation_size * evo.steps_per_child(self.state.task)
-            progress.done = min(self.state.generation * per_generation, self.work([self.state.task]))
+        progress = Progress(self.work(state.plan[state.done:]), self.stream)
+        if state.in_flight is not None:  # generations finished before the interruption
+            per_generation = self.cfg.generation_size * evo.steps_per_child(state.in_flight.task)
+            progress.done = min(state.in_flight.generation * per_generation, self.work([state.in_flight.task]))
         evo.on_step = progress.advance
 
         def on_generation(task: str, gen: int, children: list[TaskPath]) -> None:
@@ -154,23 +300,16 @@ class Session:
                           f"{len(children)}, best val {best_q}")
 
         evo.on_generation = on_generation
-        while self.done < len(self.plan):
-            task = self.plan[self.done]
-            progress.label = f"[{self.done + 1}/{len(self.plan)}] {task}"
-            if self.state is None:
-                self.state = evo.begin(task)
-            children = evo.step(self.state)
-            sampled = [path_row(self.system, c) for c in children]  # before finish() relinks parents
-            best = None
-            if evo.finished(self.state):
-                best = evo.finish(self.state)
-                self.done, self.state = self.done + 1, None
-            self.checkpoint(sampled)
+        while not self.finished:
+            task = state.plan[state.done]
+            progress.label = f"[{state.done + 1}/{len(state.plan)}] {task}"
+            best = self.step()
             if best is not None:
                 progress.note(f"{task}: retained path #{best.id}, val {best.metrics['quality']:.4f}, "
                               f"test {best.metrics['test_quality']:.4f}")
 
     def report(self) -> dict[str, Any]:
+        """Writes ``summary.json`` and the per-task table; returns the summary."""
         rows = task_rows(self.system)
         summary = {"wall_time_s": self.wall_time(), "root": self.system.root.description,
                    "reference_params": self.system.reference_params, "tasks": rows}
@@ -180,65 +319,10 @@ class Session:
         return summary
 
 
-def build_session(cfg: RunConfig, store: Store, stream: TextIO | None = None, resume: bool = False) -> Session:
-    """Builds root, tasks, system and evolution for ``cfg``; ``resume`` restores them from ``store``."""
-    stream = stream or sys.stdout  # looked up per call: a default bound at import would outlive a redirection
-    cfg.validate()
-    out = FsPath(cfg.out)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    root = load_root(cfg.root, cfg.depth or None)
-    if cfg.image_size % root.patch_size or cfg.max_image_size < root.patch_size:
-        raise ConfigError(f"image_size {cfg.image_size} must be a multiple of the root's patch size "
-                          f"{root.patch_size}")
-    tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
-    policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob)
-    extra: dict[str, Any] = {"opt_lr": cfg.lr}
-    policy.init_hparams(extra)
-    score = ScoreConfig(cfg.scale_factor, cfg.compute_scale)
-    ck = None
-    if resume:
-        system, ck = load_checkpoint(store, root, cfg.image_size, score, extra)
-        verify_root(store, root, system)
-    else:
-        system = System(root, cfg.image_size, score, extra)
-    for name, data in tasks.items():
-        if system.num_classes.get(name, data.num_classes) != data.num_classes:
-            raise MunetError(f"task {name} has {data.num_classes} classes but the stored system has "
-                             f"{system.num_classes[name]}")
-        system.add_task(name, data.num_classes)
-    settings = TrainSettings(batch_size=cfg.batch_size, max_steps_between_validations=cfg.steps_between_validations,
-                             validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
-                             autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
-                             shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
-                             stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
-    evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), root.mean, root.std)
-    evolution = Evolution(system, tasks, policy, settings, evaluator, children_per_task=cfg.children_per_task,
-                          generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
-                          mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
-                          max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
-                          probe_validations=cfg.probe_validations)
-    session = Session(cfg, out, system, evolution, tasks, stream, store)
-    if ck is not None:
-        session.state = resume_evolution(store, evolution, ck)
-        session.plan, session.done = ck.plan, ck.done
-        session.elapsed = float(store.get("wall_time_s", 0.0))
-    stream.write(f"root: {root.description} [{root.source}]\n"
-                 f"tasks: {', '.join(f'{n} ({d.num_classes} classes)' for n, d in tasks.items())}\n"
-                 f"device: {device}; {cfg.rounds} round(s) x {len(tasks)} tasks x {cfg.children_per_task} children\n")
-    stream.flush()
-    return session
-
-
 def _differences(cfg: RunConfig, stored: RunConfig) -> list[str]:
     """Result-affecting keys on which ``cfg`` differs from ``stored``."""
     a, b = cfg.to_dict(), stored.to_dict()
     return [f"{k} {a[k]!r} (stored: {b[k]!r})" for k in a if k not in OPERATIONAL_KEYS and a[k] != b[k]]
-
-
-def _stored_config(store: Store, run_dir: FsPath) -> RunConfig:
-    return RunConfig.from_stored(store.get("config")).replace(out=str(run_dir))
 
 
 def run(cfg: RunConfig, stream: TextIO | None = None) -> dict[str, Any]:
@@ -247,30 +331,12 @@ def run(cfg: RunConfig, stream: TextIO | None = None) -> dict[str, Any]:
     If ``cfg.out`` already holds a run made with the same configuration, that run is resumed (or, when it is
     complete, only reported).
     """
-    out = FsPath(cfg.out)
-    if Store.exists(out):
-        with Store.open(out) as store:
-            stored = _stored_config(store, out)
-        diff = _differences(cfg, stored)
-        if diff:
-            raise MunetError(f"{out} holds a run with another configuration ({'; '.join(diff)}); resume it with "
-                             f"`munet resume {out}`, or choose another --out")
-        return resume(str(out), {k: v for k, v in cfg.to_dict().items() if k in OPERATIONAL_KEYS}, stream)
-    cfg.validate()
-    prepare_output(out)
-    store = Store.create(out)
-    try:
-        session = build_session(cfg, store, stream)
-        session.plan = [t for _ in range(cfg.rounds) for t in session.tasks]
-        session.checkpoint(first=True)
-    except BaseException:
-        store.abandon()
-        raise
-    try:
-        session.run_plan()
-        return session.report()
-    finally:
-        store.close()
+    if Store.exists(cfg.out):
+        operational = {k: v for k, v in cfg.to_dict().items() if k in OPERATIONAL_KEYS}
+        return _resumed(Run.open(cfg.out, operational, stream, expected=cfg))
+    with Run.create(cfg, stream) as opened:
+        opened.train()
+        return opened.report()
 
 
 def resume(run_dir: str, overrides: dict[str, Any], stream: TextIO | None = None) -> dict[str, Any]:
@@ -281,22 +347,21 @@ def resume(run_dir: str, overrides: dict[str, Any], stream: TextIO | None = None
         overrides: configuration changes; only keys that do not change results (``OPERATIONAL_KEYS``) may differ.
         stream: where progress and the report go.
     """
-    out, stream = FsPath(run_dir), stream or sys.stdout
-    with Store.open(out, write=True) as store:
-        stored = _stored_config(store, out)
-        cfg = stored.replace(**overrides)
-        diff = _differences(cfg, stored)
-        if diff:
-            raise MunetError(f"a resumed run keeps its configuration; cannot change {'; '.join(diff)}")
-        session = build_session(cfg, store, stream, resume=True)
-        if session.done < len(session.plan):
-            stream.write(f"resuming {out}: task iteration {session.done + 1}/{len(session.plan)}"
-                         + (f", generation {session.state.generation + 1}" if session.state else "") + "\n")
-            session.checkpoint(first=True)  # records the operational keys this session runs with
-            session.run_plan()
+    return _resumed(Run.open(run_dir, overrides, stream))
+
+
+def _resumed(opened: Run) -> dict[str, Any]:
+    with opened:
+        state = opened.state
+        if opened.finished:
+            opened.stream.write(f"{opened.out} is complete ({len(state.plan)} task iterations)\n")
         else:
-            stream.write(f"{out} is complete ({len(session.plan)} task iterations)\n")
-        return session.report()
+            opened.stream.write(f"resuming {opened.out}: task iteration {state.done + 1}/{len(state.plan)}"
+                                + (f", generation {state.in_flight.generation + 1}" if state.in_flight else "")
+                                + "\n")
+            opened.save(first=True)  # records the operational keys this session runs with
+            opened.train()
+        return opened.report()
 
 
 def add_tasks(run_dir: str, tasks: list[str], overrides: dict[str, Any], stream: TextIO | None = None
@@ -306,21 +371,7 @@ def add_tasks(run_dir: str, tasks: list[str], overrides: dict[str, Any], stream:
     Earlier tasks' paths stay locked, so their predictions are unchanged. If interrupted, ``munet resume``
     finishes it.
     """
-    out = FsPath(run_dir)
-    with Store.open(out, write=True) as store:
-        stored = _stored_config(store, out)
-        plan = store.get("plan")
-        if plan["done"] < len(plan["order"]):
-            raise MunetError(f"{out} is unfinished ({plan['done']}/{len(plan['order'])} task iterations); finish it "
-                             f"first with `munet resume {out}`")
-        known = set(store.task_names())
-        cfg = stored.replace(**overrides)
-        cfg = cfg.replace(tasks=list(cfg.tasks) + [t for t in tasks if t not in cfg.tasks], out=str(out))
-        session = build_session(cfg, store, stream, resume=True)
-        new = [name for name in session.tasks if name not in known]
-        if not new:
-            raise MunetError(f"no new task to add: {', '.join(tasks)} already in {run_dir} or unavailable")
-        session.plan = session.plan + new
-        session.checkpoint(first=True)
-        session.run_plan()
-        return session.report()
+    with Run.open(run_dir, overrides, stream, add=tasks) as opened:
+        opened.save(first=True)
+        opened.train()
+        return opened.report()

@@ -105,6 +105,30 @@ def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path, monk
     assert dump(out) == dump(tmp_path / "ref")
 
 
+def test_opening_an_existing_run_refuses_changes_and_releases_it(tmp_path, monkeypatch):
+    """`run` on a directory made with another configuration, `resume` with a result-affecting change and
+    `add-task` of a task the run has are refused, and the refused opening leaves the run free to open."""
+    from conftest import make_task, make_tiny_root
+
+    from munet.errors import MunetError
+    from munet.runner import add_tasks, resume
+
+    out = tmp_path / "run"
+    make_run(out)
+    before = dump(out)
+    with pytest.raises(MunetError, match=r"holds a run with another configuration \(seed 1 \(stored: 0\)\)"):
+        make_run(out, seed=1)
+    with pytest.raises(MunetError, match="a resumed run keeps its configuration; cannot change seed 1"):
+        resume(str(out), {"seed": 1})
+    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))
+    monkeypatch.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
+        n: make_task(n, {"a": 3, "b": 2}[n], seed=i + 1) for i, n in enumerate(specs)})
+    with pytest.raises(MunetError, match="no new task to add: a already in"):
+        add_tasks(str(out), ["a"], {})
+    Store.open(out, write=True).close()  # each refusal released the writer lock
+    assert dump(out) == before
+
+
 def test_crash_during_creation_starts_afresh(tmp_path, monkeypatch, capsys):
     """Dying before the first checkpoint leaves nothing to resume: the same command starts the run afresh."""
     make_run(tmp_path / "ref")

@@ -59,6 +59,26 @@ class Checkpoint:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class RunState:
+    """What a checkpoint saves: the system, the evolution (iteration count and random stream), and where the run
+    stands in its plan.
+
+    Args:
+        system: the multitask system.
+        evolution: the evolution over it.
+        plan: task names, one per task iteration, in the order the run performs them.
+        done: task iterations of ``plan`` finished.
+        in_flight: the unfinished task iteration, ``None`` between task iterations.
+    """
+
+    system: System
+    evolution: Evolution
+    plan: list[str] = field(default_factory=list)
+    done: int = 0
+    in_flight: IterationState | None = None
+
+
 # --- writing ----------------------------------------------------------------------------------------------------
 def root_record(root: Root, system: System) -> dict[str, Any]:
     """The root's identity and architecture; its weights are the root components' blobs.
@@ -137,22 +157,18 @@ def _reason(m: dict[str, Any], score: float) -> str:
     return f"rejected: best validation score {score:.4f} did not beat its parent's {beat:.4f}"
 
 
-def save_checkpoint(store: Store, system: System, evolution: Evolution, state: IterationState | None,
-                    plan: list[str], done: int, sampled: list[dict[str, Any]],
+def save_checkpoint(store: Store, run: RunState, sampled: list[dict[str, Any]] | None = None,
                     meta: dict[str, Any] | None = None, tasks: dict[str, TaskData] | None = None) -> None:
     """Writes one checkpoint in one transaction (blobs first), then deletes blobs nothing references any more.
 
     Args:
         store: the run's store, open for writing.
-        system: the system.
-        evolution: the evolution (iteration count and random stream).
-        state: the in-flight task iteration, or ``None`` between iterations.
-        plan: the run's task iterations; ``done`` of them are finished.
-        done: finished task iterations of ``plan``.
+        run: what to save.
         sampled: :func:`path_row` records of the paths sampled since the last checkpoint.
         meta: extra meta values to write in the same transaction (config, root identity).
         tasks: tasks to record (name, classes) if not recorded yet, in the run's order.
     """
+    system, evolution, state = run.system, run.evolution, run.in_flight
     fingerprints = _fingerprints(store, tasks) if tasks else None
     live = _live_paths(system)
     comps = {c.id: c for c in system.root_path.components.values()}
@@ -176,14 +192,14 @@ def save_checkpoint(store: Store, system: System, evolution: Evolution, state: I
             store.put("data_fingerprints", fingerprints)
         store.record_tasks([(name, data.num_classes, data.class_names, data.description)
                             for name, data in (tasks or {}).items()])
-        store.record_paths(sampled)
+        store.record_paths(sampled or [])
         # metrics move on (offspring counts, test accuracy, accounted params)
         store.update_paths([path_row(system, path) for path, _, _ in live.values()])
         store.set_live([(pid, link, rank) for pid, (_, link, rank) in live.items()])
         store.add_components(new_records)
         store.set_locks({cid: sorted(c.locks) for cid, c in comps.items()})
         store.delete_components(known - set(comps))
-        store.put("plan", {"order": plan, "done": done})
+        store.put("plan", {"order": run.plan, "done": run.done})
         store.put("checkpoint", {
             "iteration": evolution.iteration, "next_path_id": system.next_path_id,
             "next_component_id": system.next_component_id,
@@ -352,20 +368,21 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     return system, Checkpoint(plan["order"], plan["done"], ck["iteration"], ck["in_flight"], paths, ck)
 
 
-def resume_evolution(store: Store, evolution: Evolution, ck: Checkpoint) -> IterationState | None:
-    """Puts ``evolution`` and the global random streams where the checkpoint left them; returns the in-flight
-    task iteration, if any."""
+def restore_run(store: Store, evolution: Evolution, ck: Checkpoint) -> RunState:
+    """Puts ``evolution`` (over the system :func:`load_checkpoint` rebuilt) and the global random streams where the
+    checkpoint left them; returns the run's state with its position in the plan."""
     evolution.iteration = ck.iteration
     evolution.policy.rng.setstate(_tuple_state(ck.raw["policy_rng"]))
     random.setstate(_tuple_state(ck.raw["python_rng"]))
     torch.set_rng_state(torch.frombuffer(bytearray(store.get("torch_rng")), dtype=torch.uint8))
-    if ck.in_flight is None:
-        return None
-    f = ck.in_flight
-    generator = torch.Generator()
-    generator.set_state(torch.frombuffer(bytearray(store.get("generator")), dtype=torch.uint8))
-    seeds = [ck.paths[pid] for pid in f["seeds"]]
-    return IterationState(f["task"], seeds, f["next_seed"], f["generation"], generator)
+    in_flight = None
+    if ck.in_flight is not None:
+        f = ck.in_flight
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(store.get("generator")), dtype=torch.uint8))
+        seeds = [ck.paths[pid] for pid in f["seeds"]]
+        in_flight = IterationState(f["task"], seeds, f["next_seed"], f["generation"], generator)
+    return RunState(evolution.system, evolution, ck.plan, ck.done, in_flight)
 
 
 def _empty_module(name: str, shape: dict[str, int], root: Root) -> torch.nn.Module:

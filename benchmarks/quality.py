@@ -120,7 +120,7 @@ class Units:
         return True
 
 
-DEFAULTS = RunConfig().to_dict()
+CONFIG_KEYS = set(RunConfig().to_dict())
 
 
 def result_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -130,13 +130,14 @@ def result_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _same_settings(stored: Any, current: Any) -> bool:
-    """Equal settings, where a configuration key that is missing from ``stored`` (recorded before the key existed)
-    matches the key's default value, and operational keys (output directory, device...) do not count."""
+    """Equal settings, where a configuration key that is missing from a stored configuration (recorded before the key
+    existed) takes the value that reproduces munet's behaviour then (``RunConfig.from_stored``), and operational keys
+    (output directory, device...) do not count."""
     if isinstance(stored, dict) and isinstance(current, dict):
-        stored = {k: v for k, v in stored.items() if k not in OPERATIONAL_KEYS}
-        return set(stored) <= set(current) and all(
-            _same_settings(stored[k], v) if k in stored else k in DEFAULTS and v == DEFAULTS[k]
-            for k, v in current.items())
+        if set(current) <= CONFIG_KEYS and set(stored) <= CONFIG_KEYS:
+            stored = {**RunConfig.from_stored(stored).to_dict(), **stored}
+        stored, current = ({k: v for k, v in d.items() if k not in OPERATIONAL_KEYS} for d in (stored, current))
+        return set(stored) == set(current) and all(_same_settings(stored[k], v) for k, v in current.items())
     return stored == current
 
 

@@ -22,16 +22,26 @@ def quality():
     return module
 
 
-def test_a_unit_recorded_before_a_key_existed_matches_only_that_keys_default(quality, tmp_path):
+def test_a_unit_recorded_before_a_key_existed_matches_only_the_behaviour_of_that_time(quality, tmp_path):
     units = quality.Units(tmp_path)
-    current = {"baseline": "finetune", "task": "a", "config": RunConfig().to_dict()}
+    before = RunConfig(keep_diverged=False)  # how munet behaved before keep_diverged existed
     older = {"baseline": "finetune", "task": "a",
-             "config": {k: v for k, v in RunConfig().to_dict().items() if k != "shared_training"}}
+             "config": {k: v for k, v in before.to_dict().items() if k != "keep_diverged"}}
     units.put("finetune__a", {"settings": older, "test_acc": 0.5})
+    current = {"baseline": "finetune", "task": "a", "config": before.to_dict()}
     assert units.get("finetune__a", current)["test_acc"] == 0.5
-    changed = dict(current, config=RunConfig(shared_training=False).to_dict())
-    assert units.get("finetune__a", changed) is None
+    assert units.get("finetune__a", dict(current, config=RunConfig(keep_diverged=True).to_dict())) is None
     assert units.get("finetune__a", dict(current, task="b")) is None
+    operational = dict(current, config=before.replace(shared_training=False, out="elsewhere").to_dict())
+    assert units.get("finetune__a", operational)["test_acc"] == 0.5  # where and how it ran do not change results
+
+
+def test_a_missing_key_means_the_behaviour_before_it_existed_not_todays_default(quality, tmp_path):
+    units = quality.Units(tmp_path)
+    older = {k: v for k, v in RunConfig(mutation_prob=0.1).to_dict().items() if k != "clone_prob"}
+    units.put("munet_s1.0", {"settings": older, "test_acc": 0.5})
+    assert units.get("munet_s1.0", RunConfig(clone_prob=0.1).to_dict())["test_acc"] == 0.5  # clones drew with μ
+    assert units.get("munet_s1.0", RunConfig(clone_prob=0.5).to_dict()) is None
 
 
 def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):

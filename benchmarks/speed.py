@@ -56,6 +56,7 @@ from munet.evolution.hparams import DEFAULTS, MutationPolicy
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
 from munet.evolution.system import ScoreConfig, System
+from munet.model.components import NormKind, kind_of
 from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.roots import load_root
@@ -190,19 +191,13 @@ def max_abs_diff(a: list[TaskPath], b: list[TaskPath]) -> float:
 
 
 def op_flops(path: TaskPath, op: tuple[str, ...]) -> float:
-    """Forward multiply-adds of one op for one image (the formulas of ``munet.evolution.system.path_flops``)."""
+    """Forward multiply-adds of one op for one image (the component kinds' counts of ``TaskPath.flops``)."""
     c = path.components
     dim = c["cls"].module.value.shape[-1]
     tokens = c["posembed"].module.value.shape[1]
-    name = op[0]
-    if name == "embedding":
-        return float((tokens - 1) * c["embedding"].module.proj.weight.numel())
-    if name.startswith("block_"):
-        hidden = c[name].module.mlp.fc1.out_features
-        return float(tokens * (4 * dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim)
-    if name.startswith("adapter_"):
-        return float(2 * tokens * dim * c[name].module.down.out_features)
-    return float(c["head"].module.linear.weight.numel() if name == "head" else dim)  # norm: the class token
+    if isinstance(kind_of(op[0]), NormKind):
+        return float(dim)  # the LayerNorm of the class token, which path FLOPs leave out
+    return float(sum(kind_of(name).macs(c[name].module, tokens, dim) for name in op))
 
 
 def sharing_ceiling(paths: list[TaskPath], training: bool) -> float:

@@ -24,7 +24,7 @@ from torch import nn
 
 from munet import __version__
 from munet.errors import ExportError
-from munet.model.components import ResidualAdapter, block_index
+from munet.model.components import AdapterKind, ResidualAdapter, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.vitarch import build_vit
 from munet.storage.store import atomic_write, blob_bytes
@@ -66,8 +66,8 @@ def path_config(path: TaskPath, arch: dict[str, Any], class_names: list[str], me
     size = int(path.hparams["ds_image_size"])
     vit = {**arch, "img_size": size, "depth": path.num_layers, "dynamic_img_size": False,
            "num_classes": len(class_names)}
-    adapters = {str(block_index(n)): c.module.down.out_features for n, c in path.components.items()
-                if n.startswith("adapter_")}
+    adapters = {str(slot_index(n)): kind_of(n).shape_args(c.module)["adapter_dim"] for n, c in path.components.items()
+                if isinstance(kind_of(n), AdapterKind)}
     # timm's VisionTransformer defaults (its LayerNorm with eps 1e-6, GELU) make these arguments sufficient
     plain = not adapters and vit["norm"] == "timm" and vit["norm_eps"] == 1e-6 and vit["act"] == "gelu"
     timm_kwargs = {k: vit[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
@@ -86,20 +86,10 @@ def path_config(path: TaskPath, arch: dict[str, Any], class_names: list[str], me
 
 def path_state_dict(path: TaskPath) -> dict[str, torch.Tensor]:
     """The path's weights under the exported model's names; the standardised head is folded into the linear."""
-    c = path.components
-    state = {f"patch_embed.{k}": v for k, v in c["embedding"].module.state_dict().items()}
-    state["cls_token"] = c["cls"].module.value.detach()
-    state["pos_embed"] = c["posembed"].module.value.detach()
-    for i in range(path.num_layers):
-        state.update({f"blocks.{i}.{k}": v for k, v in c[f"block_{i}"].module.state_dict().items()})
-        if f"adapter_{i}" in c:
-            state.update({f"adapters.{i}.{k}": v for k, v in c[f"adapter_{i}"].module.state_dict().items()})
-    state.update({f"norm.{k}": v for k, v in c["norm"].module.state_dict().items()})
-    head = c["head"].module
-    # (x - mu) / sigma -> W x + b  is  (W / sigma) x + (b - (W / sigma) mu); folded in float64, stored as float32
-    weight = head.linear.weight.double() / head.sigma.double()
-    state["head.weight"] = weight.float()
-    state["head.bias"] = (head.linear.bias.double() - weight @ head.mu.double()).float()
+    state: dict[str, torch.Tensor] = {}
+    for op in path.ops():
+        for name in op:
+            state.update(kind_of(name).export(path.components[name].module, slot_index(name)))
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 

@@ -11,29 +11,41 @@ import torch
 
 from munet.evolution.hparams import MODEL_RANGES, MutationPolicy, incremental_mutation
 from munet.evolution.system import System
-from munet.model.components import Component, ResidualAdapter, StandardisedHead, block_index
+from munet.model.components import (
+    AdapterKind,
+    Component,
+    HeadKind,
+    PositionEmbeddingKind,
+    ResidualAdapter,
+    StandardisedHead,
+    get_kind,
+    kind_of,
+    slot_index,
+)
 from munet.model.path import TaskPath
 
 
 def architecture(num_layers: int, adapters: set[int]) -> list[str]:
     """Component names of a path, in forward order."""
+    adapter, block = get_kind("adapter"), get_kind("block")
     names = ["embedding", "cls", "posembed"]
     for i in range(num_layers):
         if i in adapters:
-            names.append(f"adapter_{i}")
-        names.append(f"block_{i}")
+            names.append(adapter.slot(i))
+        names.append(block.slot(i))
     return names + ["norm", "head"]
 
 
 def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int, patch: int) -> bool:
     """Whether an ancestor's component can fill slot ``name`` of the child (shapes must match)."""
-    if name == "posembed":
+    kind = kind_of(name)
+    if isinstance(kind, PositionEmbeddingKind):
         grid = hparams["ds_image_size"] // patch
-        return comp.module.value.shape[1] == 1 + grid * grid
-    if name.startswith("adapter_"):
-        return comp.module.down.out_features == hparams["adapter_dim"]
-    if name == "head":  # heads are never shared: a head locked by any task is skipped
-        return comp.is_trainable() and comp.module.linear.out_features == num_classes
+        return kind.shape_args(comp.module)["tokens"] == 1 + grid * grid
+    if isinstance(kind, AdapterKind):
+        return kind.shape_args(comp.module)["adapter_dim"] == hparams["adapter_dim"]
+    if isinstance(kind, HeadKind):  # heads are never shared: a head locked by any task is skipped
+        return comp.is_trainable() and kind.shape_args(comp.module)["num_classes"] == num_classes
     return True
 
 
@@ -58,7 +70,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
                     mutations[key] = (hparams[key], new)
                     hparams[key] = new
     num_layers = hparams["num_layers"]
-    adapters = {block_index(n) for n in parent.components if n.startswith("adapter_")}
+    adapters = {slot_index(n) for n in parent.components if isinstance(kind_of(n), AdapterKind)}
     adapters = {i for i in adapters if i < num_layers}  # adapters on removed layers are dropped
     if mutate and mutate_adapters:
         for i in range(num_layers):
@@ -80,7 +92,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
         if found is None and name == "posembed":
             found = system.root_posembed(hparams["ds_image_size"])
         if found is None:
-            if name == "head":
+            if isinstance(kind_of(name), HeadKind):
                 module: torch.nn.Module = StandardisedHead(dim, num_classes)
                 fresh_head = True
             else:

@@ -31,24 +31,6 @@ class ScoreConfig:
     reference_flops: float | None = None
 
 
-def path_flops(path: TaskPath) -> float:
-    """Forward FLOPs for one image (2 per multiply-add), counted analytically from the path's shapes."""
-    c = path.components
-    dim = c["cls"].module.value.shape[-1]
-    tokens = c["posembed"].module.value.shape[1]
-    conv = c["embedding"].module.proj
-    macs = (tokens - 1) * conv.weight.numel()
-    for i in range(path.num_layers):
-        block = c[f"block_{i}"].module
-        hidden = block.mlp.fc1.out_features
-        macs += tokens * (4 * dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim
-        if f"adapter_{i}" in c:
-            macs += 2 * tokens * dim * c[f"adapter_{i}"].module.down.out_features
-    if "head" in c:
-        macs += c["head"].module.linear.weight.numel()
-    return 2.0 * macs
-
-
 class System:
     """Population of paths over one root; owns the id counters so the same seed gives the same ids.
 
@@ -81,7 +63,7 @@ class System:
         self.root_path = TaskPath(self.take_path_id(), NOT_TRAINABLE, comps, hparams)
         self.root_path.metrics.update(score=float("-inf"))
         self.reference_params = self.score_cfg.reference_params or self._default_reference_params(image_size)
-        self.reference_flops = self.score_cfg.reference_flops or path_flops(self._reference_path(image_size))
+        self.reference_flops = self.score_cfg.reference_flops or self._reference_path(image_size).flops()
 
     # --- ids and components -------------------------------------------------------------------------------------
     def take_path_id(self) -> int:
@@ -142,7 +124,7 @@ class System:
         cfg = self.score_cfg
         score = quality * cfg.scale_factor ** (path.accounted_params() / self.reference_params)
         if cfg.compute_scale != 1.0:
-            score *= cfg.compute_scale ** (path_flops(path) / self.reference_flops)
+            score *= cfg.compute_scale ** (path.flops() / self.reference_flops)
         return score
 
     def start_task(self, task: str) -> list[TaskPath]:

@@ -1,14 +1,22 @@
-"""Components: the unit of sharing, freezing and cloning in a muNet system (spec §1.2).
+"""Components: the unit of sharing, freezing and cloning in a muNet system (spec §1.2), and the registry of their
+kinds.
 
 A path is an ordered set of components. The ViT building blocks themselves come from timm (``PatchEmbed``,
 ``Block``, ``LayerNorm``); this module only wraps them with an identity, a set of train locks and the few muNet
 additions (zero-initialised residual adapters and the standardised zero-initialised head).
+
+A component's slot name says its kind: ``embedding``, ``cls``, ``posembed``, ``block_<i>``, ``adapter_<i>``,
+``norm``, ``head``. Everything munet does differently per kind (the forward step, FLOPs, the constructor arguments
+a store keeps, the module a stored component is loaded into, the names of its weights in an exported timm model)
+is a method of its :class:`ComponentKind`, registered with :func:`register_kind` (timm's ``register_model``
+pattern); :func:`kind_of` finds the kind of a slot.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -131,6 +139,194 @@ def patch_embedding(patch_embed: nn.Module) -> nn.Module:
     return module
 
 
-def block_index(name: str) -> int:
-    """``"block_3"`` or ``"adapter_3"`` -> 3."""
-    return int(name.rsplit("_", 1)[1])
+# --- kinds --------------------------------------------------------------------------------------------------------
+class ComponentKind:
+    """What munet does with one kind of component; the defaults suit a module applied to the token sequence.
+
+    Subclasses set ``name`` (the slot name; for an ``indexed`` kind, one per layer, the prefix of ``<name>_<i>``) and
+    ``timm_name`` (where timm's ``VisionTransformer`` keeps the weights, ``{i}`` standing for the layer index), and
+    override what differs.
+    """
+
+    name: ClassVar[str]
+    timm_name: ClassVar[str]
+    indexed: ClassVar[bool] = False
+
+    def slot(self, index: int | None = None) -> str:
+        """The slot name of this kind (at layer ``index`` for an indexed kind)."""
+        return f"{self.name}_{index}" if self.indexed else self.name
+
+    def forward(self, components: dict[str, Component], slot: str, x: torch.Tensor) -> torch.Tensor:
+        """The forward step this component starts, on the previous step's output ``x``."""
+        return components[slot].module(x)
+
+    def macs(self, module: nn.Module, tokens: int, dim: int) -> int:
+        """Forward multiply-adds for one image of ``tokens`` tokens (class token included) of width ``dim``."""
+        return 0
+
+    def shape_args(self, module: nn.Module) -> dict[str, int]:
+        """The constructor arguments a store keeps, so that :meth:`build` makes a module of the same shapes."""
+        return {}
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        """A module of this kind's architecture on ``root`` (a timm ``VisionTransformer``), to load weights into."""
+        raise NotImplementedError
+
+    def export(self, module: nn.Module, index: int | None) -> dict[str, torch.Tensor]:
+        """The component's weights under timm's ``VisionTransformer`` names."""
+        prefix = self.timm_name.format(i=index)
+        return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+_KINDS: dict[str, ComponentKind] = {}
+
+
+def register_kind(cls: type[ComponentKind]) -> type[ComponentKind]:
+    """Class decorator: registers one instance of ``cls`` under its ``name``."""
+    if cls.name in _KINDS:
+        raise ValueError(f"component kind {cls.name!r} is registered twice")
+    _KINDS[cls.name] = cls()
+    return cls
+
+
+def list_kinds() -> list[str]:
+    """The registered kind names, in forward order."""
+    return list(_KINDS)
+
+
+def get_kind(name: str) -> ComponentKind:
+    return _KINDS[name]
+
+
+def kind_of(slot: str) -> ComponentKind:
+    """The kind of the component in ``slot``: ``"block_3"`` -> the block kind, ``"head"`` -> the head kind.
+
+    Raises:
+        KeyError: ``slot`` is no slot name of a registered kind.
+    """
+    prefix, _, index = slot.rpartition("_")
+    kind = _KINDS.get(prefix) if index.isdigit() else _KINDS.get(slot)
+    if kind is None or kind.indexed != index.isdigit():
+        raise KeyError(f"unknown component slot {slot!r}")
+    return kind
+
+
+def slot_index(slot: str) -> int | None:
+    """The layer index of an indexed kind's slot (``"adapter_3"`` -> 3), ``None`` for other kinds."""
+    return int(slot.rpartition("_")[2]) if kind_of(slot).indexed else None
+
+
+def _token_param_export(kind: ComponentKind, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {kind.timm_name: module.value.detach()}
+
+
+@register_kind
+class PatchEmbeddingKind(ComponentKind):
+    """The patch embedding; its forward step also reads the class token and the position embedding."""
+
+    name, timm_name = "embedding", "patch_embed"
+
+    def forward(self, components: dict[str, Component], slot: str, x: torch.Tensor) -> torch.Tensor:
+        tokens = components["embedding"].module(x)  # (B, g*g, D)
+        cls = components["cls"].module().expand(tokens.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, tokens], dim=1) + components["posembed"].module()
+
+    def macs(self, module: nn.Module, tokens: int, dim: int) -> int:
+        return (tokens - 1) * module.proj.weight.numel()
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        return patch_embedding(root.patch_embed)
+
+
+@register_kind
+class ClassTokenKind(ComponentKind):
+    """The class token (read by the patch embedding's forward step)."""
+
+    name, timm_name = "cls", "cls_token"
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        return TokenParam(root.cls_token)
+
+    def export(self, module: nn.Module, index: int | None) -> dict[str, torch.Tensor]:
+        return _token_param_export(self, module)
+
+
+@register_kind
+class PositionEmbeddingKind(ComponentKind):
+    """The position embedding, class slot included; its length follows the image size."""
+
+    name, timm_name = "posembed", "pos_embed"
+
+    def shape_args(self, module: nn.Module) -> dict[str, int]:
+        return {"tokens": module.value.shape[1]}
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        return TokenParam(torch.zeros(1, args["tokens"], root.embed_dim))
+
+    def export(self, module: nn.Module, index: int | None) -> dict[str, torch.Tensor]:
+        return _token_param_export(self, module)
+
+
+@register_kind
+class AdapterKind(ComponentKind):
+    """A residual adapter, run before the block of the same index."""
+
+    name, timm_name, indexed = "adapter", "adapters.{i}", True
+
+    def macs(self, module: nn.Module, tokens: int, dim: int) -> int:
+        return 2 * tokens * dim * module.down.out_features
+
+    def shape_args(self, module: nn.Module) -> dict[str, int]:
+        return {"adapter_dim": module.down.out_features}
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        return ResidualAdapter(root.embed_dim, args["adapter_dim"])
+
+
+@register_kind
+class BlockKind(ComponentKind):
+    """A transformer block of the root."""
+
+    name, timm_name, indexed = "block", "blocks.{i}", True
+
+    def macs(self, module: nn.Module, tokens: int, dim: int) -> int:
+        hidden = module.mlp.fc1.out_features
+        return tokens * (4 * dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        return copy.deepcopy(root.blocks[index])
+
+
+@register_kind
+class NormKind(ComponentKind):
+    """The final LayerNorm ("technically part of the head"); FLOPs leave it out."""
+
+    name, timm_name = "norm", "norm"
+
+    def forward(self, components: dict[str, Component], slot: str, x: torch.Tensor) -> torch.Tensor:
+        return components["norm"].module(x[:, 0])  # LayerNorm is per token, so only the class token is needed
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        return copy.deepcopy(root.norm)
+
+
+@register_kind
+class HeadKind(ComponentKind):
+    """The standardised head; exported as timm's plain linear head, the standardisation folded in."""
+
+    name, timm_name = "head", "head"
+
+    def macs(self, module: nn.Module, tokens: int, dim: int) -> int:
+        return module.linear.weight.numel()
+
+    def shape_args(self, module: nn.Module) -> dict[str, int]:
+        return {"num_classes": module.linear.out_features}
+
+    def build(self, root: nn.Module, index: int | None, args: dict[str, int]) -> nn.Module:
+        return StandardisedHead(root.embed_dim, args["num_classes"])
+
+    def export(self, module: nn.Module, index: int | None) -> dict[str, torch.Tensor]:
+        # (x - mu) / sigma -> W x + b  is  (W / sigma) x + (b - (W / sigma) mu); folded in float64, stored as float32
+        weight = module.linear.weight.double() / module.sigma.double()
+        return {"head.weight": weight.float(),
+                "head.bias": (module.linear.bias.double() - weight @ module.mu.double()).float()}

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from munet.model.components import NOT_TRAINABLE, Component
+from munet.model.components import NOT_TRAINABLE, Component, kind_of
 
 Op = tuple[str, ...]  # the component names one forward step reads
 
@@ -68,14 +68,7 @@ class TaskPath:
 
     # --- forward ------------------------------------------------------------------------------------------------
     def run_op(self, op: Op, x: torch.Tensor) -> torch.Tensor:
-        c = self.components
-        if op[0] == "embedding":
-            tokens = c["embedding"].module(x)  # (B, g*g, D)
-            cls = c["cls"].module().expand(tokens.shape[0], -1, -1)  # (B, 1, D)
-            return torch.cat([cls, tokens], dim=1) + c["posembed"].module()
-        if op[0] == "norm":
-            return c["norm"].module(x[:, 0])  # LayerNorm is per token, so only the class token is needed
-        return c[op[0]].module(x)
+        return kind_of(op[0]).forward(self.components, op[0], x)
 
     def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Runs ``ops[start:stop]`` on ``x`` (images if start == 0, else the output of op ``start - 1``)."""
@@ -84,6 +77,13 @@ class TaskPath:
         return x
 
     __call__ = forward
+
+    def flops(self) -> float:
+        """Forward FLOPs for one image (2 per multiply-add), counted analytically from the components' shapes."""
+        c = self.components
+        dim = c["cls"].module.value.shape[-1]
+        tokens = c["posembed"].module.value.shape[1]
+        return 2.0 * sum(kind_of(name).macs(c[name].module, tokens, dim) for op in self.ops() for name in op)
 
     # --- parameters ---------------------------------------------------------------------------------------------
     def trainable_components(self) -> list[Component]:

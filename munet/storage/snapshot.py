@@ -10,7 +10,6 @@ far it got, the in-flight iteration (seeds, seed cursor, generation) and every r
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -25,13 +24,7 @@ from munet.data.task import TaskData
 from munet.errors import DataError, StoreError, WeightsError
 from munet.evolution.loop import Evolution, IterationState
 from munet.evolution.system import ScoreConfig, System
-from munet.model.components import (
-    Component,
-    ResidualAdapter,
-    StandardisedHead,
-    TokenParam,
-    patch_embedding,
-)
+from munet.model.components import Component, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.vitarch import build_vit, check_rebuild, describe_vit
@@ -182,7 +175,7 @@ def save_checkpoint(store: Store, run: RunState, sampled: list[dict[str, Any]] |
             continue
         state_dict = comp.module.state_dict()
         new_records.append(ComponentRecord(
-            cid, comp.name, comp.origin, sorted(comp.locks), _shape_args(comp),
+            cid, comp.name, comp.origin, sorted(comp.locks), kind_of(comp.name).shape_args(comp.module),
             {k: list(v.shape) for k, v in state_dict.items()}, comp.num_params, store.write_blob(state_dict),
             store.write_blob(comp.momentum) if comp.momentum else None))
     with store.transaction():
@@ -229,16 +222,6 @@ def _live_paths(system: System) -> dict[int, tuple[TaskPath, int | None, int | N
             live[p.id] = (p, p.parent.id if p.parent else None, None)
             p = p.parent
     return live
-
-
-def _shape_args(c: Component) -> dict[str, int]:
-    if c.name.startswith("adapter_"):
-        return {"adapter_dim": c.module.down.out_features}
-    if c.name == "head":
-        return {"num_classes": c.module.linear.out_features}
-    if c.name == "posembed":
-        return {"tokens": c.module.value.shape[1]}
-    return {}
 
 
 def _jsonable_state(state: tuple) -> list:
@@ -387,19 +370,8 @@ def restore_run(store: Store, evolution: Evolution, ck: Checkpoint) -> RunState:
 
 def _empty_module(name: str, shape: dict[str, int], root: Root) -> torch.nn.Module:
     """A module of the right architecture for a stored component, to load its tensors into."""
-    m, dim = root.model, root.embed_dim
-    if name == "embedding":
-        return patch_embedding(m.patch_embed)
-    if name == "cls":
-        return TokenParam(m.cls_token)
-    if name == "posembed":
-        return TokenParam(torch.zeros(1, shape["tokens"], dim))
-    if name.startswith("block_"):
-        return copy.deepcopy(m.blocks[int(name.split("_")[1])])
-    if name == "norm":
-        return copy.deepcopy(m.norm)
-    if name.startswith("adapter_"):
-        return ResidualAdapter(dim, shape["adapter_dim"])
-    if name == "head":
-        return StandardisedHead(dim, shape["num_classes"])
-    raise StoreError(f"unknown component name {name!r} in the store")
+    try:
+        kind = kind_of(name)
+    except KeyError:
+        raise StoreError(f"unknown component name {name!r} in the store") from None
+    return kind.build(root.model, slot_index(name), shape)

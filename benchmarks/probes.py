@@ -1,7 +1,7 @@
 """Root probes: how good are the root's frozen features at each depth and image size? (README "Roots")
 
 For each (depth, image size) and task, a linear probe plus final norm (the ``freeze:depth`` baseline of
-``munet/baselines.py``: the root's blocks frozen, a standardised zero head and the final norm trained) is trained
+``benchmarks/baselines.py``: the root's blocks frozen, a standardised zero head and the final norm trained) is trained
 with munet's own trainer and evaluated on the task's validation and test splits. This is how the default root
 depth and image size (6 blocks at 42 px) were chosen: the deepest, largest root whose default run fits the
 15-minute CPU budget, since the probes rise with depth and size.
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path as FsPath
 
-from munet.baselines import BaselineSpec, build_baseline, train_baseline
+from baselines import BaselineSpec, build_baseline, train_baseline
+
 from munet.config import RunConfig
 from munet.evolution.system import ScoreConfig, System
 from munet.model.roots import load_root

@@ -1,9 +1,9 @@
 """Quality benchmark: muNet against fine-tuning, frozen bottom blocks, residual adapters and LoRA on the same budget.
 
 Everything runs through munet's own code paths: muNet through ``munet.runner.run``; every baseline as a
-``munet.model.path.TaskPath`` built from the same root (``munet.baselines.build_baseline``), with the same data,
-splits, augmentation defaults, standardised zero head, trainer (``train_generation``) and test evaluation
-(``Evaluator.accuracy``). See ``munet/baselines.py`` for exactly what each baseline trains.
+``munet.model.path.TaskPath`` built from the same root (``build_baseline`` of ``benchmarks/baselines.py``), with the
+same data, splits, augmentation defaults, standardised zero head, trainer (``train_generation``) and test evaluation
+(``Evaluator.accuracy``). See ``benchmarks/baselines.py`` for exactly what each baseline trains.
 
 What runs:
 - muNet with the pretrained root at scale factor s = 1 (pure quality) and s in {0.98, 0.95, 0.9, 0.7, 0.3}
@@ -55,10 +55,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(FsPath(__file__).resolve().parent))  # quality_modes, also when imported from a file path
-from quality_modes import baseline_validations, load_mode  # noqa: E402
-
-from munet.baselines import (  # noqa: E402
+sys.path.insert(0, str(FsPath(__file__).resolve().parent))  # baselines, quality_modes, also when imported by path
+from baselines import (  # noqa: E402
     PEFT_HINT,
     BaselineSpec,
     baseline_settings,
@@ -68,6 +66,8 @@ from munet.baselines import (  # noqa: E402
     peft_available,
     train_baseline,
 )
+from quality_modes import baseline_validations, load_mode  # noqa: E402
+
 from munet.config import RunConfig  # noqa: E402
 from munet.data.task import TaskData  # noqa: E402
 from munet.evolution.system import ScoreConfig, System  # noqa: E402

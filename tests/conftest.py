@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from munet.data.task import TaskData
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.system import System
 from munet.model.root import Root
+
+# the benchmarks' own modules (the baselines) are importable by name, as they are when a benchmark script runs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(autouse=True)

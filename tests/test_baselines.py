@@ -6,9 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_task
-
-from munet.baselines import (
+from baselines import (
     BaselineSpec,
     LoraBlock,
     baseline_settings,
@@ -17,6 +15,8 @@ from munet.baselines import (
     lineage_budget,
     train_baseline,
 )
+from conftest import make_task
+
 from munet.config import RunConfig
 from munet.model.components import ResidualAdapter
 from munet.training.evaluate import Evaluator

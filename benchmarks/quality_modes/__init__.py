@@ -8,7 +8,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from munet.baselines import steps_between_validations
+from baselines import steps_between_validations
+
 from munet.config import RunConfig
 
 #: Baselines trained at every budget of the curve (the strongest kinds; the full grid runs at budget 1).

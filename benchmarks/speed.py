@@ -163,7 +163,7 @@ def detached_copy(paths: list[TaskPath]) -> list[TaskPath]:
 
 def new_evolution(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], budget: Budget, children: int,
                   generation_size: int, max_seeds: int, seed: int = 0, system: System | None = None) -> Evolution:
-    """An evolution as ``munet run`` builds it (runner.build_session), on an already loaded root."""
+    """An evolution as ``munet run`` builds it (``runner.Run.setup``), on an already loaded root."""
     extra: dict[str, Any] = {"opt_lr": cfg.lr}
     policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(seed))
     policy.init_hparams(extra)

@@ -48,9 +48,9 @@ class RunConfig:
         max_val_examples: size of the fixed validation subset.
         lr: the root path's ``opt_lr``, i.e. the learning rate children start from (one of the evolvable values).
         mutation_prob: μ (the initial μ for the evolved policies).
-        clone_prob: probability of cloning (copying, then training) each frozen component a child reuses: μ of the
-            ``clone:`` actions (fixed policy) or their initial μ (per_action, at most 0.3); the evolved policy
-            draws clones with its own μ.
+        clone_prob: probability of cloning (copying, then training) each frozen transformer block a child reuses
+            (fixed policy), or its initial value (per_action, at most 0.3); the evolved policy draws it with its own
+            μ. Other frozen components clone with ``mutation_prob``.
         mu_policy: ``fixed`` (muNet), ``evolved`` (µ2Net) or ``per_action`` (µ2Net+).
         mutate_adapters: allow inserting residual adapters.
         inherit_momentum: µ2Net's optimiser-state inheritance: a cloned component starts training from the momentum

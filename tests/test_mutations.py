@@ -180,6 +180,7 @@ def test_clone_prob_drives_only_clone_actions(tiny_root, clone_prob):
     blocks = [n for n in child.components if n.startswith("block_")]
     cloned = [n for n in blocks if child.components[n] is not system.root_path.components[n]]
     assert len(cloned) == (len(blocks) if clone_prob else 0)
+    assert all(child.components[n] is system.root_path.components[n] for n in ("embedding", "cls"))
     assert child.hparams["num_layers"] == system.root_path.hparams["num_layers"]  # hparams keep μ = 0
     assert not any(k.startswith("add:") for k in child.metrics["mutations"])
 
@@ -191,7 +192,7 @@ def test_per_action_clone_prob_sets_the_initial_clone_probability(tiny_root):
     system = System(tiny_root, 8, extra_hparams=extra)
     system.add_task("a", 3)
     child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy)
-    clones = {k: v for k, v in child.hparams.items() if k.startswith("_mu_|clone:")}
-    others = {k: v for k, v in child.hparams.items() if k.startswith("_mu_|hp:")}
+    clones = {k: v for k, v in child.hparams.items() if k.startswith("_mu_|clone:block_")}
+    others = {k: v for k, v in child.hparams.items() if k.startswith(("_mu_|hp:", "_mu_|clone:embedding"))}
     assert clones and all(abs(v - 0.3) <= 0.02 for v in clones.values())  # at most one step from the start
     assert others and all(abs(v - 0.1) <= 0.02 for v in others.values())

@@ -16,6 +16,7 @@ from typing import Any
 MOMENTUM_NONE = 0.0  # the spec's "None" entry: plain SGD (the original crashes on float(None))
 
 MU_POLICIES = ("fixed", "evolved", "per_action")
+BLOCK_CLONE = "clone:block_"  # the action prefix that clone_prob governs
 MU_VALUES = [round(0.10 + 0.02 * i, 2) for i in range(11)]  # µ2Net auto-tune range 0.10 ... 0.30
 MU_ACTION_VALUES = [round(0.02 * i, 2) for i in range(1, 16)]  # µ2Net+ per-action range 0.02 ... 0.30
 
@@ -79,8 +80,9 @@ class MutationPolicy:
         kind: one of ``MU_POLICIES``.
         mutation_prob: μ for ``fixed``; the initial ``_mu_`` otherwise.
         rng: the evolution's random stream.
-        clone_prob: probability of each ``clone:`` action for ``fixed``, the initial one for ``per_action``
-            (``None``: ``mutation_prob``); ``evolved`` draws clones with its ``_mu_`` like every other action.
+        clone_prob: probability of cloning a transformer block (``clone:block_<i>``) for ``fixed``, the initial one
+            for ``per_action`` (``None``: ``mutation_prob``); ``evolved`` draws it with its ``_mu_`` like every other
+            action. Other components (patch embedding, class token, position embedding, adapters) clone with μ.
     """
 
     def __init__(self, kind: str, mutation_prob: float, rng: random.Random, clone_prob: float | None = None):
@@ -101,7 +103,9 @@ class MutationPolicy:
 
     def fires(self, action: str, hparams: dict[str, Any], mutations: dict[str, tuple]) -> bool:
         """Draws whether ``action`` (e.g. ``"hp:opt_lr"``, ``"clone:block_1"``, ``"add:adapter_0"``) happens."""
-        clone = action.startswith("clone:")
+        # Training a copied block is where a first task gains most; a retrained patch embedding shifts every
+        # feature above it and rarely pays off within one child (benchmarks/README.md), so only blocks get clone_prob.
+        clone = action.startswith(BLOCK_CLONE)
         if self.kind == "fixed":
             return self.rng.random() < (self.clone_prob if clone else self.mutation_prob)
         if self.kind == "evolved":

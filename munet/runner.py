@@ -98,6 +98,9 @@ class Run:
         cfg: the configuration.
         store: the run's store, open for writing.
         stream: where progress and the report go.
+
+    The ways of opening take ``store_class``, the :class:`Store` (sub)class to open the store with: a subclass may
+    inject faults at the store's crash points (as the resume tests do) without touching the module.
     """
 
     def __init__(self, cfg: RunConfig, store: Store, stream: TextIO):
@@ -110,12 +113,12 @@ class Run:
 
     # --- ways of opening ------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: RunConfig, stream: TextIO | None = None) -> Run:
+    def create(cls, cfg: RunConfig, stream: TextIO | None = None, *, store_class: type[Store] = Store) -> Run:
         """A new run in ``cfg.out``, set up and saved (its first checkpoint); nothing is left if that fails."""
         cfg.validate()
         out = FsPath(cfg.out)
         prepare_output(out)
-        store = Store.create(out)
+        store = store_class.create(out)
         try:
             # sys.stdout is looked up per call: a default bound at import would outlive a redirection
             run = cls(cfg, store, stream or sys.stdout)
@@ -129,7 +132,8 @@ class Run:
 
     @classmethod
     def open(cls, run_dir: str | FsPath, overrides: dict[str, Any], stream: TextIO | None = None, *,
-             expected: RunConfig | None = None, add: list[str] | None = None) -> Run:
+             expected: RunConfig | None = None, add: list[str] | None = None,
+             store_class: type[Store] = Store) -> Run:
         """The run in ``run_dir``, restored from its last checkpoint.
 
         Args:
@@ -141,10 +145,11 @@ class Run:
                 match the stored ones.
             add: task specs to add (µ2Net's dynamic task introduction): one task iteration per new task is appended
                 to the finished plan, and the configuration may change.
+            store_class: the store class (see the class docstring).
         """
         out = FsPath(run_dir)
         with contextlib.ExitStack() as on_error:
-            store = on_error.enter_context(Store.open(out, write=True))  # closed if opening fails
+            store = on_error.enter_context(store_class.open(out, write=True))  # closed if opening fails
             stored = RunConfig.from_stored(store.get("config")).replace(out=str(out))
             cfg = stored.replace(**overrides)
             if add is None:
@@ -325,29 +330,31 @@ def _differences(cfg: RunConfig, stored: RunConfig) -> list[str]:
     return [f"{k} {a[k]!r} (stored: {b[k]!r})" for k in a if k not in OPERATIONAL_KEYS and a[k] != b[k]]
 
 
-def run(cfg: RunConfig, stream: TextIO | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, stream: TextIO | None = None, *, store_class: type[Store] = Store) -> dict[str, Any]:
     """Evolves a new system over ``cfg.tasks`` for ``cfg.rounds`` round-robin rounds; returns the summary.
 
     If ``cfg.out`` already holds a run made with the same configuration, that run is resumed (or, when it is
-    complete, only reported).
+    complete, only reported). ``store_class``: see :class:`Run`.
     """
     if Store.exists(cfg.out):
         operational = {k: v for k, v in cfg.to_dict().items() if k in OPERATIONAL_KEYS}
-        return _resumed(Run.open(cfg.out, operational, stream, expected=cfg))
-    with Run.create(cfg, stream) as opened:
+        return _resumed(Run.open(cfg.out, operational, stream, expected=cfg, store_class=store_class))
+    with Run.create(cfg, stream, store_class=store_class) as opened:
         opened.train()
         return opened.report()
 
 
-def resume(run_dir: str, overrides: dict[str, Any], stream: TextIO | None = None) -> dict[str, Any]:
+def resume(run_dir: str, overrides: dict[str, Any], stream: TextIO | None = None, *,
+           store_class: type[Store] = Store) -> dict[str, Any]:
     """Continues an interrupted run from its last checkpoint (a complete run is only reported).
 
     Args:
         run_dir: the run directory.
         overrides: configuration changes; only keys that do not change results (``OPERATIONAL_KEYS``) may differ.
         stream: where progress and the report go.
+        store_class: see :class:`Run`.
     """
-    return _resumed(Run.open(run_dir, overrides, stream))
+    return _resumed(Run.open(run_dir, overrides, stream, store_class=store_class))
 
 
 def _resumed(opened: Run) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Shared fixtures: sockets blocked, a tiny random-init root and small synthetic tasks."""
+"""Shared fixtures: sockets blocked, a tiny random-init root and small synthetic tasks.
+
+Runs reach the tiny root and the synthetic tasks by name, through munet's own loaders: the root's architecture is
+registered with timm (``random:munet_tiny``), the tasks ``a``, ``b`` and ``c`` with munet's task registry."""
 
 from __future__ import annotations
 
@@ -9,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from munet.config import RunConfig
+from munet.data.registry import register_task
 from munet.data.task import TaskData
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.system import System
 from munet.model.root import Root
+from munet.storage.store import Store
 
 # the benchmarks' own modules (the baselines) are importable by name, as they are when a benchmark script runs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -41,10 +47,29 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def tiny_vit(depth: int = 3, **kwargs) -> VisionTransformer:
+    """The tiny test ViT: 16 px, 4 px patches, dimension 32, 2 heads."""
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,
+                             class_token=True, global_pool="token", **kwargs)
+
+
+@register_model
+def munet_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """``random:munet_tiny``: the tiny ViT by name, for runs (the same weights as ``make_tiny_root`` for a seed)."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's, for pretrained weights
+        kwargs.pop(key, None)
+    model = tiny_vit(**kwargs)
+    model.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    return model
+
+
+TINY_ROOT = "random:munet_tiny"
+TINY_CLASSES = {"a": 3, "b": 2, "c": 4}
+
+
 def make_tiny_root(depth: int = 3, seed: int = 0) -> Root:
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,
-                              num_classes=0, class_token=True, global_pool="token")
+    model = tiny_vit(depth, num_classes=0)
     model.eval().requires_grad_(False)
     return Root(model=model, name="tiny", description="tiny random-init ViT", source="random-init", sha256=None,
                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=False, full_depth=depth)
@@ -67,6 +92,37 @@ def make_task(name: str, num_classes: int = 3, n: int = 96, size: int = 12, seed
     return TaskData(name, [f"c{i}" for i in range(num_classes)], tx, ty, vx, vy, sx, sy, "synthetic")
 
 
+for _seed, (_name, _classes) in enumerate(TINY_CLASSES.items(), start=1):
+    register_task(_name)(lambda seed, name=_name, classes=_classes, own=_seed: make_task(name, classes, seed=own))
+
+
+class Crash(Exception):
+    """Stands for the process dying (in-process variant)."""
+
+
+def crashing_store(point: str, nth: int, keep_on_failure: bool = False) -> type[Store]:
+    """A :class:`Store` class that raises :class:`Crash` the ``nth`` time a store of it reaches crash point ``point``
+    (``"blob"`` or ``"commit"``); ``keep_on_failure``: a failed creation leaves its files, as a killed process
+    does."""
+
+    class CrashingStore(Store):
+        seen = 0  # across the stores of this class, as across one process's
+
+        def crash_point(self, name: str) -> None:
+            if name == point:
+                type(self).seen += 1
+                if type(self).seen == nth:
+                    raise Crash(f"{name}:{nth}")
+
+        def abandon(self) -> None:
+            if keep_on_failure:
+                self.close()
+            else:
+                super().abandon()
+
+    return CrashingStore
+
+
 @pytest.fixture
 def tiny_root() -> Root:
     return make_tiny_root()
@@ -85,19 +141,20 @@ def policy() -> MutationPolicy:
     return MutationPolicy("fixed", 0.1, random.Random(0))
 
 
-def make_run(out, **overrides) -> RunConfig:
-    """A complete tiny run (tiny root, synthetic tasks "a" and "b") in ``out``, through the real runner."""
+def tiny_config(out, **overrides) -> RunConfig:
+    """The configuration of :func:`make_run`."""
+    return RunConfig(tasks=["a", "b"], root=TINY_ROOT, depth=3, image_size=8, max_image_size=12, children_per_task=4,
+                     generation_size=2, steps_between_validations=2, validations=2, max_val_examples=48,
+                     batch_size=16, device="cpu", out=str(out)).replace(**overrides)
+
+
+def make_run(out, store_class: type[Store] = Store, **overrides) -> RunConfig:
+    """A complete tiny run (tiny root, synthetic tasks "a" and "b") in ``out``, through the real runner; a run that
+    ``out`` holds already is resumed."""
     import io
 
     from munet.runner import run
 
-    cfg = RunConfig(tasks=["a", "b"], root="tiny", depth=3, image_size=8, max_image_size=12, children_per_task=4,
-                    generation_size=2, steps_between_validations=2, validations=2, max_val_examples=48,
-                    batch_size=16, device="cpu", out=str(out)).replace(**overrides)
-    classes = {"a": 3, "b": 2, "c": 4}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))
-        mp.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
-            n: make_task(n, classes[n], seed=i + 1) for i, n in enumerate(specs)})
-        run(cfg, stream=io.StringIO())
+    cfg = tiny_config(out, **overrides)
+    run(cfg, stream=io.StringIO(), store_class=store_class)
     return cfg

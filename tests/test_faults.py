@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -13,12 +14,15 @@ import sqlite3
 import subprocess
 
 import pytest
-from conftest import make_run, make_task, make_tiny_root
+import torch
+from conftest import TINY_ROOT, Crash, crashing_store, make_run, tiny_vit
+from timm.models import register_model
 
-from munet.cli import main
-from munet.errors import StoreError
+from munet.cli import build_config, main, make_parser
+from munet.errors import MunetError, StoreError
+from munet.runner import run
 from munet.storage.check import check_store
-from munet.storage.store import BLOB_DIR, DB_NAME, LOCK_NAME
+from munet.storage.store import BLOB_DIR, DB_NAME, LOCK_NAME, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,15 +55,34 @@ def _error(capsys, argv: list[str], status: int = 2) -> str:
     return err
 
 
-def _cli_run(monkeypatch: pytest.MonkeyPatch, out, *extra: str, root=make_tiny_root) -> int:
-    """``munet run`` of the tiny configuration of ``make_run`` (tiny root, synthetic tasks) through the CLI."""
-    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: root(depth or 3))
-    monkeypatch.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
-        n: make_task(n, 3 - i, seed=i + 1) for i, n in enumerate(specs)})
-    return main(["run", "--out", str(out), "--set", "tasks=a,b", "--root", "tiny", "--depth", "3", "--image-size", "8",
-                 "--max-image-size", "12", "--children-per-task", "2", "--generation-size", "2",
-                 "--steps-between-validations", "2", "--validations", "1", "--max-val-examples", "48",
-                 "--batch-size", "16", "--device", "cpu", *extra])
+@register_model
+def munet_tiny_nan(pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """``random:munet_tiny_nan``: the tiny test ViT with one NaN weight."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    model = tiny_vit(**kwargs)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    return model
+
+
+def _cli_argv(out, *extra: str, root: str = TINY_ROOT) -> list[str]:
+    """``munet run`` of a tiny configuration (tiny root, synthetic tasks a and b, one generation per task)."""
+    return ["run", "--out", str(out), "--set", "tasks=a,b", "--root", root, "--depth", "3", "--image-size", "8",
+            "--max-image-size", "12", "--children-per-task", "2", "--generation-size", "2",
+            "--steps-between-validations", "2", "--validations", "1", "--max-val-examples", "48",
+            "--batch-size", "16", "--device", "cpu", *extra]
+
+
+def _cli_run(out, *extra: str, root: str = TINY_ROOT) -> int:
+    """The tiny ``munet run`` of :func:`_cli_argv` through the CLI."""
+    return main(_cli_argv(out, *extra, root=root))
+
+
+def _run_with_store(argv: list[str], store_class: type[Store]) -> None:
+    """The run of the ``munet run`` command ``argv``, in-process with a fault-injecting ``store_class`` (which the
+    command line cannot pass)."""
+    run(build_config(make_parser().parse_args(argv)), io.StringIO(), store_class=store_class)
 
 
 # --- 1. data lost ---------------------------------------------------------------------------------------------------
@@ -74,7 +97,7 @@ def test_output_paths_are_never_read_as_uris(tmp_path, name):
     assert check_store(other).problems == [] and (other / DB_NAME).is_file()
 
 
-def test_complete_run_without_its_checkpoint_row_is_never_deleted(run_dir, tmp_path, capsys, monkeypatch):
+def test_complete_run_without_its_checkpoint_row_is_never_deleted(run_dir, tmp_path, capsys):
     run = _copy(run_dir, tmp_path / "run")
     with sqlite3.connect(run / DB_NAME) as db:
         db.execute("DELETE FROM meta WHERE key = 'checkpoint'")
@@ -90,8 +113,6 @@ def test_complete_run_without_its_checkpoint_row_is_never_deleted(run_dir, tmp_p
 
 
 def test_interrupted_creation_still_starts_afresh(tmp_path):
-    from munet.storage.store import Store
-
     Store.create(tmp_path / "run").close()  # the schema committed, the first checkpoint not
     (tmp_path / "run" / BLOB_DIR / ("0" * 64 + ".safetensors")).write_bytes(b"root blob of the interrupted creation")
     make_run(tmp_path / "run", children_per_task=2)
@@ -118,16 +139,15 @@ def test_config_file_that_is_not_utf8(tmp_path, capsys):
     assert "is not UTF-8" in err and str(cfg) in err
 
 
-def test_huge_npz_label_is_refused_before_naming_classes(tmp_path, capsys, monkeypatch):
+def test_huge_npz_label_is_refused_before_naming_classes(tmp_path, capsys):
     import numpy as np
 
     x = np.zeros((20, 8, 8), np.uint8)
     y = np.arange(20) % 2
     y[3] = 2**40  # once built 2**40 class names until the kernel killed the process
     np.savez(tmp_path / "big.npz", x=x, y=y)
-    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(3))
     err = _error(capsys, ["run", "--out", str(tmp_path / "run"), "--tasks", f"npz:{tmp_path / 'big.npz'}",
-                          "--image-size", "8", "--device", "cpu"])
+                          "--root", TINY_ROOT, "--depth", "3", "--image-size", "8", "--device", "cpu"])
     assert f"label {2**40} is out of range" in err and "big.npz" in err
 
 
@@ -183,44 +203,47 @@ def _results(run) -> list[tuple]:
     return [(t["task"], t["path"], t["score"], t["test_acc"]) for t in run_status(run)["tasks"]]
 
 
-@pytest.mark.parametrize("where, nth", [("blob", 1), ("blob", 2), ("blob", 4), ("database", 3)])
-def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch, where, nth):
-    """A real ENOSPC (a small tmpfs filled up) at the n-th checkpoint: exit 2 with `error:`, the last complete
-    checkpoint intact, and the same command finishes the run once there is space, with the uninterrupted results."""
-    import munet.runner
-    from munet.storage.store import Store
+def _filling_store(mount, where: str, nth: int) -> type[Store]:
+    """A :class:`Store` class that fills the file system of ``mount`` just before the ``nth`` checkpoint's first
+    write: its first new blob (``where="blob"``; its transaction if it writes no blob) or, after its blobs, its
+    transaction (``"database"``). A checkpoint is one transaction, after its blobs."""
 
-    assert _cli_run(monkeypatch, tmp_path / "ref") == 0
+    class FillingStore(Store):
+        transactions = 0  # begun, by the stores of this class
+        filled = False
+
+        def write_blob(self, tensors: dict[str, torch.Tensor]) -> str:
+            self._fill_if(where == "blob" and FillingStore.transactions == nth - 1)
+            return super().write_blob(tensors)
+
+        @contextlib.contextmanager
+        def transaction(self):
+            FillingStore.transactions += 1
+            self._fill_if(FillingStore.transactions == nth)
+            with super().transaction():
+                yield
+
+        def _fill_if(self, due: bool) -> None:
+            if due and not FillingStore.filled:
+                FillingStore.filled = True
+                _fill(mount)
+
+    return FillingStore
+
+
+@pytest.mark.parametrize("where, nth", [("blob", 1), ("blob", 2), ("blob", 4), ("database", 3)])
+def test_disk_full_during_a_checkpoint(tmp_path, capsys, where, nth):
+    """A real ENOSPC (a small tmpfs filled up) at the n-th checkpoint: a MunetError (the command line's `error:`,
+    exit 2) naming the cause, the last complete checkpoint intact, and the same command finishes the run once there
+    is space, with the uninterrupted results."""
+    assert _cli_run(tmp_path / "ref") == 0
     capsys.readouterr()
     mount = tmp_path / "small"
     with _mounted(mount, "-t", "tmpfs", "-o", "size=8m", "tmpfs"):
         out = mount / "run"
-        calls = {"n": 0}
-        if where == "blob":  # full before the checkpoint writes its first new blob
-            real = munet.runner.save_checkpoint
-
-            def full_at_nth(*args, **kwargs):
-                calls["n"] += 1
-                if calls["n"] == nth:
-                    _fill(mount)
-                return real(*args, **kwargs)
-
-            monkeypatch.setattr(munet.runner, "save_checkpoint", full_at_nth)
-        else:  # full after the blobs, before the transaction that references them
-            real_tx = Store.transaction
-
-            @contextlib.contextmanager
-            def full_at_nth_tx(self):
-                calls["n"] += 1
-                if calls["n"] == nth:
-                    _fill(mount)
-                with real_tx(self) as db:
-                    yield db
-
-            monkeypatch.setattr(Store, "transaction", full_at_nth_tx)
-        assert _cli_run(monkeypatch, out) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and "Traceback" not in err
+        with pytest.raises(MunetError) as failed:
+            _run_with_store(_cli_argv(out), _filling_store(mount, where, nth))
+        err = str(failed.value)
         assert ("No space left on device" in err or "disk is full" in err) and "last complete checkpoint" in err
         assert not list((out / BLOB_DIR).glob("*.tmp")) if out.exists() else True  # no partial blob holds space
         if nth == 1:  # the first checkpoint failed: nothing to keep, nothing left
@@ -230,24 +253,17 @@ def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch, where, nth
             with Store.open(out) as store:
                 assert store.get("plan")["done"] < 2  # the run stopped at the last checkpoint that fitted
         (mount / "filler").unlink()
-        monkeypatch.undo()  # the fault injection goes; _cli_run patches root and tasks again
-        assert _cli_run(monkeypatch, out) == 0  # the same command resumes (or starts afresh)
+        assert _cli_run(out) == 0  # the same command resumes (or starts afresh)
         assert check_store(out).problems == [] and _results(out) == _results(tmp_path / "ref")
 
 
-def test_permission_denied_while_writing(run_dir, tmp_path, capsys, monkeypatch):
-    """An OSError from the machine (here EACCES on the summary, after the last checkpoint) is `error:`, exit 2."""
-    import builtins
-
-    def refuse_summary(file, *args, **kwargs):
-        if str(file).endswith("summary.json.tmp"):
-            raise PermissionError(13, "Permission denied", str(file))
-        return builtins.open(file, *args, **kwargs)
-
-    monkeypatch.setattr("munet.storage.store.open", refuse_summary, raising=False)
-    assert _cli_run(monkeypatch, tmp_path / "run") == 2
+def test_os_error_while_writing(tmp_path, capsys):
+    """An OSError from the machine (here EISDIR: the summary's temporary file cannot be opened, after the last
+    checkpoint; root may write anywhere, so a permission cannot stand in for it) is `error:`, exit 2."""
+    (tmp_path / "run" / "summary.json.tmp").mkdir(parents=True)
+    assert _cli_run(tmp_path / "run") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: Permission denied: ") and "summary.json.tmp" in err and "Traceback" not in err
+    assert err.startswith("error: Is a directory: ") and "summary.json.tmp" in err and "Traceback" not in err
     assert check_store(tmp_path / "run").problems == []
 
 
@@ -335,7 +351,7 @@ def test_read_only_commands_change_nothing(run_dir, tmp_path, capsys):
 
 
 # --- 4. misleading words --------------------------------------------------------------------------------------------
-def test_empty_database_is_not_a_run(tmp_path, capsys, monkeypatch):
+def test_empty_database_is_not_a_run(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / DB_NAME).write_bytes(b"")
@@ -343,7 +359,7 @@ def test_empty_database_is_not_a_run(tmp_path, capsys, monkeypatch):
         err = _error(capsys, argv)
         assert "not a munet run (empty database" in err and "incompatible" not in err
     assert (run / DB_NAME).read_bytes() == b""  # `check` once rewrote it
-    assert _cli_run(monkeypatch, run) == 0  # an empty database holds nothing to lose: a new run may start there
+    assert _cli_run(run) == 0  # an empty database holds nothing to lose: a new run may start there
 
 
 def test_wrong_kind_of_path_is_named(run_dir, tmp_path, capsys):
@@ -360,17 +376,15 @@ def test_wrong_kind_of_path_is_named(run_dir, tmp_path, capsys):
 def test_relative_data_paths_are_stored_absolute(tmp_path, capsys, monkeypatch):
     import numpy as np
 
-    from munet.storage.store import Store
-
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in ("t.npz", "sub/u.npz"):
         np.savez(data / name, x=rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), y=np.arange(40) % 2)
-    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(3))
     monkeypatch.chdir(data)
     out = tmp_path / "run"
-    argv = ["run", "--out", str(out), "--tasks", "npz:t.npz,split:npz:sub/u.npz:0-1", "--image-size", "8",
+    argv = ["run", "--out", str(out), "--tasks", "npz:t.npz,split:npz:sub/u.npz:0-1", "--root", TINY_ROOT,
+            "--depth", "3", "--image-size", "8",
             "--max-image-size", "8", "--children-per-task", "2", "--generation-size", "2",
             "--steps-between-validations", "1", "--validations", "1", "--batch-size", "8", "--device", "cpu"]
     assert main(argv) == 0
@@ -382,24 +396,7 @@ def test_relative_data_paths_are_stored_absolute(tmp_path, capsys, monkeypatch):
 
 
 # --- 5. silently wrong ----------------------------------------------------------------------------------------------
-class Crash(Exception):
-    """Stands for the process dying (in-process)."""
-
-
-def _crash_at_third_commit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from munet.storage.store import Store
-
-    seen = {"n": 0}
-
-    def crash(self, where):
-        seen["n"] += where == "commit"
-        if seen["n"] == 3:
-            raise Crash(where)
-
-    monkeypatch.setattr(Store, "crash_point", crash)
-
-
-def test_replaced_task_data_is_refused_by_resume(tmp_path, capsys, monkeypatch):
+def test_replaced_task_data_is_refused_by_resume(tmp_path, capsys):
     import numpy as np
 
     from munet.data.registry import clear_cache
@@ -408,15 +405,13 @@ def test_replaced_task_data_is_refused_by_resume(tmp_path, capsys, monkeypatch):
     arrays = {n: (rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), np.arange(40) % 2) for n in ("t", "u")}
     for name, (x, y) in arrays.items():
         np.savez(tmp_path / f"{name}.npz", x=x, y=y)
-    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(3))
     out = tmp_path / "run"
     argv = ["run", "--out", str(out), "--tasks", f"npz:{tmp_path / 't.npz'},npz:{tmp_path / 'u.npz'}",
-            "--image-size", "8", "--max-image-size", "8", "--children-per-task", "2", "--generation-size", "2",
-            "--steps-between-validations", "1", "--validations", "1", "--batch-size", "8", "--device", "cpu"]
-    with monkeypatch.context() as m:
-        _crash_at_third_commit(m)
-        with pytest.raises(Crash):
-            main(argv)
+            "--root", TINY_ROOT, "--depth", "3", "--image-size", "8", "--max-image-size", "8",
+            "--children-per-task", "2", "--generation-size", "2", "--steps-between-validations", "1",
+            "--validations", "1", "--batch-size", "8", "--device", "cpu"]
+    with pytest.raises(Crash):
+        _run_with_store(argv, crashing_store("commit", 3))
     x, y = arrays["u"]
     np.savez(tmp_path / "u.npz", x=255 - x, y=y)  # same shapes and labels, other images
     clear_cache()  # a new process would read the file again
@@ -431,21 +426,14 @@ def test_replaced_task_data_is_refused_by_resume(tmp_path, capsys, monkeypatch):
     assert main(["resume", str(out)]) == 0 and check_store(out, data=True).problems == []
 
 
-def test_resume_verifies_the_root_blobs_before_writing(tmp_path, capsys, monkeypatch):
-    from munet.storage.store import Store
-
+def test_resume_verifies_the_root_blobs_before_writing(tmp_path, capsys):
     out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _crash_at_third_commit(m)
-        with pytest.raises(Crash):
-            _cli_run(m, out)
+    with pytest.raises(Crash):
+        _run_with_store(_cli_argv(out), crashing_store("commit", 3))
     with Store.open(out) as store:
         digest = next(r.blob for r in store.components() if r.name == "block_1" and r.origin == "root")
     store.blob_path(digest).unlink()
     before = _files(out)
-    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))
-    monkeypatch.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
-        n: make_task(n, 3 - i, seed=i + 1) for i, n in enumerate(specs)})
     err = _error(capsys, ["resume", str(out)])  # once trained to the end, leaving a store predict cannot read
     assert f"blob {digest}.safetensors of the root's block_1 is missing" in err
     assert _files(out) == before
@@ -465,16 +453,9 @@ def test_record_pointed_at_another_components_blob_is_found(run_dir, tmp_path, c
     assert "points at another blob" in _error(capsys, ["predict", str(run), "--task", "a", str(tmp_path / "x.png")])
 
 
-def test_root_with_nan_weights_is_refused(tmp_path, capsys, monkeypatch):
-    import torch
-
-    def nan_root(depth: int):
-        root = make_tiny_root(depth)
-        with torch.no_grad():
-            root.model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
-        return root
-
-    assert _cli_run(monkeypatch, tmp_path / "run", root=nan_root) == 2  # once exit 0 with every child discarded
+def test_root_with_nan_weights_is_refused(tmp_path, capsys):
+    # once exit 0 with every child discarded
+    assert _cli_run(tmp_path / "run", root="random:munet_tiny_nan") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "NaN or infinite weights in blocks.1.mlp.fc1.weight" in err
     assert not (tmp_path / "run" / DB_NAME).exists()

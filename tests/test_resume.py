@@ -3,6 +3,7 @@ write) and resumed ends with exactly the population, scores, records and weights
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_run
+from conftest import Crash, crashing_store, make_run, tiny_config
 
-from munet.evolution import loop
+from munet.runner import Run
 from munet.storage.store import BLOB_DIR, CRASH_ENV, DB_NAME, Store
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -51,10 +52,6 @@ def dump(run_dir: Path) -> dict:
     return {"paths": paths, **tables, "meta": meta, "blobs": blobs}
 
 
-class Crash(Exception):
-    """Stands for the process dying (in-process variant)."""
-
-
 def test_run_without_sharing_or_cache_equals_default_run(tmp_path):
     """Sharing (lock-step children, frozen-feature cache) is an optimisation only: the same records and weights."""
     settings = {"seed": 5, "mutation_prob": 0.4}
@@ -67,49 +64,34 @@ def test_run_without_sharing_or_cache_equals_default_run(tmp_path):
     assert len(shared["paths"]) > 4 and alone == shared
 
 
-def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path):
     settings = {"rounds": 2, "inherit_momentum": True, "seed": 3, "mutation_prob": 0.3}
     make_run(tmp_path / "ref", **settings)
     out = tmp_path / "run"
-    real_train = loop.train_generation
-    calls = {"train": 0}
+    trained = []
 
-    def crash_in_training(*args, **kwargs):
-        calls["train"] += 1
-        if calls["train"] == 3:
-            real_train(*args, **kwargs)  # halfway: the generation's training is lost, the last checkpoint is not
+    def crash_after_training(task, gen, children, outcomes):
+        trained.append(gen)
+        if len(trained) == 3:  # halfway: the generation's training is lost, the last checkpoint is not
             raise Crash("training")
-        return real_train(*args, **kwargs)
 
-    with monkeypatch.context() as m:
-        m.setattr(loop, "train_generation", crash_in_training)
+    with Run.create(tiny_config(out, **settings), io.StringIO()) as opened:
+        opened.evolution.after_training = crash_after_training
         with pytest.raises(Crash):
-            make_run(out, **settings)
+            opened.train()
     for point in ("commit:2", "blob:1", "commit:3"):
         name, count = point.split(":")
-        seen = {"n": 0}
-
-        def crash_at(self, where, name=name, count=int(count), seen=seen):
-            if where == name:
-                seen["n"] += 1
-                if seen["n"] == count:
-                    raise Crash(where)
-
-        with monkeypatch.context() as m:
-            m.setattr(Store, "crash_point", crash_at)
-            with pytest.raises(Crash):
-                make_run(out, **settings)
+        with pytest.raises(Crash):
+            make_run(out, crashing_store(name, int(count)), **settings)
         with Store.open(out) as store:
             assert store.get("plan")["done"] < 4
     make_run(out, **settings)
     assert dump(out) == dump(tmp_path / "ref")
 
 
-def test_opening_an_existing_run_refuses_changes_and_releases_it(tmp_path, monkeypatch):
+def test_opening_an_existing_run_refuses_changes_and_releases_it(tmp_path):
     """`run` on a directory made with another configuration, `resume` with a result-affecting change and
     `add-task` of a task the run has are refused, and the refused opening leaves the run free to open."""
-    from conftest import make_task, make_tiny_root
-
     from munet.errors import MunetError
     from munet.runner import add_tasks, resume
 
@@ -120,31 +102,18 @@ def test_opening_an_existing_run_refuses_changes_and_releases_it(tmp_path, monke
         make_run(out, seed=1)
     with pytest.raises(MunetError, match="a resumed run keeps its configuration; cannot change seed 1"):
         resume(str(out), {"seed": 1})
-    monkeypatch.setattr("munet.runner.load_root", lambda spec, depth=None: make_tiny_root(depth or 3))
-    monkeypatch.setattr("munet.runner.load_tasks", lambda specs, seed, data_dir, stream: {
-        n: make_task(n, {"a": 3, "b": 2}[n], seed=i + 1) for i, n in enumerate(specs)})
     with pytest.raises(MunetError, match="no new task to add: a already in"):
         add_tasks(str(out), ["a"], {})
     Store.open(out, write=True).close()  # each refusal released the writer lock
     assert dump(out) == before
 
 
-def test_crash_during_creation_starts_afresh(tmp_path, monkeypatch, capsys):
+def test_crash_during_creation_starts_afresh(tmp_path, capsys):
     """Dying before the first checkpoint leaves nothing to resume: the same command starts the run afresh."""
     make_run(tmp_path / "ref")
     out = tmp_path / "run"
-    seen = {"n": 0}
-
-    def crash_at_second_blob(self, where):
-        seen["n"] += where == "blob"
-        if seen["n"] == 2:
-            raise Crash(where)
-
-    with monkeypatch.context() as m:
-        m.setattr(Store, "crash_point", crash_at_second_blob)
-        m.setattr(Store, "abandon", Store.close)  # a killed process cleans nothing up
-        with pytest.raises(Crash):
-            make_run(out)
+    with pytest.raises(Crash):  # a killed process cleans nothing up
+        make_run(out, crashing_store("blob", 2, keep_on_failure=True))
     assert (out / DB_NAME).exists() and any((out / BLOB_DIR).iterdir())
     from munet.cli import main
 

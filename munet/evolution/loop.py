@@ -19,7 +19,7 @@ from munet.evolution.system import System
 from munet.model.path import TaskPath
 from munet.training.evaluate import Evaluator
 from munet.training.settings import TrainSettings
-from munet.training.trainer import train_generation
+from munet.training.trainer import ChildOutcome, train_generation
 
 log = logging.getLogger("munet")
 
@@ -83,6 +83,8 @@ class Evolution:
         self.on_generation: Callable[[str, int, list[TaskPath]], None] | None = None
         # hook called with (task, generation, children, scores to beat, data hparams) just before training
         self.before_training: Callable[[str, int, list[TaskPath], list[float], dict[str, Any]], None] | None = None
+        # hook called with (task, generation, children, outcomes) once the generation trained, before selection
+        self.after_training: Callable[[str, int, list[TaskPath], list[ChildOutcome]], None] | None = None
 
     @property
     def rng(self) -> random.Random:
@@ -178,6 +180,8 @@ class Evolution:
         settings = self.probe_settings if probing else self.settings
         outcomes = train_generation(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
                                     self.system.score, state.generator, on_step=self.on_step)
+        if self.after_training:
+            self.after_training(task, gen, children, outcomes)
         for child, parent, beat, outcome in zip(children, parents, to_beat, outcomes):
             child.metrics.update(outcome.as_metrics(), generation=gen, iteration=self.iteration, parent=parent.id,
                                  parent_score=beat)

@@ -353,7 +353,7 @@ def capture_generations(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], 
             if phase == "after_seed_phase":
                 raise _Captured
 
-    evo.before_training = spy
+    evo.before_training.append(spy)
     try:
         for name in CAPTURE_TASKS:
             evo.task_iteration(name)
@@ -482,8 +482,8 @@ def bench_scaling(root: Root, cfg: RunConfig, few: System, many: System, sizes: 
             evo = new_evolution(root, cfg, {task.name: task}, sizes.iteration, cfg.children_per_task,
                                 cfg.generation_size, max_seeds, seed=seed, system=copy.deepcopy(system))
             trained = [0.0]
-            evo.on_generation = lambda _task, _gen, children: trained.__setitem__(
-                0, trained[0] + children[0].metrics["train_time"])
+            evo.after_generation.append(lambda _task, _gen, children: trained.__setitem__(
+                0, trained[0] + children[0].metrics["train_time"]))
             macs = [0]
 
             def count(module: nn.Module, _args: Any, output: Any) -> None:

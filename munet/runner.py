@@ -286,7 +286,8 @@ class Run:
         return best
 
     def train(self) -> None:
-        """Runs the plan's remaining task iterations, a checkpoint after every generation, with progress."""
+        """Runs the plan's remaining task iterations, a checkpoint after every generation, with progress (the
+        progress callbacks join the evolution's hooks for the call; callbacks already there stay and run too)."""
         state, evo = self.state, self.evolution
         missing = [t for t in state.plan[state.done:] if t not in self.tasks]
         if missing:
@@ -295,23 +296,27 @@ class Run:
         if state.in_flight is not None:  # generations finished before the interruption
             per_generation = self.cfg.generation_size * evo.steps_per_child(state.in_flight.task)
             progress.done = min(state.in_flight.generation * per_generation, self.work([state.in_flight.task]))
-        evo.on_step = progress.advance
 
-        def on_generation(task: str, gen: int, children: list[TaskPath]) -> None:
+        def after_generation(task: str, gen: int, children: list[TaskPath]) -> None:
             accepted = sum(bool(c.metrics["improved"]) for c in children)
             best = self.system.best_path(task)
             best_q = f"{best.metrics['quality']:.4f}" if best else "-"
             progress.note(f"{progress.line()} | gen {gen + 1}/{evo.generations()} accepted {accepted}/"
                           f"{len(children)}, best val {best_q}")
 
-        evo.on_generation = on_generation
-        while not self.finished:
-            task = state.plan[state.done]
-            progress.label = f"[{state.done + 1}/{len(state.plan)}] {task}"
-            best = self.step()
-            if best is not None:
-                progress.note(f"{task}: retained path #{best.id}, val {best.metrics['quality']:.4f}, "
-                              f"test {best.metrics['test_quality']:.4f}")
+        evo.on_step.append(progress.advance)
+        evo.after_generation.append(after_generation)
+        try:
+            while not self.finished:
+                task = state.plan[state.done]
+                progress.label = f"[{state.done + 1}/{len(state.plan)}] {task}"
+                best = self.step()
+                if best is not None:
+                    progress.note(f"{task}: retained path #{best.id}, val {best.metrics['quality']:.4f}, "
+                                  f"test {best.metrics['test_quality']:.4f}")
+        finally:  # a later train() reports progress of its own
+            evo.on_step.remove(progress.advance)
+            evo.after_generation.remove(after_generation)
 
     def report(self) -> dict[str, Any]:
         """Writes ``summary.json`` and the per-task table; returns the summary."""

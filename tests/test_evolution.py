@@ -67,7 +67,7 @@ def test_seed_phase_probes_other_tasks_then_mutates():
     evo.task_iteration("a")
     a_best = evo.system.best_path("a")
     seen = []
-    evo.on_generation = lambda task, gen, children: seen.extend(children)
+    evo.after_generation.append(lambda task, gen, children: seen.extend(children))
     evo.task_iteration("b")
     probes = [c for c in seen if c.metrics["seed_probe"]]
     assert [c.parent for c in probes] == [a_best, evo.system.root_path]
@@ -80,7 +80,7 @@ def test_seed_phase_probes_other_tasks_then_mutates():
 def test_offspring_counts_are_the_same_task_children_sampled_from_each_path():
     evo = _evolution()
     seen = []
-    evo.on_generation = lambda task, gen, children: seen.extend(children)
+    evo.after_generation.append(lambda task, gen, children: seen.extend(children))
     evo.task_iteration("a")
     evo.task_iteration("a")
     by_id = {p.id: p for p in seen}
@@ -94,7 +94,7 @@ def test_offspring_counts_are_the_same_task_children_sampled_from_each_path():
 def test_population_cap_and_end_of_iteration_keep_best(cap):
     evo = _evolution(cap=cap)
     sizes = []
-    evo.on_generation = lambda task, gen, children: sizes.append(len(evo.system.paths[task]))
+    evo.after_generation.append(lambda task, gen, children: sizes.append(len(evo.system.paths[task])))
     evo.task_iteration("a")
     assert max(sizes) == 1 if cap else max(sizes) > 1  # without a cap the population grows within the iteration
     assert len(evo.system.paths["a"]) == 1  # the end of an iteration keeps the best path only
@@ -111,7 +111,7 @@ def test_separate_probes_take_no_child_slot_and_train_their_own_budget():
     evo = _evolution(separate_probes=True, probe_validations=1)
     evo.task_iteration("a")
     generations = []
-    evo.on_generation = lambda task, gen, children: generations.append(children)
+    evo.after_generation.append(lambda task, gen, children: generations.append(children))
     evo.task_iteration("b")
     probes, *rest = generations
     assert [c.parent for c in probes] == [evo.system.best_path("a"), evo.system.root_path]
@@ -125,8 +125,28 @@ def test_separate_probes_take_no_child_slot_and_train_their_own_budget():
 def test_before_training_hook_sees_each_generation_untrained():
     evo = _evolution()
     seen = []
-    evo.before_training = lambda task, gen, children, to_beat, ds: seen.append(
-        (task, gen, len(children), len(to_beat), ds["ds_image_size"], any("quality" in c.metrics for c in children)))
+    evo.before_training.append(lambda task, gen, children, to_beat, ds: seen.append(
+        (task, gen, len(children), len(to_beat), ds["ds_image_size"], any("quality" in c.metrics for c in children))))
     evo.task_iteration("a")
     assert [s[:4] for s in seen] == [("a", 0, 2, 2), ("a", 1, 2, 2)]  # 4 children in generations of 2
     assert not any(s[5] for s in seen)
+
+
+def test_run_train_adds_its_callbacks_next_to_a_callers(tmp_path):
+    """Hooks compose: ``Run.train`` reports progress through callbacks of its own, a caller's callbacks run too, and
+    only the caller's are left once it returns."""
+    import io
+
+    from conftest import tiny_config
+
+    from munet.runner import Run
+
+    seen, steps, stream = [], [], io.StringIO()
+    with Run.create(tiny_config(tmp_path / "run", children_per_task=2), stream) as opened:
+        evo = opened.evolution
+        evo.after_generation.append(lambda task, gen, children: seen.append((task, gen)))
+        evo.on_step.append(steps.append)
+        opened.train()
+        assert len(evo.after_generation) == 1 and len(evo.on_step) == 1
+    assert seen == [(task, gen) for task in ("a", "b") for gen in range(evo.generations())]
+    assert stream.getvalue().count("| gen ") == len(seen) and sum(steps) > 0

@@ -76,7 +76,7 @@ def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path):
             raise Crash("training")
 
     with Run.create(tiny_config(out, **settings), io.StringIO()) as opened:
-        opened.evolution.after_training = crash_after_training
+        opened.evolution.after_training.append(crash_after_training)
         with pytest.raises(Crash):
             opened.train()
     for point in ("commit:2", "blob:1", "commit:3"):

@@ -218,7 +218,8 @@ def test_seed_phase_probes_at_most_max_seeds_other_tasks_newest_first_plus_the_r
     evo = Evolution(system, {"a": make_task("a")}, policy, settings, _evaluator(tiny_root, settings),
                     children_per_task=4, generation_size=4, max_image_size=8, max_seeds=2)
     probed: list[TaskPath] = []
-    evo.on_generation = lambda task, gen, children: probed.extend(c for c in children if c.metrics["seed_probe"])
+    evo.after_generation.append(
+        lambda task, gen, children: probed.extend(c for c in children if c.metrics["seed_probe"]))
     evo.task_iteration("a")
     newest = [system.best_path(t) for t in ("e", "d")]
     assert [p.parent for p in probed] == [*newest, system.root_path]

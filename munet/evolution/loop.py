@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,18 @@ from munet.evolution.system import System
 from munet.model.path import TaskPath
 from munet.training.evaluate import Evaluator
 from munet.training.settings import TrainSettings
-from munet.training.trainer import ChildOutcome, train_generation
+from munet.training.trainer import train_generation
 
 log = logging.getLogger("munet")
+
+
+class Hook(list):
+    """Callbacks called in order with the same arguments (EvoTorch's hooks): ``hook.append(callback)`` adds one
+    without replacing another's."""
+
+    def __call__(self, *args: Any) -> None:
+        for callback in self:
+            callback(*args)
 
 
 @dataclass
@@ -62,6 +70,13 @@ class Evolution:
         separate_probes: probe the seeds in a generation of their own before the task's ``children_per_task``
             mutated children, instead of in the first children's slots (the spec); see :meth:`generations`.
         probe_validations: validation periods a probe of a separate probe generation trains (0: as a child).
+
+    Hooks (:class:`Hook` lists; append callbacks to them) run at fixed points of :meth:`step`:
+
+    * ``before_training(task, generation, children, scores_to_beat, data_hparams)``: the generation sampled, untrained;
+    * ``on_step(children_trained)``: after every training step (progress);
+    * ``after_training(task, generation, children, outcomes)``: the generation trained, before selection;
+    * ``after_generation(task, generation, children)``: selection done, the population pruned.
     """
 
     def __init__(self, system: System, tasks: dict[str, TaskData], policy: MutationPolicy, settings: TrainSettings,
@@ -79,12 +94,10 @@ class Evolution:
         self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
                                if separate_probes and probe_validations else settings)
         self.iteration = 0  # task iterations done, across rounds and resumed runs
-        self.on_step: Callable[[int], None] | None = None
-        self.on_generation: Callable[[str, int, list[TaskPath]], None] | None = None
-        # hook called with (task, generation, children, scores to beat, data hparams) just before training
-        self.before_training: Callable[[str, int, list[TaskPath], list[float], dict[str, Any]], None] | None = None
-        # hook called with (task, generation, children, outcomes) once the generation trained, before selection
-        self.after_training: Callable[[str, int, list[TaskPath], list[ChildOutcome]], None] | None = None
+        self.before_training: Hook = Hook()
+        self.on_step: Hook = Hook()
+        self.after_training: Hook = Hook()
+        self.after_generation: Hook = Hook()
 
     @property
     def rng(self) -> random.Random:
@@ -175,13 +188,11 @@ class Evolution:
             for comp in child.components.values():
                 comp.module.to(self.settings.device)
         to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
-        if self.before_training:
-            self.before_training(task, gen, children, to_beat, ds)
+        self.before_training(task, gen, children, to_beat, ds)
         settings = self.probe_settings if probing else self.settings
         outcomes = train_generation(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
                                     self.system.score, state.generator, on_step=self.on_step)
-        if self.after_training:
-            self.after_training(task, gen, children, outcomes)
+        self.after_training(task, gen, children, outcomes)
         for child, parent, beat, outcome in zip(children, parents, to_beat, outcomes):
             child.metrics.update(outcome.as_metrics(), generation=gen, iteration=self.iteration, parent=parent.id,
                                  parent_score=beat)
@@ -191,8 +202,7 @@ class Evolution:
                 system.paths[task].append(child)
         self._prune(task)
         state.generation += 1
-        if self.on_generation:
-            self.on_generation(task, gen, children)
+        self.after_generation(task, gen, children)
         return children
 
     def finish(self, state: IterationState) -> TaskPath | None:

@@ -25,9 +25,8 @@ from pathlib import Path as FsPath
 from baselines import BaselineSpec, build_baseline, train_baseline
 
 from munet.config import RunConfig
-from munet.evolution.system import ScoreConfig, System
 from munet.model.roots import load_root
-from munet.runner import load_tasks, resolve_device
+from munet.runner import Wiring, load_tasks, resolve_device
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
 from munet.training.settings import TrainSettings
@@ -40,7 +39,7 @@ TASKS = "fashion_mnist,animal_silhouettes,mnist_5k"
 def probe(root_spec: str, depth: int, size: int, tasks: dict, steps: int, lr: float, device: str) -> dict:
     """Per-task validation and test accuracy of a trained linear probe (plus final norm) on ``depth`` blocks."""
     root = load_root(root_spec, depth)
-    system = System(root, size, ScoreConfig(), {"opt_lr": lr})
+    system = Wiring.of(RunConfig().replace(root=root_spec, depth=depth, image_size=size, lr=lr)).system(root)
     dev = resolve_device(device)
     validations = 5
     settings = TrainSettings(max_steps_between_validations=max(1, steps // validations), validations=validations,

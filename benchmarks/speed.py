@@ -55,12 +55,13 @@ from munet.data.task import TaskData
 from munet.evolution.hparams import DEFAULTS, MutationPolicy
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
-from munet.evolution.system import ScoreConfig, System
+from munet.evolution.system import System
 from munet.model.components import NormKind, kind_of
 from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.roots import load_root
 from munet.reporting.status import run_status
+from munet.runner import Wiring
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, shared_forward
 from munet.training.schedule import learning_rate
@@ -163,20 +164,13 @@ def detached_copy(paths: list[TaskPath]) -> list[TaskPath]:
 
 def new_evolution(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], budget: Budget, children: int,
                   generation_size: int, max_seeds: int, seed: int = 0, system: System | None = None) -> Evolution:
-    """An evolution as ``munet run`` builds it (``runner.Run.setup``), on an already loaded root."""
-    extra: dict[str, Any] = {"opt_lr": cfg.lr}
-    policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(seed))
-    policy.init_hparams(extra)
-    if system is None:
-        system = System(root, cfg.image_size, ScoreConfig(cfg.scale_factor, cfg.compute_scale), extra)
-    for name, data in tasks.items():
-        system.add_task(name, data.num_classes)
-    settings = budget.settings(cfg.batch_size)
-    evaluator = Evaluator(settings, FeatureCache(CACHE_BYTES), root.mean, root.std)
-    return Evolution(system, tasks, policy, settings, evaluator, children_per_task=children,
-                     generation_size=generation_size, max_image_size=cfg.max_image_size,
-                     mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
-                     max_seeds=max_seeds, seed=seed)
+    """An evolution wired as ``munet run`` wires one (``runner.Wiring``), on an already loaded root, with this
+    benchmark's budget; it keeps the spec's seed phase (the probes take the first children's slots) and clones
+    blocks with μ, as the measured figures did."""
+    wiring = Wiring.of(cfg.replace(children_per_task=children, generation_size=generation_size, max_seeds=max_seeds,
+                                   seed=seed, separate_probes=False, clone_prob=cfg.mutation_prob,
+                                   feature_cache_mb=CACHE_BYTES >> 20))
+    return wiring.evolution(system or wiring.system(root), tasks, budget.settings(cfg.batch_size))
 
 
 def max_abs_diff(a: list[TaskPath], b: list[TaskPath]) -> float:

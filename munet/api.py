@@ -4,19 +4,19 @@ store cannot describe)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path as FsPath
 from typing import Any
 
 import torch
 
+from munet.config import RunConfig
 from munet.errors import ExportError, MunetError
-from munet.evolution.hparams import MutationPolicy
-from munet.evolution.system import ScoreConfig, System
+from munet.evolution.system import System
 from munet.export import FORMATS, export_path, path_config
 from munet.model.path import TaskPath
 from munet.model.roots import load_root
 from munet.predict import ImageLike, Prediction, predict, to_uint8_images
+from munet.runner import Wiring
 from munet.storage.snapshot import load_checkpoint, root_from_store, verify_root
 from munet.storage.store import Store
 
@@ -97,15 +97,12 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
     run_dir = FsPath(run_dir)
     with Store.open(run_dir) as store:
         cfg = store.get("config")
+        wiring = Wiring.of(RunConfig.from_stored(cfg))
         rebuildable = store.get("root")["arch"] is not None
         # a root whose architecture has no description is loaded from its source and checked against the store
         root = root_from_store(store) if rebuildable else load_root(cfg["root"], cfg["depth"] or None)
-        policy = MutationPolicy(cfg["mu_policy"], cfg["mutation_prob"], random.Random(0))
-        extra: dict[str, Any] = {"opt_lr": cfg["lr"]}
-        policy.init_hparams(extra)
         with torch.random.fork_rng(devices=[]):  # rebuilding modules draws inits; keep the caller's stream
-            system, ck = load_checkpoint(store, root, cfg["image_size"], ScoreConfig(cfg["scale_factor"],
-                                         cfg["compute_scale"]), extra)
+            system, ck = load_checkpoint(store, root, wiring.cfg.image_size, wiring.score, wiring.hparams)
         if not rebuildable:
             verify_root(store, root, system)
         class_names = store.task_class_names()

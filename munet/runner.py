@@ -9,6 +9,7 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any, TextIO
 
@@ -84,6 +85,65 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
 
 # Keys that do not change results: a resumed run may set them anew (another device, a bigger cache).
 OPERATIONAL_KEYS = ("device", "feature_cache_mb", "data_dir", "out", "shared_training")
+
+
+def train_settings(cfg: RunConfig, device: torch.device) -> TrainSettings:
+    """The training budget and options of one child of a run of ``cfg`` on ``device``."""
+    return TrainSettings(batch_size=cfg.batch_size, max_steps_between_validations=cfg.steps_between_validations,
+                         validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
+                         autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
+                         shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
+                         stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
+
+
+@dataclass
+class Wiring:
+    """What a configuration makes of a root and tasks, written once: a run (:meth:`Run.setup`), ``munet.load``
+    and the benchmarks build their systems and evolutions through it, so they build them alike.
+
+    Args:
+        cfg: the configuration.
+        policy: the mutation policy; it holds the evolution's random stream, seeded by ``cfg.seed``.
+        hparams: the root path's hyperparameters (every path starts from them): the learning rate and the
+            policy's own.
+        score: how paths are scored.
+    """
+
+    cfg: RunConfig
+    policy: MutationPolicy
+    hparams: dict[str, Any]
+    score: ScoreConfig
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Wiring:
+        policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob)
+        hparams: dict[str, Any] = {"opt_lr": cfg.lr}
+        policy.init_hparams(hparams)
+        return cls(cfg, policy, hparams, ScoreConfig(cfg.scale_factor, cfg.compute_scale))
+
+    def system(self, root: Root) -> System:
+        """A new system on ``root`` (its root path only)."""
+        return System(root, self.cfg.image_size, self.score, self.hparams)
+
+    def evolution(self, system: System, tasks: dict[str, TaskData], settings: TrainSettings) -> Evolution:
+        """The evolution of ``system`` over ``tasks``, which join the system (a task it has must keep its number
+        of classes), with per-child ``settings`` and ``cfg``'s frozen-feature cache.
+
+        Raises:
+            MunetError: a task's number of classes differs from the system's.
+        """
+        cfg = self.cfg
+        for name, data in tasks.items():
+            if system.num_classes.get(name, data.num_classes) != data.num_classes:
+                raise MunetError(f"task {name} has {data.num_classes} classes but the stored system has "
+                                 f"{system.num_classes[name]}")
+            system.add_task(name, data.num_classes)
+        evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), system.root.mean, system.root.std)
+        return Evolution(system, tasks, self.policy, settings, evaluator, children_per_task=cfg.children_per_task,
+                         generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
+                         mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
+                         max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
+                         probe_validations=cfg.probe_validations)
 
 
 class Run:
@@ -196,31 +256,12 @@ class Run:
             raise ConfigError(f"image_size {cfg.image_size} must be a multiple of the root's patch size "
                               f"{root.patch_size}")
         self.tasks = tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
-        policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob)
-        extra: dict[str, Any] = {"opt_lr": cfg.lr}
-        policy.init_hparams(extra)
-        score = ScoreConfig(cfg.scale_factor, cfg.compute_scale)
+        wiring = Wiring.of(cfg)
         if restore:
-            system, checkpoint = self.load(root, score, extra)
+            system, checkpoint = self.load(root, wiring.score, wiring.hparams)
         else:
-            system, checkpoint = System(root, cfg.image_size, score, extra), None
-        for name, data in tasks.items():
-            if system.num_classes.get(name, data.num_classes) != data.num_classes:
-                raise MunetError(f"task {name} has {data.num_classes} classes but the stored system has "
-                                 f"{system.num_classes[name]}")
-            system.add_task(name, data.num_classes)
-        settings = TrainSettings(batch_size=cfg.batch_size,
-                                 max_steps_between_validations=cfg.steps_between_validations,
-                                 validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
-                                 autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
-                                 shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
-                                 stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
-        evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), root.mean, root.std)
-        evolution = Evolution(system, tasks, policy, settings, evaluator, children_per_task=cfg.children_per_task,
-                              generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
-                              mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
-                              max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
-                              probe_validations=cfg.probe_validations)
+            system, checkpoint = wiring.system(root), None
+        evolution = wiring.evolution(system, tasks, train_settings(cfg, device))
         if checkpoint is None:
             self.state = RunState(system, evolution)
         else:  # the evolution's iteration count and every random stream, as the checkpoint left them

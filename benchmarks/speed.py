@@ -279,9 +279,9 @@ def plain_training(model: PlainViT, task: TaskData, hparams: dict[str, Any], roo
 
 
 def bench_single_child(root: Root, cfg: RunConfig, task: TaskData, sizes: Sizes) -> dict[str, Any]:
-    system = System(root, cfg.image_size, extra_hparams={"opt_lr": cfg.lr})
+    system = Wiring.of(cfg).system(root)
     system.add_task(task.name, task.num_classes)
-    policy = MutationPolicy("fixed", 0.0, random.Random(0))
+    policy = MutationPolicy("fixed", 0.0, random.Random(0))  # no mutation: the root path's hparams
     ds = {k: v for k, v in DEFAULTS.items() if k.startswith("ds_")} | {"ds_image_size": cfg.image_size}
     child = make_child(system, system.root_path, task.name, ds, mutate=False, policy=policy)
     trainable_from = cfg.depth // 2  # blocks trainable_from.. + norm + head train, as a partial fine-tuning

@@ -70,9 +70,9 @@ from quality_modes import baseline_validations, load_mode  # noqa: E402
 
 from munet.config import RunConfig  # noqa: E402
 from munet.data.task import TaskData  # noqa: E402
-from munet.evolution.system import ScoreConfig, System  # noqa: E402
+from munet.evolution.system import System  # noqa: E402
 from munet.model.roots import load_root  # noqa: E402
-from munet.runner import OPERATIONAL_KEYS, load_tasks, resolve_device, run  # noqa: E402
+from munet.runner import OPERATIONAL_KEYS, Wiring, load_tasks, resolve_device, run  # noqa: E402
 from munet.storage.store import Store, StoreError, atomic_write  # noqa: E402
 from munet.training.evaluate import Evaluator  # noqa: E402
 from munet.training.frozen import FeatureCache  # noqa: E402
@@ -209,7 +209,7 @@ class BaselineRunner:
     def _system(self) -> System:
         if self.system is None:
             root = load_root(self.cfg.root, self.cfg.depth or None)
-            self.system = System(root, self.cfg.image_size, ScoreConfig(), {"opt_lr": self.cfg.lr})
+            self.system = Wiring.of(self.cfg).system(root)  # the root path's hyperparameters of a muNet run
             for name, data in self.tasks.items():
                 self.system.add_task(name, data.num_classes)
         return self.system

@@ -466,7 +466,9 @@ def plot_curve(methods: list[dict[str, Any]], title: str, target: FsPath) -> Non
 
 
 def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+    """A file-name-safe ASCII form of a label (µ becomes mu)."""
+    text = text.lower().replace("µ", "mu")
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in text).strip("_")
 
 
 # --- main ---------------------------------------------------------------------------------------------------------

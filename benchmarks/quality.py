@@ -121,6 +121,10 @@ class Units:
 
 
 CONFIG_KEYS = set(RunConfig().to_dict())
+#: The configuration keys a baseline's training reads (evolution's keys reach it only through the images muNet
+#: processed, recorded as its ``validations``), so a change of evolution settings keeps baseline units valid.
+BASELINE_KEYS = ("root", "depth", "image_size", "batch_size", "steps_between_validations", "max_val_examples", "lr",
+                 "seed")
 
 
 def result_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -137,7 +141,8 @@ def _same_settings(stored: Any, current: Any) -> bool:
         if set(current) <= CONFIG_KEYS and set(stored) <= CONFIG_KEYS:
             stored = {**RunConfig.from_stored(stored).to_dict(), **stored}
         stored, current = ({k: v for k, v in d.items() if k not in OPERATIONAL_KEYS} for d in (stored, current))
-        return set(stored) == set(current) and all(_same_settings(stored[k], v) for k, v in current.items())
+        # a key only ``stored`` has is one the current unit does not depend on (a baseline's evolution settings)
+        return all(k in stored and _same_settings(stored[k], v) for k, v in current.items())
     return stored == current
 
 
@@ -220,7 +225,8 @@ class BaselineRunner:
         result); ``None`` if another process is running it."""
         unit = f"{spec.name}__{task}{tag}"
         validations = baseline_validations(self.cfg, images, len(self.tasks[task].train_y))
-        settings = {"baseline": spec.name, "task": task, "config": result_settings(self.cfg.replace(seed=seed)),
+        config = result_settings(self.cfg.replace(seed=seed))
+        settings = {"baseline": spec.name, "task": task, "config": {k: config[k] for k in BASELINE_KEYS},
                     "validations": validations}
         done = units.get(unit, settings)
         if done:

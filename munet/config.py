@@ -93,7 +93,7 @@ class RunConfig:
     max_val_examples: int = 1000
     lr: float = 0.02
     mutation_prob: float = 0.1
-    clone_prob: float = 0.1
+    clone_prob: float = 0.5
     mu_policy: str = "fixed"
     mutate_adapters: bool = True
     inherit_momentum: bool = False

@@ -44,6 +44,20 @@ def test_a_missing_key_means_the_behaviour_before_it_existed_not_todays_default(
     assert units.get("munet_s1.0", RunConfig(clone_prob=0.5).to_dict()) is None
 
 
+def test_a_baseline_unit_depends_only_on_the_keys_its_training_reads(quality, tmp_path):
+    units = quality.Units(tmp_path)
+    stored = {"baseline": "freeze:0", "task": "a", "config": RunConfig().to_dict(), "validations": 25}
+    units.put("freeze-0__a", {"settings": stored, "test_acc": 0.5})
+
+    def current(cfg: RunConfig, validations: int = 25) -> dict:
+        config = {k: v for k, v in cfg.to_dict().items() if k in quality.BASELINE_KEYS}
+        return {"baseline": "freeze:0", "task": "a", "config": config, "validations": validations}
+
+    assert units.get("freeze-0__a", current(RunConfig(clone_prob=0.5, children_per_task=6)))["test_acc"] == 0.5
+    assert units.get("freeze-0__a", current(RunConfig(), validations=26)) is None  # other images: retrain
+    assert units.get("freeze-0__a", current(RunConfig(lr=0.05))) is None
+
+
 def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
     units = quality.Units(tmp_path)
     assert units.claim("munet_s1.0") and units.claim("munet_s1.0")  # this process may claim again

@@ -84,7 +84,7 @@ def test_layout_records_and_content_addressed_blobs(run_dir):
 
 
 def test_records_of_paths_retained_in_the_last_generation_are_final(tmp_path):
-    make_run(tmp_path / "run", children_per_task=2)  # one generation per task iteration
+    make_run(tmp_path / "run", children_per_task=2, separate_probes=False)  # one generation per task iteration
     with sqlite3.connect(tmp_path / "run" / DB_NAME) as db:
         rows = db.execute("SELECT generation, test_quality, metrics FROM paths WHERE id IN "
                           "(SELECT path_id FROM live WHERE rank IS NOT NULL)").fetchall()

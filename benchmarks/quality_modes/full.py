@@ -17,15 +17,14 @@ from quality_modes import Mode
 SCALES = (1.0, 0.98, 0.95, 0.9, 0.7, 0.3)
 
 #: The levers of deep evolution, each switched back to the spec's behaviour (or further) one at a time, then the
-#: candidate levers that are off by default (benchmarks/README.md, "Levers tried"), each switched on alone.
+#: other levers tried (benchmarks/README.md, "Levers tried"), each switched on alone.
 ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("probes in children's slots (spec)", {"separate_probes": False, "probe_validations": 0}),
     ("probes train as long as children", {"probe_validations": 0}),
     ("generations of 4", {"generation_size": 4}),
     ("a diverged child loses its snapshot", {"keep_diverged": False}),
-    ("blocks cloned w.p. 0.5", {"clone_prob": 0.5}),
-    ("4 children of 5 validations, blocks cloned w.p. 0.5", {"children_per_task": 4, "validations": 5,
-                                                             "clone_prob": 0.5}),
+    ("blocks cloned w.p. mu = 0.1 (spec)", {"clone_prob": 0.1}),
+    ("4 children of 5 validations", {"children_per_task": 4, "validations": 5}),
     ("2 rounds of 4 children", {"rounds": 2, "children_per_task": 4}),
     ("µ2Net >= acceptance", {"accept_ties": True}),
 )

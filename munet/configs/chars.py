@@ -17,6 +17,8 @@ def get_config() -> RunConfig:
     tasks = ["torchvision:EMNIST:digits", "torchvision:EMNIST:letters", "torchvision:KMNIST", "torchvision:MNIST",
              "torchvision:Omniglot", "npz:data/cmaterdb/bangla.npz", "npz:data/cmaterdb/devanagari.npz",
              "npz:data/cmaterdb/telugu.npz"]
+    # clone_prob = μ: the paper clones every component with the same probability
     return RunConfig(tasks=tasks, root="timm:vit_tiny_patch16_224.augreg_in21k", depth=3, image_size=32,
                      max_image_size=384, children_per_task=64, generation_size=8, rounds=2, batch_size=512,
-                     steps_between_validations=100, validations=5, max_val_examples=5120, out="runs/chars")
+                     steps_between_validations=100, validations=5, max_val_examples=5120, out="runs/chars",
+                     clone_prob=0.1)

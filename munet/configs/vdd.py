@@ -17,7 +17,8 @@ VDD_TASKS = ["imagenet12", "svhn", "cifar100", "gtsrb", "daimlerpedcls", "omnigl
 
 
 def get_config() -> RunConfig:
+    # clone_prob = μ: the paper clones every component with the same probability
     return RunConfig(tasks=[f"folder:data/vdd/{t}" for t in VDD_TASKS], root="timm:vit_base_patch16_224.augreg_in21k",
                      depth=12, image_size=80, max_image_size=384, children_per_task=64, generation_size=8, rounds=2,
                      batch_size=256, steps_between_validations=200, validations=30, max_val_examples=2560,
-                     out="runs/vdd")
+                     out="runs/vdd", clone_prob=0.1)

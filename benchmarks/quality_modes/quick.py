@@ -3,7 +3,8 @@
 4 tasks (uci_digits, mnist_5k, animal_silhouettes, textures), the DINOv2 root's first 3 blocks at 28 px, a
 small budget (8 children per task in generations of 1, 2 validations of at most 10 steps; blocks cloned w.p. 0.5,
 the default); all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {4, 16}; budgets 1, 2, 4; seeds 0,
-1, 2; the ablations of benchmarks/README.md. Baselines train on as many images per task as muNet s = 1 processed at the same budget.
+1, 2; the ablations of benchmarks/README.md. Baselines train on as many images per task as muNet s = 1 processed
+at the same budget.
 
 Expected: muNet s = 1 about 0.86 average test accuracy (0.841, 0.881, 0.849 for seeds 0-2 through ``munet run``
 with this configuration, about 2-3 minutes each on one thread; 0.787 with blocks cloned at μ = 0.1).

@@ -96,6 +96,14 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from munet.reporting.report import write_report
+
+    target = write_report(args.run_dir, args.out, args.baselines)
+    print(f"report written to {target}")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from munet.storage.check import check_store
 
@@ -179,6 +187,13 @@ def make_parser() -> argparse.ArgumentParser:
     hi_p.add_argument("run_dir", help="run directory")
     hi_p.add_argument("--json", action="store_true", help="print the history as JSON")
     hi_p.set_defaults(func=_cmd_history)
+    rp_p = sub.add_parser("report", help="one self-contained HTML page of a run (tables and figures; also while "
+                                         "it runs)")
+    rp_p.add_argument("run_dir", help="run directory")
+    rp_p.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
+    rp_p.add_argument("--baselines", default=None, metavar="FILE", help="a quality benchmark's results "
+                      "(benchmarks/results/quality.json): its methods become baseline points")
+    rp_p.set_defaults(func=_cmd_report)
     ck_p = sub.add_parser("check", help="verify every blob and reference of a run directory (exit 1 on problems)")
     ck_p.add_argument("run_dir", help="run directory")
     ck_p.add_argument("--data", action="store_true", help="also load every task's data and compare it with the "

@@ -88,6 +88,13 @@ def _origin(task: dict[str, Any]) -> str:
     return "root" if task.get("origin_is_root") else f"path {task['origin']}"
 
 
+def describe_mutations(mutations: dict[str, Any]) -> str:
+    """One lineage step's mutations as text: hyperparameters with their move (``opt_lr 0.02->0.05``), structural
+    mutations by name (``clone:block_3``)."""
+    return ", ".join(f"{k} {v[0]}->{v[1]}" if k.startswith(("ds_", "opt_", "num_", "adapter_dim", "_mu"))
+                     else k for k, v in mutations.items()) or "no mutation"
+
+
 def format_history(h: dict[str, Any]) -> str:
     """Human-readable history: a mutation table, then each task's best-path lineage."""
     lines = [f"run {h['run']}", "", "mutations in children of the same task (strict acceptance):",
@@ -103,9 +110,7 @@ def format_history(h: dict[str, Any]) -> str:
         test = f", test {t['test']:.4f}" if t["test"] is not None else ""
         lines.append(f"  best path {t['best']} (val {t['val']:.4f}{test}), grown from {_origin(t)}:")
         for step in t["lineage"]:
-            muts = ", ".join(f"{k} {v[0]}->{v[1]}" if k.startswith(("ds_", "opt_", "num_", "adapter_dim", "_mu"))
-                             else k for k, v in step["mutations"].items()) or "no mutation"
-            lines.append(f"    path {step['path']} val {step['val']:.4f}: {muts}")
+            lines.append(f"    path {step['path']} val {step['val']:.4f}: {describe_mutations(step['mutations'])}")
         moved = ", ".join(f"{k} {a}->{b}" for k, (a, b) in t["moved"].items()) or "none"
         lines.append(f"  hyperparameters moved from the root's defaults: {moved}")
     return "\n".join(lines)

@@ -41,20 +41,23 @@ def _generations(cfg: dict[str, Any]) -> int:
     return RunConfig.from_stored(cfg).generations()
 
 
-def format_status(s: dict[str, Any]) -> str:
-    """Human-readable status: progress, the per-task table, and store size against unique parameters."""
+def where(s: dict[str, Any]) -> str:
+    """Where the run stands: complete, or which task iteration and generation it is in."""
     total, done = len(s["plan"]), s["done"]
     if s["in_flight"]:
         f = s["in_flight"]
-        where = (f"in progress: task iteration {done + 1}/{total} ({f['task']}), {f['generation']}/"
-                 f"{s['generations_per_iteration']} generations done")
-    elif done < total:
-        where = f"in progress: {done}/{total} task iterations done, next {s['plan'][done]}"
-    else:
-        where = f"complete: {total}/{total} task iterations"
+        return (f"in progress: task iteration {done + 1}/{total} ({f['task']}), {f['generation']}/"
+                f"{s['generations_per_iteration']} generations done")
+    if done < total:
+        return f"in progress: {done}/{total} task iterations done, next {s['plan'][done]}"
+    return f"complete: {total}/{total} task iterations"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """Human-readable status: progress, the per-task table, and store size against unique parameters."""
     lines = [f"run {s['run']}", f"root: {s['root']} [{s['root_source']}]"
              + (f" sha256 {s['root_sha256'][:16]}" if s["root_sha256"] else ""),
-             f"{where}; {s['paths_sampled']} paths sampled, {s['paths_accepted']} accepted; "
+             f"{where(s)}; {s['paths_sampled']} paths sampled, {s['paths_accepted']} accepted; "
              f"wall time {format_seconds(s['wall_time_s'])}", ""]
     header = f"{'task':<22} {'path':>6} {'score':>7} {'val acc':>8} {'test acc':>8} {'params':>11} {'accounted':>11}"
     lines += [header, "-" * len(header)]

@@ -71,10 +71,20 @@ def format_table(rows: list[dict[str, Any]], finetune_params: int) -> str:
         lines.append(f"{r['task']:<22} {test:>8} {r['val_acc']:>8.4f} {r['params']:>11,} {r['accounted']:>11,.0f} "
                      f"{r['layers']:>2} {r['image_size']:>3}  {r['reuse']}")
     if rows:
-        tests = [r["test_acc"] for r in rows if r["test_acc"] is not None]
-        per_task = sum(r["accounted"] for r in rows) / len(rows)
+        avg = averages(rows)
+        per_task = avg["accounted"]
         lines.append("-" * len(header))
-        lines.append(f"average test accuracy {sum(tests) / max(len(tests), 1):.4f} over {len(tests)} tasks; "
+        lines.append(f"average test accuracy {avg['test_acc']:.4f} over {avg['tested']} tasks; "
                      f"parameters per task {per_task:,.0f} ({100 * per_task / finetune_params:.1f}% of "
                      f"fine-tuning the root per task: {finetune_params:,})")
     return "\n".join(lines)
+
+
+def averages(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The means of a per-task table's columns: ``test_acc`` over the ``tested`` tasks (those with a test
+    accuracy), ``val_acc``, ``params`` and ``accounted`` (the parameters per task) over all of them."""
+    tests = [r["test_acc"] for r in rows if r["test_acc"] is not None]
+    n = max(len(rows), 1)
+    return {"test_acc": sum(tests) / max(len(tests), 1), "tested": len(tests),
+            "val_acc": sum(r["val_acc"] for r in rows) / n, "params": sum(r["params"] for r in rows) / n,
+            "accounted": sum(r["accounted"] for r in rows) / n}

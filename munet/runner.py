@@ -20,7 +20,7 @@ from munet.config import RunConfig
 from munet.data.registry import load_task
 from munet.data.task import TaskData
 from munet.errors import ConfigError, MunetError, TaskUnavailable
-from munet.evolution.hparams import MutationPolicy
+from munet.evolution.hparams import MutationPolicy, check_image_sizes
 from munet.evolution.loop import Evolution
 from munet.evolution.system import ScoreConfig, System
 from munet.model.path import TaskPath
@@ -36,6 +36,7 @@ from munet.storage.snapshot import (
     restore_run,
     root_record,
     save_checkpoint,
+    stored_posembed_resize,
     verify_root,
 )
 from munet.storage.store import Store, atomic_write
@@ -252,9 +253,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         device = resolve_device(cfg.device)
         root = load_root(cfg.root, cfg.depth or None)
-        if cfg.image_size % root.patch_size or cfg.max_image_size < root.patch_size:
-            raise ConfigError(f"image_size {cfg.image_size} must be a multiple of the root's patch size "
-                              f"{root.patch_size}")
+        check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)  # before tasks load, which is slow
         self.tasks = tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
         wiring = Wiring.of(cfg)
         if restore:
@@ -277,6 +276,7 @@ class Run:
     def load(self, root: Root, score: ScoreConfig, extra_hparams: dict[str, Any]) -> tuple[System, Checkpoint]:
         """The system of the store's last checkpoint, rebuilt on ``root`` (which must be the run's), with the
         checkpoint's position (applied by :meth:`setup` once the evolution exists)."""
+        root.posembed_resize = stored_posembed_resize(self.store)  # new image sizes resize as the run always did
         system, checkpoint = load_checkpoint(self.store, root, self.cfg.image_size, score, extra_hparams)
         verify_root(self.store, root, system)
         return system, checkpoint

@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from munet.errors import ConfigError
+
 MOMENTUM_NONE = 0.0  # the spec's "None" entry: plain SGD (the original crashes on float(None))
 
 MU_POLICIES = ("fixed", "evolved", "per_action")
@@ -61,9 +63,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def image_sizes(patch_size: int, max_patches: int = 16) -> list[int]:
-    """Evolvable image sizes: whole multiples of the patch (the spec's 16·i list for patch 16)."""
-    return [patch_size * i for i in range(1, max_patches + 1)]
+def image_sizes(patch_size: int, max_image_size: int) -> list[int]:
+    """Evolvable image sizes: every whole multiple of the patch up to ``max_image_size`` (the spec's 16·i,
+    i = 1..24, for patch 16 and 384 px)."""
+    return [patch_size * i for i in range(1, max_image_size // patch_size + 1)]
+
+
+def check_image_sizes(image_size: int, max_image_size: int, patch_size: int) -> None:
+    """Raises ConfigError unless ``image_size`` is one of :func:`image_sizes` and ``max_image_size`` is its last."""
+    for name, size in (("image_size", image_size), ("max_image_size", max_image_size)):
+        if size < patch_size or size % patch_size:
+            nearest = sorted({max(patch_size, size // patch_size * patch_size), (size // patch_size + 1) * patch_size})
+            raise ConfigError(f"{name} {size} is not a whole number of the root's {patch_size} px patches; use "
+                              f"{' or '.join(map(str, nearest))}")
+    if image_size > max_image_size:
+        raise ConfigError(f"image_size {image_size} exceeds max_image_size {max_image_size}")
 
 
 def incremental_mutation(value: Any, values: list[Any], rng: random.Random) -> Any:

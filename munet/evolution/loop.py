@@ -12,7 +12,14 @@ import torch
 
 from munet.config import generations_per_iteration
 from munet.data.task import TaskData
-from munet.evolution.hparams import DATA_RANGES, DEFAULTS, MutationPolicy, image_sizes, incremental_mutation
+from munet.evolution.hparams import (
+    DATA_RANGES,
+    DEFAULTS,
+    MutationPolicy,
+    check_image_sizes,
+    image_sizes,
+    incremental_mutation,
+)
 from munet.evolution.mutate import make_child
 from munet.evolution.system import System
 from munet.model.path import TaskPath
@@ -62,7 +69,7 @@ class Evolution:
         evaluator: validation/test evaluation with its frozen-feature cache.
         children_per_task: children per task iteration.
         generation_size: children per generation.
-        max_image_size: upper end of the evolvable image sizes.
+        max_image_size: upper end of the evolvable image sizes (a multiple of the root's patch size).
         mutate_adapters: allow adapter insertion.
         max_task_population: population cap per task after each generation (0: none).
         max_seeds: at most this many other tasks' paths probed per task iteration (0: all).
@@ -86,7 +93,9 @@ class Evolution:
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
-        self.sizes = [s for s in image_sizes(system.root.patch_size) if s <= max_image_size]
+        patch = system.root.patch_size
+        check_image_sizes(system.root_path.hparams["ds_image_size"], max_image_size, patch)
+        self.sizes = image_sizes(patch, max_image_size)
         self.mutate_adapters = mutate_adapters
         self.max_task_population, self.max_seeds = max_task_population, max_seeds
         self.seed = seed

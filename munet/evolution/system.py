@@ -6,8 +6,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from timm.layers import resample_abs_pos_embed
-
 from munet.evolution.hparams import DEFAULTS
 from munet.model.components import NOT_TRAINABLE, Component, TokenParam, patch_embedding
 from munet.model.path import TaskPath
@@ -83,12 +81,11 @@ class System:
         return comp.clone(self.next_component_id - 1, origin)
 
     def root_posembed(self, image_size: int) -> Component:
-        """The root's position embedding resized to ``image_size`` (bicubic, no antialias, as the ONNX graph)."""
+        """The root's position embedding resized to ``image_size`` (:meth:`Root.resized_pos_embed`), cached per
+        size and locked (spec §2 step 5)."""
         grid = image_size // self.root.patch_size
         if grid not in self.posembed_cache:
-            pos = self.root.model.pos_embed.detach()
-            resized = resample_abs_pos_embed(pos, new_size=[grid, grid], num_prefix_tokens=1,
-                                             interpolation="bicubic", antialias=False)
+            resized = self.root.resized_pos_embed(grid)
             self.posembed_cache[grid] = self._root_component("posembed", TokenParam(resized))
         return self.posembed_cache[grid]
 

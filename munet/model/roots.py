@@ -157,7 +157,14 @@ def _load_imgfocus() -> Root:
         std=IMAGENET_STD,
         pretrained=True,
         full_depth=len(model.blocks),
+        posembed_resize=posembed_resize("dinov2"),
     )
+
+
+def posembed_resize(name: str) -> str:
+    """How a root named ``name`` (architecture, checkpoint layout) resizes its position embedding: DINOv2 as its own
+    graph does (bicubic), every other ViT as the spec does (bilinear)."""
+    return "bicubic" if "dinov2" in name.lower() else "bilinear"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +197,7 @@ def _load_timm(name: str) -> Root:
         std=as_triple(cfg.get("std", IMAGENET_STD), "std"),
         pretrained=True,
         full_depth=len(model.blocks),
+        posembed_resize=posembed_resize(name),
     )
 
 
@@ -231,6 +239,7 @@ def _load_random(arch: str, seed: int) -> Root:
         std=as_triple(cfg.get("std", IMAGENET_STD), "std"),
         pretrained=False,
         full_depth=len(model.blocks),
+        posembed_resize=posembed_resize(arch),
     )
 
 
@@ -336,6 +345,7 @@ def _load_file(target: str) -> Root:
         std=as_triple(std, "std"),
         pretrained=True,
         full_depth=len(model.blocks),
+        posembed_resize=posembed_resize(arch or converted.layout),
     )
 
 

@@ -86,6 +86,7 @@ def root_record(root: Root, system: System) -> dict[str, Any]:
     return {"name": root.name, "description": root.description, "source": root.source, "sha256": root.sha256,
             "mean": list(root.mean), "std": list(root.std), "pretrained": root.pretrained,
             "full_depth": root.full_depth, "depth": root.depth, "patch_size": root.patch_size,
+            "posembed_resize": root.posembed_resize,
             "arch": check_rebuild(root.model, describe_vit(root.model)), "path_id": system.root_path.id,
             "components": {n: c.id for n, c in system.root_path.components.items()},
             "hparams": system.root_path.hparams}
@@ -252,7 +253,13 @@ def root_from_store(store: Store) -> Root:
         model.norm.load_state_dict(parts["norm"])
     return Root(model=model, name=rec["name"], description=rec["description"], source=rec["source"],
                 sha256=rec["sha256"], mean=tuple(rec["mean"]), std=tuple(rec["std"]), pretrained=rec["pretrained"],
-                full_depth=rec["full_depth"])
+                full_depth=rec["full_depth"], posembed_resize=stored_posembed_resize(store))
+
+
+def stored_posembed_resize(store: Store) -> str:
+    """How the run's root resizes its position embedding: as recorded; bicubic for runs made before the choice
+    existed (every root resized bicubically then)."""
+    return store.get("root").get("posembed_resize", "bicubic")
 
 
 def verify_root(store: Store, root: Root, system: System) -> None:

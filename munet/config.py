@@ -14,6 +14,7 @@ from munet.errors import ConfigError
 from munet.evolution.hparams import MODEL_RANGES, MU_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda")
+LOGS = ("", "tensorboard")
 
 
 def generations_per_iteration(children_per_task: int, generation_size: int, separate_probes: bool) -> int:
@@ -73,6 +74,9 @@ class RunConfig:
         shared_training: train a generation's children in lock-step, computing each shared frozen prefix once;
             ``False`` trains them one after another (the official code's way). Results are the same; together with
             ``feature_cache_mb = 0`` it measures what sharing saves.
+        log: live metrics besides the terminal: ``tensorboard`` writes every child's validation curve, the
+            acceptance decisions and each task's best accuracy as TensorBoard event files under ``OUT/tensorboard``
+            (needs ``munet[tensorboard]``); empty: none.
     """
 
     tasks: list[str] = field(default_factory=lambda: [
@@ -110,6 +114,7 @@ class RunConfig:
     data_dir: str = "data"
     feature_cache_mb: int = 2048
     shared_training: bool = True
+    log: str = ""
 
     def validate(self) -> RunConfig:
         """Raises ConfigError naming the first value outside its allowed range; returns self."""
@@ -141,6 +146,8 @@ class RunConfig:
             raise ConfigError(f"mu_policy must be one of {list(MU_POLICIES)}, got {self.mu_policy!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.log not in LOGS:
+            raise ConfigError(f"log must be one of {list(LOGS)} (empty: no live log), got {self.log!r}")
         if self.image_size > self.max_image_size:
             raise ConfigError(f"image_size {self.image_size} exceeds max_image_size {self.max_image_size}")
         largest = 1024  # pixels; bounds the activations of a batch, which grow with the square of the image size

@@ -28,6 +28,7 @@ from munet.model.root import Root
 from munet.model.roots import load_root
 from munet.reporting.progress import Progress
 from munet.reporting.table import format_table, task_rows
+from munet.reporting.tensorboard import TensorBoardLog
 from munet.storage.snapshot import (
     Checkpoint,
     RunState,
@@ -85,7 +86,7 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
 
 
 # Keys that do not change results: a resumed run may set them anew (another device, a bigger cache).
-OPERATIONAL_KEYS = ("device", "feature_cache_mb", "data_dir", "out", "shared_training")
+OPERATIONAL_KEYS = ("device", "feature_cache_mb", "data_dir", "out", "shared_training", "log")
 
 
 def train_settings(cfg: RunConfig, device: torch.device) -> TrainSettings:
@@ -347,6 +348,9 @@ class Run:
 
         evo.on_step.append(progress.advance)
         evo.after_generation.append(after_generation)
+        live_log = TensorBoardLog(self.out, evo) if self.cfg.log == "tensorboard" else None
+        if live_log:
+            live_log.attach()
         try:
             while not self.finished:
                 task = state.plan[state.done]
@@ -358,6 +362,8 @@ class Run:
         finally:  # a later train() reports progress of its own
             evo.on_step.remove(progress.advance)
             evo.after_generation.remove(after_generation)
+            if live_log:
+                live_log.close()
 
     def report(self) -> dict[str, Any]:
         """Writes ``summary.json`` and the per-task table; returns the summary."""

@@ -13,6 +13,7 @@ from conftest import make_run, tiny_config
 from PIL import Image
 
 from munet.cli import main
+from munet.reporting.history import run_generation
 from munet.reporting.report import report_data, slot_order, write_report
 from munet.reporting.status import run_status
 from munet.runner import Run
@@ -161,3 +162,32 @@ def test_bad_baselines_file_is_a_clear_error(run_dir, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+
+
+def test_tensorboard_log_holds_every_childs_curve_and_decision(tmp_path, one_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    make_run(out, log="tensorboard")
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    with Store.open(out) as store:
+        paths = store.sampled_paths()
+    per_iteration = run_status(out)["generations_per_iteration"]
+    for p in paths:
+        curve = [e.value for e in events.Scalars(f"children/{p['task']}/path_{p['id']:05d}")]
+        assert curve == pytest.approx(p["metrics"]["evals"])
+    for task in ("a", "b"):
+        decisions = {e.step: e.value for e in events.Scalars(f"accepted/{task}")}
+        assert decisions == {p["id"]: float(p["accepted"]) for p in paths if p["task"] == task}
+        best = events.Scalars(f"best_val/{task}")
+        assert best[-1].value == pytest.approx(max(p["quality"] for p in paths if p["task"] == task and p["accepted"]))
+    last = max(run_generation(p["metrics"], per_iteration) for p in paths)
+    assert [e.step for e in events.Scalars("task_iteration")][-1] == last
+    assert {"best_test/a", "acceptance_rate/b"} <= tags
+
+
+def test_unknown_log_is_a_config_error(tmp_path, capsys):
+    assert main(["run", "--log", "wandb", "--out", str(tmp_path / "x")]) == 2
+    assert "log must be one of" in capsys.readouterr().err

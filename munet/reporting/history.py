@@ -25,6 +25,12 @@ def mutation_kind(key: str) -> str:
     return re.sub(r"_\d+$", "", key)
 
 
+def run_generation(metrics: dict[str, Any], per_iteration: int) -> int:
+    """Generations of the whole run done when a path's generation ended (from its metrics' ``iteration`` and
+    ``generation``): the x axis of the report's and TensorBoard's curves."""
+    return metrics.get("iteration", 0) * per_iteration + metrics.get("generation", 0) + 1
+
+
 def _child_mutations(row: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
     mutations = dict(row["mutations"])
     if parent is not None:

@@ -21,7 +21,7 @@ import jinja2
 from munet.errors import DataError
 from munet.model.components import get_kind, kind_of, list_kinds, slot_index
 from munet.reporting import figures
-from munet.reporting.history import describe_mutations, run_history
+from munet.reporting.history import describe_mutations, run_generation, run_history
 from munet.reporting.progress import format_seconds
 from munet.reporting.status import run_status, where
 from munet.reporting.table import averages
@@ -56,8 +56,8 @@ def report_data(run_dir: str | FsPath, baselines_file: str | FsPath | None = Non
         config = store.get("config") or {}
     tasks = [r["task"] for r in status["tasks"]]
     per_iteration = status["generations_per_iteration"]
-    for row in paths:  # generations of the whole run done when the path's generation ended
-        row["x"] = row["metrics"].get("iteration", 0) * per_iteration + row["metrics"].get("generation", 0) + 1
+    for row in paths:
+        row["x"] = run_generation(row["metrics"], per_iteration)
     rows, cells = [], {}
     for r in status["tasks"]:
         best = live[r["path"]]

@@ -68,6 +68,8 @@ class RunConfig:
         keep_diverged: a child that diverges after an accepted validation keeps that snapshot (the spec).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
+            all cores). The count is recorded with the run: results may differ in the last digits between counts.
         out: output directory.
         data_dir: where online data sets are downloaded.
         feature_cache_mb: memory bound of the frozen-feature cache.
@@ -110,6 +112,7 @@ class RunConfig:
     keep_diverged: bool = True
     seed: int = 0
     device: str = "auto"
+    threads: int = 0
     out: str = "runs/default"
     data_dir: str = "data"
     feature_cache_mb: int = 2048
@@ -129,7 +132,7 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb", "probe_validations"):
+        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb", "probe_validations", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("scale_factor", "compute_scale"):

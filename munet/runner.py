@@ -85,8 +85,27 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
     return tasks
 
 
-# Keys that do not change results: a resumed run may set them anew (another device, a bigger cache).
-OPERATIONAL_KEYS = ("device", "feature_cache_mb", "data_dir", "out", "shared_training", "log")
+# Keys that do not change results: a resumed run may set them anew (another device, a bigger cache); another thread
+# count, device or dtype may change the last digits, and a resumed run warns of it (Run._compare_runtime).
+OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_dir", "out", "shared_training", "log")
+
+
+def use_threads(threads: int) -> int:
+    """Sets torch's CPU thread count (0 leaves torch's setting); returns the count computations will use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def runtime_record(threads: int, settings: TrainSettings) -> dict[str, Any]:
+    """What a session computes with beyond the configuration's results-affecting keys: the CPU threads, the device
+    and the dtype of the forward passes (each may change results in the last digits)."""
+    device = settings.device
+    record = {"threads": threads, "device": str(device),
+              "dtype": "bfloat16 autocast" if settings.autocast_bf16 else "float32", "torch": torch.__version__}
+    if device.type == "cuda":
+        record["device_name"] = torch.cuda.get_device_name(device)
+    return record
 
 
 def train_settings(cfg: RunConfig, device: torch.device) -> TrainSettings:
@@ -171,6 +190,7 @@ class Run:
         self.tasks: dict[str, TaskData] = {}
         self.state: RunState | None = None
         self.elapsed = 0.0  # seconds spent by earlier sessions of this run
+        self.runtime: dict[str, Any] = {}  # this session's runtime_record
         self._t0 = time.perf_counter()
 
     # --- ways of opening ------------------------------------------------------------------------------------------
@@ -253,6 +273,7 @@ class Run:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         device = resolve_device(cfg.device)
+        threads = use_threads(cfg.threads)
         root = load_root(cfg.root, cfg.depth or None)
         check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)  # before tasks load, which is slow
         self.tasks = tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
@@ -267,12 +288,25 @@ class Run:
         else:  # the evolution's iteration count and every random stream, as the checkpoint left them
             self.state = restore_run(self.store, evolution, checkpoint)
             self.elapsed = float(self.store.get("wall_time_s", 0.0))
+        self.runtime = runtime_record(threads, evolution.settings)
+        if restore:
+            self._compare_runtime(self.store.get("runtime"))
         stream.write(f"root: {root.description} [{root.source}]\n"
                      f"tasks: {', '.join(f'{n} ({d.num_classes} classes)' for n, d in tasks.items())}\n"
                      f"device: {device}; {cfg.rounds} round(s) x {len(tasks)} tasks x {cfg.children_per_task} "
                      "children\n")
         stream.flush()
         self._t0 = time.perf_counter()  # the wall time counts evolution, not loading
+
+    def _compare_runtime(self, before: dict[str, Any] | None) -> None:
+        """Warns when this session computes with other threads, device or dtype than the run's last session."""
+        changed = [f"{k} {before[k]} (this session: {self.runtime[k]})" for k in ("threads", "device", "dtype")
+                   if before and k in before and before[k] != self.runtime[k]]
+        if changed:
+            threads = before.get("threads", self.runtime["threads"])
+            hint = f"; resume with --threads {threads} to match" if threads != self.runtime["threads"] else ""
+            log.warning("%s was computed with %s: results may differ in the last digits from an uninterrupted run%s",
+                        self.out, ", ".join(changed), hint)
 
     def load(self, root: Root, score: ScoreConfig, extra_hparams: dict[str, Any]) -> tuple[System, Checkpoint]:
         """The system of the store's last checkpoint, rebuilt on ``root`` (which must be the run's), with the
@@ -287,7 +321,7 @@ class Run:
         configuration, the root's identity and the tasks."""
         meta: dict[str, Any] = {"wall_time_s": self.wall_time()}
         if first:
-            meta.update(config=self.cfg.to_dict(), munet_version=__version__)
+            meta.update(config=self.cfg.to_dict(), munet_version=__version__, runtime=self.runtime)
             if self.store.get("root") is None:
                 meta.update(root=root_record(self.system.root, self.system), created_at=time.time())
         save_checkpoint(self.store, self.state, sampled, meta, self.tasks if first else None)
@@ -369,7 +403,7 @@ class Run:
         """Writes ``summary.json`` and the per-task table; returns the summary."""
         rows = task_rows(self.system)
         summary = {"wall_time_s": self.wall_time(), "root": self.system.root.description,
-                   "reference_params": self.system.reference_params, "tasks": rows}
+                   "reference_params": self.system.reference_params, "runtime": self.runtime, "tasks": rows}
         atomic_write(self.out / "summary.json", json.dumps(summary, indent=1))
         self.stream.write(format_table(rows, int(self.system.reference_params)) + "\n")
         self.stream.write(f"wall time {summary['wall_time_s']:.0f} s; results in {self.out}\n")

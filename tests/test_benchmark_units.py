@@ -32,7 +32,7 @@ def test_a_unit_recorded_before_a_key_existed_matches_only_the_behaviour_of_that
     assert units.get("finetune__a", current)["test_acc"] == 0.5
     assert units.get("finetune__a", dict(current, config=RunConfig(keep_diverged=True).to_dict())) is None
     assert units.get("finetune__a", dict(current, task="b")) is None
-    operational = dict(current, config=before.replace(shared_training=False, out="elsewhere").to_dict())
+    operational = dict(current, config=before.replace(shared_training=False, out="elsewhere", threads=2).to_dict())
     assert units.get("finetune__a", operational)["test_acc"] == 0.5  # where and how it ran do not change results
 
 

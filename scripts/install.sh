@@ -8,13 +8,18 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test,export]"  # export: onnxruntime, for the ONNX export test
 
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+# Debian packages: the Fashion-MNIST data, and for the tests Chromium (the report's browser test); one apt-get update
+apt=()
+[ -d /usr/share/datasets/fashion-mnist ] || apt+=(dataset-fashion-mnist)
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null; then apt+=(chromium); fi
+if [ ${#apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-      || echo "warning: could not install dataset-fashion-mnist; the Fashion-MNIST tasks will be unavailable"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt[@]}" >/dev/null) \
+      || echo "warning: could not install ${apt[*]}; without dataset-fashion-mnist the Fashion-MNIST tasks are" \
+              "unavailable, without chromium the browser test is skipped"
   else
-    echo "warning: not root or no apt-get: Fashion-MNIST tasks will be unavailable" \
-         "(install the Debian package dataset-fashion-mnist to enable them)"
+    echo "warning: not root or no apt-get: install the Debian packages ${apt[*]} (Fashion-MNIST tasks;" \
+         "chromium: the report's browser test)"
   fi
 fi
 # torch 2.14.1 / torchvision 0.29.1 are the newest releases these machines serve; pin them so pip does not

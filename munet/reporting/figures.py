@@ -15,16 +15,19 @@ from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.patheffects import withStroke
 
 ROOT_COLOR = "#d9d9d9"
 DPI = 110
 
 
 def task_colors(tasks: Sequence[str]) -> dict[str, Any]:
-    """One colour per task (tab10, then tab20's lighter shades), the same in every figure of a report."""
+    """One colour per task (tab10, then tab20's lighter shades, without their greys, which are the root's), the
+    same in every figure of a report."""
     from matplotlib import colormaps
 
-    palette = list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2])
+    grey = (colormaps["tab10"].colors[7], colormaps["tab20"].colors[15])  # too close to the root's grey
+    palette = [c for c in list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2]) if c not in grey]
     return {task: palette[i % len(palette)] for i, task in enumerate(tasks)}
 
 
@@ -57,9 +60,10 @@ def system_figure(tasks: list[str], slots: list[str], cells: dict[str, dict[str,
             ax.add_patch(Rectangle((col, row), 1, 1, facecolor=color, edgecolor="white", linewidth=1.5,
                                    hatch="///" if slot.startswith("adapter") else None))
             # bold ids are used by more than one task: the visible sharing
-            ax.text(col + 0.5, row + 0.5, str(cid), ha="center", va="center", fontsize=7,
+            ax.text(col + 0.5, row + 0.5, str(cid), ha="center", va="center", fontsize=8,
                     fontweight="bold" if cid in shared else "normal",
-                    color="black" if origin == "root" else "white")
+                    color="black" if origin == "root" else "white",
+                    path_effects=[] if origin == "root" else [withStroke(linewidth=2.5, foreground=color)])
     ax.set_xlim(0, len(slots))
     ax.set_ylim(len(tasks), 0)
     ax.set_xticks([i + 0.5 for i in range(len(slots))], slots, rotation=60, ha="right", fontsize=8)

@@ -202,7 +202,7 @@ TEMPLATE = """<!DOCTYPE html>
  figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
  figcaption { color: #555; font-size: 0.9em; max-width: 60em; }
  .lineage { columns: 2 32em; column-gap: 2.5em; } .lineage section { break-inside: avoid; margin-bottom: 1em; }
- .lineage td { font-size: 0.88em; }
+ .lineage table { width: 100%; } .lineage td { font-size: 0.88em; }
 </style></head>
 <body><main>
 <h1>munet report</h1>

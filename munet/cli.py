@@ -60,6 +60,11 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 def _cmd_run(args: argparse.Namespace) -> int:
     from munet.runner import run
 
+    if args.dry_run:
+        from munet.plan import format_plan, plan_run
+
+        print(format_plan(plan_run(build_config(args), sys.stdout)))
+        return 0
     run(build_config(args))
     return 0
 
@@ -168,6 +173,8 @@ def make_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser("run", help="evolve a new system, or resume the run already in --out (no arguments: the "
                                        "offline default)")
     _add_config_args(run_p)
+    run_p.add_argument("--dry-run", action="store_true", help="print the plan (tasks, children, steps, estimated "
+                       "images and memory) without training or creating the run directory")
     run_p.set_defaults(func=_cmd_run)
     add_p = sub.add_parser("add-task", help="introduce new tasks into an existing run (one task iteration each)")
     add_p.add_argument("run_dir", help="run directory of an earlier `munet run`")

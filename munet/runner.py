@@ -85,6 +85,18 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
     return tasks
 
 
+def task_order(rounds: int, tasks: dict[str, TaskData]) -> list[str]:
+    """The task iterations of a run: ``rounds`` round-robin passes over ``tasks``."""
+    return [name for _ in range(rounds) for name in tasks]
+
+
+def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskData]]:
+    """The root and the tasks of ``cfg``; its image sizes are checked against the root before the tasks load."""
+    root = load_root(cfg.root, cfg.depth or None)
+    check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)
+    return root, load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
+
+
 # Keys that do not change results: a resumed run may set them anew (another device, a bigger cache); another thread
 # count, device or dtype may change the last digits, and a resumed run warns of it (Run._compare_runtime).
 OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_dir", "out", "shared_training", "log")
@@ -205,7 +217,7 @@ class Run:
             # sys.stdout is looked up per call: a default bound at import would outlive a redirection
             run = cls(cfg, store, stream or sys.stdout)
             run.setup()
-            run.state.plan = [t for _ in range(cfg.rounds) for t in run.tasks]
+            run.state.plan = task_order(cfg.rounds, run.tasks)
             run.save(first=True)
         except BaseException:
             store.abandon()
@@ -274,9 +286,8 @@ class Run:
         torch.manual_seed(cfg.seed)
         device = resolve_device(cfg.device)
         threads = use_threads(cfg.threads)
-        root = load_root(cfg.root, cfg.depth or None)
-        check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)  # before tasks load, which is slow
-        self.tasks = tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
+        root, tasks = load_inputs(cfg, stream)
+        self.tasks = tasks
         wiring = Wiring.of(cfg)
         if restore:
             system, checkpoint = self.load(root, wiring.score, wiring.hparams)

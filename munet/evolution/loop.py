@@ -121,11 +121,14 @@ class Evolution:
         separate probes assuming every other task has a retained path by then."""
         work = self.children_per_task * self.steps_per_child(task)
         if self.separate_probes:
-            others = len(self.tasks) - 1
-            probes = 1 + (min(others, self.max_seeds) if self.max_seeds else others)
             k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
-            work += probes * k * self.probe_settings.validations
+            work += self.probes() * k * self.probe_settings.validations
         return work
+
+    def probes(self) -> int:
+        """Seeds probed per task iteration (the root and other tasks' paths), once every other task has a path."""
+        others = len(self.tasks) - 1
+        return 1 + (min(others, self.max_seeds) if self.max_seeds else others)
 
     def generations(self) -> int:
         """Generations per task iteration: the children's, plus the probe generation when probes are separate."""

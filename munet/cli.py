@@ -104,7 +104,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from munet.reporting.report import write_report
 
-    target = write_report(args.run_dir, args.out, args.baselines)
+    target = write_report(args.run_dir, args.out, args.baselines, stream=sys.stderr)
     print(f"report written to {target}")
     return 0
 
@@ -169,6 +169,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="munet", description="Evolve a pretrained ViT into a multitask system.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or lines, errors only")
     sub = parser.add_subparsers(dest="command")
     run_p = sub.add_parser("run", help="evolve a new system, or resume the run already in --out (no arguments: the "
                                        "offline default)")
@@ -227,7 +228,10 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(format="%(levelname)s %(message)s")
+    # set on every call: progress follows munet's level (reporting/progress.py), which -q raises above warnings
+    logging.getLogger("munet").setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet
+                                        else logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

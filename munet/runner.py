@@ -379,10 +379,11 @@ class Run:
         missing = [t for t in state.plan[state.done:] if t not in self.tasks]
         if missing:
             raise MunetError(f"cannot go on: task(s) {', '.join(sorted(set(missing)))} of this run are unavailable")
-        progress = Progress(self.work(state.plan[state.done:]), self.stream)
+        done = 0
         if state.in_flight is not None:  # generations finished before the interruption
             per_generation = self.cfg.generation_size * evo.steps_per_child(state.in_flight.task)
-            progress.done = min(state.in_flight.generation * per_generation, self.work([state.in_flight.task]))
+            done = min(state.in_flight.generation * per_generation, self.work([state.in_flight.task]))
+        progress = Progress(self.work(state.plan[state.done:]), self.stream, done=done)
 
         def after_generation(task: str, gen: int, children: list[TaskPath]) -> None:
             accepted = sum(bool(c.metrics["improved"]) for c in children)
@@ -409,6 +410,7 @@ class Run:
             evo.after_generation.remove(after_generation)
             if live_log:
                 live_log.close()
+            progress.close()
 
     def report(self) -> dict[str, Any]:
         """Writes ``summary.json`` and the per-task table; returns the summary."""

@@ -14,7 +14,7 @@ import datetime
 import json
 from collections.abc import Callable
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, TextIO
 
 import jinja2
 
@@ -22,7 +22,7 @@ from munet.errors import DataError
 from munet.model.components import get_kind, kind_of, list_kinds, slot_index
 from munet.reporting import figures
 from munet.reporting.history import describe_mutations, run_generation, run_history
-from munet.reporting.progress import format_seconds
+from munet.reporting.progress import Progress, format_seconds
 from munet.reporting.status import run_status, where
 from munet.reporting.table import averages
 from munet.storage.store import Store, atomic_write
@@ -133,9 +133,8 @@ def load_baselines(file: str | FsPath) -> list[dict[str, Any]]:
     return [{k: m[k] for k in keys} for m in methods]
 
 
-def render(data: dict[str, Any], progress: Callable[[str], None] | None = None) -> str:
-    """The HTML page of :func:`report_data`'s records; ``progress`` is told the name of each figure as it is
-    drawn."""
+def render(data: dict[str, Any], stream: TextIO | None = None) -> str:
+    """The HTML page of :func:`report_data`'s records, with the progress of drawing its figures on ``stream``."""
     tasks = data["tasks"]
     drawings: list[tuple[str, str, Callable[[], Any]]] = []
     if data["cells"]:
@@ -156,10 +155,14 @@ def render(data: dict[str, Any], progress: Callable[[str], None] | None = None) 
         drawings.append(("mutations", "Mutations: tried, accepted, effect",
                          lambda: figures.mutation_figure(data["history"]["mutations"])))
     images = {}
-    for name, _, draw in drawings:
-        if progress:
-            progress(name)
-        images[name] = figures.to_data_uri(draw())
+    progress = Progress(len(drawings), stream, unit="figure", quiet=None if stream else True)
+    try:
+        for name, _, draw in drawings:
+            progress.label = f"report: {name}"
+            images[name] = figures.to_data_uri(draw())
+            progress.advance()
+    finally:
+        progress.close()
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["acc"] = lambda v: "-" if v is None else f"{v:.4f}"
     env.filters["count"] = lambda v: "-" if v is None else f"{v:,.0f}"
@@ -175,11 +178,12 @@ def render(data: dict[str, Any], progress: Callable[[str], None] | None = None) 
 
 
 def write_report(run_dir: str | FsPath, out: str | FsPath | None = None, baselines_file: str | FsPath | None = None,
-                 progress: Callable[[str], None] | None = None) -> FsPath:
+                 stream: TextIO | None = None) -> FsPath:
     """Writes the report of the run in ``run_dir`` to ``out`` (default ``RUN/report.html``) and returns its path;
-    the store is only read, so this works while the run goes on."""
+    the store is only read, so this works while the run goes on. ``stream``: where to show progress (none: no
+    progress)."""
     target = FsPath(out) if out is not None else FsPath(run_dir) / REPORT_NAME
-    html = render(report_data(run_dir, baselines_file), progress)
+    html = render(report_data(run_dir, baselines_file), stream)
     atomic_write(target, html)
     return target
 

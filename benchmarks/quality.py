@@ -124,7 +124,7 @@ CONFIG_KEYS = set(RunConfig().to_dict())
 #: The configuration keys a baseline's training reads (evolution's keys reach it only through the images muNet
 #: processed, recorded as its ``validations``), so a change of evolution settings keeps baseline units valid.
 BASELINE_KEYS = ("root", "depth", "image_size", "batch_size", "steps_between_validations", "max_val_examples", "lr",
-                 "seed")
+                 "crop_area_min", "flip", "seed")
 
 
 def result_settings(cfg: RunConfig) -> dict[str, Any]:

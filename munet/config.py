@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from munet.errors import ConfigError
-from munet.evolution.hparams import MODEL_RANGES, MU_POLICIES
+from munet.evolution.hparams import DATA_RANGES, MODEL_RANGES, MU_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda")
 LOGS = ("", "tensorboard")
@@ -48,6 +48,12 @@ class RunConfig:
         validations: validations per child (training steps = the two multiplied).
         max_val_examples: size of the fixed validation subset.
         lr: the root path's ``opt_lr``, i.e. the learning rate children start from (one of the evolvable values).
+        crop_area_min: the root path's ``ds_area_range_min``: random crops keep at least this share of the image's
+            area (1.0: no crop; the spec's muNet default is 0.05); evolvable from there.
+        flip: the root path's ``ds_flip_left_right``: random horizontal flips (the spec's muNet default: on);
+            evolvable from there.
+        standardise_head: a new head reads ``(cls - mu) / sigma`` with statistics frozen from 256 training images
+            (munet's deviation, docs/design.md); ``false``: the spec's plain zero-initialised head on the class token.
         mutation_prob: μ (the initial μ for the evolved policies).
         clone_prob: probability of cloning (copying, then training) each frozen transformer block a child reuses
             (fixed policy), or its initial value (per_action, at most 0.3); the evolved policy draws it with its own
@@ -98,6 +104,9 @@ class RunConfig:
     validations: int = 3
     max_val_examples: int = 1000
     lr: float = 0.02
+    crop_area_min: float = 1.0
+    flip: bool = False
+    standardise_head: bool = True
     mutation_prob: float = 0.1
     clone_prob: float = 0.5
     mu_policy: str = "fixed"
@@ -145,6 +154,9 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr not in MODEL_RANGES["opt_lr"]:
             raise ConfigError(f"lr must be one of {MODEL_RANGES['opt_lr']}, got {self.lr}")
+        if self.crop_area_min not in DATA_RANGES["ds_area_range_min"]:
+            raise ConfigError(f"crop_area_min must be one of {DATA_RANGES['ds_area_range_min']}, got "
+                              f"{self.crop_area_min}")
         if self.mu_policy not in MU_POLICIES:
             raise ConfigError(f"mu_policy must be one of {list(MU_POLICIES)}, got {self.mu_policy!r}")
         if self.device not in DEVICES:

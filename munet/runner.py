@@ -124,6 +124,7 @@ def train_settings(cfg: RunConfig, device: torch.device) -> TrainSettings:
     """The training budget and options of one child of a run of ``cfg`` on ``device``."""
     return TrainSettings(batch_size=cfg.batch_size, max_steps_between_validations=cfg.steps_between_validations,
                          validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
+                         calibration_examples=TrainSettings.calibration_examples if cfg.standardise_head else 0,
                          autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
                          shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
                          stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
@@ -137,8 +138,8 @@ class Wiring:
     Args:
         cfg: the configuration.
         policy: the mutation policy; it holds the evolution's random stream, seeded by ``cfg.seed``.
-        hparams: the root path's hyperparameters (every path starts from them): the learning rate and the
-            policy's own.
+        hparams: the root path's hyperparameters (every path starts from them): the learning rate, the crop and
+            flip defaults and the policy's own.
         score: how paths are scored.
     """
 
@@ -150,7 +151,8 @@ class Wiring:
     @classmethod
     def of(cls, cfg: RunConfig) -> Wiring:
         policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob)
-        hparams: dict[str, Any] = {"opt_lr": cfg.lr}
+        hparams: dict[str, Any] = {"opt_lr": cfg.lr, "ds_area_range_min": cfg.crop_area_min,
+                                   "ds_flip_left_right": cfg.flip}
         policy.init_hparams(hparams)
         return cls(cfg, policy, hparams, ScoreConfig(cfg.scale_factor, cfg.compute_scale))
 

@@ -4,11 +4,26 @@ reproduces, what to expect and the exact command (big_vision style)."""
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from munet.config import RunConfig
 from munet.errors import ConfigError
 
 PRESETS = ("default", "smoke", "chars", "vdd")
+
+#: The muNet paper's loop, shared by its two benchmarks (spec §2-§5): every key whose offline default deviates is set
+#: back to the spec, so the ``chars`` and ``vdd`` presets inherit none of the offline default's deviations.
+PAPER_MUNET: dict[str, Any] = {
+    "max_image_size": 384,  # ds_image_size evolves over 16·i, i = 1..24 (§3)
+    "children_per_task": 64, "generation_size": 8, "rounds": 2,  # §4.1: 2 rounds x 64 children, 8 per generation
+    "lr": 0.01, "crop_area_min": 0.05, "flip": True,  # §3 defaults: lr 0.01, crops to >= 5 % of the area, flips
+    "standardise_head": False,  # §1.2: a plain zero-initialised head
+    "mutation_prob": 0.1, "clone_prob": 0.1, "mu_policy": "fixed",  # §2: every decision with μ = 0.1
+    "mutate_adapters": True, "inherit_momentum": False,  # §2 adapters on; muNet's optimiser state starts fresh
+    "max_seeds": 0, "separate_probes": False,  # §4.2: every other task's path and the root probed, in child slots
+    "probe_validations": 0, "accept_ties": False, "keep_diverged": True, "stop_margin": 0.0,  # §4.3
+    "max_task_population": 0, "scale_factor": 1.0, "compute_scale": 1.0,  # §4.3 no cap; §5 muNet: s = 1
+}
 
 
 def get_preset(name: str) -> RunConfig:

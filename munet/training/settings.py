@@ -26,7 +26,8 @@ class TrainSettings:
         max_val_examples: size of the fixed validation subset.
         eval_batch_size: batch size for evaluation and frozen-feature computation.
         clip_norm: global gradient-norm clip.
-        calibration_examples: training images used to freeze a new head's input statistics.
+        calibration_examples: training images used to freeze a new head's input statistics (0: none, so a new
+            head is the spec's plain zero-initialised linear head on the class token).
         device: torch device.
         autocast_bf16: run forward passes in bfloat16 autocast (CUDA only).
         inherit_momentum: µ2Net's optimiser-state inheritance: start each trainable component's momentum from

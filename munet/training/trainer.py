@@ -137,7 +137,7 @@ def train_generation(children: list[TaskPath], parent_scores: list[float], task:
     chance_loss = math.log(max(task.num_classes, 2))
     states = [ChildState(c, s) for c, s in zip(children, parent_scores)]
     for st in states:
-        if st.path.fresh_head:
+        if st.path.fresh_head and settings.calibration_examples:  # 0: the spec's plain head (mu 0, sigma 1)
             _calibrate_head(st.path, task, evaluator, size)
         st.path.set_mode(train=True)
         st.optimizer = make_optimizer(st.path.trainable_parameters(), st.path.hparams)

@@ -15,6 +15,7 @@ from munet.evolution.hparams import DATA_RANGES, MODEL_RANGES, MU_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda")
 LOGS = ("", "tensorboard")
+EXECUTORS = ("local", "ray")
 
 
 def generations_per_iteration(children_per_task: int, generation_size: int, separate_probes: bool) -> int:
@@ -85,6 +86,10 @@ class RunConfig:
         log: live metrics besides the terminal: ``tensorboard`` writes every child's validation curve, the
             acceptance decisions and each task's best accuracy as TensorBoard event files under ``OUT/tensorboard``
             (needs ``munet[tensorboard]``); empty: none.
+        executor: where children train: ``local`` (this process) or ``ray`` (one Ray task per child, needs
+            ``munet[ray]``); results are the same.
+        ray_address: the Ray cluster of ``executor = "ray"`` (what ``ray start --head`` prints); unset: the cluster
+            ``RAY_ADDRESS`` or a local ``ray start`` names, else a new Ray instance on this machine.
     """
 
     tasks: list[str] = field(default_factory=lambda: [
@@ -127,6 +132,8 @@ class RunConfig:
     feature_cache_mb: int = 2048
     shared_training: bool = True
     log: str = ""
+    executor: str = "local"
+    ray_address: str | None = None
 
     def validate(self) -> RunConfig:
         """Raises ConfigError naming the first value outside its allowed range; returns self."""
@@ -163,6 +170,11 @@ class RunConfig:
             raise ConfigError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if self.log not in LOGS:
             raise ConfigError(f"log must be one of {list(LOGS)} (empty: no live log), got {self.log!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
+        if self.ray_address and self.executor != "ray":
+            raise ConfigError(f"ray_address {self.ray_address!r} is set but executor is {self.executor!r}; add "
+                              "--executor ray")
         if self.image_size > self.max_image_size:
             raise ConfigError(f"image_size {self.image_size} exceeds max_image_size {self.max_image_size}")
         largest = 1024  # pixels; bounds the activations of a batch, which grow with the square of the image size

@@ -19,6 +19,7 @@ from munet import __version__
 from munet.config import RunConfig
 from munet.data.registry import load_task
 from munet.data.task import TaskData
+from munet.distributed.executor import make_executor
 from munet.errors import ConfigError, MunetError, TaskUnavailable
 from munet.evolution.hparams import MutationPolicy, check_image_sizes
 from munet.evolution.loop import Evolution
@@ -99,7 +100,8 @@ def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskDat
 
 # Keys that do not change results: a resumed run may set them anew (another device, a bigger cache); another thread
 # count, device or dtype may change the last digits, and a resumed run warns of it (Run._compare_runtime).
-OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_dir", "out", "shared_training", "log")
+OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_dir", "out", "shared_training", "executor",
+                    "ray_address", "log")
 
 
 def use_threads(threads: int) -> int:
@@ -178,7 +180,8 @@ class Wiring:
                          generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
                          mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
                          max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
-                         probe_validations=cfg.probe_validations)
+                         probe_validations=cfg.probe_validations,
+                         executor=make_executor(cfg.executor, cfg.ray_address, torch.get_num_threads()))
 
 
 class Run:

@@ -12,6 +12,7 @@ import torch
 
 from munet.config import generations_per_iteration
 from munet.data.task import TaskData
+from munet.distributed.executor import Executor, LocalExecutor
 from munet.evolution.hparams import (
     DATA_RANGES,
     DEFAULTS,
@@ -25,7 +26,6 @@ from munet.evolution.system import System
 from munet.model.path import TaskPath
 from munet.training.evaluate import Evaluator
 from munet.training.settings import TrainSettings
-from munet.training.trainer import train_generation
 
 log = logging.getLogger("munet")
 
@@ -77,6 +77,8 @@ class Evolution:
         separate_probes: probe the seeds in a generation of their own before the task's ``children_per_task``
             mutated children, instead of in the first children's slots (the spec); see :meth:`generations`.
         probe_validations: validation periods a probe of a separate probe generation trains (0: as a child).
+        executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
+            by default.
 
     Hooks (:class:`Hook` lists; append callbacks to them) run at fixed points of :meth:`step`:
 
@@ -89,7 +91,7 @@ class Evolution:
     def __init__(self, system: System, tasks: dict[str, TaskData], policy: MutationPolicy, settings: TrainSettings,
                  evaluator: Evaluator, *, children_per_task: int, generation_size: int, max_image_size: int,
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
-                 separate_probes: bool = False, probe_validations: int = 0):
+                 separate_probes: bool = False, probe_validations: int = 0, executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -102,6 +104,7 @@ class Evolution:
         self.separate_probes = separate_probes
         self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
                                if separate_probes and probe_validations else settings)
+        self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
         self.on_step: Hook = Hook()
@@ -202,8 +205,8 @@ class Evolution:
         to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
         self.before_training(task, gen, children, to_beat, ds)
         settings = self.probe_settings if probing else self.settings
-        outcomes = train_generation(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
-                                    self.system.score, state.generator, on_step=self.on_step)
+        outcomes = self.executor.train(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
+                                       self.system.scorer(), state.generator, on_step=self.on_step)
         self.after_training(task, gen, children, outcomes)
         for child, parent, beat, outcome in zip(children, parents, to_beat, outcomes):
             child.metrics.update(outcome.as_metrics(), generation=gen, iteration=self.iteration, parent=parent.id,

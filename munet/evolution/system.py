@@ -29,6 +29,25 @@ class ScoreConfig:
     reference_flops: float | None = None
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """Scores paths as their :class:`System` does (see :class:`ScoreConfig`), with its resolved references."""
+
+    cfg: ScoreConfig
+    reference_params: float
+    reference_flops: float
+
+    def __call__(self, path: TaskPath, quality: float | None = None) -> float:
+        """``path``'s score with its recorded validation quality, or with ``quality`` when given."""
+        quality = path.metrics.get("quality") if quality is None else quality
+        if quality is None:
+            return float("-inf")
+        score = quality * self.cfg.scale_factor ** (path.accounted_params() / self.reference_params)
+        if self.cfg.compute_scale != 1.0:
+            score *= self.cfg.compute_scale ** (path.flops() / self.reference_flops)
+        return score
+
+
 class System:
     """Population of paths over one root; owns the id counters so the same seed gives the same ids.
 
@@ -115,14 +134,11 @@ class System:
     def score(self, path: TaskPath, quality: float | None = None) -> float:
         """The path's score with its recorded validation quality, or with ``quality`` when given (a child being
         trained: its parameters and FLOPs are known before its quality is)."""
-        quality = path.metrics.get("quality") if quality is None else quality
-        if quality is None:
-            return float("-inf")
-        cfg = self.score_cfg
-        score = quality * cfg.scale_factor ** (path.accounted_params() / self.reference_params)
-        if cfg.compute_scale != 1.0:
-            score *= cfg.compute_scale ** (path.flops() / self.reference_flops)
-        return score
+        return self.scorer()(path, quality)
+
+    def scorer(self) -> Scorer:
+        """This system's scoring without the system (small and picklable: what a remote worker needs)."""
+        return Scorer(self.score_cfg, self.reference_params, self.reference_flops)
 
     def start_task(self, task: str) -> list[TaskPath]:
         """Unlocks ``task``'s components and returns the seed paths: other tasks' retained paths, newest first,

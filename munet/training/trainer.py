@@ -119,14 +119,10 @@ def train_generation(children: list[TaskPath], parent_scores: list[float], task:
     """
     if not settings.shared_training and len(children) > 1:
         start = generator.get_state()  # every child sees the batches and augmentations the generation would
-        longest, outcomes = (-1, start), []
-        for child, score in zip(children, parent_scores):
-            generator.set_state(start)
-            outcomes += train_generation([child], [score], task, ds_hparams, settings, evaluator, score_fn,
-                                         generator, on_step)
-            longest = max(longest, (outcomes[-1].steps, generator.get_state()), key=lambda t: t[0])
-        generator.set_state(longest[1])  # where lock-step training, which runs as long as its longest child, ends
-        return outcomes
+        alone = [train_alone(child, score, task, ds_hparams, settings, evaluator, score_fn, start, on_step)
+                 for child, score in zip(children, parent_scores)]
+        generator.set_state(stream_after(alone))
+        return [outcome for outcome, _ in alone]
     t0 = time.perf_counter()
     dev = settings.device
     size = ds_hparams["ds_image_size"]
@@ -193,6 +189,23 @@ def train_generation(children: list[TaskPath], parent_scores: list[float], task:
         st.path.set_mode(train=False)
         st.optimizer = st.snapshot = st.momentum = None
     return [outcomes[id(child)] for child in children]
+
+
+def train_alone(child: TaskPath, parent_score: float, task: TaskData, ds_hparams: dict[str, Any],
+                settings: TrainSettings, evaluator: Evaluator, score_fn: Callable[[TaskPath, float], float],
+                start: torch.Tensor, on_step: Callable[[int], None] | None = None) -> tuple[ChildOutcome, torch.Tensor]:
+    """Trains one child as :func:`train_generation` does, its random stream starting from the generator state
+    ``start``; returns its outcome and the stream's end state (for :func:`stream_after`)."""
+    generator = torch.Generator().set_state(start)
+    outcome, = train_generation([child], [parent_score], task, ds_hparams, settings, evaluator, score_fn, generator,
+                                on_step)
+    return outcome, generator.get_state()
+
+
+def stream_after(alone: list[tuple[ChildOutcome, torch.Tensor]]) -> torch.Tensor:
+    """The generator state after children trained one by one (:func:`train_alone`) from the same start: where
+    lock-step training, which runs as long as its longest child, would leave it (the first longest child's end)."""
+    return max(alone, key=lambda result: result[0].steps)[1]
 
 
 def _train_step(st: ChildState, prefix: Callable[[TaskPath], tuple[int, torch.Tensor]], yb: torch.Tensor, step: int,

@@ -237,8 +237,19 @@ def _tuple_state(state: list) -> tuple:
 
 # --- reading ----------------------------------------------------------------------------------------------------
 def root_from_store(store: Store) -> Root:
-    """The root rebuilt from its stored description and blobs, without its original source."""
-    rec = store.get("root")
+    """The root rebuilt from its stored description and blobs, without its original source.
+
+    Raises:
+        StoreError: the root cannot be rebuilt from its description, or its record is damaged.
+    """
+    try:
+        return _root_from_record(store, store.get("root"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a record that reads as JSON yet is not the root's
+        raise StoreError(f"the root record of {store.dir} is damaged ({type(err).__name__}: {err}); run `munet check "
+                         f"{store.dir}`") from err
+
+
+def _root_from_record(store: Store, rec: dict[str, Any]) -> Root:
     if rec["arch"] is None:
         raise StoreError(f"the root of {store.dir} ({rec['description']}) has an architecture munet cannot rebuild "
                          "from its description, so this operation needs it from its source")

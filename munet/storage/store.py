@@ -581,11 +581,15 @@ def _check_version(conn: sqlite3.Connection, db: FsPath, require_checkpoint: boo
     missing = set(_TABLES) - tables
     if missing:
         raise StoreError(f"{db} is incomplete: tables {', '.join(sorted(missing))} are missing")
-    if require_checkpoint and conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is None:
-        if _has_records(conn):
-            raise StoreError(_damaged_message(db))
+    if not require_checkpoint:
+        return
+    # the first checkpoint writes these records in one transaction: one without the others means damage
+    first = {r[0] for r in conn.execute("SELECT key FROM meta WHERE key IN ('checkpoint', 'config', 'root', 'plan')")}
+    if "checkpoint" not in first and not _has_records(conn):
         raise StoreError(f"{db} holds no checkpoint: the run's creation was interrupted; run the same `munet run` "
                          "again to start it afresh")
+    if len(first) < 4:
+        raise StoreError(_damaged_message(db))
 
 
 _TABLES = ("meta", "tasks", "paths", "components", "live")

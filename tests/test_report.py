@@ -131,6 +131,7 @@ def test_slot_order_is_forward_order():
 def test_report_of_a_run_in_progress(tmp_path, one_thread):
     cfg = tiny_config(tmp_path / "run")
     with Run.create(cfg, io.StringIO()) as run:
+        assert "No task has a retained path yet." in write_report(cfg.out).read_text()
         run.step()  # one generation of the first task iteration, saved; the run holds its store open for writing
         target = write_report(cfg.out)
         html = target.read_text()

@@ -120,8 +120,9 @@ def progress_figure(tasks: list[str], curves: dict[str, dict[str, list[tuple[int
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     top = axes[0].secondary_xaxis("top")
-    top.set_xticks([(start + end) / 2 for start, end, _ in iterations],
-                   [task for _, _, task in iterations], rotation=30, ha="left", fontsize=7)
+    named = iterations[::math.ceil(len(iterations) / 24) or 1]  # at most 24 names stay readable
+    top.set_xticks([(start + end) / 2 for start, end, _ in named], [task for _, _, task in named],
+                   rotation=30, ha="left", fontsize=7)
     top.tick_params(length=0)
     axes[-1].set_xlabel("generation (shaded bands: task iterations, named on top)")
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -126,10 +126,25 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import munet
+    from pathlib import Path
 
-    target = munet.load(args.run_dir).export(args.task, args.out, args.format)
-    print(f"exported {args.task} to {target} (with {target.parent / 'config.json'})")
+    import munet
+    from munet.reporting.progress import Progress
+
+    system = munet.load(args.run_dir)
+    if args.task != "all":
+        target = system.export(args.task, args.out, args.format)
+        print(f"exported {args.task} to {target} (with {target.parent / 'config.json'})")
+        return 0
+    progress = Progress(len(system.tasks), sys.stderr, unit="task")  # bar on stderr, a line per task on stdout
+    try:
+        for task in system.tasks:
+            progress.label = f"export {task}"
+            target = system.export(task, Path(args.out) / task, args.format)
+            progress.advance()
+            print(f"exported {task} to {target} (with {target.parent / 'config.json'})")
+    finally:
+        progress.close()
     return 0
 
 
@@ -209,7 +224,8 @@ def make_parser() -> argparse.ArgumentParser:
     ck_p.set_defaults(func=_cmd_check)
     ex_p = sub.add_parser("export", help="write one task's model as a self-contained directory")
     ex_p.add_argument("run_dir", help="run directory")
-    ex_p.add_argument("--task", required=True, help="the task to export")
+    ex_p.add_argument("--task", required=True, help="the task to export, or `all`: every task, each in its own "
+                      "directory OUT/TASK")
     ex_p.add_argument("--out", required=True, help="output directory (model file + config.json)")
     ex_p.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"], help="model file format")
     ex_p.set_defaults(func=_cmd_export)

@@ -63,3 +63,20 @@ def test_munet_quiet_run_prints_no_progress(tmp_path, capsys, one_thread):
     assert "gen 1/" in loud.out and "gen 1/" not in quiet.out + quiet.err
     assert "average test accuracy" in quiet.out  # the result is still printed
 
+
+
+def test_export_all_writes_every_task(tmp_path, capsys, one_thread):
+    import json
+
+    from conftest import make_run
+
+    import munet
+
+    make_run(tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--task", "all", "--out", str(tmp_path / "models")]) == 0
+    out = capsys.readouterr().out
+    system = munet.load(tmp_path / "run")
+    for task in ("a", "b"):
+        assert f"exported {task} to {tmp_path / 'models' / task / 'model.safetensors'}" in out
+        config = json.loads((tmp_path / "models" / task / "config.json").read_text())
+        assert config["source"]["path_id"] == system.path(task).id

@@ -64,8 +64,8 @@ def test_worker_killed_in_a_child_is_retried_and_changes_nothing(tmp_path, local
 
 
 def test_driver_killed_then_resumed_equals_the_local_run(tmp_path, ray_cluster, capsys):
-    """``munet run --executor ray`` SIGKILLed in the middle of a generation, then ``munet resume`` (which reconnects
-    to the cluster the run recorded) ends as the uninterrupted in-process run does."""
+    """``munet run --executor ray`` SIGKILLed in the middle of a generation, then ``munet resume`` on the cluster
+    ends as the uninterrupted in-process run does."""
     tasks = _write_tasks(tmp_path)
     assert main(_command(tasks, tmp_path / "ref")[3:]) == 0
     out = tmp_path / "run"
@@ -80,7 +80,8 @@ def test_driver_killed_then_resumed_equals_the_local_run(tmp_path, ray_cluster, 
     assert proc.returncode == -signal.SIGKILL
     with Store.open(out) as store:
         assert store.get("plan")["done"] < 2
-    done = subprocess.run([sys.executable, "-m", "munet", "resume", str(out)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "munet", "resume", str(out), "--ray-address", ray_cluster],
+                          capture_output=True, text=True,
                           timeout=300, env={**os.environ, **ONE_THREAD})
     assert done.returncode == 0, done.stdout + done.stderr
     assert _results(out) == _results(tmp_path / "ref")

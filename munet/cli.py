@@ -199,7 +199,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_p.set_defaults(func=_cmd_add_task)
     res_p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     res_p.add_argument("run_dir", help="run directory")
-    changeable = ("device", "threads", "feature_cache_mb", "data_dir", "log", "executor", "ray_address")
+    changeable = ("device", "threads", "feature_cache_mb", "data_cache_mb", "data_dir", "log", "executor",
+                  "ray_address")
     for key in changeable:  # the keys a resumed run may change
         res_p.add_argument("--" + key.replace("_", "-"), dest=f"cfg_{key}", default=None, metavar=key.upper())
     res_p.set_defaults(func=_cmd_resume)

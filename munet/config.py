@@ -79,7 +79,10 @@ class RunConfig:
             all cores). The count is recorded with the run: results may differ in the last digits between counts.
         out: output directory.
         data_dir: where online data sets are downloaded.
-        feature_cache_mb: memory bound of the frozen-feature cache.
+        feature_cache_mb: memory bound of the frozen-feature cache; a training set's features beyond it are computed
+            per batch, evaluation inputs beyond it are read and evaluated per batch.
+        data_cache_mb: memory bound of decoded images: a folder or ``.npz`` task whose images would exceed it is
+            read per batch, keeping what fits of this bound (shared by all such tasks); smaller tasks load whole.
         shared_training: train a generation's children in lock-step, computing each shared frozen prefix once;
             ``False`` trains them one after another (the official code's way). Results are the same; together with
             ``feature_cache_mb = 0`` it measures what sharing saves.
@@ -130,6 +133,7 @@ class RunConfig:
     out: str = "runs/default"
     data_dir: str = "data"
     feature_cache_mb: int = 2048
+    data_cache_mb: int = 1024
     shared_training: bool = True
     log: str = ""
     executor: str = "local"
@@ -148,7 +152,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb", "probe_validations", "threads"):
+        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb", "data_cache_mb",
+                     "probe_validations", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("scale_factor", "compute_scale"):

@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TextIO
 
+import torch
+
 from munet.config import RunConfig
+from munet.data.rows import ImageRows
 from munet.evolution.loop import Evolution
 from munet.runner import Wiring, load_inputs, resolve_device, task_order, train_settings, use_threads
 
@@ -65,10 +68,11 @@ def plan_run(cfg: RunConfig, stream: TextIO) -> Plan:
     """The plan of a run of ``cfg``: its root and tasks are loaded (unavailable tasks are reported on ``stream``
     and left out, as a run does), nothing is trained or written.
 
-    Memory estimates: the decoded images of every task; the evaluation inputs of the largest split at
-    ``max_image_size``; the frozen features of one task's whole training set, at the starting and the largest image
-    size; and the peak, an upper bound: decoded images, evaluation inputs, a full feature cache, plus one training
-    set's features at the largest size when they exceed the cache bound (they are then computed and dropped).
+    Memory estimates: the decoded images of every task held in memory, and the bound of those read per batch
+    (``data_cache_mb``, when any task is); the evaluation inputs of the largest split at ``max_image_size`` (up to
+    the feature cache bound: larger splits are evaluated per batch); the frozen features of one task's whole training
+    set, at the starting and the largest image size (beyond the bound they are computed per batch); and the peak, an
+    upper bound: decoded images, the image cache, evaluation inputs and a full feature cache.
     """
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -86,16 +90,20 @@ def plan_run(cfg: RunConfig, stream: TextIO) -> Plan:
 
     eval_rows = max(max(min(t.sizes["val"], cfg.max_val_examples), t.sizes["test"]) for t in task_plans)
     bound, largest = cfg.feature_cache_mb << 20, features(cfg.max_image_size)
+    images = [x for d in tasks.values() for x, _ in map(d.split, d.sizes())]
     memory = {
-        "decoded images": sum(x.numel() * x.element_size() for d in tasks.values() for x, _ in map(d.split, d.sizes())),
+        "decoded images": sum(x.numel() * x.element_size() for x in images if isinstance(x, torch.Tensor)),
+        "image cache bound (tasks read per batch)": (cfg.data_cache_mb << 20) * any(isinstance(x, ImageRows)
+                                                                                   for x in images),
         "root weights": sum(p.numel() * p.element_size() for p in root.model.parameters()),
-        "evaluation inputs": eval_rows * 3 * cfg.max_image_size ** 2 * FLOAT_BYTES,
+        "evaluation inputs": min(eval_rows * 3 * cfg.max_image_size ** 2 * FLOAT_BYTES, bound),
         "training-set features": features(cfg.image_size),
         "training-set features at max_image_size": largest,
         "feature cache bound": bound,
     }
-    held = memory["decoded images"] + memory["root weights"] + memory["evaluation inputs"]
-    memory["peak (upper bound)"] = held + bound + (largest if largest > bound else 0)
+    held = sum(memory[k] for k in ("decoded images", "image cache bound (tasks read per batch)", "root weights",
+                                    "evaluation inputs"))
+    memory["peak (upper bound)"] = held + bound
     return Plan(cfg, f"{root.description} [{root.source}]", str(device), threads, task_plans,
                 task_order(cfg.rounds, tasks), evo.generations(), probes, evo.probe_settings.validations, memory)
 

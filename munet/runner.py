@@ -18,6 +18,7 @@ import torch
 from munet import __version__
 from munet.config import RunConfig
 from munet.data.registry import load_task
+from munet.data.rows import set_data_cache_bytes
 from munet.data.task import TaskData
 from munet.distributed.executor import make_executor
 from munet.errors import ConfigError, MunetError, TaskUnavailable
@@ -95,13 +96,14 @@ def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskDat
     """The root and the tasks of ``cfg``; its image sizes are checked against the root before the tasks load."""
     root = load_root(cfg.root, cfg.depth or None)
     check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)
+    set_data_cache_bytes(cfg.data_cache_mb << 20)  # before loading: it decides which tasks are read per batch
     return root, load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
 
 
 # Keys that do not change results: a resumed run may set them anew (another device, a bigger cache); another thread
 # count, device or dtype may change the last digits, and a resumed run warns of it (Run._compare_runtime).
-OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_dir", "out", "shared_training", "executor",
-                    "ray_address", "log")
+OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_cache_mb", "data_dir", "out", "shared_training",
+                    "executor", "ray_address", "log")
 
 
 def use_threads(threads: int) -> int:

@@ -26,5 +26,5 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
         in text
     # per iteration (4 children x 4 steps + 2 probes x 2 steps) x 16 images; (4 x 2 + 2 x 1) x 40 validation images
     assert "images seen in all (estimate): 1,280 training + 1,600 validation = 2,880" in text
-    # 96 images x (1 + 25 x 25 tokens) x 32 dimensions x 4 bytes: above the 1 MB bound, so it counts in the peak
+    # 96 images x (1 + 25 x 25 tokens) x 32 dimensions x 4 bytes: above the 1 MB bound (computed per batch)
     assert "training-set features at max_image_size" in text and f"{96 * 626 * 32 * 4 / 2**20:,.1f} MB" in text

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from munet.data import glyphs, offline
+from munet.data.rows import ImageRows, select
 from munet.data.task import TaskData
 from munet.errors import DataError
 
@@ -102,9 +103,9 @@ def _class_subset(base: TaskData, classes: list[int], name: str) -> TaskData:
     remap = torch.full((base.num_classes,), -1, dtype=torch.int64)
     remap[torch.tensor(classes)] = torch.arange(len(classes))
 
-    def pick(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(x: torch.Tensor | ImageRows, y: torch.Tensor) -> tuple[torch.Tensor | ImageRows, torch.Tensor]:
         keep = remap[y] >= 0
-        return x[keep], remap[y[keep]]
+        return select(x, keep), remap[y[keep]]
 
     (trx, try_), (vax, vay), (tex, tey) = (pick(*base.split(s)) for s in ("train", "val", "test"))
     names = [base.class_names[c] for c in classes]

@@ -1,4 +1,4 @@
-"""The in-memory form of one classification task: uint8 images and int64 labels per split."""
+"""One classification task: uint8 images (in memory or read per batch) and int64 labels per split."""
 
 from __future__ import annotations
 
@@ -7,29 +7,32 @@ from dataclasses import dataclass
 
 import torch
 
+from munet.data.rows import ImageRows
+
 
 @dataclass
 class TaskData:
-    """One image-classification task, fully loaded.
+    """One image-classification task: its labels in memory, its images in memory or read per batch.
 
-    Images are stored as uint8 tensors ``(N, C, H, W)`` with ``C`` in {1, 3} at their stored resolution; the
-    augmentation / resizing code turns them into normalised float batches at the evolved image size.
+    Images are uint8 tensors ``(N, C, H, W)`` with ``C`` in {1, 3} at their stored resolution, or for data larger
+    than memory an :class:`~munet.data.rows.ImageRows` that reads them per batch (indexing either gives a uint8
+    tensor); the augmentation / resizing code turns them into normalised float batches at the evolved image size.
 
     Args:
         name: registry name of the task, e.g. ``"uci_digits"``.
         class_names: one name per class; label ``k`` means ``class_names[k]``.
-        train_x, val_x, test_x: uint8 images ``(N, C, H, W)``.
+        train_x, val_x, test_x: uint8 images ``(N, C, H, W)``, in memory or read per batch.
         train_y, val_y, test_y: int64 labels ``(N,)`` in ``[0, num_classes)``.
         description: one line saying where the data comes from.
     """
 
     name: str
     class_names: list[str]
-    train_x: torch.Tensor
+    train_x: torch.Tensor | ImageRows
     train_y: torch.Tensor
-    val_x: torch.Tensor
+    val_x: torch.Tensor | ImageRows
     val_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | ImageRows
     test_y: torch.Tensor
     description: str = ""
 
@@ -37,7 +40,7 @@ class TaskData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, which: str) -> tuple[torch.Tensor | ImageRows, torch.Tensor]:
         """Returns ``(images, labels)`` of ``"train"``, ``"val"`` or ``"test"``."""
         return {"train": (self.train_x, self.train_y), "val": (self.val_x, self.val_y),
                 "test": (self.test_x, self.test_y)}[which]

@@ -7,6 +7,7 @@ these messages are what a user sees when their data does not load.
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -16,12 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from munet.data.rows import FileRows, ImageRows, NpyRows, data_cache_bytes, image_layout, npz_members, select, to_nchw
 from munet.data.splits import stratified_split
 from munet.data.task import TaskData
 from munet.errors import DataError
 
 __all__ = ["DEFAULT_FOLDER_SIZE", "absolute_spec", "images_to_nchw_uint8", "load_image_folder", "load_npz",
            "pil_to_array", "stack_pil_images", "task_from_arrays"]
+
+log = logging.getLogger(__name__)
 
 #: Stored size when the images of a folder do not all share one size.
 DEFAULT_FOLDER_SIZE = 64
@@ -138,19 +142,7 @@ def images_to_nchw_uint8(x: np.ndarray, source: str) -> np.ndarray:
         DataError: on a wrong rank, channel count, dtype or value range.
     """
     x = np.asarray(x)
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4:
-        if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
-            pass
-        elif x.shape[-1] in (1, 3):
-            # Channels-last (also chosen for the ambiguous (N, 3, H, 3) case, the usual numpy/PIL layout).
-            x = x.transpose(0, 3, 1, 2)
-        else:
-            raise DataError(f"{source}: images of shape {x.shape} have no channel axis of size 1 or 3 "
-                            "(expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {{1, 3}})")
-    else:
-        raise DataError(f"{source}: images must have shape (N,H,W), (N,H,W,C) or (N,C,H,W); got {x.shape}")
+    x = to_nchw(x, image_layout(x.shape, source))
     if x.shape[0] == 0:
         raise DataError(f"{source}: no images (array shape {x.shape})")
     if min(x.shape[2:]) == 0:
@@ -195,7 +187,7 @@ def _labels_to_int64(y: np.ndarray, source: str) -> np.ndarray:
 
 def task_from_arrays(
     name: str,
-    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    splits: Mapping[str, tuple[np.ndarray | ImageRows, np.ndarray]],
     seed: int,
     class_names: Sequence[str] | None = None,
     description: str = "",
@@ -237,27 +229,27 @@ def task_from_arrays(
     if "all" in parts:
         x, y = parts.pop("all")
         tr, va, te = stratified_split(y, _AUTO_FRACTIONS, seed)
-        parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}
+        parts = {"train": (select(x, tr), y[tr]), "val": (select(x, va), y[va]), "test": (select(x, te), y[te])}
     if "train" not in parts:
         raise DataError(f"{source}: no training split")
     if "test" not in parts:
         x, y = parts["train"]
         tr, te = stratified_split(y, (1 - _AUTO_FRACTIONS[2], _AUTO_FRACTIONS[2]), seed)
-        parts["train"], parts["test"] = (x[tr], y[tr]), (x[te], y[te])
+        parts["train"], parts["test"] = (select(x, tr), y[tr]), (select(x, te), y[te])
     if "val" not in parts:
         x, y = parts["train"]
         # A different seed stream than the test carve, so the two carves are independent draws.
         tr, va = stratified_split(y, (1 - val_fraction, val_fraction), seed + 1)
-        parts["train"], parts["val"] = (x[tr], y[tr]), (x[va], y[va])
-    shapes = {k: v[0].shape[1:] for k, v in parts.items()}
+        parts["train"], parts["val"] = (select(x, tr), y[tr]), (select(x, va), y[va])
+    shapes = {k: tuple(v[0].shape[1:]) for k, v in parts.items()}
     if len(set(shapes.values())) != 1:
         raise DataError(f"{source}: splits have different image shapes (C, H, W): {shapes}")
     for k in ("train", "val", "test"):
         if len(parts[k][1]) == 0:
             raise DataError(f"{source}: the {k} split is empty (too few examples to split)")
 
-    def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    def t(a: np.ndarray | ImageRows, dtype: torch.dtype) -> torch.Tensor | ImageRows:
+        return a if isinstance(a, ImageRows) else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
     return TaskData(name=name, class_names=list(class_names),
                     train_x=t(parts["train"][0], torch.uint8), train_y=t(parts["train"][1], torch.int64),
@@ -296,9 +288,31 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def _read_class_tree(folder: Path, class_names: list[str] | None, exts: set[str]
-                     ) -> tuple[list[str], list[np.ndarray], np.ndarray]:
-    """Reads ``folder/<class>/*``; with ``class_names`` given, the folder's classes must be among them."""
+def _image_header(path: Path) -> tuple[tuple[int, int], bool]:
+    """``((height, width), grey)`` of an image file from its header alone (nothing decoded); grey is the file's
+    mode, so an RGB file of grey content counts as colour."""
+    try:
+        with Image.open(path) as img:
+            return (img.height, img.width), img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _lazy_images(files: Sequence[Path], image_size: int | Sequence[int] | None, default_size: int) -> FileRows:
+    """The files as a source decoded per batch, at the size and channels the in-memory loader would choose
+    (grey when every file's mode is grey, else RGB; the normalised inputs are the same either way)."""
+    headers = [_image_header(f) for f in files]
+    size = _size_tuple(image_size)
+    if size is None:
+        sizes = {s for s, _ in headers}
+        size = next(iter(sizes)) if len(sizes) == 1 else (default_size, default_size)
+    return FileRows(files, size, 1 if all(grey for _, grey in headers) else 3, _read_image, _resize_array)
+
+
+def _list_class_tree(folder: Path, class_names: list[str] | None, exts: set[str]
+                     ) -> tuple[list[str], list[Path], np.ndarray]:
+    """The image files of ``folder/<class>/*`` and their labels; with ``class_names`` given, the folder's classes
+    must be among them."""
     dirs = _class_dirs(folder)
     if not dirs:
         raise DataError(f"{folder}: no class sub-folders (expected one sub-folder of images per class)")
@@ -311,22 +325,20 @@ def _read_class_tree(folder: Path, class_names: list[str] | None, exts: set[str]
         unknown = sorted(set(names) - set(class_names))
         if unknown:
             raise DataError(f"{folder}: class folders {unknown} do not exist in the train split ({class_names})")
-    arrays: list[np.ndarray] = []
+    found: list[Path] = []
     labels: list[int] = []
     for d in dirs:
         files = _list_images(d, exts)
         if not files:
             raise DataError(f"{d}: class folder is empty (no readable image files with extensions like .png, .jpg)")
-        label = class_names.index(d.name)
-        for f in files:
-            arrays.append(_read_image(f))
-            labels.append(label)
-    return class_names, arrays, np.asarray(labels, dtype=np.int64)
+        found += files
+        labels += [class_names.index(d.name)] * len(files)
+    return class_names, found, np.asarray(labels, dtype=np.int64)
 
 
 def load_image_folder(path: str | Path, seed: int, name: str | None = None,
                       image_size: int | Sequence[int] | None = None,
-                      default_size: int = DEFAULT_FOLDER_SIZE) -> TaskData:
+                      default_size: int = DEFAULT_FOLDER_SIZE, lazy: bool | None = None) -> TaskData:
     """Loads a classification task from a folder of images.
 
     Layouts:
@@ -337,7 +349,9 @@ def load_image_folder(path: str | Path, seed: int, name: str | None = None,
 
     Class names are the sorted class-folder names. Images may be any format PIL reads (png, jpg, bmp, gif, tiff,
     webp, ...), in nested folders too; hidden files and files with other extensions are ignored. All images are
-    stored as grey, or as RGB when any image has colour, at one common size.
+    stored as grey, or as RGB when any image has colour, at one common size. A folder whose decoded images would
+    not fit the pixel budget (``data_cache_mb``, estimated from the first image) is decoded per batch
+    (:class:`~munet.data.rows.FileRows`); its images are then RGB unless every file is stored grey.
 
     Args:
         path: the folder.
@@ -346,6 +360,8 @@ def load_image_folder(path: str | Path, seed: int, name: str | None = None,
         image_size: stored size (int or ``(h, w)``); default the common size if all images share it, else
             ``default_size`` square.
         default_size: square size used when sizes differ and ``image_size`` is None.
+        lazy: decode per batch (True), all at once (False); None: per batch when the images would not fit the
+            pixel budget.
 
     Raises:
         DataError: missing folder, fewer than 2 classes, an empty class folder, an unreadable or corrupt image.
@@ -358,23 +374,28 @@ def load_image_folder(path: str | Path, seed: int, name: str | None = None,
     exts = _image_extensions()
     top = _class_dirs(root)
     split_dirs = {_SPLIT_DIRS[d.name.lower()]: d for d in top if d.name.lower() in _SPLIT_DIRS}
-    arrays: dict[str, list[np.ndarray]] = {}
+    files: dict[str, list[Path]] = {}
     labels: dict[str, np.ndarray] = {}
     if "train" in split_dirs and len(split_dirs) == len(top):
-        class_names, arrays["train"], labels["train"] = _read_class_tree(split_dirs["train"], None, exts)
+        class_names, files["train"], labels["train"] = _list_class_tree(split_dirs["train"], None, exts)
         for k in ("val", "test"):
             if k in split_dirs:
-                _, arrays[k], labels[k] = _read_class_tree(split_dirs[k], class_names, exts)
+                _, files[k], labels[k] = _list_class_tree(split_dirs[k], class_names, exts)
     else:
-        class_names, arrays["all"], labels["all"] = _read_class_tree(root, None, exts)
-    # Stack all splits together so they share one channel count and one stored size.
-    order = list(arrays)
-    stacked = stack_pil_images([a for k in order for a in arrays[k]], image_size, default_size)
-    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        class_names, files["all"], labels["all"] = _list_class_tree(root, None, exts)
+    # All splits together, so they share one channel count and one stored size.
+    order = list(files)
+    every = [f for k in order for f in files[k]]
+    if lazy is None:
+        first = _size_tuple(image_size) or _image_header(every[0])[0]
+        lazy = len(every) * 3 * first[0] * first[1] > data_cache_bytes()
+    stacked: np.ndarray | FileRows = (_lazy_images(every, image_size, default_size) if lazy else
+                                      stack_pil_images([_read_image(f) for f in every], image_size, default_size))
+    splits: dict[str, tuple[np.ndarray | ImageRows, np.ndarray]] = {}
     start = 0
     for k in order:
-        n = len(arrays[k])
-        splits[k] = (stacked[start:start + n], labels[k])
+        n = len(files[k])
+        splits[k] = (select(stacked, slice(start, start + n)), labels[k])
         start += n
     return task_from_arrays(name or root.resolve().name, splits, seed, class_names,
                             description=f"image folder {root}", source=str(root),
@@ -384,10 +405,28 @@ def load_image_folder(path: str | Path, seed: int, name: str | None = None,
 # ----------------------------------------------------------------------------------------------------------- npz
 
 _X_KEYS = ("x", "images")
+_SPLIT_X_KEYS = ("x_train", "x_val", "x_test")
 _Y_KEYS = ("y", "labels")
 
 
-def load_npz(path: str | Path, seed: int, name: str | None = None) -> TaskData:
+def _images_in_place(path: Path, lazy: bool | None) -> dict[str, NpyRows]:
+    """The image arrays of an ``.npz`` to read per batch, by key: uncompressed, C-ordered, uint8 members with
+    ``lazy``, or (``lazy`` None) when together they would not fit the pixel budget; none with ``lazy`` False."""
+    if lazy is False:
+        return {}
+    found = {k: v for k, v in npz_members(path).items() if k in _X_KEYS + _SPLIT_X_KEYS}
+    readable = {k: (offset, shape) for k, (offset, dtype, shape, fortran) in found.items()
+                if dtype == np.uint8 and not fortran and len(shape) in (3, 4) and shape[0] and min(shape[1:])}
+    if lazy is None and sum(int(np.prod(shape)) for _, shape in readable.values()) <= data_cache_bytes():
+        return {}
+    if lazy is None and len(readable) < len(found):
+        log.warning("%s: images stored compressed or not as uint8 are loaded whole; save them with np.savez as "
+                    "uint8 to read them per batch", path)
+    return {k: NpyRows(path, offset, shape, image_layout(shape, f"{path} [{k}]"))
+            for k, (offset, shape) in readable.items()}
+
+
+def load_npz(path: str | Path, seed: int, name: str | None = None, lazy: bool | None = None) -> TaskData:
     """Loads a classification task from a ``.npz`` file.
 
     Keys:
@@ -396,12 +435,16 @@ def load_npz(path: str | Path, seed: int, name: str | None = None) -> TaskData:
         * optional ``class_names``: a string array, one per class.
 
     Images are ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``C`` in {1, 3}, uint8 or float in [0, 1].
-    Labels are integer class indices ``0 .. K-1``. The file is read with ``allow_pickle=False``.
+    Labels are integer class indices ``0 .. K-1``. The file is read with ``allow_pickle=False``. Images that would
+    not fit the pixel budget (``data_cache_mb``) are read per batch, in place, when the file stores them
+    uncompressed as uint8 (``np.savez``, not ``np.savez_compressed``); see :class:`~munet.data.rows.NpyRows`.
 
     Args:
         path: the ``.npz`` file.
         seed: seeds the automatic splits.
         name: task name; default the file stem.
+        lazy: read the images per batch where the file allows (True), all at once (False); None: per batch when
+            they would not fit the pixel budget.
 
     Raises:
         DataError: missing or corrupt file, missing keys, image/label count mismatch, non-integer, negative or
@@ -411,13 +454,14 @@ def load_npz(path: str | Path, seed: int, name: str | None = None) -> TaskData:
     if not p.is_file():
         raise DataError(f"npz file {p} does not exist")
     try:
+        in_place = _images_in_place(p, lazy)
         with np.load(p, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
+            data: dict[str, np.ndarray | NpyRows] = {k: in_place[k] if k in in_place else f[k] for k in f.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read npz file {p}: {type(exc).__name__}: {exc} (object arrays are not allowed; "
                         "store class_names as a string array)") from exc
     src = str(p)
-    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pairs: dict[str, tuple[np.ndarray | NpyRows, np.ndarray]] = {}
     if "x_train" in data or "y_train" in data:
         for split in ("train", "val", "test"):
             xk, yk = f"x_{split}", f"y_{split}"
@@ -434,10 +478,10 @@ def load_npz(path: str | Path, seed: int, name: str | None = None) -> TaskData:
             raise DataError(f"{src}: missing keys: need 'x' (or 'images') and 'y' (or 'labels'), or "
                             f"x_train/y_train/x_test/y_test; found {sorted(data)}")
         pairs["all"] = (data[xk], data[yk])
-    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    splits: dict[str, tuple[np.ndarray | ImageRows, np.ndarray]] = {}
     for split, (x, y) in pairs.items():
         where = f"{src} [{split}]"
-        xs = images_to_nchw_uint8(x, where)
+        xs = x if isinstance(x, NpyRows) else images_to_nchw_uint8(x, where)
         ys = _labels_to_int64(y, where)
         if len(xs) != len(ys):
             raise DataError(f"{where}: {len(xs)} images but {len(ys)} labels (shape mismatch)")

@@ -74,7 +74,8 @@ class PackedComponent:
         return nbytes(self.state) + nbytes(self.momentum)
 
     def unpack(self, locks: set[str], device: torch.device, *, writable: bool) -> Component:
-        """The component on ``device``; ``writable``: its weights are copies (it will be trained), else views."""
+        """The component on ``device``; ``writable``: its weights are copies (it will be trained), else views. The
+        component's module is this skeleton, filled (unpack a packed component once)."""
         module = self.skeleton
         module.load_state_dict(to_tensors(self.state, writable=writable), assign=True)
         comp = Component(self.cid, self.name, module.to(device), locks, self.origin)
@@ -83,19 +84,22 @@ class PackedComponent:
         return comp
 
 
-_TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+_SPLIT_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 
 
 def pack_task(task: TaskData) -> TaskData:
-    """The task with numpy arrays in place of its tensors (shared zero-copy by an object store)."""
-    return dataclasses.replace(task, **{f: getattr(task, f).numpy() for f in _TENSOR_FIELDS})
+    """The task with numpy arrays in place of its in-memory tensors (shared zero-copy by an object store); images
+    read per batch from files stay as they are (each worker then reads them)."""
+    return dataclasses.replace(task, **{f: v.numpy() for f in _SPLIT_FIELDS
+                                        if isinstance(v := getattr(task, f), torch.Tensor)})
 
 
 def task_nbytes(task: TaskData) -> int:
     """Bytes of a packed task's arrays."""
-    return sum(getattr(task, f).nbytes for f in _TENSOR_FIELDS)
+    return nbytes({f: v for f in _SPLIT_FIELDS if isinstance(v := getattr(task, f), np.ndarray)})
 
 
 def unpack_task(task: TaskData) -> TaskData:
     """The inverse of :func:`pack_task` (tensors viewing the arrays; training only reads them)."""
-    return dataclasses.replace(task, **to_tensors({f: getattr(task, f) for f in _TENSOR_FIELDS}, writable=False))
+    arrays = {f: v for f in _SPLIT_FIELDS if isinstance(v := getattr(task, f), np.ndarray)}
+    return dataclasses.replace(task, **to_tensors(arrays, writable=False))

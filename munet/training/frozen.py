@@ -3,6 +3,7 @@ autograd, and their outputs are shared between children (same inputs, same compo
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -11,6 +12,7 @@ import torch
 from munet.model.path import TaskPath
 
 MIN_ROWS = 16  # see frozen_rows
+log = logging.getLogger(__name__)
 
 
 class FeatureCache:
@@ -23,6 +25,7 @@ class FeatureCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
+        self.refused: set[Hashable] = set()  # tags of data sets whose features were found not to fit
         self._items: OrderedDict[Hashable, torch.Tensor | RowStore] = OrderedDict()
 
     def get(self, key: Hashable) -> torch.Tensor | RowStore | None:
@@ -62,7 +65,8 @@ def frozen_rows(path: TaskPath, images: Callable[[torch.Tensor], torch.Tensor], 
                 cache: FeatureCache, tag: Hashable) -> tuple[int, torch.Tensor]:
     """Like :func:`frozen_forward` for rows ``idx`` of a fixed data set whose inputs are deterministic (training
     without augmentation): each example goes through each distinct frozen prefix once per run, however many
-    children and steps read it.
+    children and steps read it. When the data set's features would exceed the cache's bound they are computed for
+    the batch alone (recomputed at every step), never allocated for the whole set; the log says so once per set.
 
     Args:
         path: the path.
@@ -87,6 +91,13 @@ def frozen_rows(path: TaskPath, images: Callable[[torch.Tensor], torch.Tensor], 
         with torch.no_grad():
             out = path.forward(images(rows), stop=k)[: len(missing)]
         if store is None:
+            whole = num_rows * out[0].numel() * out.element_size()
+            if whole > cache.max_bytes:  # the batch's features are the answer; the next step computes its own
+                if tag not in cache.refused:
+                    cache.refused.add(tag)
+                    log.warning("frozen features of %s (%d MB) exceed feature_cache_mb (%d): computed per batch",
+                                tag, whole >> 20, cache.max_bytes >> 20)
+                return k, out
             store = RowStore(torch.empty(num_rows, *out.shape[1:], dtype=out.dtype, device=out.device))
             cache.put(key, store)
         store.values[missing] = out

@@ -163,7 +163,9 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise MunetError(f"cannot start or reach {where}: {err}; start a cluster with `ray start --head` "
-                                 "and pass the address it prints as --ray-address") from err
+                                 "and pass the address it prints as --ray-address; a cluster with token "
+                                 "authentication (Ray's default since 2.59) also needs RAY_AUTH_MODE=token and its "
+                                 "token (`ray get-auth-token` on the head) in RAY_AUTH_TOKEN") from err
         if self._remote is None:
             self._remote = ray.remote(train_child)
         return ray

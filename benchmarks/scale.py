@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, changes in ARMS.items():
                 if name in WORKERS:
                     t0 = time.perf_counter()
-                    ray.init(num_cpus=WORKERS[name], include_dashboard=False, logging_level="WARNING")
+                    ray.init(address="local", num_cpus=WORKERS[name], include_dashboard=False,
+                             logging_level="WARNING")
                     ray_start.append(time.perf_counter() - t0)
                 out = FsPath(tmp) / f"{name.replace(' ', '_').replace(',', '')}_{repeat}"
                 try:

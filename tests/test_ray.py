@@ -30,7 +30,7 @@ EXECUTOR_KEYS = ("executor", "ray_address")
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for every test of the session (starting one takes seconds)."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")  # never a running one
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

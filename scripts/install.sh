@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,export,ray]"  # export: onnxruntime, for the ONNX export test; ray: the
-# Ray executor tests
+[ "${1:-}" = "--test" ] && extras="[test,export,ray,online]"  # export: onnxruntime, for the ONNX export test; ray:
+# the Ray executor tests; online: Hugging Face datasets, for the test of datasets read per batch
 
 # Debian packages: the Fashion-MNIST data, and for the tests Chromium (the report's browser test); one apt-get update
 apt=()

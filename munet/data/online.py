@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from munet.data.rows import HFRows, data_cache_bytes
 from munet.data.splits import stratified_split
 from munet.data.task import TaskData
-from munet.data.user import images_to_nchw_uint8, pil_to_array, stack_pil_images, task_from_arrays
+from munet.data.user import (
+    image_header,
+    images_to_nchw_uint8,
+    lazy_geometry,
+    pil_to_array,
+    resize_array,
+    stack_pil_images,
+    task_from_arrays,
+)
 from munet.errors import DataError
 
 __all__ = ["load_hf", "load_torchvision", "parse_torchvision_name"]
@@ -256,24 +267,57 @@ def _detect_columns(split: Any, image_column: str | None, label_column: str | No
     return image_column, label_column, (list(names) if names else None)
 
 
-def _hf_split_to_arrays(split: Any, image_column: str, label_column: str, source: str
-                        ) -> tuple[list[np.ndarray], np.ndarray]:
-    images = split[image_column]
+def _hf_labels(split: Any, label_column: str, source: str) -> np.ndarray:
+    """The split's labels, checked: 1-D non-negative integer class indices."""
     labels = np.asarray(split[label_column])
-    if len(images) != len(labels):
-        raise DataError(f"{source}: {len(images)} images but {len(labels)} labels")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{source}: label column '{label_column}' must hold integer class indices, got {labels.dtype}")
     if len(labels) and labels.min() < 0:
         raise DataError(f"{source}: label column '{label_column}' holds negative labels (unlabelled examples?)")
-    return [_item_to_array(im, f"{source} row {i}") for i, im in enumerate(images)], labels.astype(np.int64)
+    return labels.astype(np.int64)
+
+
+def _hf_split_to_arrays(split: Any, image_column: str, label_column: str, source: str
+                        ) -> tuple[list[np.ndarray], np.ndarray]:
+    images = split[image_column]
+    labels = _hf_labels(split, label_column, source)
+    if len(images) != len(labels):
+        raise DataError(f"{source}: {len(images)} images but {len(labels)} labels")
+    return [_item_to_array(im, f"{source} row {i}") for i, im in enumerate(images)], labels
+
+
+def _hf_readable_per_batch(split: Any, image_column: str) -> bool:
+    """Whether a split can be read per batch: a ``datasets.Dataset`` whose image column is an HF ``Image``."""
+    features: Mapping[str, Any] = getattr(split, "features", None) or {}
+    return hasattr(split, "cast_column") and type(features.get(image_column)).__name__ == "Image"
+
+
+def _hf_rows(splits: Mapping[str, tuple[str, Any]], image_column: str, image_size: int | Sequence[int] | None
+             ) -> dict[str, HFRows]:
+    """Each split (key -> (name, dataset)) as images decoded per batch, at one size and channel count found from
+    the image headers (read through the undecoded column, a thousand rows at a time)."""
+    datasets = importlib.import_module("datasets")
+    headers = []
+    for name, split in splits.values():
+        raw = split.cast_column(image_column, datasets.Image(decode=False))
+        for batch in raw.iter(batch_size=1000):
+            for item in batch[image_column]:
+                source = io.BytesIO(item["bytes"]) if item.get("bytes") else Path(item["path"])
+                headers.append(image_header(source, f"{name}: {item.get('path') or 'an image'}"))
+    size, channels = lazy_geometry(headers, image_size)
+    return {key: HFRows(split, image_column, size, channels, partial(_item_to_array, source=name), resize_array, name)
+            for key, (name, split) in splits.items()}
 
 
 def load_hf(name: Any, seed: int, train_split: str = "train", val_split: str | None = None,
             test_split: str | None = None, image_column: str | None = None, label_column: str | None = None,
             val_fraction: float = DEFAULT_VAL_FRACTION, image_size: int | Sequence[int] | None = None,
-            cache_dir: str | None = None) -> TaskData:
+            cache_dir: str | None = None, lazy: bool | None = None) -> TaskData:
     """Loads an image-classification dataset from the Hugging Face hub (or an already loaded ``DatasetDict``).
+
+    A dataset whose decoded images would not fit the pixel budget (``data_cache_mb``, estimated from the first
+    image) is decoded per batch from its Arrow files (:class:`~munet.data.rows.HFRows`), when its image column is an
+    HF ``Image`` feature.
 
     Args:
         name: hub id such as ``"mnist"`` or ``"user/name:config"``; or a ``DatasetDict``-like mapping of split name
@@ -287,6 +331,8 @@ def load_hf(name: Any, seed: int, train_split: str = "train", val_split: str | N
         val_fraction: share of train carved for validation when there is no validation split.
         image_size: stored size when images differ in size (default: common size, else 64).
         cache_dir: passed to ``datasets.load_dataset``.
+        lazy: decode per batch (True, where the dataset allows), all at once (False); None: per batch when the
+            images would not fit the pixel budget.
 
     Raises:
         DataError: ``datasets`` not installed, download failure, missing splits or columns, bad labels.
@@ -317,15 +363,23 @@ def load_hf(name: Any, seed: int, train_split: str = "train", val_split: str | N
             raise DataError(f"{tag}: no split '{s}'; available splits: {available}")
     image_column, label_column, class_names = _detect_columns(dsd[train_split], image_column, label_column, tag)
     wanted = {"train": train_split, "val": val_split, "test": test_split}
-    arrays: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
-    for key, split in wanted.items():
-        if split is None:
-            continue
-        if key != "train":
+    for key, split in list(wanted.items()):
+        if split is not None and key != "train":
             labels = np.asarray(dsd[split][label_column])
             if len(labels) and np.issubdtype(labels.dtype, np.integer) and (labels < 0).all():
-                continue  # an unlabelled (-1) evaluation split, e.g. a hidden test set: carve from train instead
-        arrays[key] = _hf_split_to_arrays(dsd[split], image_column, label_column, f"{tag} [{split}]")
+                wanted[key] = None  # an unlabelled (-1) evaluation split, e.g. a hidden test set: carve from train
+    present = {key: (f"{tag} [{split}]", dsd[split]) for key, split in wanted.items() if split is not None}
+    readable = all(_hf_readable_per_batch(split, image_column) for _, split in present.values())
+    if lazy is None and readable:
+        first = _item_to_array(dsd[train_split][0][image_column], tag).shape[:2]
+        lazy = sum(len(split) for _, split in present.values()) * 3 * first[0] * first[1] > data_cache_bytes()
+    if lazy and readable:
+        rows = _hf_rows(present, image_column, image_size)
+        return task_from_arrays(tag, {key: (rows[key], _hf_labels(split, label_column, name))
+                                      for key, (name, split) in present.items()}, seed, class_names,
+                                description=f"Hugging Face dataset {tag[3:]}", source=tag, val_fraction=val_fraction)
+    arrays = {key: _hf_split_to_arrays(split, image_column, label_column, name)
+              for key, (name, split) in present.items()}
     order = list(arrays)
     stacked = stack_pil_images([a for k in order for a in arrays[k][0]], image_size)
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -12,6 +12,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -22,8 +23,8 @@ from munet.data.splits import stratified_split
 from munet.data.task import TaskData
 from munet.errors import DataError
 
-__all__ = ["DEFAULT_FOLDER_SIZE", "absolute_spec", "images_to_nchw_uint8", "load_image_folder", "load_npz",
-           "pil_to_array", "stack_pil_images", "task_from_arrays"]
+__all__ = ["DEFAULT_FOLDER_SIZE", "absolute_spec", "image_header", "images_to_nchw_uint8", "lazy_geometry",
+           "load_image_folder", "load_npz", "pil_to_array", "resize_array", "stack_pil_images", "task_from_arrays"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def pil_to_array(img: Image.Image, source: str) -> np.ndarray:
     return rgb
 
 
-def _resize_array(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_array(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a uint8 ``(H, W[, 3])`` array to ``size=(h, w)`` (PIL filters antialias when shrinking)."""
     if arr.shape[:2] == size:
         return arr
@@ -125,7 +126,7 @@ def stack_pil_images(arrays: Sequence[np.ndarray], image_size: int | Sequence[in
     colour = any(a.ndim == 3 for a in arrays)
     out = np.empty((len(arrays), 3 if colour else 1, *size), dtype=np.uint8)
     for i, a in enumerate(arrays):
-        a = _resize_array(a, size)
+        a = resize_array(a, size)
         out[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
     return out
 
@@ -288,25 +289,31 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def _image_header(path: Path) -> tuple[tuple[int, int], bool]:
+def image_header(source: Path | BinaryIO, name: str) -> tuple[tuple[int, int], bool]:
     """``((height, width), grey)`` of an image file from its header alone (nothing decoded); grey is the file's
-    mode, so an RGB file of grey content counts as colour."""
+    mode, so an RGB file of grey content counts as colour.
+
+    Args:
+        source: the file, or its bytes as a file object.
+        name: the file's name in error messages.
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             return (img.height, img.width), img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
 
 
-def _lazy_images(files: Sequence[Path], image_size: int | Sequence[int] | None, default_size: int) -> FileRows:
-    """The files as a source decoded per batch, at the size and channels the in-memory loader would choose
-    (grey when every file's mode is grey, else RGB; the normalised inputs are the same either way)."""
-    headers = [_image_header(f) for f in files]
+def lazy_geometry(headers: Sequence[tuple[tuple[int, int], bool]], image_size: int | Sequence[int] | None,
+                  default_size: int = DEFAULT_FOLDER_SIZE) -> tuple[tuple[int, int], int]:
+    """``((height, width), channels)`` of images read per batch, from their :func:`image_header`: the size the
+    in-memory loaders choose (``image_size``, else the common size, else ``default_size``), grey when every image is
+    stored grey, else RGB (grey images then repeat to 3 channels: the normalised inputs are the same either way)."""
     size = _size_tuple(image_size)
     if size is None:
         sizes = {s for s, _ in headers}
         size = next(iter(sizes)) if len(sizes) == 1 else (default_size, default_size)
-    return FileRows(files, size, 1 if all(grey for _, grey in headers) else 3, _read_image, _resize_array)
+    return size, 1 if all(grey for _, grey in headers) else 3
 
 
 def _list_class_tree(folder: Path, class_names: list[str] | None, exts: set[str]
@@ -387,10 +394,13 @@ def load_image_folder(path: str | Path, seed: int, name: str | None = None,
     order = list(files)
     every = [f for k in order for f in files[k]]
     if lazy is None:
-        first = _size_tuple(image_size) or _image_header(every[0])[0]
+        first = _size_tuple(image_size) or image_header(every[0], str(every[0]))[0]
         lazy = len(every) * 3 * first[0] * first[1] > data_cache_bytes()
-    stacked: np.ndarray | FileRows = (_lazy_images(every, image_size, default_size) if lazy else
-                                      stack_pil_images([_read_image(f) for f in every], image_size, default_size))
+    if lazy:
+        size, channels = lazy_geometry([image_header(f, str(f)) for f in every], image_size, default_size)
+        stacked: np.ndarray | FileRows = FileRows(every, size, channels, _read_image, resize_array)
+    else:
+        stacked = stack_pil_images([_read_image(f) for f in every], image_size, default_size)
     splits: dict[str, tuple[np.ndarray | ImageRows, np.ndarray]] = {}
     start = 0
     for k in order:

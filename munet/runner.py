@@ -251,6 +251,9 @@ class Run:
         out = FsPath(run_dir)
         with contextlib.ExitStack() as on_error:
             store = on_error.enter_context(store_class.open(out, write=True))  # closed if opening fails
+            # blobs of a checkpoint killed between its commit and its clean-up (we hold the run's lock, so no
+            # other writer's blobs are in flight); without this a run killed there and then complete keeps them
+            store.collect_garbage()
             stored = RunConfig.from_stored(store.get("config")).replace(out=str(out))
             cfg = stored.replace(**overrides)
             if add is None:

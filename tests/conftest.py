@@ -102,8 +102,8 @@ class Crash(Exception):
 
 def crashing_store(point: str, nth: int, keep_on_failure: bool = False) -> type[Store]:
     """A :class:`Store` class that raises :class:`Crash` the ``nth`` time a store of it reaches crash point ``point``
-    (``"blob"`` or ``"commit"``); ``keep_on_failure``: a failed creation leaves its files, as a killed process
-    does."""
+    (``"blob"``, ``"commit"`` or ``"collect"``); ``keep_on_failure``: a failed creation leaves its files, as a
+    killed process does."""
 
     class CrashingStore(Store):
         seen = 0  # across the stores of this class, as across one process's

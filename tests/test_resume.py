@@ -89,6 +89,29 @@ def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path):
     assert dump(out) == dump(tmp_path / "ref")
 
 
+def test_run_killed_after_its_last_commit_is_cleaned_by_resume(tmp_path):
+    """A kill between the last checkpoint's commit and its clean-up leaves a complete run with orphaned blobs;
+    opening it again removes them, so the store equals the uninterrupted one."""
+    settings = {"seed": 0, "mutation_prob": 0.4}  # a seed whose last checkpoint drops a component
+
+    class Counting(Store):
+        collects = 0
+
+        def crash_point(self, name: str) -> None:
+            type(self).collects += name == "collect"
+
+    make_run(tmp_path / "ref", Counting, **settings)
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        make_run(out, crashing_store("collect", Counting.collects), **settings)
+    with Store.open(out) as store:
+        plan, referenced = store.get("plan"), store.referenced_blobs()
+    assert plan["done"] == len(plan["order"])  # complete: nothing left for a checkpoint to clean
+    assert {p.stem for p in (out / BLOB_DIR).glob("*.safetensors")} - referenced  # orphans to remove
+    make_run(out, **settings)
+    assert dump(out) == dump(tmp_path / "ref")
+
+
 def test_opening_an_existing_run_refuses_changes_and_releases_it(tmp_path):
     """`run` on a directory made with another configuration, `resume` with a result-affecting change and
     `add-task` of a task the run has are refused, and the refused opening leaves the run free to open."""

@@ -463,6 +463,7 @@ class Store:
     def collect_garbage(self) -> int:
         """Deletes blobs no component references and temporary files of interrupted writes; returns the count."""
         self._require_write()
+        self.crash_point("collect")
         keep = self.referenced_blobs()
         removed = 0
         for path in (self.dir / BLOB_DIR).iterdir():

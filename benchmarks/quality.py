@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("munet", "baselines"),
                         help="run only these units and write no report (to split the units between two processes; "
                              "a final run without --only reuses every finished unit and writes the report)")
+    parser.add_argument("--units", help="comma-separated muNet units to run (as --plan names them), skipping the "
+                                        "other unfinished muNet units (e.g. the seeds before the longer budgets)")
     args = parser.parse_args(argv)
 
     mode = load_mode(args.mode)
@@ -576,8 +578,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - t_start:.0f} s)", flush=True)
         return finished[unit]
 
+    chosen = set(args.units.split(",")) if args.units else None
     for entry in runs if args.only != "baselines" else []:
-        munet_result(entry)
+        if chosen is None or entry[0] in chosen:
+            munet_result(entry)
     runner = BaselineRunner(cfg, tasks)
     skipped: list[str] = []
     baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> per task

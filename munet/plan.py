@@ -11,6 +11,7 @@ import torch
 
 from munet.config import RunConfig
 from munet.data.rows import ImageRows
+from munet.data.task import TaskData
 from munet.evolution.loop import Evolution
 from munet.runner import Wiring, load_inputs, resolve_device, task_order, train_settings, use_threads
 
@@ -88,7 +89,11 @@ def plan_run(cfg: RunConfig, stream: TextIO) -> Plan:
         tokens = 1 + (size // root.patch_size) ** 2
         return max(t.sizes["train"] for t in task_plans) * tokens * root.embed_dim * FLOAT_BYTES
 
-    eval_rows = max(max(min(t.sizes["val"], cfg.max_val_examples), t.sizes["test"]) for t in task_plans)
+    def evaluation_inputs(data: TaskData, plan: TaskPlan) -> int:  # the largest split's, at max_image_size
+        rows = max(min(plan.sizes["val"], cfg.max_val_examples), plan.sizes["test"])
+        held = rows * 3 * cfg.max_image_size ** 2 * FLOAT_BYTES
+        return min(held, bound) if isinstance(data.test_x, ImageRows) else held  # beyond: evaluated per batch
+
     bound, largest = cfg.feature_cache_mb << 20, features(cfg.max_image_size)
     images = [x for d in tasks.values() for x, _ in map(d.split, d.sizes())]
     memory = {
@@ -96,7 +101,7 @@ def plan_run(cfg: RunConfig, stream: TextIO) -> Plan:
         "image cache bound (tasks read per batch)": (cfg.data_cache_mb << 20) * any(isinstance(x, ImageRows)
                                                                                    for x in images),
         "root weights": sum(p.numel() * p.element_size() for p in root.model.parameters()),
-        "evaluation inputs": min(eval_rows * 3 * cfg.max_image_size ** 2 * FLOAT_BYTES, bound),
+        "evaluation inputs": max(evaluation_inputs(data, plan) for data, plan in zip(tasks.values(), task_plans)),
         "training-set features": features(cfg.image_size),
         "training-set features at max_image_size": largest,
         "feature cache bound": bound,

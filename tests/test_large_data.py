@@ -4,6 +4,7 @@ results; frozen features beyond the feature cache are computed per batch; peak m
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -184,3 +185,18 @@ def test_peak_memory_of_ten_times_the_images_read_per_batch_stays_within_the_bou
     # loaded whole, the 7,200 more images alone would add 88 MB; read per batch they add at most half of that
     grown = pair["large"]["peak_rss_mb"] - pair["small"]["peak_rss_mb"]
     assert grown < 0.5 * 7200 * 3 * 64 * 64 / 2**20
+
+
+def test_dry_run_plan_counts_the_image_cache_bound_for_tasks_read_per_batch(tmp_path: Path) -> None:
+    from munet.config import RunConfig
+    from munet.plan import plan_run
+
+    spec = _npz_of(make_task("a", 3, seed=1), tmp_path / "a.npz")
+    cfg = RunConfig(tasks=[spec], root="random:munet_tiny", depth=3, image_size=8, max_image_size=12, device="cpu",
+                    out=str(tmp_path / "run"), data_cache_mb=0, feature_cache_mb=0)
+    memory = plan_run(cfg, io.StringIO()).memory
+    assert memory["decoded images"] == 0 and memory["evaluation inputs"] == 0  # read and evaluated per batch
+    clear_cache()
+    loaded = plan_run(cfg.replace(data_cache_mb=1), io.StringIO()).memory  # 192 x 12 x 12 images fit 1 MB
+    assert loaded["decoded images"] == 192 * 12 * 12 and loaded["image cache bound (tasks read per batch)"] == 0
+    assert loaded["evaluation inputs"] == 48 * 3 * 12 * 12 * 4

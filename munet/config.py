@@ -16,6 +16,7 @@ from munet.evolution.hparams import DATA_RANGES, MODEL_RANGES, MU_POLICIES
 DEVICES = ("auto", "cpu", "cuda")
 LOGS = ("", "tensorboard")
 EXECUTORS = ("local", "ray")
+SCHEDULES = ("round_robin", "agents")
 
 
 def generations_per_iteration(children_per_task: int, generation_size: int, separate_probes: bool) -> int:
@@ -25,7 +26,7 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 
 #: Values of keys added after runs were first stored, as munet behaved before each key existed.
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
-                                       "stop_margin": 0.0, "keep_diverged": False}
+                                       "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin"}
 
 
 @dataclass
@@ -43,7 +44,10 @@ class RunConfig:
         compute_scale: s_c of µ2Net+'s compute term ``· s_c^(flops/F)``; 1 disables it.
         children_per_task: children sampled per task iteration.
         generation_size: children trained together on the same batches.
-        rounds: round-robin passes over the tasks.
+        rounds: round-robin passes over the tasks (with ``schedule = "agents"``: each agent's cycles).
+        schedule: ``round_robin`` (one task iteration after another, deterministic) or ``agents`` (µ3Net: one
+            agent per task, running concurrently as local processes, or Ray actors with ``executor = "ray"``; each
+            reads the others' latest published paths before its cycles, so results depend on timing).
         batch_size: training batch size.
         steps_between_validations: maximum training steps between two validations.
         validations: validations per child (training steps = the two multiplied).
@@ -107,6 +111,7 @@ class RunConfig:
     children_per_task: int = 8
     generation_size: int = 1
     rounds: int = 1
+    schedule: str = "round_robin"
     batch_size: int = 64
     steps_between_validations: int = 20
     validations: int = 3
@@ -177,6 +182,8 @@ class RunConfig:
             raise ConfigError(f"log must be one of {list(LOGS)} (empty: no live log), got {self.log!r}")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.ray_address and self.executor != "ray":
             raise ConfigError(f"ray_address {self.ray_address!r} is set but executor is {self.executor!r}; add "
                               "--executor ray")

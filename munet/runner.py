@@ -333,7 +333,8 @@ class Run:
         """The system of the store's last checkpoint, rebuilt on ``root`` (which must be the run's), with the
         checkpoint's position (applied by :meth:`setup` once the evolution exists)."""
         root.posembed_resize = stored_posembed_resize(self.store)  # new image sizes resize as the run always did
-        system, checkpoint = load_checkpoint(self.store, root, self.cfg.image_size, score, extra_hparams)
+        system, checkpoint = load_checkpoint(self.store, root, self.cfg.image_size, score, extra_hparams,
+                                             verify_digest=self.cfg.schedule != "agents")
         verify_root(self.store, root, system)
         return system, checkpoint
 
@@ -345,6 +346,13 @@ class Run:
             meta.update(config=self.cfg.to_dict(), munet_version=__version__, runtime=self.runtime)
             if self.store.get("root") is None:
                 meta.update(root=root_record(self.system.root, self.system), created_at=time.time())
+        if self.cfg.schedule == "agents" and not self.finished and self.store.get("checkpoint") is not None:
+            # the agents' components are not in the driver's system until it merges their publications at the end:
+            # a checkpoint now would delete them; only the session's records are written
+            with self.store.transaction():
+                for key, value in meta.items():
+                    self.store.put(key, value)
+            return
         save_checkpoint(self.store, self.state, sampled, meta, self.tasks if first else None)
 
     # --- training -------------------------------------------------------------------------------------------------
@@ -389,6 +397,11 @@ class Run:
         missing = [t for t in state.plan[state.done:] if t not in self.tasks]
         if missing:
             raise MunetError(f"cannot go on: task(s) {', '.join(sorted(set(missing)))} of this run are unavailable")
+        if self.cfg.schedule == "agents":
+            from munet.distributed.agents import run_agents  # it builds on this module: imported when needed
+
+            run_agents(self)
+            return
         done = 0
         if state.in_flight is not None:  # generations finished before the interruption
             per_generation = self.cfg.generation_size * evo.steps_per_child(state.in_flight.task)

@@ -155,17 +155,7 @@ class RayExecutor:
         self._tasks: dict[str, Any] = {}  # task name -> object ref
 
     def _ray(self) -> Any:
-        import ray
-
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.address, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-                raise MunetError(f"cannot start or reach {where}: {err}; start a cluster with `ray start --head` "
-                                 "and pass the address it prints as --ray-address; a cluster with token "
-                                 "authentication (Ray's default since 2.59) also needs RAY_AUTH_MODE=token and its "
-                                 "token (`ray get-auth-token` on the head) in RAY_AUTH_TOKEN") from err
+        ray = connect_ray(self.address)
         if self._remote is None:
             self._remote = ray.remote(train_child)
         return ray
@@ -244,6 +234,26 @@ class RayExecutor:
         traffic.driver_s += time.perf_counter() - t0
         self.traffic.append(traffic)
         return [r.outcome for r in ordered]
+
+
+def connect_ray(address: str | None) -> Any:
+    """The ``ray`` module, connected to the cluster at ``address`` (or a new local instance) unless it already is.
+
+    Raises:
+        MunetError: the cluster cannot be reached or started; the message says how to fix it.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise MunetError(f"cannot start or reach {where}: {err}; start a cluster with `ray start --head` "
+                             "and pass the address it prints as --ray-address; a cluster with token "
+                             "authentication (Ray's default since 2.59) also needs RAY_AUTH_MODE=token and its "
+                             "token (`ray get-auth-token` on the head) in RAY_AUTH_TOKEN") from err
+    return ray
 
 
 def _load(child: TaskPath, result: ChildResult) -> None:

@@ -30,7 +30,7 @@ from munet.model.components import Component, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.vitarch import build_vit, check_rebuild, describe_vit
-from munet.storage.store import ComponentRecord, Store, blob_bytes
+from munet.storage.store import ComponentRecord, LivePathRecord, Store, blob_bytes
 
 
 @dataclass
@@ -180,15 +180,8 @@ def save_checkpoint(store: Store, run: RunState, sampled: list[dict[str, Any]] |
     for path, _, _ in live.values():
         comps.update({c.id: c for c in path.components.values()})
     known = store.component_ids()
-    new_records = []
-    for cid, comp in comps.items():
-        if cid in known:  # a component's weights never change once its generation is over
-            continue
-        state_dict = comp.module.state_dict()
-        new_records.append(ComponentRecord(
-            cid, comp.name, comp.origin, sorted(comp.locks), kind_of(comp.name).shape_args(comp.module),
-            {k: list(v.shape) for k, v in state_dict.items()}, comp.num_params, store.write_blob(state_dict),
-            store.write_blob(comp.momentum) if comp.momentum else None))
+    # a component's weights never change once its generation is over
+    new_records = [component_record(store, comp) for cid, comp in comps.items() if cid not in known]
     with store.transaction():
         for key, value in (meta or {}).items():
             store.put(key, value)
@@ -218,6 +211,15 @@ def save_checkpoint(store: Store, run: RunState, sampled: list[dict[str, Any]] |
         store.put("torch_rng", bytes(torch.get_rng_state().numpy()))
         store.put("generator", b"" if state is None else bytes(state.generator.get_state().numpy()))
     store.collect_garbage()
+
+
+def component_record(store: Store, comp: Component) -> ComponentRecord:
+    """The record of ``comp``, its weights (and momentum trace) written as blobs first."""
+    state_dict = comp.module.state_dict()
+    shapes, args = {k: list(v.shape) for k, v in state_dict.items()}, kind_of(comp.name).shape_args(comp.module)
+    return ComponentRecord(comp.id, comp.name, comp.origin, sorted(comp.locks), args, shapes, comp.num_params,
+                           store.write_blob(state_dict),
+                           store.write_blob(comp.momentum) if comp.momentum else None)
 
 
 def _live_paths(system: System) -> dict[int, tuple[TaskPath, int | None, int | None]]:
@@ -314,8 +316,10 @@ def _component_tensors(store: Store, cid: int, name: str) -> dict[str, torch.Ten
 
 
 def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfig,
-                    extra_hparams: dict[str, Any]) -> tuple[System, Checkpoint]:
+                    extra_hparams: dict[str, Any], verify_digest: bool = True) -> tuple[System, Checkpoint]:
     """Rebuilds the checkpointed system on ``root`` (which must be the run's root); returns it with the position.
+    ``verify_digest=False`` skips checking the component records against the checkpoint's digest: an agents run's
+    agents add records after the driver's checkpoint (until the driver merges their publications).
 
     Raises:
         StoreError: a record or blob is missing or corrupt.
@@ -326,7 +330,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
         raise StoreError(f"{store.dir} holds no committed checkpoint")
     rec = store.get("root")
     bound = ck.get("components_digest")  # absent in stores written before it was recorded
-    if bound is not None and bound != store.components_digest():
+    if verify_digest and bound is not None and bound != store.components_digest():
         raise StoreError(f"the component records of {store.dir} are not those its checkpoint was written with (a "
                          f"record points at another blob); run `munet check {store.dir}`")
     system = System(root, image_size, score, extra_hparams)
@@ -338,17 +342,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     for r in records:
         if r.id in by_id:
             continue
-        what = f"component {r.name}#{r.id}"
-        module = _empty_module(r.name, r.shape, root)
-        try:
-            module.load_state_dict(store.read_blob(r.blob, what))
-        except RuntimeError as err:
-            raise StoreError(f"{what} does not match its stored tensors: {err}") from err
-        module.requires_grad_(False)
-        comp = Component(r.id, r.name, module, set(r.locks), r.origin)
-        if r.momentum:
-            comp.momentum = store.read_blob(r.momentum, f"momentum of {what}")
-        by_id[r.id] = comp
+        by_id[r.id] = comp = component_from_record(store, r, root)
         if r.id in posembed_ids:
             system.posembed_cache[posembed_ids[r.id]] = comp
     for r in records:  # the root's components are built with the system; their locks are the stored ones
@@ -362,9 +356,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
         except KeyError as err:
             raise StoreError(f"path #{rec.id} uses component #{err.args[0]}, which {store.dir} does not hold; run "
                              f"`munet check {store.dir}`") from None
-        metrics = dict(rec.metrics, mutations=rec.mutations)
-        offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
-        paths[rec.id] = TaskPath(rec.id, rec.task, comps, rec.hparams, None, metrics, offsprings, fresh_head)
+        paths[rec.id] = path_from_record(rec, comps)
         links[rec.id] = rec.link
         if rec.rank is not None:
             population.append((rec.rank, rec.id, rec.task))
@@ -377,6 +369,32 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     system.next_path_id = ck["next_path_id"]
     system.next_component_id = ck["next_component_id"]
     return system, Checkpoint(plan["order"], plan["done"], ck["iteration"], ck["in_flight"], paths, ck)
+
+
+def path_from_record(rec: LivePathRecord, components: dict[str, Component]) -> TaskPath:
+    """The path of record ``rec`` over ``components`` (its slots' components), without a parent link."""
+    metrics = dict(rec.metrics, mutations=rec.mutations)
+    offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
+    return TaskPath(rec.id, rec.task, components, rec.hparams, None, metrics, offsprings, fresh_head)
+
+
+def component_from_record(store: Store, r: ComponentRecord, root: Root) -> Component:
+    """The component of record ``r``, its weights read from its blobs (frozen until a task unlocks it).
+
+    Raises:
+        StoreError: a blob is missing or corrupt, or does not fit the record.
+    """
+    what = f"component {r.name}#{r.id}"
+    module = _empty_module(r.name, r.shape, root)
+    try:
+        module.load_state_dict(store.read_blob(r.blob, what))
+    except RuntimeError as err:
+        raise StoreError(f"{what} does not match its stored tensors: {err}") from err
+    module.requires_grad_(False)
+    comp = Component(r.id, r.name, module, set(r.locks), r.origin)
+    if r.momentum:
+        comp.momentum = store.read_blob(r.momentum, f"momentum of {what}")
+    return comp
 
 
 def restore_run(store: Store, evolution: Evolution, ck: Checkpoint) -> RunState:

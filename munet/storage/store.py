@@ -7,12 +7,22 @@ Layout::
                             one component's tensors (or its momentum trace); the name is the hash of the file, so
                             equal content is stored once and any change to a file is detected
     RUN/munet.lock          held (flock) by the one process allowed to write the run
+    RUN/munet.agent-<i>.lock
+                            held by the agent of the run's i-th task while it runs (``schedule = "agents"``)
     RUN/summary.json        the final per-task table, rewritten at the end of each `munet run`
 
 Every write is atomic: a blob is written to a temporary file, fsynced and renamed before the transaction that
 references it commits; all rows of one checkpoint go in one transaction (SQLite ``synchronous=FULL``). A crash
 at any moment therefore leaves the last committed checkpoint intact, at worst with unreferenced blobs, which the
 next commit deletes.
+
+Concurrent writers (µ3Net agents, ``schedule = "agents"``): the driver holds ``munet.lock``; each agent opens the
+store with :meth:`Store.open_agent`, holding its own agent lock, and writes only its own rows (its sampled paths,
+the components it created, whose ids lie in its own range, and its ``agents`` record) in ``BEGIN IMMEDIATE``
+transactions that wait for each other (SQLite WAL, a 30 s busy timeout). Blobs are content-addressed and written
+through a temporary file of the writing process's own, so two agents writing the same blob never interleave.
+Agents never collect garbage; the driver's collection first waits for every agent lock, so it never deletes the
+blob of a transaction in flight.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path as FsPath
@@ -44,6 +55,7 @@ DAMAGE_ERRORS = (sqlite3.DatabaseError, json.JSONDecodeError, UnicodeDecodeError
 DB_NAME = "munet.db"
 BLOB_DIR = "blobs"
 LOCK_NAME = "munet.lock"
+AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
 
 SCHEMA = """
@@ -58,10 +70,14 @@ CREATE TABLE components (id INTEGER PRIMARY KEY, name TEXT NOT NULL, origin TEXT
                          shape TEXT NOT NULL, tensors TEXT NOT NULL, num_params INTEGER NOT NULL,
                          blob TEXT NOT NULL, momentum TEXT);
 CREATE TABLE live (path_id INTEGER PRIMARY KEY, link INTEGER, rank INTEGER);
+CREATE TABLE agents (task TEXT PRIMARY KEY, cycle INTEGER NOT NULL, path_id INTEGER, state TEXT NOT NULL,
+                     published_at REAL NOT NULL);
 """
 # paths: every path ever sampled; components: every component the in-memory system holds (with its blob);
 # live: the paths the system holds, i.e. each task's population (rank = position) and, during a task iteration,
 # the ancestors still reachable through parent links (rank NULL); link is the current parent.
+# agents: each µ3Net agent's last publication: cycles done, its retained path (NULL: none) and its own state (id
+# counters, position-embedding cache, the path's parent link); absent from stores made before agents existed.
 PATH_COLUMNS = ("id", "task", "parent", "iteration", "generation", "components", "hparams", "mutations", "metrics",
                 "accepted", "reason", "quality", "test_quality", "score", "params", "accounted", "train_time",
                 "recorded_at")
@@ -100,6 +116,17 @@ class LivePathRecord:
     metrics: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class AgentRecord:
+    """An agent's last publication: ``cycle`` cycles done, its task's retained ``path`` (``None``: nothing kept
+    yet) and its own ``state`` (what restarting it needs)."""
+
+    task: str
+    cycle: int
+    path: LivePathRecord | None
+    state: dict[str, Any]
+
+
 def atomic_write(path: FsPath, data: bytes | str) -> None:
     """Writes ``data`` to ``path`` through a temporary file, an fsync and a rename.
 
@@ -133,10 +160,11 @@ class Store:
         lock: the open lock file when this store may write, else ``None``.
     """
 
-    def __init__(self, run_dir: FsPath, conn: sqlite3.Connection, lock: Any | None):
+    def __init__(self, run_dir: FsPath, conn: sqlite3.Connection, lock: Any | None, agent: str | None = None):
         self.dir = run_dir
         self._conn = conn
         self._lock = lock
+        self.agent = agent  # the task of the agent this store writes for; None: the run's one writer (or a reader)
         self._crash_counts: dict[str, int] = {}
 
     # --- opening ------------------------------------------------------------------------------------------------
@@ -221,6 +249,31 @@ class Store:
                 raise StoreError(f"{db} is damaged: {err}; restore the run from a copy") from err
             raise
         return cls(run_dir, conn, lock)
+
+    @classmethod
+    def open_agent(cls, run_dir: str | FsPath, task: str) -> Store:
+        """The store of a running agents run, for the agent of ``task``: it holds that agent's lock (so one agent
+        per task runs at a time, waiting for a previous one to exit) but not the run's, and may write only its
+        own records (see the module docstring).
+
+        Raises:
+            StoreError: ``task`` is not one of the run's tasks, or the store cannot be opened.
+        """
+        run_dir = FsPath(run_dir)
+        reader = cls.open(run_dir)
+        try:
+            names = reader.task_names()
+        finally:
+            reader.close()
+        if task not in names:
+            raise StoreError(f"{run_dir} has no task {task!r} (its tasks: {', '.join(names)})")
+        lock = _lock(run_dir, AGENT_LOCK.format(names.index(task)), wait=True)
+        try:
+            conn = _connect(run_dir / DB_NAME, create=False)
+        except BaseException:
+            _unlock(lock)
+            raise
+        return cls(run_dir, conn, lock, agent=task)
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -317,16 +370,39 @@ class Store:
         """``path id -> current parent id`` of every live path, whether or not its path record exists."""
         return dict(self._conn.execute("SELECT path_id, link FROM live"))
 
+    def agent_records(self) -> dict[str, AgentRecord]:
+        """Each agent's last publication by task, with its retained path (``link`` from its state, ``rank`` 0)."""
+        query = ("SELECT agents.task, agents.cycle, agents.state, paths.id, paths.components, paths.hparams, "
+                 "paths.mutations, paths.metrics FROM agents LEFT JOIN paths ON paths.id = agents.path_id "
+                 "ORDER BY agents.task")
+        records = {}
+        for task, cycle, state, pid, comps, hparams, mutations, metrics in self._conn.execute(query):
+            state = json.loads(state)
+            path = None if pid is None else LivePathRecord(
+                pid, state.get("link"), 0, task, json.loads(comps), json.loads(hparams), json.loads(mutations or "{}"),
+                json.loads(metrics))
+            records[task] = AgentRecord(task, cycle, path, state)
+        return records
+
+    def set_agent(self, task: str, cycle: int, path_id: int | None, state: dict[str, Any]) -> None:
+        """Records an agent's publication (call inside :meth:`transaction`)."""
+        self._conn.execute("INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?)",
+                           (task, cycle, path_id, json.dumps(state), time.time()))
+
     def path_counts(self) -> dict[str, int]:
         """How many paths were ``sampled`` and ``accepted``, and how many are ``live``."""
         sampled, accepted = self._conn.execute("SELECT COUNT(*), SUM(accepted) FROM paths").fetchone()
         live = self._conn.execute("SELECT COUNT(*) FROM live").fetchone()[0]
         return {"sampled": sampled, "accepted": accepted or 0, "live": live}
 
-    def components(self) -> list[ComponentRecord]:
-        """Every component record, by id."""
-        rows = self._conn.execute("SELECT id, name, origin, locks, shape, tensors, num_params, blob, momentum "
-                                 "FROM components ORDER BY id")
+    def components(self, ids: set[int] | None = None) -> list[ComponentRecord]:
+        """Every component record (or those of ``ids``), by id."""
+        query = "SELECT id, name, origin, locks, shape, tensors, num_params, blob, momentum FROM components"
+        if ids is None:
+            rows = self._conn.execute(query + " ORDER BY id")
+        else:
+            rows = self._conn.execute(query + " WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                                      (json.dumps(sorted(ids)),))
         return [ComponentRecord(cid, name, origin, json.loads(locks), json.loads(shape), json.loads(tensors),
                                 n, blob, momentum)
                 for cid, name, origin, locks, shape, tensors, n, blob, momentum in rows]
@@ -399,8 +475,8 @@ class Store:
         data = blob_bytes(tensors)
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_path(digest)
-        if not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
+        if not path.exists():  # a temporary name of this process's own: another agent may write the same blob
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -461,8 +537,20 @@ class Store:
         return {d for row in rows for d in row if d}
 
     def collect_garbage(self) -> int:
-        """Deletes blobs no component references and temporary files of interrupted writes; returns the count."""
+        """Deletes blobs no component references and temporary files of interrupted writes; returns the count.
+
+        Waits for every agent of the run to exit first (their blobs are referenced only once they commit)."""
         self._require_write()
+        if self.agent is not None:
+            raise StoreError("an agent never collects garbage: other agents' blobs may be in flight")
+        agents = [_lock(self.dir, path.name, wait=True) for path in sorted(self.dir.glob(AGENT_LOCK.format("*")))]
+        try:
+            return self._collect_garbage()
+        finally:
+            for lock in agents:
+                _unlock(lock)
+
+    def _collect_garbage(self) -> int:
         self.crash_point("collect")
         keep = self.referenced_blobs()
         removed = 0
@@ -492,9 +580,10 @@ class Store:
                 raise StoreError(f"cannot write the run database in {self.dir}: {err}. {_KEPT}") from err
             raise
         # keeps the run directory at its real size (the WAL otherwise grows to ~4 MB before SQLite folds it); the
-        # transaction is durable in the WAL already, so a fold that fails (a full disk) is retried by the next one
+        # transaction is durable in the WAL already, so a fold that fails (a full disk) is retried by the next one.
+        # Agents fold what they can without waiting for other connections' readers (PASSIVE).
         with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if self.agent is None else 'PASSIVE'})")
 
     def crash_point(self, name: str) -> None:
         """Test hook: with ``MUNET_CRASH_AT=<name>:<n>`` the process kills itself the n-th time it gets here."""
@@ -632,15 +721,16 @@ def _db_state(db: FsPath) -> str:
         conn.close()
 
 
-def _lock(run_dir: FsPath) -> Any:
-    """Takes the run's writer lock (released by the OS if the process dies, even by SIGKILL)."""
+def _lock(run_dir: FsPath, name: str = LOCK_NAME, wait: bool = False) -> Any:
+    """Takes the run's writer lock, or lock file ``name`` (released by the OS if the process dies, even by SIGKILL);
+    ``wait``: until its holder lets go, instead of refusing."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / LOCK_NAME, "a+")
+        f = open(run_dir / name, "a+")
     except OSError as err:
         raise StoreError(f"output directory {run_dir} is not writable: {err.strerror or err}") from err
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "unknown"

@@ -36,37 +36,58 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 CLASSES = 10
 BATCH = 64
 PAIRS = {"augmented": {"ds_area_range_min": 0.05, "ds_flip_left_right": True}, "fixed inputs": {}}
 
 
-def write_task(path: Path, n: int, size: int, seed: int = 0, chunk: int = 5000) -> None:
-    """An uncompressed ``.npz`` of ``n`` learnable uint8 images ``x`` ``(n, 3, size, size)`` and labels ``y``: each
-    class a coloured square in its own place on noise; written ``chunk`` images at a time."""
+def synthetic_chunks(n: int, size: int, seed: int = 0, chunk: int = 5000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``n`` learnable uint8 images ``(B, 3, size, size)`` with their labels, ``chunk`` at a time: each class a
+    coloured square in its own place on noise."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % CLASSES
     rng.shuffle(labels)
     side = size // 4
     colours = rng.integers(60, 256, (CLASSES, 3, 1, 1), dtype=np.uint8)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    for start in range(0, n, chunk):
+        y = labels[start:start + chunk]
+        x = rng.integers(0, 60, (len(y), 3, size, size), dtype=np.uint8)
+        for k in range(CLASSES):
+            r, c = divmod(k, 4)
+            x[y == k, :, r * side:(r + 1) * side, c * side:(c + 1) * side] = colours[k]
+        yield x, y
+
+
+def write_task(path: Path, n: int, size: int, source: str = "npz") -> Path:
+    """The synthetic task of ``n`` images as an uncompressed ``.npz`` (``x``, ``y``) at ``path.npz``, or with
+    ``source = "folder"`` as a folder of JPEG files (quality 90) per class at ``path``; returns where."""
+    if source == "folder":
+        for k in range(CLASSES):
+            (path / f"class_{k}").mkdir(parents=True)
+        done = 0
+        for x, y in synthetic_chunks(n, size):
+            for i, (image, label) in enumerate(zip(x, y.tolist())):
+                Image.fromarray(image.transpose(1, 2, 0)).save(path / f"class_{label}" / f"{done + i}.jpg", quality=90)
+            done += len(y)
+        return path
+    with zipfile.ZipFile(path.with_suffix(".npz"), "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open("x.npy", "w", force_zip64=True) as out:
             np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False,
                                                        "shape": (n, 3, size, size)})
-            for start in range(0, n, chunk):
-                y = labels[start:start + chunk]
-                x = rng.integers(0, 60, (len(y), 3, size, size), dtype=np.uint8)
-                for k in range(CLASSES):
-                    r, c = divmod(k, 4)
-                    x[y == k, :, r * side:(r + 1) * side, c * side:(c + 1) * side] = colours[k]
+            labels = []
+            for x, y in synthetic_chunks(n, size):
                 out.write(x.tobytes())
+                labels.append(y)
         with archive.open("y.npy", "w") as out:
-            np.lib.format.write_array(out, labels)
+            np.lib.format.write_array(out, np.concatenate(labels))
+    return path.with_suffix(".npz")
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +95,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from munet.data.rows import ImageRows, set_data_cache_bytes
-    from munet.data.user import load_npz
+    from munet.data.user import load_image_folder, load_npz
     from munet.evolution.hparams import DEFAULTS, MutationPolicy
     from munet.evolution.mutate import make_child
     from munet.evolution.system import System
@@ -89,7 +110,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     rss_ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     set_data_cache_bytes(spec["data_cache_mb"] << 20)
-    task = load_npz(spec["path"], seed=0, name="synthetic")
+    load = load_image_folder if spec["source"] == "folder" else load_npz
+    task = load(spec["path"], seed=0, name="synthetic")
     load_seconds = time.perf_counter() - t0
     system = System(root, image_size=32)
     system.add_task(task.name, task.num_classes)
@@ -118,27 +140,25 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure(small: int, large: int, folder: Path, *, image_size: int = 64, steps: int = 300, depth: int = 2,
             data_cache_mb: int = 256, feature_cache_mb: int = 16, repeats: int = 1,
-            pairs: tuple[str, ...] = tuple(PAIRS)) -> dict[str, Any]:
+            pairs: tuple[str, ...] = tuple(PAIRS), source: str = "npz") -> dict[str, Any]:
     """Both tasks written into ``folder``, every pair's cases run ``repeats`` times (A B B A ...); the median peak
     resident memory and the fastest training throughput of each case, and their ratios large / small."""
-    paths = {}
-    for n in (small, large):
-        paths[n] = folder / f"synthetic_{n}.npz"
-        write_task(paths[n], n, image_size)
+    paths = {n: write_task(folder / f"synthetic_{n}", n, image_size, source) for n in (small, large)}
     results: dict[str, Any] = {}
     for pair in pairs:
         runs: dict[int, list[dict[str, Any]]] = {small: [], large: []}
         for r in range(repeats):
             for n in ((small, large) if r % 2 == 0 else (large, small)):
-                runs[n].append(child({"path": str(paths[n]), "ds": PAIRS[pair], "steps": steps, "depth": depth,
-                                      "data_cache_mb": data_cache_mb, "feature_cache_mb": feature_cache_mb}))
+                runs[n].append(child({"path": str(paths[n]), "source": source, "ds": PAIRS[pair], "steps": steps,
+                                      "depth": depth, "data_cache_mb": data_cache_mb,
+                                      "feature_cache_mb": feature_cache_mb}))
         med = {n: {k: statistics.median(run[k] for run in runs[n]) for k in ("peak_rss_mb", "load_s", "rss_ready_mb")}
                | {"train_images_per_s": max(run["train_images_per_s"] for run in runs[n]),
                   "read_per_batch": runs[n][0]["read_per_batch"], "runs": runs[n]} for n in runs}
         results[pair] = {"small": med[small], "large": med[large],
                          "memory_ratio": med[large]["peak_rss_mb"] / med[small]["peak_rss_mb"],
                          "throughput_ratio": med[large]["train_images_per_s"] / med[small]["train_images_per_s"]}
-    return {"small": small, "large": large, "image_size": image_size, "steps": steps, "depth": depth,
+    return {"source": source, "small": small, "large": large, "image_size": image_size, "steps": steps, "depth": depth,
             "data_cache_mb": data_cache_mb, "feature_cache_mb": feature_cache_mb, "repeats": repeats,
             "pairs": results}
 
@@ -165,6 +185,8 @@ def main() -> None:
     parser.add_argument("--data-cache-mb", type=int, default=256)
     parser.add_argument("--feature-cache-mb", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--source", choices=("npz", "folder"), default="npz",
+                        help="the tasks as uncompressed .npz files, or as folders of JPEG files")
     parser.add_argument("--out", default="", help="write result.json and table.md here")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # child-process side
     args = parser.parse_args()
@@ -174,7 +196,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.small, args.large, Path(tmp), image_size=args.image_size, steps=args.steps,
                          depth=args.depth, data_cache_mb=args.data_cache_mb, feature_cache_mb=args.feature_cache_mb,
-                         repeats=args.repeats)
+                         repeats=args.repeats, source=args.source)
     print(table(result))
     if args.out:
         out = Path(args.out)

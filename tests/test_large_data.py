@@ -68,14 +68,16 @@ def test_npz_images_read_in_place_equal_the_loaded_ones(tmp_path: Path) -> None:
     assert torch.equal(lazy.train_x[2], whole.train_x[2])
 
 
-def test_npz_read_in_place_when_the_images_exceed_the_budget_and_only_if_stored_uncompressed(tmp_path: Path) -> None:
+def test_npz_read_in_place_when_the_images_exceed_the_budget_and_only_if_stored_uncompressed(tmp_path: Path,
+                                                                                             caplog) -> None:
     _save_npz(tmp_path / "t.npz")
     _save_npz(tmp_path / "z.npz", compressed=True)
     assert isinstance(load_npz(tmp_path / "t.npz", seed=0).train_x, torch.Tensor)  # 27 KB fit the default budget
     set_data_cache_bytes(10_000)
     assert isinstance(load_npz(tmp_path / "t.npz", seed=0).train_x, ImageRows)
-    compressed = load_npz(tmp_path / "z.npz", seed=0)  # cannot be read in place: loaded whole
-    assert isinstance(compressed.train_x, torch.Tensor)
+    with caplog.at_level(logging.WARNING, logger="munet.data.user"):
+        compressed = load_npz(tmp_path / "z.npz", seed=0)  # cannot be read in place: loaded whole, with a hint
+    assert isinstance(compressed.train_x, torch.Tensor) and "save them with np.savez as uint8" in caplog.text
     assert torch.equal(compressed.train_x, load_npz(tmp_path / "t.npz", seed=0, lazy=False).train_x)
 
 

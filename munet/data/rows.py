@@ -17,12 +17,14 @@ A source whose rows do not all fit says so once in the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +267,13 @@ class FileRows(ImageRows):
         self.files, self.size, self.decode, self.resize = [str(f) for f in files], size, decode, resize
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        return np.stack([_to_channels(self.resize(self.decode(Path(self.files[r])), self.size), self.shape[1])
-                         for r in rows.tolist()]) if len(rows) else np.empty((0, *self.shape[1:]), np.uint8)
+        """Decodes the rows' files on the decoding threads (PIL releases the GIL), in order."""
+        if not len(rows):
+            return np.empty((0, *self.shape[1:]), np.uint8)
+        return np.stack(list(_decoders(os.getpid()).map(self._decode_row, rows.tolist())))
+
+    def _decode_row(self, row: int) -> np.ndarray:
+        return _to_channels(self.resize(self.decode(Path(self.files[row])), self.size), self.shape[1])
 
 
 class HFRows(ImageRows):
@@ -291,6 +298,13 @@ class HFRows(ImageRows):
             return np.empty((0, *self.shape[1:]), np.uint8)
         items = self.split[rows.tolist()][self.column]
         return np.stack([_to_channels(self.resize(self.convert(item), self.size), self.shape[1]) for item in items])
+
+
+@functools.cache
+def _decoders(pid: int) -> ThreadPoolExecutor:
+    """The threads that decode image files in process ``pid``, one per CPU (a batch is decoded between training
+    steps); per process, because a forked child inherits the pool's object but not its threads."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="munet-decode")
 
 
 def _to_channels(a: np.ndarray, channels: int) -> np.ndarray:

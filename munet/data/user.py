@@ -424,12 +424,15 @@ def _images_in_place(path: Path, lazy: bool | None) -> dict[str, NpyRows]:
     ``lazy``, or (``lazy`` None) when together they would not fit the pixel budget; none with ``lazy`` False."""
     if lazy is False:
         return {}
-    found = {k: v for k, v in npz_members(path).items() if k in _X_KEYS + _SPLIT_X_KEYS}
-    readable = {k: (offset, shape) for k, (offset, dtype, shape, fortran) in found.items()
-                if dtype == np.uint8 and not fortran and len(shape) in (3, 4) and shape[0] and min(shape[1:])}
-    if lazy is None and sum(int(np.prod(shape)) for _, shape in readable.values()) <= data_cache_bytes():
+    keys = _X_KEYS + _SPLIT_X_KEYS
+    with zipfile.ZipFile(path) as archive:  # the arrays' sizes as stored, compressed members included
+        stored = {info.filename[:-4]: info.file_size for info in archive.infolist() if info.filename[:-4] in keys}
+    if lazy is None and sum(stored.values()) <= data_cache_bytes():
         return {}
-    if lazy is None and len(readable) < len(found):
+    readable = {k: (offset, shape) for k, (offset, dtype, shape, fortran) in npz_members(path).items()
+                if k in keys and dtype == np.uint8 and not fortran and len(shape) in (3, 4) and shape[0] and
+                min(shape[1:])}
+    if len(readable) < len(stored):
         log.warning("%s: images stored compressed or not as uint8 are loaded whole; save them with np.savez as "
                     "uint8 to read them per batch", path)
     return {k: NpyRows(path, offset, shape, image_layout(shape, f"{path} [{k}]"))

@@ -264,6 +264,9 @@ class Run:
                 if diff:
                     raise MunetError(f"a resumed run keeps its configuration; cannot change {'; '.join(diff)}")
             else:
+                if stored.schedule == "agents":
+                    raise MunetError(f"{out} is an agents run (schedule = agents): adding tasks to it is not "
+                                     "supported yet; start a new run with all the tasks")
                 plan = store.get("plan")
                 if plan["done"] < len(plan["order"]):
                     raise MunetError(f"{out} is unfinished ({plan['done']}/{len(plan['order'])} task iterations); "

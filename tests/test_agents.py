@@ -13,12 +13,14 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import tiny_config
 from test_resume import dump
 
 from munet.data.registry import load_task
 from munet.distributed.agents import ID_SPAN, IMPORTS_ENV, Agent, AgentJob
-from munet.runner import Run, resume, run
+from munet.errors import ConfigError, MunetError, StoreError
+from munet.runner import Run, add_tasks, resume, run
 from munet.storage.check import check_store
 from munet.storage.snapshot import component_record
 from munet.storage.store import AGENT_LOCK, DB_NAME, Store
@@ -55,13 +57,36 @@ def test_agents_run_completes_and_reads_like_a_round_robin_run(tmp_path):
         assert {t: retained[t]["id"] for t in retained} == {t: r.path.id for t, r in agents.items()}
         assert all(p["test_quality"] is not None for p in retained.values())
     assert check_store(tmp_path / "run").problems == []
-    # a complete agents run resumes to its report
+    # a complete agents run resumes to its report; adding tasks to it is refused, naming why
     assert resume(cfg.out, {}, io.StringIO())["tasks"] == summary["tasks"]
+    with pytest.raises(MunetError, match="agents run"):
+        add_tasks(cfg.out, ["c"], {}, io.StringIO())
+
+
+def test_store_takes_one_writer_per_agent_and_agents_never_collect(tmp_path):
+    cfg = agents_config(tmp_path / "run")
+    with Run.create(cfg, io.StringIO()):
+        pass
+    with pytest.raises(StoreError, match="has no task 'z'"):
+        Store.open_agent(cfg.out, "z")
+    first, other = Store.open_agent(cfg.out, "a"), Store.open_agent(cfg.out, "b")  # a and b write at once
+    tensors = {"w": torch.arange(6.0)}
+    assert first.write_blob(tensors) == other.write_blob(tensors)  # the same blob from two writers, stored once
+    with pytest.raises(StoreError, match="never collects garbage"):
+        first.collect_garbage()
+    second: list[Store] = []
+    waiting = threading.Thread(target=lambda: second.append(Store.open_agent(cfg.out, "a")))
+    waiting.start()
+    waiting.join(timeout=0.5)
+    assert not second  # a second agent of task a waits for the first to exit
+    first.close()
+    waiting.join(timeout=30)
+    assert second and second[0].agent == "a"
+    second[0].close()
+    other.close()
 
 
 def test_config_refuses_an_unknown_schedule(tmp_path):
-    from munet.errors import ConfigError
-
     with pytest.raises(ConfigError, match="schedule must be one of"):
         agents_config(tmp_path, schedule="async").validate()
 
@@ -176,3 +201,29 @@ def test_resume_continues_an_interrupted_agents_run(tmp_path):
     ref = agents_config(tmp_path / "ref", tasks=["a"], rounds=3)
     assert summary["tasks"] == run(ref, io.StringIO())["tasks"]
     assert dump(tmp_path / "run") == dump(tmp_path / "ref")
+
+
+@pytest.fixture(scope="module")
+def ray_here():
+    """A local Ray instance whose workers import conftest (the tiny root and tasks) like the agent processes do."""
+    ray = pytest.importorskip("ray")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_agents_on_ray_actors_survive_a_killed_actor(tmp_path, ray_here):
+    """With --executor ray the agents are Ray actors; one whose worker is SIGKILLed is restarted by Ray from its
+    last publication and the run completes."""
+    cfg = agents_config(tmp_path / "run", executor="ray", rounds=4)
+    thread, outcome = _start(cfg)
+    _kill_agent_after(cfg, "a", 0, 1)
+    thread.join(timeout=300)
+    assert not isinstance(outcome[0], BaseException), outcome[0]
+    with Store.open(cfg.out) as store:
+        assert {t: r.cycle for t, r in store.agent_records().items()} == {"a": 4, "b": 4}
+    assert check_store(tmp_path / "run").problems == []

@@ -306,9 +306,10 @@ class Publications:
             if rec.cycle <= self.seen.get(task, 0):
                 continue
             self.seen[task] = rec.cycle
-            kept = "nothing kept" if rec.path is None else (
-                f"path #{rec.path.id}, val {rec.path.metrics.get('quality', float('nan')):.4f}, "
-                f"test {rec.path.metrics.get('test_quality') or float('nan'):.4f}")
+            scores = {k: rec.path.metrics.get(k) for k in ("quality", "test_quality")} if rec.path else {}
+            kept = "nothing kept" if rec.path is None else (f"path #{rec.path.id}, " + ", ".join(
+                f"{label} {scores[k]:.4f}" for k, label in (("quality", "val"), ("test_quality", "test"))
+                if scores[k] is not None))
             self.run.stream.write(f"agent {task}: cycle {rec.cycle}/{self.run.cfg.rounds} published: {kept}\n")
             self.run.stream.flush()
 

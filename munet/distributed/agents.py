@@ -354,10 +354,15 @@ def _in_processes(jobs: list[AgentJob], watch: Publications) -> None:
 
 
 def _on_ray(jobs: list[AgentJob], address: str | None, cpus: int, watch: Publications) -> None:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from munet.distributed.ray_executor import connect_ray
 
     ray = connect_ray(address)
-    actor_class = ray.remote(num_cpus=cpus, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(AgentActor)
+    # on the driver's node: agents write the run's SQLite database, whose WAL needs every writer on one host
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor_class = ray.remote(num_cpus=cpus, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
+                             scheduling_strategy=here)(AgentActor)
     actors = {job.task: actor_class.remote() for job in jobs}  # held: an actor without a handle is destroyed
     pending = {actors[job.task].run.remote(job): job.task for job in jobs}
     while pending:

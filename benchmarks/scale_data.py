@@ -3,9 +3,10 @@ of ``--large`` images read per batch against one of ``--small`` images held in m
 
 Both tasks are generated on the fly into a temporary folder (never committed) as uncompressed ``.npz`` files of
 uint8 images ``(N, 3, S, S)`` (S = ``--image-size``, 64 px by default) in 10 classes, written in chunks so the large
-one never exists in memory. Each case runs in a child process of its own (``ru_maxrss`` is per process): it loads the
-task through munet's loader with ``data_cache_mb`` = ``--data-cache-mb`` (the small task fits and loads whole, the
-large one does not and is read per batch, keeping what fits), then trains one child of a random-init ViT-Ti root
+one never exists in memory (``--source folder``: as folders of JPEG files, one sub-folder per class). Each case runs
+in a child process of its own (``ru_maxrss`` is per process): it loads the task through munet's loader with
+``data_cache_mb`` = ``--data-cache-mb`` (the small task fits and loads whole, the large one does not and is read per
+batch, keeping what fits), then trains one child of a random-init ViT-Ti root
 (``--depth`` blocks at 32 px, a head on the frozen blocks) for ``--steps`` steps of 64 images with
 :func:`munet.training.trainer.train_generation`, the run's own training path, and reports its peak resident memory
 and training images per second. Two pairs:

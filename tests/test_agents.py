@@ -9,13 +9,15 @@ import logging
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
 from conftest import tiny_config
-from test_resume import dump
+from test_resume import ONE_THREAD, _command, _write_tasks, dump
 
 from munet.data.registry import load_task
 from munet.distributed.agents import ID_SPAN, IMPORTS_ENV, Agent, AgentJob
@@ -227,3 +229,41 @@ def test_agents_on_ray_actors_survive_a_killed_actor(tmp_path, ray_here):
     with Store.open(cfg.out) as store:
         assert {t: r.cycle for t, r in store.agent_records().items()} == {"a": 4, "b": 4}
     assert check_store(tmp_path / "run").problems == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped) is not alive
+        return stat.read().split()[2] != "Z"
+
+
+def test_driver_sigkilled_its_agents_stop_and_resume_finishes(tmp_path):
+    """`munet run --schedule agents` SIGKILLed after the first publication: its agent processes stop by themselves
+    (at their next generation's end) and `munet resume` finishes the run with a sound store."""
+    tasks = _write_tasks(tmp_path)  # npz files and a timm root: the command needs no test registrations
+    out = tmp_path / "run"
+    argv = [*_command(tasks, out), "--schedule", "agents", "--rounds", "3", "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k != IMPORTS_ENV} | ONE_THREAD
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in driver.stdout:
+        if "published" in line:
+            break
+    agents = [int(open(out / AGENT_LOCK.format(i)).read()) for i in range(2)]
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while any(map(_alive, agents)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, agents)), "orphaned agents kept running"
+    with Store.open(out) as store:  # they stopped early, not at the end of their cycles
+        assert min(r.cycle for r in store.agent_records().values()) < 3
+    done = subprocess.run([sys.executable, "-m", "munet", "resume", str(out)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with Store.open(out) as store:
+        assert {r.cycle for r in store.agent_records().values()} == {3}
+        assert store.get("plan")["done"] == 6
+    assert check_store(out).problems == []

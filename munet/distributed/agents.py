@@ -130,7 +130,11 @@ class Agent:
         from munet.runner import Wiring, resolve_device, train_settings, use_threads  # the runner imports this module
 
         for module in job.imports:
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise MunetError(f"cannot import {module!r}, named in {IMPORTS_ENV}: {err}; make it importable in "
+                                 "the agents' processes (PYTHONPATH) or remove it") from err
         self.job, self.task = job, job.task
         self.store = store = Store.open_agent(job.run_dir, job.task)
         try:

@@ -22,6 +22,7 @@ from test_resume import ONE_THREAD, _command, _write_tasks, dump
 from munet.data.registry import load_task
 from munet.distributed.agents import ID_SPAN, IMPORTS_ENV, Agent, AgentJob
 from munet.errors import ConfigError, MunetError, StoreError
+from munet.reporting.status import format_status, run_status
 from munet.runner import Run, add_tasks, resume, run
 from munet.storage.check import check_store
 from munet.storage.snapshot import component_record
@@ -199,6 +200,7 @@ def test_resume_continues_an_interrupted_agents_run(tmp_path):
         pass
     with Agent(AgentJob(cfg.out, "a", "a", {"rounds": 1})) as agent:  # as if interrupted after one cycle
         agent.run()
+    assert "in progress (agents): 1/3 cycles published (a 1)" in format_status(run_status(cfg.out))
     summary = resume(cfg.out, {}, io.StringIO())
     ref = agents_config(tmp_path / "ref", tasks=["a"], rounds=3)
     assert summary["tasks"] == run(ref, io.StringIO())["tasks"]

@@ -20,6 +20,7 @@ def run_status(run_dir: str | FsPath) -> dict[str, Any]:
         for row in sorted(store.retained_paths(), key=_rank):  # the system's best_path: top score, newest
             best[row["task"]] = row
         counts, unique = store.path_counts(), store.unique_params()
+        agents = {task: rec.cycle for task, rec in store.agent_records().items()}
         return {
             "run": str(run_dir), "root": root["description"], "root_source": root["source"],
             "root_sha256": root["sha256"], "plan": plan["order"], "done": plan["done"],
@@ -28,7 +29,7 @@ def run_status(run_dir: str | FsPath) -> dict[str, Any]:
             "tasks": [{"task": t, "path": b["id"], "score": b["score"], "val_acc": b["quality"],
                        "test_acc": b["test_quality"], "params": b["params"], "accounted": b["accounted"]}
                       for t in tasks if (b := best.get(t))],
-            "paths_sampled": counts["sampled"], "paths_accepted": counts["accepted"],
+            "agents": agents, "paths_sampled": counts["sampled"], "paths_accepted": counts["accepted"],
             "unique_params": unique["params"], "blobs": unique["blobs"], "store_bytes": store.sizes(),
         }
 
@@ -48,6 +49,10 @@ def where(s: dict[str, Any]) -> str:
         f = s["in_flight"]
         return (f"in progress: task iteration {done + 1}/{total} ({f['task']}), {f['generation']}/"
                 f"{s['generations_per_iteration']} generations done")
+    if done < total and s.get("agents"):  # an agents run: its checkpoint gathers the publications at the end
+        cycles = ", ".join(f"{task} {cycle}" for task, cycle in s["agents"].items())
+        return (f"in progress (agents): {sum(s['agents'].values())}/{total} cycles published ({cycles}); the "
+                "table shows the publications once every agent has finished")
     if done < total:
         return f"in progress: {done}/{total} task iterations done, next {s['plan'][done]}"
     return f"complete: {total}/{total} task iterations"

@@ -371,7 +371,11 @@ class Store:
         return dict(self._conn.execute("SELECT path_id, link FROM live"))
 
     def agent_records(self) -> dict[str, AgentRecord]:
-        """Each agent's last publication by task, with its retained path (``link`` from its state, ``rank`` 0)."""
+        """Each agent's last publication by task, with its retained path (``link`` from its state, ``rank`` 0); empty
+        for a store made before agents existed."""
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agents'"
+        if self._conn.execute(exists).fetchone() is None:
+            return {}
         query = ("SELECT agents.task, agents.cycle, agents.state, paths.id, paths.components, paths.hparams, "
                  "paths.mutations, paths.metrics FROM agents LEFT JOIN paths ON paths.id = agents.path_id "
                  "ORDER BY agents.task")

@@ -3,6 +3,7 @@ agents, an agent killed (SIGKILL) restarting from its last publication while the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,6 +244,16 @@ def _alive(pid: int) -> bool:
         return stat.read().split()[2] != "Z"
 
 
+def _lock_pid(lock: Path, timeout: float = 120.0) -> int:
+    """The pid an agent writes into its lock file, once it has written it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(lock.read_text())
+        time.sleep(0.1)
+    raise AssertionError(f"{lock} never held a pid")
+
+
 def test_driver_sigkilled_its_agents_stop_and_resume_finishes(tmp_path):
     """`munet run --schedule agents` SIGKILLed after the first publication: its agent processes stop by themselves
     (at their next generation's end) and `munet resume` finishes the run with a sound store."""
@@ -253,7 +265,7 @@ def test_driver_sigkilled_its_agents_stop_and_resume_finishes(tmp_path):
     for line in driver.stdout:
         if "published" in line:
             break
-    agents = [int(open(out / AGENT_LOCK.format(i)).read()) for i in range(2)]
+    agents = [_lock_pid(out / AGENT_LOCK.format(i)) for i in range(2)]  # the other agent may still be starting
     driver.send_signal(signal.SIGKILL)
     driver.communicate(timeout=60)
     deadline = time.monotonic() + 120

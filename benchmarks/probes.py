@@ -1,4 +1,4 @@
-"""Root probes: how good are the root's frozen features at each depth and image size? (README "Roots")
+"""Root probes: how good are the root's frozen features at each depth and image size?
 
 For each (depth, image size) and task, a linear probe plus final norm (the ``freeze:depth`` baseline of
 ``benchmarks/baselines.py``: the root's blocks frozen, a standardised zero head and the final norm trained) is trained
@@ -6,7 +6,8 @@ with munet's own trainer and evaluated on the task's validation and test splits.
 depth and image size (6 blocks at 42 px) were chosen: the deepest, largest root whose default run fits the
 15-minute CPU budget, since the probes rise with depth and size.
 
-Measured figures and the command are in README "Roots"; results go to ``benchmarks/results/probes.json``.
+Measured figures and the command are in benchmarks/README.md "Root depth and image size"; results go to
+``benchmarks/results/probes.json``.
 
 Usage::
 

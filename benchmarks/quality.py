@@ -457,7 +457,8 @@ def plot_curve(methods: list[dict[str, Any]], title: str, target: FsPath) -> Non
             lines.setdefault("muNet s=1", []).append(m)
         elif m["family"] in BASELINE_FAMILIES:
             lines.setdefault(m["spec"], []).append(m)
-    lines = {k: v for k, v in lines.items() if len(v) > 1 or k == "muNet s=1"}
+    # a baseline is a curve once it has several budgets or seeds (the strongest ones); the rest would crowd budget 1
+    lines = {k: v for k, v in lines.items() if len(v) > 1 or k == "muNet s=1" or v[0].get("seeds", 1) > 1}
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, (label, points) in enumerate(sorted(lines.items(), key=lambda kv: kv[0] != "muNet s=1")):
         points.sort(key=lambda m: m["budget"])

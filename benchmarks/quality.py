@@ -72,6 +72,7 @@ from munet.config import RunConfig  # noqa: E402
 from munet.data.task import TaskData  # noqa: E402
 from munet.evolution.system import System  # noqa: E402
 from munet.model.roots import load_root  # noqa: E402
+from munet.reporting.progress import Progress  # noqa: E402
 from munet.runner import OPERATIONAL_KEYS, Wiring, load_tasks, resolve_device, run  # noqa: E402
 from munet.storage.store import Store, StoreError, atomic_write  # noqa: E402
 from munet.training.evaluate import Evaluator  # noqa: E402
@@ -87,6 +88,7 @@ class Units:
 
     def __init__(self, folder: FsPath, read_only: bool = False):
         self.folder, self.read_only = folder, read_only  # read-only: finished units only, nothing is claimed or run
+        self.stored = 0  # units this process finished and stored (not found already done)
         folder.mkdir(parents=True, exist_ok=True)
 
     def file(self, unit: str) -> FsPath:
@@ -102,6 +104,7 @@ class Units:
     def put(self, unit: str, result: dict[str, Any]) -> None:
         atomic_write(self.file(unit), json.dumps(result, indent=1, default=str))
         self.file(unit).with_suffix(".claim").unlink(missing_ok=True)
+        self.stored += 1
 
     def claim(self, unit: str) -> bool:
         """Marks ``unit`` as run by this process; ``False`` if another live process has claimed it (so several
@@ -502,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("munet", "baselines"),
                         help="run only these units and write no report (to split the units between two processes; "
                              "a final run without --only reuses every finished unit and writes the report)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the result lines stay)")
     parser.add_argument("--units", help="comma-separated muNet units to run (as --plan names them), skipping the "
                                         "other unfinished muNet units (e.g. the seeds before the longer budgets)")
     args = parser.parse_args(argv)
@@ -562,6 +566,29 @@ def main(argv: list[str] | None = None) -> int:
     print("muNet's longest lineage per task (training images, the paper's baseline budget): "
           + ", ".join(f"{t} {lineage_budget(cfg, n):,}" for t, n in sizes.items()))
     t_start = time.perf_counter()
+    chosen = set(args.units.split(",")) if args.units else None
+    lora_ok = peft_available()
+    runnable = [s for s in specs if s.kind != "lora" or lora_ok]
+    planned = 0 if args.only == "baselines" else sum(chosen is None or r[0] in chosen for r in runs)
+    if args.only != "munet":
+        planned += len(runnable) * len(task_names)
+        if args.curve:
+            curve_runnable = [s for s in curve_specs if s.kind != "lora" or lora_ok]
+            planned += len(task_names) * (min(mode.top_baselines, len(runnable)) * (len(mode.seeds) - 1)
+                                          + len(curve_runnable) * (len(mode.budgets) - 1))
+    progress = Progress(planned, sys.stderr, unit="unit", quiet=args.quiet or args.report)
+
+    def tick(stored_before: int) -> None:
+        """One unit finished: trained here (counts towards the ETA's rate) or found done."""
+        (progress.advance if units.stored > stored_before else progress.skip)()
+
+    def say(text: str) -> None:
+        """A result line: above the bar on a terminal, on stdout otherwise."""
+        if progress.live:
+            progress.note(text)
+        else:
+            print(text, flush=True)
+
     finished: dict[str, dict[str, Any]] = {}  # unit name -> unit result
     busy: list[str] = []  # units another live process is running
 
@@ -575,14 +602,15 @@ def main(argv: list[str] | None = None) -> int:
                 return None
             finished[unit] = result
             avg = _average([result["tasks"].get(t, {}).get("test_acc") for t in task_names])
-            print(f"[muNet] {unit}: average test {avg or float('nan'):.4f} ({time.perf_counter() - t0:.0f} s; total "
-                  f"{time.perf_counter() - t_start:.0f} s)", flush=True)
+            say(f"[muNet] {unit}: average test {avg or float('nan'):.4f} ({time.perf_counter() - t0:.0f} s; total "
+                f"{time.perf_counter() - t_start:.0f} s)")
         return finished[unit]
 
-    chosen = set(args.units.split(",")) if args.units else None
     for entry in runs if args.only != "baselines" else []:
         if chosen is None or entry[0] in chosen:
-            munet_result(entry)
+            before = units.stored
+            if munet_result(entry) is not None:
+                tick(before)
     runner = BaselineRunner(cfg, tasks)
     skipped: list[str] = []
     baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> per task
@@ -601,14 +629,19 @@ def main(argv: list[str] | None = None) -> int:
             return
         tag = (f"__b{budget}" if budget != 1 else "") + (f"__seed{seed}" if seed else "")
         t0 = time.perf_counter()
-        per_task = {t: runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag) for t in task_names}
+        per_task = {}
+        for t in task_names:
+            before = units.stored
+            per_task[t] = runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag)
+            if per_task[t] is not None:
+                tick(before)
         if None in per_task.values():
             busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
             return
         baseline_runs[(spec.name, budget, seed)] = per_task
         avg = _average([r["test_acc"] for r in per_task.values()])
-        print(f"[baseline] {spec.name} x{budget} seed {seed}: average test {avg or float('nan'):.4f} "
-              f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)", flush=True)
+        say(f"[baseline] {spec.name} x{budget} seed {seed}: average test {avg or float('nan'):.4f} "
+            f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)")
 
     if args.only != "munet":
         for spec in specs:
@@ -624,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                 if budget != 1:
                     for spec in curve_specs:
                         baselines(spec, budget, 0)
+    progress.close()
     if busy and args.report:
         print(f"left out of the report, not finished: {', '.join(busy)}", flush=True)
     elif busy:

@@ -49,6 +49,16 @@ def test_quiet_prints_nothing_and_eta_ignores_work_done_before():
         assert stream.getvalue() == "" and progress.done == 6 and progress.eta() >= 0
 
 
+def test_units_found_done_count_towards_the_bar_not_the_rate():
+    progress = Progress(10, Terminal(), quiet=False, min_interval=0)
+    progress.skip(3)  # a benchmark's stored units
+    assert progress.done == 3 and progress.bar.n == 3
+    assert progress.eta() != progress.eta()  # NaN: nothing trained in this session yet
+    progress.advance()
+    assert progress.eta() >= 0
+    progress.close()
+
+
 def test_munet_quiet_run_prints_no_progress(tmp_path, capsys, one_thread):
     common = ["--root", TINY_ROOT, "--tasks", "a", "--depth", "1", "--image-size", "8", "--max-image-size", "8",
               "--children-per-task", "2", "--steps-between-validations", "1", "--validations", "1",

@@ -75,6 +75,11 @@ class Progress:
         self.done += units
         self.bar.update(units)
 
+    def skip(self, units: int = 1) -> None:
+        """Counts ``units`` found already done (e.g. a benchmark's stored results): towards the total, not the rate."""
+        self.done_before += units
+        self.advance(units)
+
     def note(self, text: str) -> None:
         """Prints a permanent line (e.g. at the end of a generation), above the bar on a terminal."""
         if self.quiet:

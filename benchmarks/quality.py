@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> per task
 
     def baselines(spec: BaselineSpec, budget: int, seed: int) -> None:
-        if spec.kind == "lora" and not peft_available():
+        if spec.kind == "lora" and not lora_ok:
             if spec.name not in skipped:
                 skipped.append(spec.name)
                 print(f"[baseline] {spec.name}: skipped. {PEFT_HINT}", flush=True)

@@ -65,12 +65,19 @@ class MultitaskSystem:
         Returns:
             One :class:`~munet.predict.Prediction` per image, or for ``"all"`` a dict task -> predictions.
         """
-        tasks = self.tasks if task == "all" else [task]
+        answers = self.predict_tasks(to_uint8_images(images), self.tasks if task == "all" else [task])
+        return answers if task == "all" else answers[task]
+
+    def predict_tasks(self, images: list[torch.Tensor], tasks: list[str]) -> dict[str, list[Prediction]]:
+        """Every image's prediction for each of ``tasks`` (components their paths share run once per batch).
+
+        Args:
+            images: uint8 ``(1, C, H, W)`` images (see :func:`munet.predict.to_uint8_images`).
+            tasks: task names.
+        """
         paths = {t: self.path(t) for t in tasks}
         root = self.system.root
-        answers = predict(paths, {t: self.class_names[t] for t in tasks}, to_uint8_images(images), root.mean,
-                          root.std)
-        return answers if task == "all" else answers[task]
+        return predict(paths, {t: self.class_names[t] for t in tasks}, images, root.mean, root.std)
 
     def export(self, task: str, out: str | FsPath, format: str = "safetensors") -> FsPath:  # noqa: A002
         """Writes ``task``'s path as a self-contained model (see :mod:`munet.export`); returns the model file."""

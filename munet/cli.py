@@ -166,6 +166,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from munet.serving import require_serve_extra
+
+    require_serve_extra()
+    from munet.serving.app import Limits
+    from munet.serving.server import serve
+
+    if not 0 <= args.port <= 65535:
+        raise MunetError(f"--port must be in 0-65535 (0: a free port), got {args.port}")
+    if args.max_wait_ms < 0 or args.max_batch < 1:
+        raise MunetError("--max-wait-ms must be >= 0 and --max-batch >= 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    serve(args.run_dir, args.host, args.port, tasks, Limits(max_batch_images=args.max_batch,
+                                                           max_wait_ms=args.max_wait_ms), stream=sys.stdout)
+    return 0
+
+
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from munet.data.registry import TASKS
 
@@ -238,6 +255,15 @@ def make_parser() -> argparse.ArgumentParser:
     pr_p.add_argument("--top", type=int, default=1, help="print the K most probable labels (default 1)")
     pr_p.add_argument("--json", action="store_true", help="print every probability as JSON")
     pr_p.set_defaults(func=_cmd_predict)
+    sv_p = sub.add_parser("serve", help="answer predictions over HTTP (needs `pip install -e .[serve]`)")
+    sv_p.add_argument("run_dir", help="run directory (a run still training is served from its last checkpoint)")
+    sv_p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv_p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free port, printed)")
+    sv_p.add_argument("--tasks", default=None, help="comma-separated tasks to serve (default: all)")
+    sv_p.add_argument("--max-batch", type=int, default=64, help="images per forward batch (default 64)")
+    sv_p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests "
+                      "after its first (default 5)")
+    sv_p.set_defaults(func=_cmd_serve)
     sub.add_parser("tasks", help="list registered tasks").set_defaults(func=_cmd_tasks)
     sub.add_parser("presets", help="list presets").set_defaults(func=_cmd_presets)
     return parser

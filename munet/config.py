@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOGS = ("", "tensorboard")
 EXECUTORS = ("local", "ray")
 SCHEDULES = ("round_robin", "agents")
+SCHEDULE_SPANS = ("child", "iteration")
 
 
 def generations_per_iteration(children_per_task: int, generation_size: int, separate_probes: bool) -> int:
@@ -26,7 +27,8 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 
 #: Values of keys added after runs were first stored, as munet behaved before each key existed.
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
-                                       "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin"}
+                                       "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
+                                       "schedule_span": "child"}
 
 
 @dataclass
@@ -77,6 +79,9 @@ class RunConfig:
         stop_margin: stop a child early at a validation scoring more than this below its parent's score while it
             has nothing accepted yet (0: never), to spend the compute on other children.
         keep_diverged: a child that diverges after an accepted validation keeps that snapshot (the spec).
+        schedule_span: what one warmup-cosine learning-rate schedule spans: ``child`` (the spec: every child warms
+            up and decays to 0 over its own training) or ``iteration`` (the children of a task iteration train
+            consecutive parts of one schedule, so later children refine their parents at lower rates).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -132,6 +137,7 @@ class RunConfig:
     accept_ties: bool = False
     stop_margin: float = 0.0
     keep_diverged: bool = True
+    schedule_span: str = "child"
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -184,6 +190,8 @@ class RunConfig:
             raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule_span not in SCHEDULE_SPANS:
+            raise ConfigError(f"schedule_span must be one of {list(SCHEDULE_SPANS)}, got {self.schedule_span!r}")
         if self.ray_address and self.executor != "ray":
             raise ConfigError(f"ray_address {self.ray_address!r} is set but executor is {self.executor!r}; add "
                               "--executor ray")

@@ -3,6 +3,7 @@ answering one task or all of them, with every component shared between tasks run
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path as FsPath
@@ -18,7 +19,7 @@ from munet.errors import DataError
 from munet.model.path import TaskPath
 from munet.training.frozen import FeatureCache, shared_forward
 
-ImageLike = str | FsPath | Image.Image | np.ndarray | torch.Tensor
+ImageLike = str | FsPath | bytes | Image.Image | np.ndarray | torch.Tensor
 CHUNK = 256  # images per forward batch; bounds activation and cache memory
 
 
@@ -47,21 +48,25 @@ class Prediction:
 def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tensor]:
     """Images as a list of uint8 ``(1, C, H, W)`` tensors (C in {1, 3}), at their own sizes.
 
-    Accepts image files, PIL images, ``(H, W)``/``(H, W, 3)`` uint8 arrays, or one batch (array or tensor)
-    ``(N, C, H, W)`` / ``(N, H, W, C)`` / ``(N, H, W)``, uint8 or float in [0, 1].
+    Accepts image files, encoded image files' bytes (PNG, JPEG, ...), PIL images, ``(H, W)``/``(H, W, 3)`` uint8
+    arrays, or one batch (array or tensor) ``(N, C, H, W)`` / ``(N, H, W, C)`` / ``(N, H, W)``, uint8 or float in
+    [0, 1].
 
     Raises:
-        DataError: an unreadable file or an array that is not an image.
+        DataError: an unreadable file or bytes, or an array that is not an image.
     """
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim in (3, 4) and not _single(images):
         arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
         return list(torch.from_numpy(images_to_nchw_uint8(arr, "images").copy()).split(1))
-    items = [images] if isinstance(images, (str, FsPath, Image.Image, np.ndarray, torch.Tensor)) else list(images)
+    single = (str, FsPath, bytes, Image.Image, np.ndarray, torch.Tensor)
+    items = [images] if isinstance(images, single) else list(images)
     if not items:
         raise DataError("no images to predict")
     out = []
-    for item in items:
-        if isinstance(item, (str, FsPath)):
+    for number, item in enumerate(items):
+        if isinstance(item, bytes):
+            arr = _read_image(io.BytesIO(item), f"number {number}")
+        elif isinstance(item, (str, FsPath)):
             path = FsPath(item)
             if path.is_dir():
                 raise DataError(f"{path} is a directory, not an image file; pass the image files it holds (e.g. "

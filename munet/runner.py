@@ -182,7 +182,7 @@ class Wiring:
                          generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
                          mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
                          max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
-                         probe_validations=cfg.probe_validations,
+                         probe_validations=cfg.probe_validations, schedule_span=cfg.schedule_span,
                          executor=make_executor(cfg.executor, cfg.ray_address, torch.get_num_threads()))
 
 

@@ -150,3 +150,20 @@ def test_run_train_adds_its_callbacks_next_to_a_callers(tmp_path):
         assert len(evo.after_generation) == 1 and len(evo.on_step) == 1
     assert seen == [(task, gen) for task in ("a", "b") for gen in range(evo.generations())]
     assert stream.getvalue().count("| gen ") == len(seen) and sum(steps) > 0
+
+
+def test_iteration_schedule_span_gives_the_children_consecutive_parts_of_one_schedule():
+    """schedule_span = iteration: the children's generations (after the probe generation) train parts 0, 1 of
+    one schedule; the default (the spec) gives every child the whole schedule; the span changes what is learnt."""
+    evo = _evolution(separate_probes=True, probe_validations=1, schedule_span="iteration")
+    parts = [(s.schedule_part, s.schedule_parts) for s in map(evo.child_settings, range(1, evo.generations()))]
+    assert parts == [(0, 2), (1, 2)]
+    spec = _evolution(separate_probes=True, probe_validations=1)
+    assert spec.child_settings(2) is spec.settings
+    evals: dict[int, list] = {id(evo): [], id(spec): []}
+    for e in (evo, spec):
+        e.after_training.append(lambda task, gen, children, outcomes, e=e: evals[id(e)].extend(
+            o.evals for o in outcomes))
+        e.task_iteration("a")
+    assert len(evals[id(evo)]) == len(evals[id(spec)]) > 4
+    assert evals[id(evo)] != evals[id(spec)]

@@ -13,7 +13,7 @@ from munet.evolution.hparams import DEFAULTS
 from munet.evolution.mutate import make_child
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
-from munet.training.schedule import learning_rate
+from munet.training.schedule import learning_rate, warmup_cosine
 from munet.training.settings import TrainSettings
 from munet.training.trainer import train_generation
 
@@ -100,6 +100,30 @@ def test_schedules():
     assert learning_rate(cos, 30, 10, 3) == pytest.approx(0.0)
     rs = dict(hp, opt_lr_schedule="restarts", opt_lr_warmup_ratio=0.2)
     assert learning_rate(rs, 2, 10, 3) == pytest.approx(learning_rate(rs, 12, 10, 3))
+
+
+def test_a_cosine_split_into_parts_is_one_schedule_over_all_parts():
+    """schedule_span = iteration: part i of n of a child's 3 x 10 steps is steps 30 i ... 30 i + 29 of one
+    warmup-cosine over 120 steps, warming up over 10 % of all of them."""
+    cos = dict(DEFAULTS, opt_lr=0.1, opt_lr_schedule="cosine", opt_lr_warmup_ratio=0.1)
+    split = [learning_rate(cos, step, 10, 3, part, 4) for part in range(4) for step in range(30)]
+    assert split == pytest.approx([warmup_cosine(step, 0.1, 12, 120) for step in range(120)])
+    assert learning_rate(cos, 0, 10, 3, 0, 4) == pytest.approx(0.001)
+    assert learning_rate(cos, 29, 10, 3, 3, 4) < 1e-3 < learning_rate(cos, 29, 10, 3, 0, 4)
+
+
+def test_the_trainer_trains_the_settings_part_of_the_schedule(system, policy, tiny_root):
+    """A child trained in the last part of a long schedule (learning rate near 0) barely moves; the same child
+    trained over the whole schedule moves."""
+    moved = {}
+    for part, parts in ((0, 1), (999, 1000)):
+        child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
+        before = [p.detach().clone() for p in child.trainable_parameters()]
+        settings = dataclasses.replace(SETTINGS, schedule_part=part, schedule_parts=parts)
+        train_generation([child], [float("-inf")], make_task("a"), DS, settings, _evaluator(tiny_root), lambda p, q: q,
+                         torch.Generator().manual_seed(0))
+        moved[parts] = max((p - b).abs().max().item() for p, b in zip(child.trainable_parameters(), before))
+    assert moved[1000] < 1e-3 * moved[1]
 
 
 def test_child_diverging_after_an_accepted_validation_keeps_that_snapshot(system, policy, tiny_root):

@@ -274,15 +274,17 @@ def _list_images(folder: Path, exts: set[str]) -> list[Path]:
                                                                          p.relative_to(folder).parts))
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(source: Path | BinaryIO, name: str | None = None) -> np.ndarray:
+    """A decoded image file (a path, or its bytes as a file object; ``name`` in error messages, default the path)."""
+    name = name or str(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
-            return pil_to_array(img, str(path))
+            return pil_to_array(img, name)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
 
 
 def _class_dirs(folder: Path) -> list[Path]:

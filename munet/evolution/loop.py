@@ -77,6 +77,8 @@ class Evolution:
         separate_probes: probe the seeds in a generation of their own before the task's ``children_per_task``
             mutated children, instead of in the first children's slots (the spec); see :meth:`generations`.
         probe_validations: validation periods a probe of a separate probe generation trains (0: as a child).
+        schedule_span: ``child`` (the spec: every child runs the whole warmup-cosine) or ``iteration`` (the
+            children's generations run consecutive parts of one schedule over the task iteration).
         executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
             by default.
 
@@ -91,7 +93,8 @@ class Evolution:
     def __init__(self, system: System, tasks: dict[str, TaskData], policy: MutationPolicy, settings: TrainSettings,
                  evaluator: Evaluator, *, children_per_task: int, generation_size: int, max_image_size: int,
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
-                 separate_probes: bool = False, probe_validations: int = 0, executor: Executor | None = None):
+                 separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
+                 executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -104,6 +107,7 @@ class Evolution:
         self.separate_probes = separate_probes
         self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
                                if separate_probes and probe_validations else settings)
+        self.schedule_span = schedule_span
         self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
@@ -136,6 +140,16 @@ class Evolution:
     def generations(self) -> int:
         """Generations per task iteration: the children's, plus the probe generation when probes are separate."""
         return generations_per_iteration(self.children_per_task, self.generation_size, self.separate_probes)
+
+    def child_settings(self, generation: int) -> TrainSettings:
+        """The training settings of a children's generation: with ``schedule_span = "iteration"`` the children's
+        generations train consecutive parts of one learning-rate schedule over the task iteration, so a lineage
+        anneals instead of restarting at the peak rate with every child."""
+        if self.schedule_span == "child":
+            return self.settings
+        first = int(self.separate_probes)
+        return dataclasses.replace(self.settings, schedule_part=generation - first,
+                                   schedule_parts=self.generations() - first)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_ds_hparams(self, task: str, mutate: bool) -> dict[str, Any]:
@@ -204,7 +218,7 @@ class Evolution:
                 comp.module.to(self.settings.device)
         to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
         self.before_training(task, gen, children, to_beat, ds)
-        settings = self.probe_settings if probing else self.settings
+        settings = self.probe_settings if probing else self.child_settings(gen)
         outcomes = self.executor.train(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
                                        self.system.scorer(), state.generator, on_step=self.on_step)
         self.after_training(task, gen, children, outcomes)

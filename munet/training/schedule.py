@@ -19,18 +19,21 @@ def warmup_cosine(step: int, peak: float, warmup: int, total: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
 
 
-def learning_rate(hparams: dict[str, Any], step: int, steps_per_validation: int, validations: int) -> float:
+def learning_rate(hparams: dict[str, Any], step: int, steps_per_validation: int, validations: int, part: int = 0,
+                  parts: int = 1) -> float:
     """The learning rate at ``step`` of a child's training.
 
     ``constant`` runs at half the peak so its mean matches the other schedules; ``restarts`` repeats the
-    warmup-cosine once per validation period (SGDR).
+    warmup-cosine once per validation period (SGDR). A ``cosine`` child trains part ``part`` of ``parts`` equal
+    consecutive parts of one warmup-cosine (the spec: one part, the whole schedule per child).
     """
     lr, kind, ratio = hparams["opt_lr"], hparams["opt_lr_schedule"], hparams["opt_lr_warmup_ratio"]
     if kind == "constant":
         return 0.5 * lr
     if kind == "cosine":
-        total = steps_per_validation * validations
-        return warmup_cosine(step, lr, int(ratio * total), total)
+        child = steps_per_validation * validations
+        total = child * parts
+        return warmup_cosine(part * child + step, lr, int(ratio * total), total)
     if kind == "restarts":
         return warmup_cosine(step % steps_per_validation, lr, int(ratio * steps_per_validation), steps_per_validation)
     raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")

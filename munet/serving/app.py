@@ -1,0 +1,239 @@
+"""The HTTP routes of ``munet serve``: ``POST /v1/predict``, ``GET /v1/tasks``, ``GET /healthz``, ``GET /metrics``.
+
+Every bad request gets a 4xx answer ``{"error": "..."}`` that names the problem; an unexpected failure while
+answering one request is a 500 for that request alone, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from munet.api import MultitaskSystem
+from munet.data.user import image_header
+from munet.errors import DataError
+from munet.predict import to_uint8_images
+from munet.serving.batcher import Batcher, QueueFull
+from munet.serving.metrics import ServeMetrics
+
+ENDPOINTS = ("/v1/predict", "/v1/tasks", "/healthz", "/metrics")
+JSON_TYPE = "application/json"
+MULTIPART_TYPE = "multipart/form-data"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on requests and on the work waiting (defaults suit one CPU machine).
+
+    Attributes:
+        max_body_bytes: largest request body; larger ones are refused with 413 before they are read.
+        max_images: images in one request.
+        max_pixels: pixels (height x width) of one image, checked from its header before it is decoded.
+        max_queue: requests waiting for a batch; beyond it requests are refused with 503.
+        max_batch_images: images in one forward batch (requests keep joining a batch until it holds this many).
+        max_wait_ms: how long a batch waits for more requests after its first.
+    """
+
+    max_body_bytes: int = 16 << 20
+    max_images: int = 64
+    max_pixels: int = 4096 * 4096
+    max_queue: int = 256
+    max_batch_images: int = 64
+    max_wait_ms: float = 5.0
+
+
+class RequestError(Exception):
+    """A bad request: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def create_app(system: MultitaskSystem, tasks: list[str] | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The server's application for ``system``.
+
+    Args:
+        system: the run's multitask system (``munet.load``).
+        tasks: the tasks served (default: all of the run's).
+        limits: request and queue bounds.
+    """
+    served = list(tasks or system.tasks)
+    metrics = ServeMetrics()
+    batcher = Batcher(system.predict_tasks, metrics, limits.max_wait_ms / 1000, limits.max_batch_images,
+                      limits.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="munet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics  # read by tests and benchmarks
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+        try:
+            _check_length(request, limits.max_body_bytes)
+            response = await call_next(request)
+        except RequestError as err:
+            response = _error(err.status, err.message)
+        except Exception as err:  # noqa: BLE001 - one request's failure must not take the server down
+            response = _error(500, f"internal error: {type(err).__name__}: {err}")
+        metrics.observe(endpoint, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError) -> Response:
+        return _error(err.status, err.message)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "tasks": len(served)}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/tasks")
+    async def task_list() -> dict[str, Any]:
+        return {"run": str(system.run_dir), "complete": system.complete,
+                "tasks": [_describe(system, t) for t in served]}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        blobs, tasks = await _read_request(request, limits)
+        tasks = _resolve_tasks(tasks, served)
+        images = await asyncio.to_thread(_decode, blobs, limits.max_pixels)
+        try:
+            answers = await batcher.submit(images, tasks)
+        except QueueFull:
+            raise RequestError(503, f"the server is busy ({limits.max_queue} requests waiting); retry shortly") \
+                from None
+        return {"tasks": tasks,
+                "predictions": [{t: asdict(answers[t][i]) for t in tasks} for i in range(len(images))]}
+
+    return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _check_length(request: Request, max_bytes: int) -> None:
+    """Refuses a body that is too large before reading it; a body must declare its length to be bounded."""
+    if request.method != "POST":
+        return
+    declared = request.headers.get("content-length")
+    if declared is None:
+        raise RequestError(411, "send the request body with a Content-Length header (chunked bodies are not accepted)")
+    if not declared.isdigit() or int(declared) > max_bytes:
+        raise RequestError(413, f"the request body ({declared} bytes) exceeds the limit of {max_bytes} bytes; send "
+                                "fewer or smaller images per request")
+
+
+async def _read_request(request: Request, limits: Limits) -> tuple[list[bytes], list[str]]:
+    """The encoded images and the requested task names (``["all"]`` when none) of a multipart or JSON request."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == MULTIPART_TYPE:
+        blobs, tasks = await _read_multipart(request, limits.max_images)
+    elif content_type == JSON_TYPE:
+        blobs, tasks = _read_json(await request.body())
+    else:
+        raise RequestError(415, f"unsupported content type {content_type or 'none'!r}: send {MULTIPART_TYPE} (image "
+                                f"files, task fields) or {JSON_TYPE} ({{\"images\": [base64, ...], \"tasks\": [...]}})")
+    if not blobs:
+        raise RequestError(400, "the request holds no images: send image files (multipart field `image`) or "
+                                "base64 strings (JSON key `images`)")
+    if len(blobs) > limits.max_images:
+        raise RequestError(413, f"{len(blobs)} images in one request; the limit is {limits.max_images}")
+    return blobs, tasks or ["all"]
+
+
+async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes], list[str]]:
+    try:
+        form = await request.form(max_files=max_images + 1)
+    except Exception as err:  # noqa: BLE001 - starlette raises several types for malformed bodies
+        raise RequestError(400, f"malformed multipart body: {err}") from err
+    blobs, tasks = [], []
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            blobs.append(await value.read())
+        elif key in ("task", "tasks"):
+            tasks += [t.strip() for t in value.split(",") if t.strip()]
+        else:
+            raise RequestError(400, f"unknown form field {key!r}: send image files and `task` fields")
+    return blobs, tasks
+
+
+def _read_json(body: bytes) -> tuple[list[bytes], list[str]]:
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"the body is not valid JSON: {err}") from err
+    if not isinstance(doc, dict):
+        raise RequestError(400, 'the JSON body must be an object: {"images": [base64, ...], "tasks": [...]}')
+    images, tasks = doc.get("images", []), doc.get("tasks", doc.get("task", []))
+    images = [images] if isinstance(images, str) else images
+    tasks = [tasks] if isinstance(tasks, str) else tasks
+    if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+        raise RequestError(400, '"images" must be a list of base64 strings (encoded image files)')
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise RequestError(400, '"tasks" must be a list of task names, or "all"')
+    blobs = []
+    for number, text in enumerate(images):
+        try:  # a data URL's header ("data:image/png;base64,") is optional
+            blobs.append(base64.b64decode(text.split(",", 1)[-1], validate=True))
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(400, f"image number {number} is not valid base64: {err}") from err
+    return blobs, tasks
+
+
+def _resolve_tasks(requested: list[str], served: list[str]) -> list[str]:
+    if "all" in requested:
+        return served
+    unknown = [t for t in requested if t not in served]
+    if unknown:
+        raise RequestError(400, f"unknown task(s) {', '.join(map(repr, unknown))}; this server answers: "
+                                f"{', '.join(served)} (or `all`)")
+    return list(dict.fromkeys(requested))
+
+
+def _decode(blobs: list[bytes], max_pixels: int) -> list[torch.Tensor]:
+    """uint8 images, each checked for size from its header before it is decoded."""
+    for number, blob in enumerate(blobs):
+        try:
+            (height, width), _ = image_header(io.BytesIO(blob), f"number {number}")
+        except DataError as err:
+            raise RequestError(400, str(err)) from None
+        if height * width > max_pixels:
+            raise RequestError(413, f"image number {number} has {width}x{height} pixels; the limit is {max_pixels} "
+                                    "pixels: resize it first")
+    try:
+        return to_uint8_images(blobs)
+    except DataError as err:
+        raise RequestError(400, str(err)) from None
+
+
+def _describe(system: MultitaskSystem, task: str) -> dict[str, Any]:
+    path = system.path(task)
+    return {"name": task, "classes": system.class_names[task], "image_size": int(path.hparams["ds_image_size"]),
+            "parameters": path.num_params(), "path_id": path.id}

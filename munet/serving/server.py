@@ -1,0 +1,109 @@
+"""Running the server with uvicorn: in the foreground (``munet serve``) or in a background thread (tests,
+benchmarks, a program that embeds it). The listening socket is bound first, so ``port = 0`` picks a free port and
+the address printed is the one that answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path as FsPath
+from typing import TextIO
+
+import uvicorn
+from fastapi import FastAPI
+
+from munet.api import load
+from munet.errors import MunetError
+from munet.serving.app import Limits, create_app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port`` 0: a free one).
+
+    Raises:
+        OSError: the address is in use or cannot be bound.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """The ``http://host:port`` a bound socket answers on."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _uvicorn(app: FastAPI) -> uvicorn.Server:
+    # access lines would cost more than a tiny model's forward; /metrics counts the requests instead
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+
+
+class BackgroundServer:
+    """A server in a daemon thread of this process, as a context manager whose ``url`` answers once entered.
+
+    Args:
+        app: the application (:func:`munet.serving.app.create_app`).
+        host: the address to listen on.
+        port: the port (0: a free one).
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        self.app = app
+        self._sock = bind(host, port)
+        self.url = url_of(self._sock)
+        self._server = _uvicorn(app)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()
+
+
+def serve(run_dir: str | FsPath, host: str = "127.0.0.1", port: int = 8000, tasks: list[str] | None = None,
+          limits: Limits | None = None, stream: TextIO | None = None) -> None:
+    """Serves the last checkpoint of the run in ``run_dir`` until interrupted (a run still training is read as it
+    was when the server started).
+
+    Args:
+        run_dir: the run directory.
+        host, port: where to listen (``port`` 0: a free port, printed).
+        tasks: the tasks to serve (default: all of the run's).
+        limits: request and queue bounds (default: :class:`~munet.serving.app.Limits`'s).
+        stream: where the address is announced (default: nowhere).
+
+    Raises:
+        MunetError: not a run, or an unknown task.
+        OSError: the address cannot be bound.
+    """
+    system = load(run_dir)
+    for task in tasks or []:
+        system.path(task)  # names the run's tasks when one is unknown
+    served = list(tasks or system.tasks)
+    if not served:
+        raise MunetError(f"{run_dir} has no task with a retained path yet: nothing to serve")
+    app = create_app(system, served, limits or Limits())
+    sock = bind(host, port)
+    if stream is not None:
+        state = "complete" if system.complete else "still training: serving its last checkpoint"
+        print(f"serving {run_dir} ({state}; tasks {', '.join(served)}) on {url_of(sock)}", file=stream, flush=True)
+    try:
+        _uvicorn(app).run(sockets=[sock])
+    finally:
+        sock.close()

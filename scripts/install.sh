@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,export,ray,online]"  # export: onnxruntime, for the ONNX export test; ray:
-# the Ray executor tests; online: Hugging Face datasets, for the test of datasets read per batch
+[ "${1:-}" = "--test" ] && extras="[test,export,ray,online,serve]"  # export: onnxruntime, for the ONNX export test;
+# ray: the Ray executor tests; online: Hugging Face datasets, for the test of datasets read per batch; serve: the
+# HTTP server's tests
 
 # Debian packages: the Fashion-MNIST data, and for the tests Chromium (the report's browser test); one apt-get update
 apt=()

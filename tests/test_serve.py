@@ -1,0 +1,196 @@
+"""``munet serve`` over real HTTP: a uvicorn server in a thread on a free loopback port, answering a tiny run."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from conftest import Crash, crashing_store, make_run
+from PIL import Image
+
+import munet
+from munet.cli import main
+from munet.serving.app import Limits, create_app
+from munet.serving.server import BackgroundServer
+from munet.storage.store import Store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overrides conftest's: connections to this machine's loopback address are allowed, any other fails."""
+    connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address, *args, **kwargs):
+        if not (isinstance(address, tuple) and address[0] in LOOPBACK):
+            raise RuntimeError(f"network access attempted in a test: {address}")
+        return connect(sock, address, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("serve") / "run"
+    # μ = 0: no clone or adapter mutations, so both tasks' paths start with the same root components
+    make_run(out, mutation_prob=0.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def system(run_dir):
+    return munet.load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def server(system):
+    # a wait long enough that the requests a test sends together always share a batch
+    with BackgroundServer(create_app(system, limits=Limits(max_wait_ms=200, max_body_bytes=1 << 20))) as srv:
+        yield srv
+
+
+def _png(seed: int, size: int = 20, mode: str = "RGB") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_tasks_health_and_metrics(server, system):
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "tasks": 2}
+        tasks = client.get("/v1/tasks").json()
+        assert tasks["complete"] is True and [t["name"] for t in tasks["tasks"]] == ["a", "b"]
+        a = tasks["tasks"][0]
+        assert a["classes"] == ["c0", "c1", "c2"] and a["image_size"] == 8
+        assert a["parameters"] == system.path("a").num_params() and a["path_id"] == system.path("a").id
+        client.post("/v1/predict", files=[("image", _png(0))])
+        metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'munet_serve_requests_total{endpoint="/v1/predict",status="200"}' in text
+    assert 'munet_serve_requests_total{endpoint="/v1/tasks",status="200"} 1.0' in text
+    assert "munet_serve_request_seconds_bucket" in text and "munet_serve_batch_images_count" in text
+
+
+def test_predictions_equal_munet_predict(server, run_dir, tmp_path, capsys):
+    """Multipart and base64 JSON answers equal `munet predict --task all --json` within 1e-5."""
+    blobs = [_png(1), _png(2, size=13, mode="L")]
+    files = []
+    for i, blob in enumerate(blobs):
+        files.append(tmp_path / f"img{i}.png")
+        files[-1].write_bytes(blob)
+    assert main(["predict", str(run_dir), "--task", "all", "--json", *map(str, files)]) == 0
+    expected = {(r["file"], r["task"]): r for r in json.loads(capsys.readouterr().out)}
+    with httpx.Client(base_url=server.url) as client:
+        multipart = client.post("/v1/predict", files=[("image", b) for b in blobs], data={"task": "all"})
+        as_json = client.post("/v1/predict", json={"images": [base64.b64encode(b).decode() for b in blobs]})
+        only_b = client.post("/v1/predict", json={"images": [base64.b64encode(blobs[1]).decode()], "tasks": ["b"]})
+    for answer in (multipart, as_json):
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["tasks"] == ["a", "b"] and len(body["predictions"]) == 2
+        for i, prediction in enumerate(body["predictions"]):
+            for task in ("a", "b"):
+                want = expected[(str(files[i]), task)]
+                assert prediction[task]["label"] == want["label"]
+                assert np.abs(np.subtract(prediction[task]["probabilities"], want["probabilities"])).max() <= 1e-5
+    assert only_b.json()["tasks"] == ["b"] and list(only_b.json()["predictions"][0]) == ["b"]
+    assert abs(only_b.json()["predictions"][0]["b"]["probability"] - expected[(str(files[1]), "b")]["probability"]) \
+        <= 1e-5
+
+
+def test_mixed_task_requests_share_one_batch(server, system):
+    """Concurrent requests for task a and task b form one batch in which the shared first block runs once."""
+    paths = [system.path(t) for t in ("a", "b")]
+    shared = paths[0].components["block_0"]
+    assert shared is paths[1].components["block_0"]
+    calls: list[int] = []
+    hook = shared.module.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
+    batches = server.app.state.metrics.batch_requests
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            return await asyncio.gather(
+                client.post("/v1/predict", files=[("image", _png(3))], data={"task": "a"}),
+                client.post("/v1/predict", files=[("image", _png(4)), ("image", _png(5))], data={"task": "b"}))
+
+    before = batches.collect()[0].samples
+    try:
+        a, b = asyncio.run(together())
+    finally:
+        hook.remove()
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert list(a.json()["predictions"][0]) == ["a"] and len(b.json()["predictions"]) == 2
+    assert calls == [3]  # one forward of the shared block, on the three images of both requests
+    count = {s.name: s.value for s in batches.collect()[0].samples}["munet_serve_batch_requests_sum"]
+    assert count - {s.name: s.value for s in before}["munet_serve_batch_requests_sum"] == 2
+
+
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
+    good = _png(6)
+    huge = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(huge, format="PNG")  # 20 M pixels, a small file
+    with httpx.Client(base_url=server.url) as client:
+        cases = {
+            "truncated": client.post("/v1/predict", files=[("image", good[: len(good) // 2])]),
+            "not an image": client.post("/v1/predict", files=[("image", b"hello")]),
+            "unknown task": client.post("/v1/predict", files=[("image", good)], data={"task": "zebra"}),
+            "wrong type": client.post("/v1/predict", content=good, headers={"content-type": "image/png"}),
+            "no images": client.post("/v1/predict", json={"tasks": ["a"]}),
+            "bad base64": client.post("/v1/predict", json={"images": ["%%%"]}),
+            "bad json": client.post("/v1/predict", content=b"{", headers={"content-type": "application/json"}),
+            "huge image": client.post("/v1/predict", files=[("image", huge.getvalue())]),
+            "oversized body": client.post("/v1/predict", files=[("image", bytes(2 << 20))]),
+            "unknown field": client.post("/v1/predict", files=[("image", good)], data={"colour": "red"}),
+        }
+        status = {name: r.status_code for name, r in cases.items()}
+        assert status == {"truncated": 400, "not an image": 400, "unknown task": 400, "wrong type": 415,
+                          "no images": 400, "bad base64": 400, "bad json": 400, "huge image": 413,
+                          "oversized body": 413, "unknown field": 400}
+        errors = {name: r.json()["error"] for name, r in cases.items()}
+        assert "zebra" in errors["unknown task"] and "a, b" in errors["unknown task"]
+        assert "multipart/form-data" in errors["wrong type"] and "5000x4000" in errors["huge image"]
+        assert "cannot read image number 0" in errors["not an image"]
+        assert client.get("/nope").status_code == 404
+        assert client.post("/v1/predict", files=[("image", good)]).status_code == 200
+
+
+def test_serve_command_errors(run_dir, capsys):
+    assert main(["serve", str(run_dir), "--tasks", "zebra", "--port", "0"]) == 2
+    assert "no task 'zebra'" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", str(run_dir / "missing"), "--port", "0"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_serve_command_without_the_extra(run_dir):
+    """Without the serve extra's packages the command says how to install them (exit 2, no traceback)."""
+    hide = "import sys; sys.modules['fastapi'] = None; from munet.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", hide, "serve", str(run_dir)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "pip install -e .[serve]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_still_training_is_served_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Crash):  # the run stops after its third checkpoint, as a process killed mid-run
+        make_run(out, crashing_store("commit", 3, keep_on_failure=True), mutation_prob=0.0)
+    with Store.open(out, write=True):  # and a training process holds the run's lock again
+        system = munet.load(out)
+        with BackgroundServer(create_app(system)) as srv, httpx.Client(base_url=srv.url) as client:
+            listed = client.get("/v1/tasks").json()
+            answer = client.post("/v1/predict", files=[("image", _png(7))])
+    assert listed["complete"] is False and listed["tasks"]
+    assert answer.status_code == 200 and answer.json()["tasks"] == [t["name"] for t in listed["tasks"]]

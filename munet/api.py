@@ -15,6 +15,7 @@ from munet.evolution.system import System
 from munet.export import FORMATS, export_path, path_config
 from munet.model.path import TaskPath
 from munet.model.roots import load_root
+from munet.multitask_export import export_multitask, multitask_config
 from munet.predict import ImageLike, Prediction, predict, to_uint8_images
 from munet.runner import Wiring
 from munet.storage.snapshot import load_checkpoint, root_from_store, verify_root
@@ -81,18 +82,32 @@ class MultitaskSystem:
 
     def export(self, task: str, out: str | FsPath, format: str = "safetensors") -> FsPath:  # noqa: A002
         """Writes ``task``'s path as a self-contained model (see :mod:`munet.export`); returns the model file."""
-        if format not in FORMATS:
-            raise MunetError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
         path = self.path(task)
         root = self.system.root
-        if self.meta["root"]["arch"] is None:
-            raise ExportError(f"the root of {self.run_dir} ({root.description}) uses parts an export cannot describe")
-        provenance = {"run": str(self.run_dir), "path_id": path.id, "root": root.description,
-                      "root_source": root.source, "root_sha256": root.sha256,
-                      "val_accuracy": path.metrics.get("quality"), "test_accuracy": path.metrics.get("test_quality")}
+        provenance = {**self._provenance(format), "path_id": path.id, "val_accuracy": path.metrics.get("quality"),
+                      "test_accuracy": path.metrics.get("test_quality")}
         config = path_config(path, self.meta["root"]["arch"], self.class_names[task], root.mean, root.std,
                              provenance)
         return export_path(path, config, out, format)
+
+    def export_all(self, out: str | FsPath, format: str = "safetensors") -> FsPath:  # noqa: A002
+        """Writes every task's path as one model, each shared component once and one output per task (see
+        :mod:`munet.multitask_export`); returns the model file."""
+        paths = [self.path(t) for t in self.tasks]
+        root = self.system.root
+        config = multitask_config(paths, self.meta["root"]["arch"], self.class_names, root.mean, root.std,
+                                  self._provenance(format))
+        return export_multitask(paths, config, out, format)
+
+    def _provenance(self, format: str) -> dict[str, Any]:  # noqa: A002
+        """The source of an export; checks first that one can be written in ``format``."""
+        if format not in FORMATS:
+            raise MunetError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+        root = self.system.root
+        if self.meta["root"]["arch"] is None:
+            raise ExportError(f"the root of {self.run_dir} ({root.description}) uses parts an export cannot describe")
+        return {"run": str(self.run_dir), "root": root.description, "root_source": root.source,
+                "root_sha256": root.sha256}
 
 
 def load(run_dir: str | FsPath) -> MultitaskSystem:

@@ -136,6 +136,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         target = system.export(args.task, args.out, args.format)
         print(f"exported {args.task} to {target} (with {target.parent / 'config.json'})")
         return 0
+    if not args.separate:
+        target = system.export_all(args.out, args.format)
+        print(f"exported {', '.join(system.tasks)} to {target} (with {target.parent / 'config.json'})")
+        return 0
     progress = Progress(len(system.tasks), sys.stderr, unit="task")  # bar on stderr, a line per task on stdout
     try:
         for task in system.tasks:
@@ -243,8 +247,10 @@ def make_parser() -> argparse.ArgumentParser:
     ck_p.set_defaults(func=_cmd_check)
     ex_p = sub.add_parser("export", help="write one task's model as a self-contained directory")
     ex_p.add_argument("run_dir", help="run directory")
-    ex_p.add_argument("--task", required=True, help="the task to export, or `all`: every task, each in its own "
-                      "directory OUT/TASK")
+    ex_p.add_argument("--task", required=True, help="the task to export, or `all`: every task in one model (one "
+                      "output per task, shared components once)")
+    ex_p.add_argument("--separate", action="store_true", help="with --task all: each task as its own model, in "
+                      "OUT/TASK")
     ex_p.add_argument("--out", required=True, help="output directory (model file + config.json)")
     ex_p.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"], help="model file format")
     ex_p.set_defaults(func=_cmd_export)

@@ -109,13 +109,7 @@ def export_path(path: TaskPath, config: dict[str, Any], out: str | FsPath, fmt: 
     Raises:
         ExportError: unknown format, unwritable directory, or an export that does not reproduce the path.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    out = FsPath(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ExportError(f"cannot create export directory {out}: {err.strerror or err}") from err
+    out = export_dir(out, fmt)
     model = build_model(config)
     model.load_state_dict(path_state_dict(path), strict=True)
     _check_same(model, path, config)
@@ -124,9 +118,44 @@ def export_path(path: TaskPath, config: dict[str, Any], out: str | FsPath, fmt: 
         atomic_write(target, blob_bytes(model.state_dict()))
     else:
         target = out / "model.onnx"
-        _write_onnx(model, config["image_size"], target)
+        size = config["image_size"]
+        write_onnx(model, (torch.zeros(1, 3, size, size),), ["images"], ["logits"], target)
     atomic_write(out / "config.json", json.dumps({**config, "weights": target.name}, indent=1))
     return target
+
+
+def export_dir(out: str | FsPath, fmt: str) -> FsPath:
+    """The export directory ``out``, created, once ``fmt`` is known to be a format.
+
+    Raises:
+        ExportError: unknown format, or a directory that cannot be created.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = FsPath(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create export directory {out}: {err.strerror or err}") from err
+    return out
+
+
+def read_export(directory: FsPath, kind: str, version: int) -> tuple[dict[str, Any], FsPath]:
+    """``config.json`` of an export directory of format ``kind`` and its safetensors weights file.
+
+    Raises:
+        ExportError: no readable config.json, another format or version, or no model.safetensors.
+    """
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{directory} is not a munet export (cannot read config.json: {err})") from err
+    if config.get("format") != kind or config.get("version") != version:
+        raise ExportError(f"{directory}/config.json is not a {kind} of version {version}")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{directory} holds no model.safetensors (an ONNX export is loaded with onnxruntime)")
+    return config, weights
 
 
 def _check_same(model: ExportedViT, path: TaskPath, config: dict[str, Any]) -> None:
@@ -139,13 +168,21 @@ def _check_same(model: ExportedViT, path: TaskPath, config: dict[str, Any]) -> N
                           f"differ by {diff:.3g} (tolerance {TOLERANCE})")
 
 
-def _write_onnx(model: nn.Module, size: int, target: FsPath) -> None:
+def write_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str],
+               target: FsPath) -> None:
+    """Writes ``model`` traced on ``example`` as a checked ONNX graph whose inputs and outputs have a dynamic batch.
+
+    Args:
+        model: the model; ``model(*example)`` returns one tensor per name in ``outputs``.
+        example: one input tensor per name in ``inputs``.
+        inputs, outputs: the graph's input and output names.
+        target: the ``.onnx`` file (written atomically).
+    """
     tmp = target.with_name(target.name + ".tmp")
-    x = torch.zeros(1, 3, size, size)
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes are not for users
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+        torch.onnx.export(model, example, str(tmp), dynamo=False, input_names=inputs, output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in inputs + outputs}, opset_version=17)
     import onnx
 
     onnx.checker.check_model(str(tmp))
@@ -159,16 +196,7 @@ def load_exported(directory: str | FsPath) -> ExportedViT:
     Raises:
         ExportError: not an export directory, written by an incompatible version, or weights that do not fit.
     """
-    directory = FsPath(directory)
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportError(f"{directory} is not a munet export (cannot read config.json: {err})") from err
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise ExportError(f"{directory}/config.json is not a munet export of version {VERSION}")
-    weights = directory / "model.safetensors"
-    if not weights.is_file():
-        raise ExportError(f"{directory} holds no model.safetensors (an ONNX export is loaded with onnxruntime)")
+    config, weights = read_export(FsPath(directory), FORMAT, VERSION)
     model = build_model(config)
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)

@@ -83,7 +83,8 @@ def test_export_all_writes_every_task(tmp_path, capsys, one_thread):
     import munet
 
     make_run(tmp_path / "run")
-    assert main(["export", str(tmp_path / "run"), "--task", "all", "--out", str(tmp_path / "models")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--task", "all", "--separate", "--out",
+                 str(tmp_path / "models")]) == 0
     out = capsys.readouterr().out
     system = munet.load(tmp_path / "run")
     for task in ("a", "b"):

@@ -4,6 +4,8 @@ An export directory holds ``config.json`` (architecture, image size, normalisati
 ``model.safetensors`` (or ``model.onnx`` with ``--format onnx``). The model is a timm ``VisionTransformer`` whose
 standardised head is folded into a plain linear head; a path with residual adapters adds them as ``adapters.<i>``
 (run before block ``i``), so a path without adapters has exactly timm's state dict and loads into timm's class.
+An adapter is folded into the weights before it instead where that is exact (:func:`folded_adapters`: only one
+whose output projection is zero; a trained adapter is nonlinear in its input and stays a module).
 
 The model takes ``(B, 3, S, S)`` float images: RGB pixels in [0, 1] resized to ``S x S``, then normalised with
 ``(x - mean) / std`` (both in ``config.json``), and returns ``(B, num_classes)`` logits.
@@ -66,8 +68,9 @@ def path_config(path: TaskPath, arch: dict[str, Any], class_names: list[str], me
     size = int(path.hparams["ds_image_size"])
     vit = {**arch, "img_size": size, "depth": path.num_layers, "dynamic_img_size": False,
            "num_classes": len(class_names)}
+    folded = folded_adapters(path)
     adapters = {str(slot_index(n)): kind_of(n).shape_args(c.module)["adapter_dim"] for n, c in path.components.items()
-                if isinstance(kind_of(n), AdapterKind)}
+                if isinstance(kind_of(n), AdapterKind) and n not in folded}
     # timm's VisionTransformer defaults (its LayerNorm with eps 1e-6, GELU) make these arguments sufficient
     plain = not adapters and vit["norm"] == "timm" and vit["norm_eps"] == 1e-6 and vit["act"] == "gelu"
     timm_kwargs = {k: vit[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
@@ -79,17 +82,43 @@ def path_config(path: TaskPath, arch: dict[str, Any], class_names: list[str], me
         "input": f"float32 (batch, 3, {size}, {size}): RGB in [0, 1] resized to {size}x{size}, then (x - mean) / std",
         "output": f"float32 (batch, {len(class_names)}) logits, in the order of class_names",
         "architecture": {"vit": vit, "adapters": adapters},
+        "folded_adapters": sorted(slot_index(n) for n in folded),
         "timm_kwargs": {**timm_kwargs, "global_pool": "token", "class_token": True} if plain else None,
         "source": provenance,
     }
 
 
+def folded_adapters(path: TaskPath) -> dict[str, str]:
+    """The path's adapters that fold exactly into the weights before them: adapter slot -> the bias it joins.
+
+    An adapter computes ``x + W2 GELU(W1 LN(x)) + b2``; LayerNorm and GELU are not linear, so in general it cannot
+    be merged into neighbouring weights. When ``W2 = 0`` (an adapter that never trained) it adds the constant ``b2``
+    to every token, which joins the position embedding (before block 0, class slot included) or the last bias of
+    the block before it (its MLP's output bias, when the block has no layer scale).
+    """
+    folded = {}
+    for name, comp in path.components.items():
+        if not isinstance(kind_of(name), AdapterKind) or bool(comp.module.up.weight.any()):
+            continue
+        i = slot_index(name)
+        if i == 0:
+            folded[name] = "pos_embed"
+        elif not hasattr(path.components[f"block_{i - 1}"].module.ls2, "gamma"):  # layer scale would scale b2
+            folded[name] = f"blocks.{i - 1}.mlp.fc2.bias"
+    return folded
+
+
 def path_state_dict(path: TaskPath) -> dict[str, torch.Tensor]:
-    """The path's weights under the exported model's names; the standardised head is folded into the linear."""
+    """The path's weights under the exported model's names; the standardised head is folded into the linear, and
+    adapters into the biases before them where that is exact (:func:`folded_adapters`)."""
+    folded = folded_adapters(path)
     state: dict[str, torch.Tensor] = {}
     for op in path.ops():
         for name in op:
-            state.update(kind_of(name).export(path.components[name].module, slot_index(name)))
+            if name not in folded:
+                state.update(kind_of(name).export(path.components[name].module, slot_index(name)))
+    for name, target in folded.items():
+        state[target] = state[target] + path.components[name].module.up.bias
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 

@@ -165,3 +165,38 @@ def test_load_errors(tmp_path):
         munet.load_exported(tmp_path)
     with pytest.raises(MunetError, match="not a munet run directory|does not exist"):
         munet.load(tmp_path)
+
+
+def test_untrained_adapters_fold_into_the_biases_before_them(system, tmp_path):
+    """Adapters with a zero output projection (a constant shift) fold into the position embedding (before block 0)
+    and the previous block's MLP bias; a trained adapter stays; the export reproduces the path."""
+    root = system.root_path
+    comps = dict(root.components, posembed=system.root_posembed(root.hparams["ds_image_size"]))
+    generator = torch.Generator().manual_seed(4)
+    for i in range(3):
+        adapter = ResidualAdapter(system.root.embed_dim, 4, generator=generator)
+        with torch.no_grad():
+            adapter.up.bias.normal_(0, 0.5, generator=generator)  # the constant the adapter adds
+            if i == 1:
+                adapter.up.weight.normal_(0, 0.1, generator=generator)  # trained: not foldable
+        comps[f"adapter_{i}"] = system.new_component(f"adapter_{i}", adapter, {"a"}, "a")
+    from munet.model.components import StandardisedHead
+
+    head = StandardisedHead(system.root.embed_dim, 3)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 1, generator=generator)
+    comps["head"] = system.new_component("head", head, {"a"}, "a")
+    path = TaskPath(98, "a", comps, dict(root.hparams))
+    config = path_config(path, describe_vit(system.root.model), ["x", "y", "z"], system.root.mean, system.root.std,
+                         {})
+    export_path(path, config, tmp_path)
+    assert config["folded_adapters"] == [0, 2] and set(config["architecture"]["adapters"]) == {"1"}
+    model = munet.load_exported(tmp_path)
+    assert sorted(k.split(".")[1] for k in model.state_dict() if k.startswith("adapters.") and k.endswith("bias")) \
+        == ["1", "1", "1"]  # only adapter 1's norm, down and up remain
+    x = _inputs(config)
+    with torch.no_grad():
+        assert torch.allclose(model(x), path.forward(x), atol=1e-5)
+        for name in ("adapter_0", "adapter_2"):  # the folded adapters do change the function: they are not dropped
+            comps[name].module.up.bias.zero_()
+        assert not torch.allclose(model(x), path.forward(x), atol=1e-3)

@@ -24,7 +24,9 @@ def bind(host: str, port: int) -> socket.socket:
     Raises:
         OSError: the address is in use or cannot be bound.
     """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only for sockets that say so, and without
+    # it a kept-alive connection waits 40 ms for each response's body (Nagle's algorithm meets delayed ACKs)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -48,6 +48,9 @@ from munet.training.frozen import FeatureCache
 from munet.training.settings import TrainSettings
 
 log = logging.getLogger("munet")
+#: Training batches prepared ahead on CUDA, where the device would otherwise wait for reading and augmentation; on
+#: the CPU the preparing thread would compete with the training threads for the same cores.
+PREFETCH_BATCHES = 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,6 +133,7 @@ def train_settings(cfg: RunConfig, device: torch.device) -> TrainSettings:
                          validations=cfg.validations, max_val_examples=cfg.max_val_examples, device=device,
                          calibration_examples=TrainSettings.calibration_examples if cfg.standardise_head else 0,
                          autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
+                         prefetch_batches=PREFETCH_BATCHES if device.type == "cuda" else 0,
                          shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
                          stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
 

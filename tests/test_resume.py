@@ -22,7 +22,7 @@ from munet.runner import Run
 from munet.storage.store import BLOB_DIR, CRASH_ENV, DB_NAME, Store
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMINGS = ("train_time", "recorded_at", "saved_at", "wall_time_s", "created_at")
+TIMINGS = ("train_time", "data_wait", "recorded_at", "saved_at", "wall_time_s", "created_at")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

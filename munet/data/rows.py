@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import weakref
 import zipfile
 from abc import ABC, abstractmethod
@@ -48,14 +49,17 @@ class _Budget:
     def __init__(self, limit: int):
         self.limit = limit
         self.granted = 0
+        self._lock = threading.Lock()  # training batches may be read in a prefetch thread (training/batches.py)
 
     def grant(self, wanted: int) -> int:
-        given = max(0, min(wanted, self.limit - self.granted))
-        self.granted += given
-        return given
+        with self._lock:
+            given = max(0, min(wanted, self.limit - self.granted))
+            self.granted += given
+            return given
 
     def release(self, given: int) -> None:
-        self.granted -= given
+        with self._lock:
+            self.granted -= given
 
 
 _budget = _Budget(DEFAULT_DATA_CACHE_BYTES)

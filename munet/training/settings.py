@@ -30,6 +30,8 @@ class TrainSettings:
             head is the spec's plain zero-initialised linear head on the class token).
         device: torch device.
         autocast_bf16: run forward passes in bfloat16 autocast (CUDA only).
+        prefetch_batches: training batches read and augmented ahead in a background thread
+            (:mod:`munet.training.batches`; 0: each when its step needs it). Results are the same either way.
         inherit_momentum: µ2Net's optimiser-state inheritance: start each trainable component's momentum from
             the trace it was cloned with, and keep the trace of the kept snapshot on the component.
         shared_training: train a generation's children in lock-step sharing frozen prefixes; ``False`` trains
@@ -54,6 +56,7 @@ class TrainSettings:
     calibration_examples: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
+    prefetch_batches: int = 0
     inherit_momentum: bool = False
     shared_training: bool = True
     accept_ties: bool = False

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from munet.data.augment import eval_batch, train_batch
+from munet.data.augment import eval_batch
 from munet.data.task import TaskData
 from munet.model.path import TaskPath
+from munet.training.batches import Prefetch, draw_batches
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, frozen_forward, frozen_rows
 from munet.training.schedule import learning_rate, make_optimizer
@@ -69,6 +70,7 @@ class ChildOutcome:
         steps: training steps taken; ``images`` = steps x batch size.
         images: training images processed.
         train_time: wall seconds of the generation it was trained in.
+        data_wait: seconds of ``train_time`` the generation waited for training batches (reading, augmentation).
     """
 
     quality: float | None
@@ -79,12 +81,13 @@ class ChildOutcome:
     steps: int
     images: int
     train_time: float
+    data_wait: float
 
     def as_metrics(self) -> dict[str, Any]:
         """The outcome under the keys a path's metrics (and the store's ``paths.metrics``) use."""
         return {"quality": self.quality, "evals": self.evals, "improved": self.accepted, "failed": self.failed,
                 "stopped": self.stopped, "train_steps": self.steps, "train_images": self.images,
-                "train_time": self.train_time}
+                "train_time": self.train_time, "data_wait": self.data_wait}
 
 
 def _calibrate_head(path: TaskPath, task: TaskData, evaluator: Evaluator, image_size: int) -> None:
@@ -147,38 +150,34 @@ def train_generation(children: list[TaskPath], parent_scores: list[float], task:
     def images(rows: torch.Tensor) -> torch.Tensor:
         return to_device(eval_batch(train_x[rows], size, evaluator.mean, evaluator.std), dev)
 
-    order = torch.randperm(len(train_y), generator=generator)
-    cursor = 0
-    for step in range(total):
-        if cursor + settings.batch_size > len(order):  # a fresh example-level shuffle every epoch
-            order, cursor = torch.randperm(len(train_y), generator=generator), 0
-        idx = order[cursor: cursor + settings.batch_size]
-        cursor += settings.batch_size
-        yb = to_device(train_y[idx], dev)
-        if deterministic:  # frozen prefixes of each example are computed once and kept across steps
-            prefix = partial(frozen_rows, images=images, idx=idx, num_rows=len(train_y), cache=evaluator.cache,
-                             tag=(task.name, "train", size))
-        else:  # augmented: frozen prefixes are shared between the children on this batch only
-            xb = train_batch(train_x[idx], ds_hparams, size, evaluator.mean, evaluator.std, generator)
-            prefix = partial(frozen_forward, x=to_device(xb, dev), cache=FeatureCache(1 << 40),
-                             tag="batch")
-        for st in states:
-            if st.active:
-                _train_step(st, prefix, yb, step, k, settings, evaluator, chance_loss)
-        if (step + 1) % k == 0:
+    batches = draw_batches(task, ds_hparams, total, settings.batch_size, evaluator.mean, evaluator.std, generator,
+                           augmented=not deterministic, pin=dev.type == "cuda")
+    with Prefetch(batches, generator, settings.prefetch_batches) as prefetch:
+        for step, batch in enumerate(prefetch):
+            yb = to_device(train_y[batch.idx], dev)
+            if batch.x is None:  # frozen prefixes of each example are computed once and kept across steps
+                prefix = partial(frozen_rows, images=images, idx=batch.idx, num_rows=len(train_y),
+                                 cache=evaluator.cache, tag=(task.name, "train", size))
+            else:  # augmented: frozen prefixes are shared between the children on this batch only
+                prefix = partial(frozen_forward, x=to_device(batch.x, dev), cache=FeatureCache(1 << 40), tag="batch")
             for st in states:
                 if st.active:
-                    _validate(st, task, size, limit, evaluator, score_fn, settings)
-        if on_step:
-            on_step(len(states))
-        if not any(st.active for st in states):
-            break
+                    _train_step(st, prefix, yb, step, k, settings, evaluator, chance_loss)
+            if (step + 1) % k == 0:
+                for st in states:
+                    if st.active:
+                        _validate(st, task, size, limit, evaluator, score_fn, settings)
+            if on_step:
+                on_step(len(states))
+            if not any(st.active for st in states):
+                break
     elapsed = time.perf_counter() - t0
     outcomes: dict[int, ChildOutcome] = {}
     for st in states:
         accepted = st.snapshot is not None and (st.failed is None or settings.keep_diverged)
         outcomes[id(st.path)] = ChildOutcome(max(st.evals) if st.evals else None, st.evals, accepted, st.failed,
-                                             st.stopped, st.steps, st.steps * settings.batch_size, elapsed)
+                                             st.stopped, st.steps, st.steps * settings.batch_size, elapsed,
+                                             prefetch.waited)
         if accepted:
             comps = {c.id: c for c in st.path.trainable_components()}
             for cid, state in st.snapshot.items():

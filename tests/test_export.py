@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("export") / "run"
-    # μ = 0: no clone or adapter mutations, so both tasks' paths start with the same root components
-    make_run(out, mutation_prob=0.0)
+    # μ = 0 and no block clones: no clone or adapter mutations, so both tasks' paths keep the same root components
+    make_run(out, mutation_prob=0.0, clone_prob=0.0)
     return out
 
 

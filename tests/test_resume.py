@@ -92,7 +92,8 @@ def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path):
 def test_run_killed_after_its_last_commit_is_cleaned_by_resume(tmp_path):
     """A kill between the last checkpoint's commit and its clean-up leaves a complete run with orphaned blobs;
     opening it again removes them, so the store equals the uninterrupted one."""
-    settings = {"seed": 0, "mutation_prob": 0.4}  # a seed whose last checkpoint drops a component
+    # a seed (and schedule) whose last checkpoint drops a component
+    settings = {"seed": 0, "mutation_prob": 0.4, "schedule_span": "child"}
 
     class Counting(Store):
         collects = 0

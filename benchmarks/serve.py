@@ -3,13 +3,16 @@
 Both sides answer the same requests: each request is one image for which every task's answer is wanted. The
 multitask side sends it once to ``munet serve RUN`` (all tasks; requests arriving within a few ms are batched and the
 components the tasks share run once per batch). The per-task side sends it to one ``munet serve RUN --tasks T``
-server per task, one task after the other (the deployment without munet's sharing: a model per task). Each level of
-concurrency (1, 8 and 64 clients) runs both sides in the same process, one after the other, bounded in requests and
-seconds. A last phase sends bad requests (truncated and huge images, wrong content types, unknown tasks) alongside
-good ones and counts every answer: the server must keep answering the good ones.
+server per task, one task after the other (the deployment without munet's sharing: a model per task; each of those
+servers batches its own task's requests alike). Each level of concurrency (1, 8 and 64 clients) runs both sides in the
+same process, one after the other, on the same requests: ``max(40, 4 x clients)`` of them (so each side sees several
+waves of requests, not one), bounded in seconds. A last phase sends bad requests (truncated and huge images, wrong
+content types, unknown tasks) alongside good ones and counts every answer: the server must keep answering the good
+ones.
 
-Every server is a subprocess with one torch thread; the clients are httpx coroutines in this process. Images are
-random RGB PNGs (their content does not change the work).
+Every server is a subprocess with one torch thread; the clients are httpx coroutines in this process, on the same
+cores (the per-task side makes one HTTP request per task, and pays for them here too). Images are random RGB PNGs
+(their content does not change the work).
 
 Usage::
 
@@ -49,19 +52,24 @@ def png(seed: int, side: int = IMAGE_SIDE) -> bytes:
 
 
 class Server:
-    """``munet serve RUN --port 0 [--tasks T]`` in a subprocess (one torch thread), its address read from stdout."""
+    """``munet serve RUN --port 0 [--tasks T]`` in a subprocess (one torch thread); :meth:`wait` reads its address."""
 
     def __init__(self, run: str, tasks: list[str] | None = None):
         command = [sys.executable, "-m", "munet", "serve", run, "--port", "0"]
         command += ["--tasks", ",".join(tasks)] if tasks else []
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.url = ""
+
+    def wait(self) -> Server:
+        """Waits until the server listens (its first line names the address)."""
         line = self.process.stdout.readline()
         found = re.search(r"on (http://\S+)", line)
         if not found:
             self.process.kill()
             raise SystemExit(f"server did not start: {line}{self.process.stderr.read()}")
         self.url = found.group(1)
+        return self
 
     def stop(self) -> None:
         self.process.terminate()
@@ -79,7 +87,8 @@ def batch_stats(url: str) -> dict[str, float]:
 
 async def load(urls: list[str], concurrency: int, max_requests: int, seconds: float, images: list[bytes]
                ) -> dict[str, Any]:
-    """``concurrency`` clients send requests (each to every url in turn) until ``max_requests`` or ``seconds``."""
+    """``concurrency`` clients send requests (each to every url in turn) until ``max_requests`` are sent or
+    ``seconds`` have passed; throughput counts the answered requests over the time until the last answer."""
     latencies: list[float] = []
     failures = 0
     issued = 0
@@ -164,17 +173,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="run directory to serve")
     parser.add_argument("--made-by", default=None, help="the command that made the run (recorded in the results)")
-    parser.add_argument("--requests", type=int, default=400, help="most requests per side and level (default 400)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="most seconds per side and level (default 8)")
+    parser.add_argument("--waves", type=int, default=4, help="requests per side and level: max(40, WAVES x clients)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="most seconds per side and level (default 60)")
     parser.add_argument("--bad-rounds", type=int, default=10, help="rounds of bad requests (default 10)")
     parser.add_argument("--out", default=str(RESULTS), help="results JSON")
     args = parser.parse_args()
 
     started = time.time()
-    multitask = Server(args.run)
+    load_start = os.getloadavg()  # other jobs on the machine share its cores
+    multitask = Server(args.run).wait()
     listing = httpx.get(f"{multitask.url}/v1/tasks").json()
     tasks = [t["name"] for t in listing["tasks"]]
-    single = [Server(args.run, [t]) for t in tasks]
+    single = [Server(args.run, [t]) for t in tasks]  # they load the run side by side
+    for server in single:
+        server.wait()
     images = [png(seed) for seed in range(64)]
     levels = []
     try:
@@ -182,10 +194,11 @@ def main() -> None:
             for image in images[:4]:
                 httpx.post(f"{server.url}/v1/predict", files=[("image", image)]).raise_for_status()
         for clients in LEVELS:
+            count = max(40, args.waves * clients)
             before = batch_stats(multitask.url)
-            together = asyncio.run(load([multitask.url], clients, args.requests, args.seconds, images))
+            together = asyncio.run(load([multitask.url], clients, count, args.seconds, images))
             after = batch_stats(multitask.url)
-            alone = asyncio.run(load([s.url for s in single], clients, args.requests, args.seconds, images))
+            alone = asyncio.run(load([s.url for s in single], clients, count, args.seconds, images))
             batches = after["batches"] - before["batches"]
             levels.append({"clients": clients, "multitask": together, "per_task": alone,
                            "ratio": round(together["throughput"] / alone["throughput"], 2),
@@ -202,7 +215,8 @@ def main() -> None:
         "tasks": {t["name"]: {"image_size": t["image_size"], "parameters": t["parameters"]} for t in listing["tasks"]},
         "request": f"one {IMAGE_SIDE}x{IMAGE_SIDE} RGB PNG, every task's answer",
         "threads": "one torch thread per server process; clients: httpx coroutines in the benchmark process",
-        "cpus": os.cpu_count(), "levels": levels, "bad_input": robustness,
+        "cpus": os.cpu_count(), "load_average": {"start": load_start, "end": os.getloadavg()},
+        "levels": levels, "bad_input": robustness,
         "wall_seconds": round(time.time() - started, 1),
     }
     out = FsPath(args.out)

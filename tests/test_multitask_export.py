@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("multitask") / "run"
-    # μ = 0 keeps the root's blocks shared by the three tasks: one block computation serves all of them
-    make_run(out, mutation_prob=0.0, tasks=["a", "b", "c"])
+    # μ = 0 and no block clones keep the root's blocks shared by the three tasks: one computation serves them all
+    make_run(out, mutation_prob=0.0, clone_prob=0.0, tasks=["a", "b", "c"])
     return munet.load(out)
 
 

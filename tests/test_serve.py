@@ -13,6 +13,7 @@ import sys
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import Crash, crashing_store, make_run
 from PIL import Image
 
@@ -42,8 +43,8 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("serve") / "run"
-    # μ = 0: no clone or adapter mutations, so both tasks' paths start with the same root components
-    make_run(out, mutation_prob=0.0)
+    # μ = 0 and no block clones: both tasks' paths start with the same root components
+    make_run(out, mutation_prob=0.0, clone_prob=0.0)
     return out
 
 
@@ -186,7 +187,8 @@ def test_serve_command_without_the_extra(run_dir):
 def test_a_run_still_training_is_served_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Crash):  # the run stops after its third checkpoint, as a process killed mid-run
-        make_run(out, crashing_store("commit", 3, keep_on_failure=True), mutation_prob=0.0)
+        make_run(out, crashing_store("commit", 3, keep_on_failure=True), mutation_prob=0.0,
+                 clone_prob=0.0)
     with Store.open(out, write=True):  # and a training process holds the run's lock again
         system = munet.load(out)
         with BackgroundServer(create_app(system)) as srv, httpx.Client(base_url=srv.url) as client:
@@ -194,3 +196,40 @@ def test_a_run_still_training_is_served_from_its_last_checkpoint(tmp_path):
             answer = client.post("/v1/predict", files=[("image", _png(7))])
     assert listed["complete"] is False and listed["tasks"]
     assert answer.status_code == 200 and answer.json()["tasks"] == [t["name"] for t in listed["tasks"]]
+
+
+def test_a_failing_batch_is_a_500_for_its_requests_alone(system):
+    """A task the server lists but the run lacks fails inside the batch: those requests get 500, the server goes on."""
+    with BackgroundServer(create_app(system, tasks=["a", "ghost"])) as srv, httpx.Client(base_url=srv.url) as client:
+        failed = client.post("/v1/predict", files=[("image", _png(8))], data={"task": "ghost"})
+        fine = client.post("/v1/predict", files=[("image", _png(8))], data={"task": "a"})
+        metrics = client.get("/metrics").text
+    assert failed.status_code == 500 and "ghost" in failed.json()["error"]
+    assert fine.status_code == 200 and list(fine.json()["predictions"][0]) == ["a"]
+    assert 'munet_serve_requests_total{endpoint="/v1/predict",status="500"} 1.0' in metrics
+
+
+def test_a_full_queue_refuses_requests():
+    """With one request in the batch and one waiting (max_queue 1), a third is refused; the first two are answered."""
+    import time
+
+    from munet.predict import Prediction
+    from munet.serving.batcher import Batcher, QueueFull
+    from munet.serving.metrics import ServeMetrics
+
+    def slow(images, tasks):  # a batch that takes a while, so the queue fills meanwhile
+        time.sleep(0.2)
+        return {t: [Prediction("x", 0, 1.0, [1.0]) for _ in images] for t in tasks}
+
+    async def three() -> list:
+        batcher = Batcher(slow, ServeMetrics(), max_wait_s=0.0, max_images=1, max_queue=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([torch.zeros(1, 1, 4, 4)], ["t"]))
+        await asyncio.sleep(0.05)  # the worker has taken the first request into its batch
+        answers = await asyncio.gather(first, batcher.submit([torch.zeros(1, 1, 4, 4)], ["t"]),
+                                       batcher.submit([torch.zeros(1, 1, 4, 4)], ["t"]), return_exceptions=True)
+        await batcher.stop()
+        return answers
+
+    first, second, third = asyncio.run(three())
+    assert first["t"][0].label == second["t"][0].label == "x" and isinstance(third, QueueFull)

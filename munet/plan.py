@@ -124,9 +124,15 @@ def format_plan(plan: Plan) -> str:
     cfg = plan.cfg
     probes = (f"{plan.probes} probes in a generation of their own ({plan.probe_validations} validation period(s) "
               "each)" if cfg.separate_probes else "the seed probes in the first children's slots")
+    agents = cfg.schedule == "agents"
+    order = "one agent per task, all at once" if agents else "in round-robin order"
+    iterations = (f"{len(plan.tasks)} agents x {cfg.rounds} cycle(s)" if agents
+                  else f"{cfg.rounds} round(s) x {len(plan.tasks)} tasks")
+    span = ("one warmup-cosine per child" if cfg.schedule_span == "child"
+            else "one warmup-cosine over each task iteration's children")
     lines = [f"plan of {cfg.out} (dry run: nothing is trained or written)",
              f"root: {plan.root}; device {plan.device}, {plan.threads} CPU thread(s)",
-             f"tasks ({len(plan.tasks)}), in round-robin order; per child {cfg.validations} validations on up to "
+             f"tasks ({len(plan.tasks)}), {order}; per child {cfg.validations} validations on up to "
              f"{cfg.max_val_examples} images, batches of {cfg.batch_size}:"]
     width = max(len(t.name) for t in plan.tasks)
     for t in plan.tasks:
@@ -134,9 +140,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {t.name:<{width}}  {t.num_classes:>5} classes  train {s['train']:>9,}  val {s['val']:>8,}  "
                      f"test {s['test']:>8,}  {t.steps_per_child:>6,} steps = "
                      f"{t.steps_per_child * cfg.batch_size:,} images per child")
-    lines += [f"task iterations: {len(plan.order)} ({cfg.rounds} round(s) x {len(plan.tasks)} tasks); each "
-              f"{plan.generations} generations: {cfg.children_per_task} children in generations of "
-              f"{cfg.generation_size}, {probes}",
+    lines += [f"task iterations: {len(plan.order)} ({iterations}); each {plan.generations} generations: "
+              f"{cfg.children_per_task} children in generations of {cfg.generation_size}, {probes}; learning rate: "
+              f"{span}",
               f"images seen in all (estimate): {plan.training_images:,} training + {plan.validation_images:,} "
               f"validation = {plan.training_images + plan.validation_images:,}",
               "memory (estimates):"]

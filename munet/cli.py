@@ -182,8 +182,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.max_wait_ms < 0 or args.max_batch < 1:
         raise MunetError("--max-wait-ms must be >= 0 and --max-batch >= 1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    serve(args.run_dir, args.host, args.port, tasks, Limits(max_batch_images=args.max_batch,
-                                                           max_wait_ms=args.max_wait_ms), stream=sys.stdout)
+    try:
+        serve(args.run_dir, args.host, args.port, tasks, Limits(max_batch_images=args.max_batch,
+                                                               max_wait_ms=args.max_wait_ms), stream=sys.stdout)
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises it again
+        print("server stopped", file=sys.stderr)
     return 0
 
 

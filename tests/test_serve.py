@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from munet.storage.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+JSON = "application/json"
 
 
 @pytest.fixture(autouse=True)
@@ -150,21 +152,39 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
             "wrong type": client.post("/v1/predict", content=good, headers={"content-type": "image/png"}),
             "no images": client.post("/v1/predict", json={"tasks": ["a"]}),
             "bad base64": client.post("/v1/predict", json={"images": ["%%%"]}),
-            "bad json": client.post("/v1/predict", content=b"{", headers={"content-type": "application/json"}),
+            "bad json": client.post("/v1/predict", content=b"{", headers={"content-type": JSON}),
             "huge image": client.post("/v1/predict", files=[("image", huge.getvalue())]),
             "oversized body": client.post("/v1/predict", files=[("image", bytes(2 << 20))]),
             "unknown field": client.post("/v1/predict", files=[("image", good)], data={"colour": "red"}),
+            "chunked body": client.post("/v1/predict", content=iter([b"{}"]), headers={"content-type": JSON}),
         }
         status = {name: r.status_code for name, r in cases.items()}
         assert status == {"truncated": 400, "not an image": 400, "unknown task": 400, "wrong type": 415,
                           "no images": 400, "bad base64": 400, "bad json": 400, "huge image": 413,
-                          "oversized body": 413, "unknown field": 400}
+                          "oversized body": 413, "unknown field": 400, "chunked body": 411}
         errors = {name: r.json()["error"] for name, r in cases.items()}
         assert "zebra" in errors["unknown task"] and "a, b" in errors["unknown task"]
         assert "multipart/form-data" in errors["wrong type"] and "5000x4000" in errors["huge image"]
         assert "cannot read image number 0" in errors["not an image"]
         assert client.get("/nope").status_code == 404
         assert client.post("/v1/predict", files=[("image", good)]).status_code == 200
+
+
+def test_serve_command_answers(run_dir):
+    """The real command in the foreground: `munet serve RUN --port 0` prints its address and answers there."""
+    server = subprocess.Popen([sys.executable, "-m", "munet", "serve", str(run_dir), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        url = line.rsplit(" on ", 1)[-1].strip()
+        assert line.startswith(f"serving {run_dir} (complete; tasks a, b) on http://127.0.0.1:"), line
+        assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "tasks": 2}
+        answer = httpx.post(f"{url}/v1/predict", files=[("image", _png(9))], data={"task": "b"})
+        assert answer.status_code == 200 and answer.json()["tasks"] == ["b"]
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C: a graceful shutdown
+        server.wait(timeout=60)
+    assert server.returncode == 0 and server.stderr.read().strip() == "server stopped"
 
 
 def test_serve_command_errors(run_dir, capsys):

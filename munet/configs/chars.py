@@ -21,6 +21,9 @@ Command (from the folder holding ``data/``)::
         https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz
     munet run --preset chars --dry-run   # the plan
     munet run --preset chars
+
+Offline (no internet), docs/commands.md gives a scaled-down run on the offline character tasks and root (8-10
+minutes on one thread; measured in benchmarks/README.md).
 """
 
 from munet.config import RunConfig

@@ -69,16 +69,19 @@ class MultitaskSystem:
         answers = self.predict_tasks(to_uint8_images(images), self.tasks if task == "all" else [task])
         return answers if task == "all" else answers[task]
 
-    def predict_tasks(self, images: list[torch.Tensor], tasks: list[str]) -> dict[str, list[Prediction]]:
-        """Every image's prediction for each of ``tasks`` (components their paths share run once per batch).
+    def predict_tasks(self, images: list[torch.Tensor], tasks: list[str], wanted: dict[str, list[int]] | None = None
+                      ) -> dict[str, list[Prediction]]:
+        """Each of ``tasks``' predictions for every image (components their paths share run once per batch).
 
         Args:
             images: uint8 ``(1, C, H, W)`` images (see :func:`munet.predict.to_uint8_images`).
             tasks: task names.
+            wanted: task -> ascending indices of the images it answers (default: all; see
+                :func:`munet.predict.predict`).
         """
         paths = {t: self.path(t) for t in tasks}
         root = self.system.root
-        return predict(paths, {t: self.class_names[t] for t in tasks}, images, root.mean, root.std)
+        return predict(paths, {t: self.class_names[t] for t in tasks}, images, root.mean, root.std, wanted=wanted)
 
     def export(self, task: str, out: str | FsPath, format: str = "safetensors") -> FsPath:  # noqa: A002
         """Writes ``task``'s path as a self-contained model (see :mod:`munet.export`); returns the model file."""

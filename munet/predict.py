@@ -88,8 +88,9 @@ def _single(x: np.ndarray | torch.Tensor) -> bool:
 
 
 def predict(paths: dict[str, TaskPath], class_names: dict[str, list[str]], images: list[torch.Tensor],
-            mean: tuple, std: tuple, device: torch.device | None = None) -> dict[str, list[Prediction]]:
-    """Every given task's prediction for every image.
+            mean: tuple, std: tuple, device: torch.device | None = None,
+            wanted: dict[str, list[int]] | None = None) -> dict[str, list[Prediction]]:
+    """Every given task's prediction for every image (or for the images ``wanted`` names).
 
     All paths run on the same images through :func:`~munet.training.frozen.shared_forward`, so a component
     sequence that several tasks start with is computed once per batch.
@@ -100,18 +101,27 @@ def predict(paths: dict[str, TaskPath], class_names: dict[str, list[str]], image
         images: uint8 ``(1, C, H, W)`` images (see :func:`to_uint8_images`).
         mean, std: the root's input normalisation.
         device: where to compute (default: CPU).
+        wanted: task -> ascending indices of the images it answers (default: all); the components a task shares
+            with others still run on every image, its own ones only on these.
+
+    Returns:
+        task -> one prediction per image (per wanted image, in that order).
     """
     device = device or torch.device("cpu")
-    tasks = list(paths)
-    answers: dict[str, list[Prediction]] = {t: [] for t in tasks}
+    answers: dict[str, list[Prediction]] = {t: [] for t in paths}
     for start in range(0, len(images), CHUNK):
         chunk = images[start: start + CHUNK]
+        rows = {t: None if wanted is None else torch.tensor([i - start for i in wanted[t]
+                                                              if start <= i < start + len(chunk)], dtype=torch.long)
+                for t in paths}
+        tasks = [t for t in paths if rows[t] is None or len(rows[t])]
 
         def batch(size: int, chunk: list[torch.Tensor] = chunk) -> torch.Tensor:
             # one image at a time: files differ in size, and this is exactly evaluation's preprocessing
             return torch.cat([eval_batch(x, size, mean, std) for x in chunk]).to(device)
 
-        logits = shared_forward([paths[t] for t in tasks], batch, FeatureCache(1 << 34), ("predict", start))
+        logits = shared_forward([paths[t] for t in tasks], batch, FeatureCache(1 << 34), ("predict", start),
+                                rows=[rows[t] for t in tasks])
         for task, out in zip(tasks, logits):
             probs = torch.softmax(out.float(), dim=-1).cpu()
             for row in probs:

@@ -119,7 +119,11 @@ def test_mixed_task_requests_share_one_batch(server, system):
     shared = paths[0].components["block_0"]
     assert shared is paths[1].components["block_0"]
     calls: list[int] = []
-    hook = shared.module.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
+    heads: dict[str, list[int]] = {"a": [], "b": []}
+    hooks = [shared.module.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))]
+    for task, path in zip(("a", "b"), paths):
+        hooks.append(path.components["head"].module.register_forward_hook(
+            lambda module, inputs, output, rows=heads[task]: rows.append(len(output))))
     batches = server.app.state.metrics.batch_requests
 
     async def together() -> list[httpx.Response]:
@@ -132,10 +136,16 @@ def test_mixed_task_requests_share_one_batch(server, system):
     try:
         a, b = asyncio.run(together())
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     assert list(a.json()["predictions"][0]) == ["a"] and len(b.json()["predictions"]) == 2
     assert calls == [3]  # one forward of the shared block, on the three images of both requests
+    assert heads == {"a": [1], "b": [2]}  # each task's own head only on its own requests' images
+    alone = {"a": system.predict([_png(3)], task="a"), "b": system.predict([_png(4), _png(5)], task="b")}
+    for task, answer in (("a", a), ("b", b)):
+        got = [p[task]["probabilities"] for p in answer.json()["predictions"]]
+        assert np.abs(np.subtract(got, [p.probabilities for p in alone[task]])).max() <= 1e-5
     count = {s.name: s.value for s in batches.collect()[0].samples}["munet_serve_batch_requests_sum"]
     assert count - {s.name: s.value for s in before}["munet_serve_batch_requests_sum"] == 2
 
@@ -237,9 +247,9 @@ def test_a_full_queue_refuses_requests():
     from munet.serving.batcher import Batcher, QueueFull
     from munet.serving.metrics import ServeMetrics
 
-    def slow(images, tasks):  # a batch that takes a while, so the queue fills meanwhile
+    def slow(images, tasks, wanted):  # a batch that takes a while, so the queue fills meanwhile
         time.sleep(0.2)
-        return {t: [Prediction("x", 0, 1.0, [1.0]) for _ in images] for t in tasks}
+        return {t: [Prediction("x", 0, 1.0, [1.0]) for _ in wanted[t]] for t in tasks}
 
     async def three() -> list:
         batcher = Batcher(slow, ServeMetrics(), max_wait_s=0.0, max_images=1, max_queue=1)

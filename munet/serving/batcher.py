@@ -14,7 +14,8 @@ import torch
 from munet.predict import Prediction
 from munet.serving.metrics import ServeMetrics
 
-Infer = Callable[[list[torch.Tensor], list[str]], dict[str, list[Prediction]]]
+# infer(images, tasks, wanted) -> task -> one prediction per image of wanted[task], in that order
+Infer = Callable[[list[torch.Tensor], list[str], dict[str, list[int]]], dict[str, list[Prediction]]]
 log = logging.getLogger(__name__)
 
 
@@ -33,12 +34,12 @@ class Batcher:
     """Collects requests into batches and runs each batch in one worker thread.
 
     A batch starts with the oldest waiting request and takes every request that arrives within ``max_wait_s`` of
-    it, up to ``max_images`` images. It runs once for the union of the requested tasks on all of its images (a
-    task's own suffix also runs on images whose request did not ask for it; the components the tasks share run once),
-    and each request receives its own tasks' answers for its own images.
+    it, up to ``max_images`` images. It runs once for the union of the requested tasks: the components several of
+    those tasks' paths start with run once on all of the batch's images, each task's own components only on the
+    images of the requests that asked for it; each request receives its own tasks' answers for its own images.
 
     Args:
-        infer: ``infer(images, tasks)`` -> task -> one prediction per image (e.g.
+        infer: ``infer(images, tasks, wanted)`` -> task -> one prediction per image of ``wanted[task]`` (e.g.
             :meth:`munet.api.MultitaskSystem.predict_tasks`).
         metrics: where batch sizes and the queue's depth are recorded.
         max_wait_s: how long a batch waits for more requests after its first.
@@ -105,19 +106,24 @@ class Batcher:
     async def _answer(self, batch: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
         tasks = list(dict.fromkeys(t for job in batch for t in job.tasks))  # first-seen order, no repeats
         images = [x for job in batch for x in job.images]
+        wanted: dict[str, list[int]] = {t: [] for t in tasks}
+        offsets = []  # per job: task -> where its answers start in that task's answers
+        start = 0
+        for job in batch:
+            offsets.append({t: len(wanted[t]) for t in job.tasks})
+            for t in job.tasks:
+                wanted[t].extend(range(start, start + len(job.images)))
+            start += len(job.images)
         self.metrics.batch_images.observe(len(images))
         self.metrics.batch_requests.observe(len(batch))
         try:
-            answers = await loop.run_in_executor(self._executor, self.infer, images, tasks)
+            answers = await loop.run_in_executor(self._executor, self.infer, images, tasks, wanted)
         except Exception as err:  # the batch's requests fail; the server and the next batches carry on
             log.exception("a batch of %d requests failed", len(batch))
             for job in batch:
                 if not job.answer.done():
                     job.answer.set_exception(err)
             return
-        start = 0
-        for job in batch:
-            stop = start + len(job.images)
+        for job, offset in zip(batch, offsets):
             if not job.answer.done():  # a client that went away cancelled its future
-                job.answer.set_result({t: answers[t][start:stop] for t in job.tasks})
-            start = stop
+                job.answer.set_result({t: answers[t][offset[t]: offset[t] + len(job.images)] for t in job.tasks})

@@ -136,7 +136,7 @@ def frozen_forward(path: TaskPath, x: torch.Tensor, cache: FeatureCache, tag: Ha
 
 
 def shared_forward(paths: list[TaskPath], images: Callable[[int], torch.Tensor], cache: FeatureCache, tag: Hashable,
-                   chunk: int = 0) -> list[torch.Tensor]:
+                   chunk: int = 0, rows: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Every path's output on the same inputs (multi-task inference), computing each shared prefix once.
 
     Paths that start with the same components (same ids, same image size) form a prefix tree. The output at each
@@ -150,9 +150,12 @@ def shared_forward(paths: list[TaskPath], images: Callable[[int], torch.Tensor],
         cache: holds branch-point outputs; a bounded cache that evicts them only costs recomputation.
         tag: identity of the inputs (same tag means same examples).
         chunk: process at most this many examples at a time (0: all at once), to bound activation memory.
+        rows: per path, the indices of the examples whose output it needs (``None``: all). Segments shared with
+            other paths run on every example; a path's own last segment runs on its rows alone (a server answering
+            requests for different tasks in one batch).
 
     Returns:
-        One output per path, in the order of ``paths``.
+        One output per path, in the order of ``paths`` (with ``rows``: one row per index, in that order).
     """
     ops_of = [p.ops() for p in paths]
     keys = [[(p.hparams["ds_image_size"], p.prefix_key(i, ops)) for i in range(len(ops) + 1)]
@@ -164,7 +167,7 @@ def shared_forward(paths: list[TaskPath], images: Callable[[int], torch.Tensor],
     inputs: dict[int, torch.Tensor] = {}
     outputs = []
     with torch.no_grad():
-        for path, ops, ks in zip(paths, ops_of, keys):
+        for j, (path, ops, ks) in enumerate(zip(paths, ops_of, keys)):
             n = len(ops)
             # branch points: prefixes read by several paths whose one-op extension is read by fewer of them
             stops = [i for i in range(1, n) if readers[ks[i]] > 1 and readers[ks[i + 1]] < readers[ks[i]]]
@@ -180,6 +183,8 @@ def shared_forward(paths: list[TaskPath], images: Callable[[int], torch.Tensor],
                     inputs[size] = images(size)
                 h = inputs[size]
             for stop in [i for i in stops if i > start] + [n]:
+                if stop == n and rows is not None and rows[j] is not None:
+                    h = h[rows[j]]  # the path's own segment: read by this path alone
                 pieces = h.split(chunk) if chunk else [h]
                 h = torch.cat([path.forward(p, start=start, stop=stop) for p in pieces])
                 if stop < n:

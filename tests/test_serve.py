@@ -86,6 +86,19 @@ def test_tasks_health_and_metrics(server, system):
     assert "munet_serve_request_seconds_bucket" in text and "munet_serve_batch_images_count" in text
 
 
+def test_kept_alive_connections_answer_without_delay(server):
+    """Responses on a kept-alive connection are not held back: without TCP_NODELAY on the server's connections each
+    would wait about 40 ms for the client's delayed acknowledgement (20 requests: 0.8 s)."""
+    import time
+
+    with httpx.Client(base_url=server.url) as client:
+        client.get("/healthz")
+        start = time.perf_counter()
+        for _ in range(20):
+            client.get("/healthz")
+        assert time.perf_counter() - start < 0.6
+
+
 def test_predictions_equal_munet_predict(server, run_dir, tmp_path, capsys):
     """Multipart and base64 JSON answers equal `munet predict --task all --json` within 1e-5."""
     blobs = [_png(1), _png(2, size=13, mode="L")]

@@ -252,17 +252,22 @@ def test_a_failing_batch_is_a_500_for_its_requests_alone(system):
     assert 'munet_serve_requests_total{endpoint="/v1/predict",status="500"} 1.0' in metrics
 
 
-def test_a_full_queue_refuses_requests():
-    """With one request in the batch and one waiting (max_queue 1), a third is refused; the first two are answered."""
+def _slow(images, tasks, wanted):
+    """A batch that takes a while (so that requests queue up meanwhile), answering class "x" everywhere."""
     import time
 
     from munet.predict import Prediction
+
+    time.sleep(0.2)
+    return {t: [Prediction("x", 0, 1.0, [1.0]) for _ in wanted[t]] for t in tasks}
+
+
+def test_a_full_queue_refuses_requests():
+    """With one request in the batch and one waiting (max_queue 1), a third is refused; the first two are answered."""
     from munet.serving.batcher import Batcher, QueueFull
     from munet.serving.metrics import ServeMetrics
 
-    def slow(images, tasks, wanted):  # a batch that takes a while, so the queue fills meanwhile
-        time.sleep(0.2)
-        return {t: [Prediction("x", 0, 1.0, [1.0]) for _ in wanted[t]] for t in tasks}
+    slow = _slow
 
     async def three() -> list:
         batcher = Batcher(slow, ServeMetrics(), max_wait_s=0.0, max_images=1, max_queue=1)
@@ -276,3 +281,23 @@ def test_a_full_queue_refuses_requests():
 
     first, second, third = asyncio.run(three())
     assert first["t"][0].label == second["t"][0].label == "x" and isinstance(third, QueueFull)
+
+
+def test_requests_queued_during_a_batch_form_the_next_one_without_waiting():
+    """With no wait (max_wait 0), the requests that queued while a batch ran still go together into the next."""
+    from munet.serving.batcher import Batcher
+    from munet.serving.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+
+    async def four() -> None:
+        batcher = Batcher(_slow, metrics, max_wait_s=0.0, max_images=8, max_queue=8)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([torch.zeros(1, 1, 4, 4)], ["t"]))
+        await asyncio.sleep(0.05)  # the first batch runs; three requests queue meanwhile
+        await asyncio.gather(first, *(batcher.submit([torch.zeros(1, 1, 4, 4)], [f"t{i}"]) for i in range(3)))
+        await batcher.stop()
+
+    asyncio.run(four())
+    samples = {s.name: s.value for s in metrics.batch_requests.collect()[0].samples}
+    assert samples["munet_serve_batch_requests_count"] == 2 and samples["munet_serve_batch_requests_sum"] == 4

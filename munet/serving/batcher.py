@@ -94,10 +94,15 @@ class Batcher:
             images = len(batch[0].images)
             deadline = loop.time() + self.max_wait_s
             while images < self.max_images:
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
+                if not self._queue.empty():  # already waiting: joins even when the wait is over (max_wait_s = 0)
+                    job = self._queue.get_nowait()
+                elif loop.time() >= deadline:
                     break
+                else:
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+                    except TimeoutError:
+                        break
                 batch.append(job)
                 images += len(job.images)
             self.metrics.queued.set(self._queue.qsize())

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_task
 
+from munet.data.rows import DEFAULT_DATA_CACHE_BYTES, ImageRows, set_data_cache_bytes
 from munet.evolution.hparams import DEFAULTS
 from munet.evolution.mutate import make_child
 from munet.training.batches import Batch, Prefetch, draw_batches
@@ -58,15 +61,59 @@ def test_prefetched_training_equals_training_without_prefetch(system, policy, ti
 def test_closing_early_leaves_the_generator_after_the_batches_taken():
     task = make_task("a")
     taken = torch.Generator().manual_seed(1)
-    for _ in zip(range(3), draw_batches(task, AUGMENTED, 10, 16, (0.5,), (0.5,), taken, augmented=True)):
+    for _ in zip(range(3), draw_batches(task, AUGMENTED, 10, 16, (0.5,), (0.5,), taken, "augmented")):
         pass
     generator = torch.Generator().manual_seed(1)
-    with Prefetch(draw_batches(task, AUGMENTED, 10, 16, (0.5,), (0.5,), generator, augmented=True),
+    with Prefetch(draw_batches(task, AUGMENTED, 10, 16, (0.5,), (0.5,), generator, "augmented"),
                   generator, depth=4) as batches:
         first = [batch for _, batch in zip(range(3), batches)]
         time.sleep(0.05)  # the thread draws ahead meanwhile
     assert torch.equal(generator.get_state(), taken.get_state())
     assert first[-1].x.shape == (16, 3, 8, 8)
+
+
+class ThreadNotingRows(ImageRows):
+    """An in-memory source read per batch that notes which thread read each batch."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__(tuple(x.shape), "thread-noting rows")
+        self.x, self.readers = x.numpy(), []
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        self.readers.append(threading.current_thread().name)
+        return self.x[rows]
+
+
+@pytest.mark.parametrize("feature_cache_bytes", [1 << 26, 0])
+def test_a_split_read_per_batch_is_read_ahead_without_augmentation(system, policy, tiny_root, one_thread,
+                                                                    feature_cache_bytes):
+    """Plain inputs of a split read per batch come from the prefetch thread, with the same training (features
+    cached, or computed per batch when the cache is too small for them)."""
+    plain = {k: v for k, v in DEFAULTS.items() if k.startswith("ds_")} | {"ds_image_size": 8}
+    results = {}
+    for depth in (0, 2):
+        task = make_task("a")
+        rows = ThreadNotingRows(task.train_x)
+        set_data_cache_bytes(0)  # nothing kept: every batch is read
+        try:
+            task = dataclasses.replace(task, train_x=rows)
+            rows[:1]  # opens the (empty) cache while the budget is 0
+        finally:
+            set_data_cache_bytes(DEFAULT_DATA_CACHE_BYTES)
+        rows.readers.clear()
+        kids = [make_child(system, system.root_path, "a", plain, mutate=False, policy=copy.deepcopy(policy))
+                for _ in range(2)]
+        kids[1].components["block_1"] = system.clone_component(kids[1].components["block_1"], "a")
+        settings = dataclasses.replace(SETTINGS, prefetch_batches=depth, calibration_examples=0)
+        outcomes = train_generation(kids, [float("-inf")] * 2, task, plain, settings,
+                                    Evaluator(settings, FeatureCache(feature_cache_bytes), tiny_root.mean,
+                                              tiny_root.std), lambda p, q: q, torch.Generator().manual_seed(3))
+        results[depth] = ([o.evals for o in outcomes], kids[1].components["head"].module.state_dict(), rows.readers)
+    assert results[0][0] == results[2][0]
+    for key, value in results[0][1].items():
+        assert torch.equal(value, results[2][1][key])
+    assert set(results[0][2]) == {"MainThread"} and set(results[2][2]) == {"munet-prefetch"}
+    assert len(results[2][2]) == SETTINGS.max_steps_between_validations * SETTINGS.validations  # once per step
 
 
 def _slow(n: int, seconds: float, fail_at: int = -1):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from munet.data.augment import train_batch
+from munet.data.augment import eval_batch, train_batch
 from munet.data.task import TaskData
 
 
@@ -29,8 +29,8 @@ class Batch:
 
     Attributes:
         idx: rows of the training split.
-        x: the augmented, normalised inputs on the CPU (pinned when bound for CUDA); ``None`` when the inputs are not
-            augmented (the trainer then reads them through the frozen-feature cache, :func:`frozen_rows`).
+        x: the batch's normalised inputs on the CPU (pinned when bound for CUDA), augmented or plain; ``None`` when
+            not prepared (the trainer reads unaugmented inputs when the frozen-feature cache lacks their features).
         state: the generator's state after this batch was drawn.
     """
 
@@ -40,9 +40,11 @@ class Batch:
 
 
 def draw_batches(task: TaskData, ds_hparams: dict[str, Any], steps: int, batch_size: int, mean: tuple, std: tuple,
-                 generator: torch.Generator, augmented: bool, pin: bool = False) -> Iterator[Batch]:
-    """``steps`` batches of ``task``'s training split: a fresh example-level shuffle every epoch, each batch
-    augmented with ``ds_hparams`` (when ``augmented``) at ``ds_image_size``; ``pin``: in pinned memory."""
+                 generator: torch.Generator, inputs: str, pin: bool = False) -> Iterator[Batch]:
+    """``steps`` batches of ``task``'s training split, a fresh example-level shuffle every epoch, at
+    ``ds_image_size``; ``inputs``: ``augmented`` (with ``ds_hparams``), ``plain`` (preprocessed without
+    augmentation, for a split read per batch: reading is then the cost) or ``none`` (rows only); ``pin``: the
+    inputs in pinned memory."""
     n = len(task.train_y)
     order, cursor = torch.randperm(n, generator=generator), 0
     for _ in range(steps):
@@ -50,10 +52,12 @@ def draw_batches(task: TaskData, ds_hparams: dict[str, Any], steps: int, batch_s
             order, cursor = torch.randperm(n, generator=generator), 0
         idx = order[cursor: cursor + batch_size]
         cursor += batch_size
-        x = None
-        if augmented:
-            x = train_batch(task.train_x[idx], ds_hparams, ds_hparams["ds_image_size"], mean, std, generator)
-            x = x.pin_memory() if pin else x
+        size, x = ds_hparams["ds_image_size"], None
+        if inputs == "augmented":
+            x = train_batch(task.train_x[idx], ds_hparams, size, mean, std, generator)
+        elif inputs == "plain":
+            x = eval_batch(task.train_x[idx], size, mean, std)
+        x = x.pin_memory() if pin and x is not None else x
         yield Batch(idx, x, generator.get_state())
 
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from munet.data.augment import eval_batch
+from munet.data.rows import ImageRows
 from munet.data.task import TaskData
 from munet.model.path import TaskPath
-from munet.training.batches import Prefetch, draw_batches
+from munet.training.batches import Batch, Prefetch, draw_batches
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, frozen_forward, frozen_rows
 from munet.training.schedule import learning_rate, make_optimizer
@@ -147,17 +148,23 @@ def train_generation(children: list[TaskPath], parent_scores: list[float], task:
     states.sort(key=lambda s: s.path.first_trainable_op())
     deterministic = is_identity_augmentation(ds_hparams)
 
-    def images(rows: torch.Tensor) -> torch.Tensor:
+    def images(rows: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if batch.x is not None and torch.equal(rows, batch.idx):  # read and preprocessed ahead
+            return to_device(batch.x, dev)
         return to_device(eval_batch(train_x[rows], size, evaluator.mean, evaluator.std), dev)
 
+    # a split read per batch is read ahead too when prefetching: its unaugmented inputs are then read at most once
+    # per step, ahead, for every child whose frozen features are not cached
+    inputs = "augmented" if not deterministic else "plain" if (
+        settings.prefetch_batches and isinstance(train_x, ImageRows)) else "none"
     batches = draw_batches(task, ds_hparams, total, settings.batch_size, evaluator.mean, evaluator.std, generator,
-                           augmented=not deterministic, pin=dev.type == "cuda")
+                           inputs, pin=dev.type == "cuda")
     with Prefetch(batches, generator, settings.prefetch_batches) as prefetch:
         for step, batch in enumerate(prefetch):
             yb = to_device(train_y[batch.idx], dev)
-            if batch.x is None:  # frozen prefixes of each example are computed once and kept across steps
-                prefix = partial(frozen_rows, images=images, idx=batch.idx, num_rows=len(train_y),
-                                 cache=evaluator.cache, tag=(task.name, "train", size))
+            if deterministic:  # frozen prefixes of each example are computed once and kept across steps
+                prefix = partial(frozen_rows, images=partial(images, batch=batch), idx=batch.idx,
+                                 num_rows=len(train_y), cache=evaluator.cache, tag=(task.name, "train", size))
             else:  # augmented: frozen prefixes are shared between the children on this batch only
                 prefix = partial(frozen_forward, x=to_device(batch.x, dev), cache=FeatureCache(1 << 40), tag="batch")
             for st in states:

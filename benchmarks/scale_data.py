@@ -120,7 +120,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     child = make_child(system, system.root_path, task.name, ds, mutate=False,
                        policy=MutationPolicy("fixed", 0.1, random.Random(0)))
     settings = TrainSettings(batch_size=BATCH, max_steps_between_validations=spec["steps"], validations=1,
-                             max_val_examples=256, calibration_examples=0)
+                             max_val_examples=256, calibration_examples=0, prefetch_batches=spec["prefetch"])
     evaluator = Evaluator(settings, FeatureCache(spec["feature_cache_mb"] << 20), root.mean, root.std)
     t0 = time.perf_counter()
     outcome, = train_generation([child], [float("-inf")], task, ds, settings, evaluator, lambda p, q: q,
@@ -141,7 +141,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure(small: int, large: int, folder: Path, *, image_size: int = 64, steps: int = 300, depth: int = 2,
             data_cache_mb: int = 256, feature_cache_mb: int = 16, repeats: int = 1,
-            pairs: tuple[str, ...] = tuple(PAIRS), source: str = "npz") -> dict[str, Any]:
+            pairs: tuple[str, ...] = tuple(PAIRS), source: str = "npz", prefetch: int = 0) -> dict[str, Any]:
     """Both tasks written into ``folder``, every pair's cases run ``repeats`` times (A B B A ...); the median peak
     resident memory and the fastest training throughput of each case, and their ratios large / small."""
     paths = {n: write_task(folder / f"synthetic_{n}", n, image_size, source) for n in (small, large)}
@@ -152,7 +152,7 @@ def measure(small: int, large: int, folder: Path, *, image_size: int = 64, steps
             for n in ((small, large) if r % 2 == 0 else (large, small)):
                 runs[n].append(child({"path": str(paths[n]), "source": source, "ds": PAIRS[pair], "steps": steps,
                                       "depth": depth, "data_cache_mb": data_cache_mb,
-                                      "feature_cache_mb": feature_cache_mb}))
+                                      "feature_cache_mb": feature_cache_mb, "prefetch": prefetch}))
         med = {n: {k: statistics.median(run[k] for run in runs[n]) for k in ("peak_rss_mb", "load_s", "rss_ready_mb")}
                | {"train_images_per_s": max(run["train_images_per_s"] for run in runs[n]),
                   "read_per_batch": runs[n][0]["read_per_batch"], "runs": runs[n]} for n in runs}
@@ -161,7 +161,7 @@ def measure(small: int, large: int, folder: Path, *, image_size: int = 64, steps
                          "throughput_ratio": med[large]["train_images_per_s"] / med[small]["train_images_per_s"]}
     return {"source": source, "small": small, "large": large, "image_size": image_size, "steps": steps, "depth": depth,
             "data_cache_mb": data_cache_mb, "feature_cache_mb": feature_cache_mb, "repeats": repeats,
-            "pairs": results}
+            "prefetch": prefetch, "pairs": results}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--source", choices=("npz", "folder"), default="npz",
                         help="the tasks as uncompressed .npz files, or as folders of JPEG files")
+    parser.add_argument("--prefetch", type=int, default=0,
+                        help="training batches prepared ahead in a thread (a CUDA run's is 2; the CPU's 0)")
     parser.add_argument("--out", default="", help="write result.json and table.md here")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # child-process side
     args = parser.parse_args()
@@ -197,7 +199,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.small, args.large, Path(tmp), image_size=args.image_size, steps=args.steps,
                          depth=args.depth, data_cache_mb=args.data_cache_mb, feature_cache_mb=args.feature_cache_mb,
-                         repeats=args.repeats, source=args.source)
+                         repeats=args.repeats, source=args.source, prefetch=args.prefetch)
     print(table(result))
     if args.out:
         out = Path(args.out)

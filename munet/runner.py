@@ -49,7 +49,7 @@ from munet.training.settings import TrainSettings
 
 log = logging.getLogger("munet")
 #: Training batches prepared ahead on CUDA, where the device would otherwise wait for reading and augmentation; on
-#: the CPU the preparing thread would compete with the training threads for the same cores.
+#: the CPU the preparing thread competes with training for the same cores (no gain measured, benchmarks/README.md).
 PREFETCH_BATCHES = 2
 
 

@@ -137,7 +137,7 @@ class RunConfig:
     accept_ties: bool = False
     stop_margin: float = 0.0
     keep_diverged: bool = True
-    schedule_span: str = "iteration"
+    schedule_span: str = "child"
     seed: int = 0
     device: str = "auto"
     threads: int = 0

@@ -27,7 +27,7 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("4 children of 5 validations", {"children_per_task": 4, "validations": 5}),
     ("2 rounds of 4 children", {"rounds": 2, "children_per_task": 4}),
     ("µ2Net >= acceptance", {"accept_ties": True}),
-    ("every child runs its own schedule (spec)", {"schedule_span": "child"}),
+    ("one schedule over each task iteration", {"schedule_span": "iteration"}),
 )
 
 

@@ -28,7 +28,7 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 #: Values of keys added after runs were first stored, as munet behaved before each key existed.
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
-                                       "schedule_span": "child"}
+                                       "schedule_span": "child", "parent_decay": 0.5}
 
 
 @dataclass
@@ -82,6 +82,9 @@ class RunConfig:
         schedule_span: what one warmup-cosine learning-rate schedule spans: ``child`` (the spec: every child warms
             up and decays to 0 over its own training) or ``iteration`` (the children of a task iteration train
             consecutive parts of one schedule, so later children refine their parents at lower rates).
+        parent_decay: parent sampling walks the task's paths best first and takes each w.p.
+            ``parent_decay ** offsprings`` (its children so far), else a seed or own path uniformly (the spec: 0.5);
+            1 always extends the best path, so the budget deepens one lineage.
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -138,6 +141,7 @@ class RunConfig:
     stop_margin: float = 0.0
     keep_diverged: bool = True
     schedule_span: str = "child"
+    parent_decay: float = 0.5
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -172,6 +176,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.stop_margin <= 1:
             raise ConfigError(f"stop_margin must be in [0, 1], got {self.stop_margin}")
+        if not 0 < self.parent_decay <= 1:
+            raise ConfigError(f"parent_decay must be in (0, 1], got {self.parent_decay}")
         for name in ("mutation_prob", "clone_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")

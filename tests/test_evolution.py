@@ -167,3 +167,19 @@ def test_iteration_schedule_span_gives_the_children_consecutive_parts_of_one_sch
         e.task_iteration("a")
     assert len(evals[id(evo)]) == len(evals[id(spec)]) > 4
     assert evals[id(evo)] != evals[id(spec)]
+
+
+@pytest.mark.parametrize("decay", [0.5, 1.0])
+def test_parent_decay_one_always_extends_the_best_path(decay):
+    """parent_decay = 1: every mutated child's parent is the task's best path when the generation is sampled; the
+    spec's 0.5 leaves the best path once it has children, for a worse own path or a seed."""
+    evo = _evolution(separate_probes=True, probe_validations=1, parent_decay=decay)
+    evo.children_per_task, evo.generation_size = 8, 1
+    parents: list[tuple[int, int]] = []
+    evo.before_training.append(lambda task, gen, children, beat, ds: parents.extend(
+        (c.parent.id, evo.system.best_path(task).id) for c in children if not c.metrics["seed_probe"]))
+    for task in ("a", "b"):
+        evo.task_iteration(task)
+    assert len(parents) == 16
+    best_first = sum(parent == best for parent, best in parents)
+    assert best_first == 16 if decay == 1.0 else best_first < 16

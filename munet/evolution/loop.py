@@ -79,6 +79,8 @@ class Evolution:
         probe_validations: validation periods a probe of a separate probe generation trains (0: as a child).
         schedule_span: ``child`` (the spec: every child runs the whole warmup-cosine) or ``iteration`` (the
             children's generations run consecutive parts of one schedule over the task iteration).
+        parent_decay: the parent sampling's walk over the task's paths, best first, takes each w.p.
+            ``parent_decay ** offsprings`` (the spec: 0.5); 1 always extends the best path.
         executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
             by default.
 
@@ -94,7 +96,7 @@ class Evolution:
                  evaluator: Evaluator, *, children_per_task: int, generation_size: int, max_image_size: int,
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
-                 executor: Executor | None = None):
+                 parent_decay: float = 0.5, executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -107,7 +109,7 @@ class Evolution:
         self.separate_probes = separate_probes
         self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
                                if separate_probes and probe_validations else settings)
-        self.schedule_span = schedule_span
+        self.schedule_span, self.parent_decay = schedule_span, parent_decay
         self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
@@ -166,10 +168,10 @@ class Evolution:
         return ds
 
     def sample_parent(self, task: str, seeds: list[TaskPath]) -> TaskPath:
-        """Best-first walk accepting each path w.p. 0.5^offsprings; else uniform over seeds and own paths."""
+        """Best-first walk accepting each path w.p. parent_decay^offsprings; else uniform over seeds and own paths."""
         own = sorted(self.system.paths[task], key=lambda p: (self.system.score(p), p.id), reverse=True)
         for path in own:
-            if self.rng.random() < 0.5 ** path.offsprings:
+            if self.rng.random() < self.parent_decay ** path.offsprings:
                 return path
         return self.rng.choice(seeds + own)
 

@@ -28,6 +28,8 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("2 rounds of 4 children", {"rounds": 2, "children_per_task": 4}),
     ("µ2Net >= acceptance", {"accept_ties": True}),
     ("one schedule over each task iteration", {"schedule_span": "iteration"}),
+    ("always extend the best path", {"parent_decay": 1.0}),
+    ("mu = 0.03 (blocks still cloned w.p. 0.5)", {"mutation_prob": 0.03}),
 )
 
 

@@ -6,8 +6,8 @@ the default); all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {
 1, 2; the ablations of benchmarks/README.md. Baselines train on as many images per task as muNet s = 1 processed
 at the same budget.
 
-Expected: muNet s = 1 about 0.86 average test accuracy (0.841, 0.881, 0.849 for seeds 0-2 through ``munet run``
-with this configuration, about 2-3 minutes each on one thread; 0.787 with blocks cloned at μ = 0.1).
+Expected: muNet s = 1 about 0.85 average test accuracy (0.8450, 0.8669, 0.8503 for seeds 0-2, 1-2 minutes each on
+one thread; 0.8956 and 0.9104 at budgets 2 and 4), freeze 0 0.933 (3 seeds); measured: benchmarks/README.md.
 
 Command: ``python benchmarks/quality.py --mode quick`` (``--quick``); ``--curve`` adds budgets, seeds, ablations.
 """

@@ -70,7 +70,7 @@ def test_parent_sampling_follows_half_power_of_offspring(system, policy):
     _retain(system, second, 0.8)
     best.offsprings, second.offsprings = 1, 0
     evo = Evolution.__new__(Evolution)
-    evo.system, evo.policy = system, MutationPolicy("fixed", 0.1, random.Random(0))
+    evo.system, evo.policy, evo.parent_decay = system, MutationPolicy("fixed", 0.1, random.Random(0)), 0.5
     seeds = [system.root_path]
     n = 20000
     counts = Counter(evo.sample_parent("a", seeds).id for _ in range(n))

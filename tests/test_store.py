@@ -15,7 +15,7 @@ import munet
 from munet.cli import main
 from munet.errors import StoreError
 from munet.model.components import Component, ResidualAdapter
-from munet.reporting.history import mutation_kind, run_history
+from munet.reporting.history import mutation_group, mutation_kind, run_history
 from munet.reporting.status import run_status
 from munet.runner import resume
 from munet.storage.check import check_store
@@ -125,6 +125,10 @@ def test_history_matches_the_store(run_dir, capsys):
     # every strict-acceptance child is counted once per mutation kind it carries, or under "(none)"
     assert sum(t["strict_children"] for t in tasks.values()) <= sum(m["tried"] for m in history["mutations"])
     assert all(0 <= m["accepted"] <= m["tried"] for m in history["mutations"])
+    # and exactly once in the group of what it carries
+    groups = history["groups"]
+    assert sum(g["tried"] for g in groups.values()) == sum(t["strict_children"] for t in tasks.values())
+    assert sum(g["accepted"] for g in groups.values()) == sum(t["strict_accepted"] for t in tasks.values())
     assert main(["history", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "mutations in children of the same task" in out and f"best path {best['a']} " in out
@@ -136,6 +140,8 @@ def test_history_matches_the_store(run_dir, capsys):
 def test_mutation_kinds_group_indices():
     assert mutation_kind("clone:block_3") == "clone:block" and mutation_kind("add:adapter_12") == "add:adapter"
     assert mutation_kind("opt_lr") == "opt_lr" and mutation_kind("ds_image_size") == "ds_image_size"
+    assert mutation_group({"clone:block", "add:adapter"}) == "structural" and mutation_group(set()) == "none"
+    assert mutation_group({"clone:block", "opt_lr"}) == "other" and mutation_group({"clone:embedding"}) == "other"
 
 
 def test_check_passes_on_a_sound_store(run_dir, capsys):

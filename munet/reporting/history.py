@@ -31,6 +31,16 @@ def run_generation(metrics: dict[str, Any], per_iteration: int) -> int:
     return metrics.get("iteration", 0) * per_iteration + metrics.get("generation", 0) + 1
 
 
+#: Mutations that only add trainable capacity to a child (copies of frozen blocks, new adapters), as opposed to
+#: changes of hyperparameters or of other components.
+STRUCTURAL = frozenset({"clone:block", "add:adapter"})
+
+
+def mutation_group(kinds: set[str]) -> str:
+    """``structural`` when every mutation kind is in :data:`STRUCTURAL`, ``other`` when any is not, ``none``."""
+    return "none" if not kinds else "structural" if kinds <= STRUCTURAL else "other"
+
+
 def _child_mutations(row: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
     mutations = dict(row["mutations"])
     if parent is not None:
@@ -50,6 +60,7 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
     root_id = root.get("path_id", 0)
 
     stats: dict[str, dict[str, float]] = defaultdict(lambda: {"tried": 0, "accepted": 0, "delta_sum": 0.0})
+    groups = {g: {"tried": 0, "accepted": 0} for g in ("structural", "other", "none")}
     def zero(task: str) -> dict[str, Any]:
         return {"task": task, "children": 0, "accepted": 0, "strict_children": 0, "strict_accepted": 0}
 
@@ -66,7 +77,11 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
         counts["strict_children"] += 1
         counts["strict_accepted"] += bool(row["accepted"])
         delta = (row["quality"] - parent["quality"]) if None not in (row["quality"], parent["quality"]) else 0.0
-        for kind in {mutation_kind(k) for k in row["all_mutations"]} or {"(none)"}:
+        kinds = {mutation_kind(k) for k in row["all_mutations"]}
+        group = groups[mutation_group(kinds)]
+        group["tried"] += 1
+        group["accepted"] += bool(row["accepted"])
+        for kind in kinds or {"(none)"}:
             stats[kind]["tried"] += 1
             stats[kind]["accepted"] += bool(row["accepted"])
             stats[kind]["delta_sum"] += delta
@@ -87,7 +102,7 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
                              if k in defaults and defaults[k] != v})
     mutations = [{"kind": k, "tried": int(s["tried"]), "accepted": int(s["accepted"]),
                   "mean_val_delta": s["delta_sum"] / s["tried"]} for k, s in sorted(stats.items())]
-    return {"run": str(run_dir), "mutations": mutations, "tasks": list(per_task.values())}
+    return {"run": str(run_dir), "mutations": mutations, "groups": groups, "tasks": list(per_task.values())}
 
 
 def _origin(task: dict[str, Any]) -> str:
@@ -108,6 +123,9 @@ def format_history(h: dict[str, Any]) -> str:
     for m in sorted(h["mutations"], key=lambda m: -m["tried"]):
         rate = m["accepted"] / m["tried"] if m["tried"] else 0.0
         lines.append(f"  {m['kind']:<28} {m['tried']:>6} {m['accepted']:>9} {rate:>6.0%} {m['mean_val_delta']:>+16.4f}")
+    lines.append("  children accepted, by what they carry: " + ", ".join(
+        f"{name} {g['accepted']}/{g['tried']}" for name, g in h["groups"].items()) + " (structural: only block clones"
+        " and adapters)")
     for t in h["tasks"]:
         lines += ["", f"{t['task']}: {t['children']} children, {t['accepted']} accepted "
                       f"({t['strict_accepted']}/{t['strict_children']} under strict acceptance)"]

@@ -43,13 +43,16 @@ Commands: see benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -177,9 +180,52 @@ def run_records(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) ->
     return out
 
 
-def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes: dict[str, int]
-              ) -> dict[str, Any] | None:
-    """One muNet run (resumable as a whole); returns its unit result (``None`` if another process runs it)."""
+def interrupted_run(out: FsPath, cfg: RunConfig) -> bool:
+    """Whether ``out`` holds a checkpointed run of ``cfg``'s results-affecting settings (an interrupted sitting of
+    this unit, resumed exactly rather than started again)."""
+    try:
+        with Store.open(out) as store:
+            stored = RunConfig.from_stored(store.get("config"))
+    except StoreError:
+        return False
+    return result_settings(stored) == result_settings(cfg)
+
+
+@contextlib.contextmanager
+def unit_clock(file: FsPath, every: float = 30.0) -> Iterator[Callable[[], float]]:
+    """Yields a function giving the wall seconds a unit has run over all its sittings: ``file`` holds those of the
+    earlier ones and is rewritten every ``every`` seconds, so a unit killed and resumed reports nearly its whole
+    time (up to ``every`` seconds per interruption are lost)."""
+    try:
+        before = float(file.read_text())
+    except (OSError, ValueError):
+        before = 0.0
+    t0 = time.perf_counter()
+
+    def total() -> float:
+        return before + time.perf_counter() - t0
+
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(every):
+            atomic_write(file, str(total()))
+
+    thread = threading.Thread(target=keep, daemon=True)
+    thread.start()
+    try:
+        yield total
+    finally:
+        stop.set()
+        thread.join()
+        atomic_write(file, str(total()))
+
+
+def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes: dict[str, int], *,
+              store_class: type[Store] = Store) -> dict[str, Any] | None:
+    """One muNet run; returns its unit result (``None`` if another process runs it). An interrupted run of the same
+    settings is resumed from its last checkpoint (bit-exact, as ``munet resume``), so a long unit spans sittings;
+    one of other settings is started again. ``store_class``: see :class:`munet.runner.Run`."""
     settings = result_settings(cfg)
     done = units.get(name, settings)
     if done:
@@ -187,22 +233,24 @@ def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes
     if not units.claim(name):
         return None
     out = FsPath(cfg.out)
-    if out.exists():  # an interrupted run of this unit: start it again
-        shutil.rmtree(out)
+    clock = out.with_name(out.name + ".wall_s")
+    resumed = interrupted_run(out, cfg)
+    if not resumed:
+        shutil.rmtree(out, ignore_errors=True)
+        clock.unlink(missing_ok=True)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(logs / f"{name}.log", "w") as log:
-        summary = run(cfg, stream=log)
-    wall = time.perf_counter() - t0
+    with open(logs / f"{name}.log", "a" if resumed else "w") as log, unit_clock(clock) as wall:
+        summary = run(cfg, stream=log, store_class=store_class)
     records = run_records(out, cfg, train_sizes)
     tasks = {r["task"]: {"test_acc": r["test_acc"], "val_acc": r["val_acc"], "params": r["params"],
                          "accounted": r["accounted"], "layers": r["layers"], "image_size": r["image_size"],
                          "reuse": r["reuse"], **records.get(r["task"], {})} for r in summary["tasks"]}
-    result = {"unit": name, "settings": settings, "kind": "munet", "root": summary["root"], "wall_s": wall,
+    result = {"unit": name, "settings": settings, "kind": "munet", "root": summary["root"], "wall_s": wall(),
               "cores": cores(), "device": str(resolve_device(cfg.device)), "tasks": tasks,
               "images": sum(t.get("images", 0) for t in tasks.values())}
     units.put(name, result)
+    clock.unlink(missing_ok=True)
     return result
 
 

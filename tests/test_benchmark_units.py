@@ -139,3 +139,30 @@ def test_a_unit_stays_valid_in_another_checkout(quality, tmp_path):
     units.put("u", {"settings": here.to_dict()})  # recorded with every key, as earlier versions did
     assert units.get("u", quality.result_settings(there)) is not None
     assert units.get("u", quality.result_settings(there.replace(seed=1))) is None
+
+
+def test_an_interrupted_munet_unit_resumes_to_the_uninterrupted_result(quality, tmp_path):
+    from conftest import Crash, crashing_store, tiny_config
+
+    sizes = {"a": 96, "b": 96}
+    whole = quality.run_munet("u", tiny_config(tmp_path / "whole" / "u"), tmp_path / "whole",
+                              quality.Units(tmp_path / "whole" / "units"), sizes)
+    cfg = tiny_config(tmp_path / "cut" / "u")
+    units = quality.Units(tmp_path / "cut" / "units")
+    with pytest.raises(Crash):
+        quality.run_munet("u", cfg, tmp_path / "cut", units, sizes, store_class=crashing_store("commit", 4))
+    assert quality.interrupted_run(tmp_path / "cut" / "u", cfg) and units.get("u", quality.result_settings(cfg)) is None
+    resumed = quality.run_munet("u", cfg, tmp_path / "cut", units, sizes)
+    assert "resuming" in (tmp_path / "cut" / "logs" / "u.log").read_text()
+    assert resumed["tasks"] == whole["tasks"] and resumed["wall_s"] > 0
+
+
+def test_a_run_of_other_settings_in_a_units_folder_is_started_again(quality, tmp_path):
+    from conftest import make_run, tiny_config
+
+    make_run(tmp_path / "u", seed=1)
+    cfg = tiny_config(tmp_path / "u")
+    assert not quality.interrupted_run(tmp_path / "u", cfg)
+    result = quality.run_munet("u", cfg, tmp_path, quality.Units(tmp_path / "units"), {"a": 96, "b": 96})
+    assert result["settings"]["seed"] == 0
+    assert "resuming" not in (tmp_path / "logs" / "u.log").read_text()

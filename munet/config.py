@@ -28,7 +28,8 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 #: Values of keys added after runs were first stored, as munet behaved before each key existed.
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
-                                       "schedule_span": "child", "parent_decay": 0.5}
+                                       "schedule_span": "child", "parent_decay": 0.5,
+                                       "lineage_lr_decay": 1.0}
 
 
 @dataclass
@@ -85,6 +86,9 @@ class RunConfig:
         parent_decay: parent sampling walks the task's paths best first and takes each w.p.
             ``parent_decay ** offsprings`` (its children so far), else a seed or own path uniformly (the spec: 0.5);
             1 always extends the best path, so the budget deepens one lineage.
+        lineage_lr_decay: a child of a path of its own task trains at this times its parent's learning-rate scale
+            (the scale starts at 1 in a child of a probe, another task's path or the root), so a lineage's warm
+            restarts peak ever lower, as one long schedule would (1: every child at its ``opt_lr``, the spec).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -142,6 +146,7 @@ class RunConfig:
     keep_diverged: bool = True
     schedule_span: str = "child"
     parent_decay: float = 0.5
+    lineage_lr_decay: float = 1.0
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -176,8 +181,9 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0 <= self.stop_margin <= 1:
             raise ConfigError(f"stop_margin must be in [0, 1], got {self.stop_margin}")
-        if not 0 < self.parent_decay <= 1:
-            raise ConfigError(f"parent_decay must be in (0, 1], got {self.parent_decay}")
+        for name in ("parent_decay", "lineage_lr_decay"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("mutation_prob", "clone_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")

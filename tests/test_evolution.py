@@ -183,3 +183,33 @@ def test_parent_decay_one_always_extends_the_best_path(decay):
     assert len(parents) == 16
     best_first = sum(parent == best for parent, best in parents)
     assert best_first == 16 if decay == 1.0 else best_first < 16
+
+
+def test_lineage_lr_decay_lowers_the_rate_along_a_lineage_and_restarts_it_for_a_new_one():
+    """lineage_lr_decay = 0.5: a mutated child of a trained path of its task has half its parent's scale, and the
+    trainer's rate is scaled by it; a probe, or a child of a probe, another task's path or the root, starts at 1.
+    The spec (1) sets no scale at all."""
+    from munet.evolution.hparams import LR_SCALE
+    from munet.training.schedule import learning_rate
+
+    evo = _evolution(separate_probes=True, probe_validations=1, lineage_lr_decay=0.5)
+    evo.children_per_task, evo.generation_size = 6, 1
+    seen: list = []
+    evo.before_training.append(lambda task, gen, children, beat, ds: seen.extend(children))
+    evo.task_iteration("a")
+    evo.task_iteration("b")
+    mutated = [c for c in seen if not c.metrics["seed_probe"]]
+    assert all(c.hparams[LR_SCALE] == 1.0 for c in seen if c.metrics["seed_probe"])
+    for child in mutated:
+        parent = child.parent
+        continuing = parent.task == child.task and not parent.metrics["seed_probe"]
+        expected = parent.hparams[LR_SCALE] * 0.5 if continuing else 1.0
+        assert child.hparams[LR_SCALE] == expected
+    assert min(c.hparams[LR_SCALE] for c in mutated) <= 0.25  # lineages of at least three children grew
+    deep = min(mutated, key=lambda c: c.hparams[LR_SCALE])
+    plain = {k: v for k, v in deep.hparams.items() if k != LR_SCALE}
+    scaled = deep.hparams[LR_SCALE] * learning_rate(plain, 5, 10, 3)
+    assert learning_rate(deep.hparams, 5, 10, 3) == pytest.approx(scaled)
+    spec = _evolution(separate_probes=True, probe_validations=1)
+    spec.task_iteration("a")
+    assert not any(LR_SCALE in p.hparams for p in spec.system.paths["a"])

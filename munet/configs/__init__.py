@@ -24,6 +24,7 @@ PAPER_MUNET: dict[str, Any] = {
     "probe_validations": 0, "accept_ties": False, "keep_diverged": True, "stop_margin": 0.0,  # §4.3
     "schedule_span": "child",  # §3: every child runs its own warmup-cosine
     "parent_decay": 0.5,  # §4.2 PPDecay: the best-first walk takes a path w.p. 0.5^offsprings
+    "lineage_lr_decay": 1.0,  # §3: every child trains at its own opt_lr
     "max_task_population": 0, "scale_factor": 1.0, "compute_scale": 1.0,  # §4.3 no cap; §5 muNet: s = 1
 }
 

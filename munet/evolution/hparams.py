@@ -20,6 +20,7 @@ MOMENTUM_NONE = 0.0  # the spec's "None" entry: plain SGD (the original crashes 
 MU_POLICIES = ("fixed", "evolved", "per_action")
 BLOCK_CLONE = "clone:block_"  # the action prefix that clone_prob governs
 MU_VALUES = [round(0.10 + 0.02 * i, 2) for i in range(11)]  # µ2Net auto-tune range 0.10 ... 0.30
+LR_SCALE = "opt_lr_scale"  # not evolved: set by the loop's lineage_lr_decay; multiplies opt_lr when present
 MU_ACTION_VALUES = [round(0.02 * i, 2) for i in range(1, 16)]  # µ2Net+ per-action range 0.02 ... 0.30
 
 # Per-child hparams; insertion order is the order mutations are drawn in (spec §2 step 2).

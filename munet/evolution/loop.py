@@ -16,6 +16,7 @@ from munet.distributed.executor import Executor, LocalExecutor
 from munet.evolution.hparams import (
     DATA_RANGES,
     DEFAULTS,
+    LR_SCALE,
     MutationPolicy,
     check_image_sizes,
     image_sizes,
@@ -81,6 +82,8 @@ class Evolution:
             children's generations run consecutive parts of one schedule over the task iteration).
         parent_decay: the parent sampling's walk over the task's paths, best first, takes each w.p.
             ``parent_decay ** offsprings`` (the spec: 0.5); 1 always extends the best path.
+        lineage_lr_decay: a child of a mutated path of its own task trains at this times its parent's learning-rate
+            scale (``LR_SCALE`` in its hparams; see :meth:`lr_scale`); 1: no scale (the spec).
         executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
             by default.
 
@@ -96,7 +99,7 @@ class Evolution:
                  evaluator: Evaluator, *, children_per_task: int, generation_size: int, max_image_size: int,
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
-                 parent_decay: float = 0.5, executor: Executor | None = None):
+                 parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -109,7 +112,7 @@ class Evolution:
         self.separate_probes = separate_probes
         self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
                                if separate_probes and probe_validations else settings)
-        self.schedule_span, self.parent_decay = schedule_span, parent_decay
+        self.schedule_span, self.parent_decay, self.lineage_lr_decay = schedule_span, parent_decay, lineage_lr_decay
         self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
@@ -152,6 +155,14 @@ class Evolution:
         first = int(self.separate_probes)
         return dataclasses.replace(self.settings, schedule_part=generation - first,
                                    schedule_parts=self.generations() - first)
+
+    def lr_scale(self, parent: TaskPath, task: str) -> float:
+        """The learning-rate scale of a mutated child of ``parent``: the parent's times ``lineage_lr_decay`` when
+        the parent is a trained path of ``task`` (a lineage continuing), else 1 (a lineage starting from a probe, a
+        seed or the root, whose blocks have not been trained for this task yet)."""
+        if parent.task != task or parent.metrics.get("seed_probe"):
+            return 1.0
+        return parent.hparams.get(LR_SCALE, 1.0) * self.lineage_lr_decay
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_ds_hparams(self, task: str, mutate: bool) -> dict[str, Any]:
@@ -211,7 +222,10 @@ class Evolution:
                 state.next_seed += 1
             else:
                 parent, mutate = self.sample_parent(task, state.seeds), True
-            children.append(make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters))
+            child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters)
+            if self.lineage_lr_decay != 1:
+                child.hparams[LR_SCALE] = self.lr_scale(parent, task) if mutate else 1.0
+            children.append(child)
             if parent.task == task:  # counted at once: the next child of this generation samples with it
                 parent.offsprings += 1
             parents.append(parent)

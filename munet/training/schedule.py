@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from munet.evolution.hparams import LR_SCALE
+
 SCHEDULES = ("constant", "cosine", "restarts")
 
 
@@ -27,7 +29,8 @@ def learning_rate(hparams: dict[str, Any], step: int, steps_per_validation: int,
     warmup-cosine once per validation period (SGDR). A ``cosine`` child trains part ``part`` of ``parts`` equal
     consecutive parts of one warmup-cosine (the spec: one part, the whole schedule per child).
     """
-    lr, kind, ratio = hparams["opt_lr"], hparams["opt_lr_schedule"], hparams["opt_lr_warmup_ratio"]
+    lr = hparams["opt_lr"] * hparams.get(LR_SCALE, 1.0)
+    kind, ratio = hparams["opt_lr_schedule"], hparams["opt_lr_warmup_ratio"]
     if kind == "constant":
         return 0.5 * lr
     if kind == "cosine":

@@ -132,7 +132,7 @@ class RunConfig:
     crop_area_min: float = 1.0
     flip: bool = False
     standardise_head: bool = True
-    mutation_prob: float = 0.1
+    mutation_prob: float = 0.03
     clone_prob: float = 0.5
     mu_policy: str = "fixed"
     mutate_adapters: bool = True
@@ -144,7 +144,7 @@ class RunConfig:
     accept_ties: bool = False
     stop_margin: float = 0.0
     keep_diverged: bool = True
-    schedule_span: str = "child"
+    schedule_span: str = "iteration"
     parent_decay: float = 0.5
     lineage_lr_decay: float = 1.0
     seed: int = 0

@@ -40,8 +40,9 @@ def test_a_missing_key_means_the_behaviour_before_it_existed_not_todays_default(
     units = quality.Units(tmp_path)
     older = {k: v for k, v in RunConfig(mutation_prob=0.1).to_dict().items() if k != "clone_prob"}
     units.put("munet_s1.0", {"settings": older, "test_acc": 0.5})
-    assert units.get("munet_s1.0", RunConfig(clone_prob=0.1).to_dict())["test_acc"] == 0.5  # clones drew with μ
-    assert units.get("munet_s1.0", RunConfig(clone_prob=0.5).to_dict()) is None
+    clones_drew_with_mu = RunConfig(mutation_prob=0.1, clone_prob=0.1).to_dict()
+    assert units.get("munet_s1.0", clones_drew_with_mu)["test_acc"] == 0.5
+    assert units.get("munet_s1.0", RunConfig(mutation_prob=0.1, clone_prob=0.5).to_dict()) is None
 
 
 def test_a_baseline_unit_depends_only_on_the_keys_its_training_reads(quality, tmp_path):

@@ -27,9 +27,10 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("4 children of 5 validations", {"children_per_task": 4, "validations": 5}),
     ("2 rounds of 4 children", {"rounds": 2, "children_per_task": 4}),
     ("µ2Net >= acceptance", {"accept_ties": True}),
-    ("one schedule over each task iteration", {"schedule_span": "iteration"}),
+    ("one warmup-cosine per child (spec)", {"schedule_span": "child"}),
     ("always extend the best path", {"parent_decay": 1.0}),
-    ("mu = 0.03 (blocks still cloned w.p. 0.5)", {"mutation_prob": 0.03}),
+    ("mu = 0.1 (spec)", {"mutation_prob": 0.1}),
+    ("the defaults before: one warmup-cosine per child, mu = 0.1", {"schedule_span": "child", "mutation_prob": 0.1}),
 )
 
 

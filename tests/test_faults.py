@@ -508,6 +508,26 @@ def test_fuzz_damaged_database(run_dir, tmp_path, capsys, seed):
         assert _files(run) == before, case
 
 
+def test_a_path_record_with_more_layers_than_components_is_a_store_error(run_dir, tmp_path, capsys):
+    """A damaged path record whose num_layers exceeds the blocks it names: predict names the path, exit 2, no
+    traceback (the fuzz once hit it as a KeyError at the first forward), and the store is unchanged."""
+    import json
+
+    from PIL import Image
+
+    Image.new("L", (12, 12)).save(tmp_path / "x.png")
+    run = _copy(run_dir, tmp_path / "run")
+    with contextlib.closing(sqlite3.connect(run / DB_NAME)) as db, db:
+        pid, hparams = db.execute("SELECT p.id, p.hparams FROM paths p JOIN live l ON l.path_id = p.id "
+                                  "WHERE l.rank IS NOT NULL LIMIT 1").fetchone()
+        damaged = json.dumps(dict(json.loads(hparams), num_layers=9))
+        db.execute("UPDATE paths SET hparams = ? WHERE id = ?", (damaged, pid))
+    before = _files(run)
+    err = _error(capsys, ["predict", str(run), "--task", "all", str(tmp_path / "x.png")])
+    assert f"path #{pid} has 9 layers but no component for block_3" in err
+    assert _files(run) == before
+
+
 def _random_array(rng, np):
     shape = tuple(int(rng.integers(0, 6)) for _ in range(int(rng.integers(0, 5))))
     kind = rng.choice(["u1", "f4", "i8", "bool", "U3"])

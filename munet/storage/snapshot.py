@@ -375,7 +375,16 @@ def path_from_record(rec: LivePathRecord, components: dict[str, Component]) -> T
     """The path of record ``rec`` over ``components`` (its slots' components), without a parent link."""
     metrics = dict(rec.metrics, mutations=rec.mutations)
     offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
-    return TaskPath(rec.id, rec.task, components, rec.hparams, None, metrics, offsprings, fresh_head)
+    path = TaskPath(rec.id, rec.task, components, rec.hparams, None, metrics, offsprings, fresh_head)
+    try:  # a damaged record can name more layers than it has components (a traceback at the first forward)
+        missing = [n for op in path.ops() for n in op if n not in components]
+    except (KeyError, TypeError, ValueError) as err:
+        raise StoreError(f"path #{rec.id} has damaged hyperparameters ({type(err).__name__}: {err}); run "
+                         "`munet check`") from None
+    if missing:
+        raise StoreError(f"path #{rec.id} has {path.num_layers} layers but no component for {', '.join(missing)}; "
+                         "run `munet check`")
+    return path
 
 
 def component_from_record(store: Store, r: ComponentRecord, root: Root) -> Component:

@@ -156,11 +156,11 @@ class Evolution:
         return dataclasses.replace(self.settings, schedule_part=generation - first,
                                    schedule_parts=self.generations() - first)
 
-    def lr_scale(self, parent: TaskPath, task: str) -> float:
-        """The learning-rate scale of a mutated child of ``parent``: the parent's times ``lineage_lr_decay`` when
-        the parent is a trained path of ``task`` (a lineage continuing), else 1 (a lineage starting from a probe, a
-        seed or the root, whose blocks have not been trained for this task yet)."""
-        if parent.task != task or parent.metrics.get("seed_probe"):
+    def lr_scale(self, parent: TaskPath, task: str, mutate: bool) -> float:
+        """The learning-rate scale of a child of ``parent``: the parent's times ``lineage_lr_decay`` when the child
+        is mutated from a trained path of ``task`` (a lineage continuing), else 1 (a probe, or a lineage starting
+        from a probe, a seed or the root, whose blocks have not been trained for this task yet)."""
+        if not mutate or parent.task != task or parent.metrics.get("seed_probe"):
             return 1.0
         return parent.hparams.get(LR_SCALE, 1.0) * self.lineage_lr_decay
 
@@ -224,7 +224,7 @@ class Evolution:
                 parent, mutate = self.sample_parent(task, state.seeds), True
             child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters)
             if self.lineage_lr_decay != 1:
-                child.hparams[LR_SCALE] = self.lr_scale(parent, task) if mutate else 1.0
+                child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             children.append(child)
             if parent.task == task:  # counted at once: the next child of this generation samples with it
                 parent.offsprings += 1

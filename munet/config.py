@@ -29,7 +29,7 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
                                        "schedule_span": "child", "parent_decay": 0.5,
-                                       "lineage_lr_decay": 1.0}
+                                       "lineage_lr_decay": 1.0, "judged_mutations": False}
 
 
 @dataclass
@@ -89,6 +89,9 @@ class RunConfig:
         lineage_lr_decay: a child of a path of its own task trains at this times its parent's learning-rate scale
             (the scale starts at 1 in a child of a probe, another task's path or the root), so a lineage's warm
             restarts peak ever lower, as one long schedule would (1: every child at its ``opt_lr``, the spec).
+        judged_mutations: a child whose parent cannot judge its changes (a probe, another task's path or the root:
+            any trained child beats a head-only probe) only clones blocks; hyperparameter, layer, adapter and
+            other mutations wait for a trained path of the task to be measured against (false: the spec).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -147,6 +150,7 @@ class RunConfig:
     schedule_span: str = "iteration"
     parent_decay: float = 0.5
     lineage_lr_decay: float = 1.0
+    judged_mutations: bool = False
     seed: int = 0
     device: str = "auto"
     threads: int = 0

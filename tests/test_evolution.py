@@ -185,6 +185,40 @@ def test_parent_decay_one_always_extends_the_best_path(decay):
     assert best_first == 16 if decay == 1.0 else best_first < 16
 
 
+@pytest.mark.parametrize("judged", [False, True])
+def test_judged_mutations_leave_a_new_lineage_s_first_child_with_block_clones_only(judged: bool):
+    """judged_mutations: a mutated child of a probe, another task's path or the root keeps its parent's hparams,
+    layers and adapters (only blocks and the final norm are cloned), and so do the generation's data hparams; a
+    child continuing its task's trained path still draws every mutation. Without it (the spec) first children do."""
+    from munet.evolution.loop import continues_lineage
+
+    evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, judged_mutations=judged)
+    evo.children_per_task, evo.generation_size = 6, 1
+    seen: list = []  # (child, whether it continues a lineage, its data hparams' change), judged when sampled
+
+    def record(task, gen, children, beat, ds):
+        for c in children:
+            moved = any(c.hparams[k] != c.parent.hparams[k] for k in ("ds_image_size", "ds_area_range_min"))
+            seen.append((c, continues_lineage(c.parent, task), moved))
+
+    evo.before_training.append(record)
+    for task in ("a", "b", "c"):
+        evo.task_iteration(task)
+    first = [(c, moved) for c, cont, moved in seen if not c.metrics["seed_probe"] and not cont]
+    later = [c for c, cont, _ in seen if not c.metrics["seed_probe"] and cont]
+    assert first and later
+
+    def changes(child) -> set[str]:
+        return {k for k in child.metrics["mutations"] if not k.startswith("clone:block_")}
+
+    assert any(k.startswith("clone:block_") for c, _ in first for k in c.metrics["mutations"])
+    if judged:
+        assert not any(changes(c) or moved for c, moved in first)
+    else:
+        assert any(changes(c) for c, _ in first)
+    assert any(changes(c) for c in later)
+
+
 def test_lineage_lr_decay_lowers_the_rate_along_a_lineage_and_restarts_it_for_a_new_one():
     """lineage_lr_decay = 0.5: a mutated child of a trained path of its task has half its parent's scale, and the
     trainer's rate is scaled by it; a probe, or a child of a probe, another task's path or the root, starts at 1.

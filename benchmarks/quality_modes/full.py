@@ -29,6 +29,7 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("µ2Net >= acceptance", {"accept_ties": True}),
     ("one warmup-cosine per child (spec)", {"schedule_span": "child"}),
     ("always extend the best path", {"parent_decay": 1.0}),
+    ("a new lineage's first child clones blocks only", {"judged_mutations": True}),
     ("mu = 0.1 (spec)", {"mutation_prob": 0.1}),
     ("the defaults before: one warmup-cosine per child, mu = 0.1", {"schedule_span": "child", "mutation_prob": 0.1}),
 )

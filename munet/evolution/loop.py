@@ -31,6 +31,12 @@ from munet.training.settings import TrainSettings
 log = logging.getLogger("munet")
 
 
+def continues_lineage(parent: TaskPath, task: str) -> bool:
+    """Whether a child of ``parent`` continues a trained lineage of ``task``: its parent is a mutated path of the
+    task, not a probe, another task's path or the root (whose score says nothing of the child's changes)."""
+    return parent.task == task and not parent.metrics.get("seed_probe")
+
+
 class Hook(list):
     """Callbacks called in order with the same arguments (EvoTorch's hooks): ``hook.append(callback)`` adds one
     without replacing another's."""
@@ -84,6 +90,8 @@ class Evolution:
             ``parent_decay ** offsprings`` (the spec: 0.5); 1 always extends the best path.
         lineage_lr_decay: a child of a mutated path of its own task trains at this times its parent's learning-rate
             scale (``LR_SCALE`` in its hparams; see :meth:`lr_scale`); 1: no scale (the spec).
+        judged_mutations: a child that does not continue a lineage (see :func:`continues_lineage`) only clones
+            blocks, since its acceptance cannot judge other changes; false: every child draws every mutation (spec).
         executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
             by default.
 
@@ -99,7 +107,8 @@ class Evolution:
                  evaluator: Evaluator, *, children_per_task: int, generation_size: int, max_image_size: int,
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
-                 parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, executor: Executor | None = None):
+                 parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, judged_mutations: bool = False,
+                 executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -113,6 +122,7 @@ class Evolution:
         self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
                                if separate_probes and probe_validations else settings)
         self.schedule_span, self.parent_decay, self.lineage_lr_decay = schedule_span, parent_decay, lineage_lr_decay
+        self.judged_mutations = judged_mutations
         self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
@@ -160,17 +170,20 @@ class Evolution:
         """The learning-rate scale of a child of ``parent``: the parent's times ``lineage_lr_decay`` when the child
         is mutated from a trained path of ``task`` (a lineage continuing), else 1 (a probe, or a lineage starting
         from a probe, a seed or the root, whose blocks have not been trained for this task yet)."""
-        if not mutate or parent.task != task or parent.metrics.get("seed_probe"):
+        if not mutate or not continues_lineage(parent, task):
             return 1.0
         return parent.hparams.get(LR_SCALE, 1.0) * self.lineage_lr_decay
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_ds_hparams(self, task: str, mutate: bool) -> dict[str, Any]:
         """The generation's data hparams: the task's best path's values (or the defaults), each moved a
-        neighbour step w.p. μ after the seed phase (spec §3)."""
+        neighbour step w.p. μ after the seed phase (spec §3); with ``judged_mutations`` only once that best path
+        continues a lineage of the task, so its score can judge the move."""
         best = self.system.best_path(task)
         source = best.hparams if best else self.system.root_path.hparams
         ds = {k: source.get(k, DEFAULTS.get(k)) for k in [*DATA_RANGES, "ds_image_size"]}
+        if self.judged_mutations and not (best and continues_lineage(best, task)):
+            mutate = False
         if mutate:
             ranges = dict(DATA_RANGES, ds_image_size=self.sizes)
             for key, values in ranges.items():
@@ -222,7 +235,8 @@ class Evolution:
                 state.next_seed += 1
             else:
                 parent, mutate = self.sample_parent(task, state.seeds), True
-            child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters)
+            clones_only = mutate and self.judged_mutations and not continues_lineage(parent, task)
+            child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters, clones_only)
             if self.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             children.append(child)

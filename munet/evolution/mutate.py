@@ -50,17 +50,18 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 
 
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
-               policy: MutationPolicy, mutate_adapters: bool = True) -> TaskPath:
+               policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
-    is trainable plus a new head: a transfer probe of the parent's frozen features.
+    is trainable plus a new head: a transfer probe of the parent's frozen features. With ``clones_only`` a mutated
+    child draws block clones (and clones the final norm) but keeps the parent's hparams, layers and adapters.
     """
     rng: random.Random = policy.rng
     hparams = copy.deepcopy(parent.hparams)
     hparams.update(ds_hparams)
     mutations: dict[str, tuple] = {}
-    if mutate:
+    if mutate and not clones_only:
         policy.start_child(hparams, mutations)
         ranges = {"num_layers": list(range(1, system.root.depth + 1)), **MODEL_RANGES}
         for key, values in ranges.items():
@@ -72,7 +73,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     num_layers = hparams["num_layers"]
     adapters = {slot_index(n) for n in parent.components if isinstance(kind_of(n), AdapterKind)}
     adapters = {i for i in adapters if i < num_layers}  # adapters on removed layers are dropped
-    if mutate and mutate_adapters:
+    if mutate and mutate_adapters and not clones_only:
         for i in range(num_layers):
             if i not in adapters and policy.fires(f"add:adapter_{i}", hparams, mutations):
                 adapters.add(i)
@@ -100,7 +101,8 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
             comps[name] = system.new_component(name, module, origin=task)
         elif found.is_trainable():  # owned by this task's lineage only: always continue training a copy
             comps[name] = system.clone_component(found, task)
-        elif mutate and (name == "norm" or policy.fires(f"clone:{name}", hparams, mutations)):
+        elif mutate and (name == "norm" or (not clones_only or kind_of(name) is get_kind("block"))
+                         and policy.fires(f"clone:{name}", hparams, mutations)):
             # the final norm is "technically part of the head", so it is always fine-tuned when mutating
             comps[name] = system.clone_component(found, task)
             if name != "norm":

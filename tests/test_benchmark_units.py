@@ -100,6 +100,9 @@ def test_targets_are_checked_on_the_results(quality):
     assert targets["curve_dominates"]["dominated_points"] == [{"baseline": "freeze:4", "munet": "muNet s=1.0"}]
     assert not targets["default_run"]["met"]
     assert targets["pretrained_vs_random"]["met"] and "NOT met" in quality.format_targets(targets)
+    only_baselines = quality.check_targets([m for m in methods if m["family"] != "munet"])
+    assert "curve_dominates" not in only_baselines  # no muNet point yet: not checked, not "NOT met"
+    assert "muNet point" not in quality.format_targets(only_baselines)
 
 
 def test_baselines_train_on_the_images_munet_processed(quality):

@@ -317,6 +317,15 @@ def _seeds(method: dict[str, Any], averages: list[float | None]) -> dict[str, An
     return method
 
 
+def lineage_share(unit: dict[str, Any]) -> float | None:
+    """Share of a muNet unit's training images that trained its retained paths' lineages (the rest went to
+    rejected children, side lineages and probes); ``None`` for units recorded without lineage counts."""
+    tasks = unit["tasks"].values()
+    if not unit["images"] or any(t.get("lineage_images") is None for t in tasks):
+        return None
+    return sum(t["lineage_images"] for t in tasks) / unit["images"]
+
+
 def munet_method(label: str, family: str, units: list[dict[str, Any]], task_names: list[str], budget: int = 1
                  ) -> dict[str, Any]:
     """One muNet point: the mean over ``units`` (one per seed) of test accuracies, parameters and compute."""
@@ -326,6 +335,7 @@ def munet_method(label: str, family: str, units: list[dict[str, Any]], task_name
 
     averages = [_average([u["tasks"].get(t, {}).get("test_acc") for t in task_names]) for u in units]
     per_task = _mean([sum(t["accounted"] for t in u["tasks"].values()) / max(len(u["tasks"]), 1) for u in units])
+    shares = [lineage_share(u) for u in units]
     first = units[0]
     method = {"method": label, "family": family, "budget": budget, "scale_factor": first["settings"]["scale_factor"],
               "root": first["root"], "test_acc": {t: task_mean(t, "test_acc") for t in task_names},
@@ -333,7 +343,7 @@ def munet_method(label: str, family: str, units: list[dict[str, Any]], task_name
               "images": round(_mean([u["images"] for u in units])), "wall_s": _mean([u["wall_s"] for u in units]),
               "core_hours": _mean([u["wall_s"] * u["cores"] / 3600 for u in units]), "device": first["device"],
               "lineage_images": {t: first["tasks"][t].get("lineage_images") for t in first["tasks"]},
-              "tasks": first["tasks"]}
+              "on_path": None if None in shares else _mean(shares), "tasks": first["tasks"]}
     return _seeds(method, averages)
 
 
@@ -352,7 +362,7 @@ def baseline_method(spec: BaselineSpec, runs: list[dict[str, dict[str, Any]]], t
               "images": round(_mean([sum(r["images"] for r in run.values()) for run in runs])),
               "wall_s": _mean([sum(r["wall_s"] for r in run.values()) for run in runs]),
               "core_hours": _mean([sum(r["wall_s"] * r["cores"] for r in run.values()) / 3600 for run in runs]),
-              "device": next(iter(first.values()))["device"], "tasks": first}
+              "device": next(iter(first.values()))["device"], "on_path": 1.0, "tasks": first}
     return _seeds(method, averages)
 
 
@@ -362,16 +372,19 @@ def _short(task: str) -> str:
 
 
 def format_table(methods: list[dict[str, Any]], task_names: list[str]) -> str:
+    """One row per method; ``on path``: the share of its training images that trained the paths it kept (a
+    baseline's one path takes them all)."""
     cols = [_short(t) for t in task_names]
-    header = f"{'method':<26}" + "".join(f" {c:>11}" for c in cols) + \
-        f" {'average':>8} {'spread':>7} {'params/task':>12} {'train imgs':>11} {'wall s':>8} {'core-h':>7}"
+    header = f"{'method':<26}" + "".join(f" {c:>11}" for c in cols) + f" {'average':>8} {'spread':>7} " \
+        f"{'params/task':>12} {'train imgs':>11} {'on path':>7} {'wall s':>8} {'core-h':>7}"
     lines = [header, "-" * len(header)]
     for m in methods:
         accs = "".join(f" {a:>11.4f}" if a is not None else f" {'-':>11}" for a in m["test_acc"].values())
         avg = f"{m['average']:.4f}" if m["average"] is not None else "-"
         spread = f"{m['spread']:.4f}" if m.get("seeds", 1) > 1 else "1 seed"
+        share = f"{m['on_path']:.0%}" if m.get("on_path") is not None else "-"
         lines.append(f"{m['method']:<26}{accs} {avg:>8} {spread:>7} {m['params_per_task']:>12,.0f} "
-                     f"{m['images']:>11,} {m['wall_s']:>8.0f} {m['core_hours']:>7.3f}")
+                     f"{m['images']:>11,} {share:>7} {m['wall_s']:>8.0f} {m['core_hours']:>7.3f}")
     return "\n".join(lines)
 
 

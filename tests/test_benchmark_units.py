@@ -105,6 +105,20 @@ def test_targets_are_checked_on_the_results(quality):
     assert "muNet point" not in quality.format_targets(only_baselines)
 
 
+def test_the_table_shows_the_share_of_images_that_trained_the_kept_paths(quality):
+    def unit(lineage: list[int | None]) -> dict:
+        tasks = {t: {"test_acc": 0.9, "accounted": 10, "lineage_images": n} for t, n in zip("ab", lineage)}
+        return {"tasks": tasks, "images": 400, "wall_s": 1.0, "cores": 1, "device": "cpu", "root": "r",
+                "settings": {"scale_factor": 1.0}}
+
+    assert quality.lineage_share(unit([100, 200])) == 0.75
+    assert quality.lineage_share(unit([100, None])) is None  # recorded before lineage counts
+    method = quality.munet_method("muNet s=1.0", "munet", [unit([100, 200]), unit([50, 50])], ["a", "b"])
+    assert method["on_path"] == 0.5  # mean of the seeds' 75% and 25%
+    row = quality.format_table([method], ["a", "b"]).splitlines()[2]
+    assert "50%" in row
+
+
 def test_baselines_train_on_the_images_munet_processed(quality):
     from quality_modes import baseline_validations
 

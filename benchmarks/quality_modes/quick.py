@@ -6,8 +6,9 @@ the default); all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {
 1, 2; the ablations of benchmarks/README.md. Baselines train on as many images per task as muNet s = 1 processed
 at the same budget.
 
-Expected: muNet s = 1 about 0.85 average test accuracy (0.8450, 0.8669, 0.8503 for seeds 0-2, 1-2 minutes each on
-one thread; 0.8956 and 0.9104 at budgets 2 and 4), freeze 0 0.933 (3 seeds); measured: benchmarks/README.md.
+Expected: muNet s = 1 about 0.895 average test accuracy (0.9105, 0.9024, 0.8726 for seeds 0-2, 1-2 minutes each
+on one thread; 0.8799 and 0.9238 at budgets 2 and 4), freeze 0 0.933 (3 seeds; 0.948 and 0.962 at budgets 2 and 4);
+measured: benchmarks/README.md.
 
 Command: ``python benchmarks/quality.py --mode quick`` (``--quick``); ``--curve`` adds budgets, seeds, ablations.
 """

@@ -489,20 +489,21 @@ def plot(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
             note = f"s={m['scale_factor']}" if family == "munet" else "" if m.get("value") is None else str(m["value"])
             if note:
                 ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-    _finish(fig, ax, "parameters per task (shared parts split between tasks)", title, target)
+    _finish(fig, [ax], ["parameters per task (shared parts split between tasks)"], title, target)
 
 
-def _finish(fig: Any, ax: Any, xlabel: str, title: str, target: FsPath) -> None:
-    """Log x axis, labels, grid and legend; saves the figure to ``target``."""
+def _finish(fig: Any, axes: list[Any], xlabels: list[str], title: str, target: FsPath) -> None:
+    """Log x axes, labels, grid and legend (on the first axis); saves the figure to ``target``."""
     import matplotlib.pyplot as plt
 
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("average test accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # no legend for an empty plot (no finished unit yet)
-        ax.legend(fontsize=8)
+    for ax, xlabel in zip(axes, xlabels):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("average test accuracy")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    if axes[0].get_legend_handles_labels()[0]:  # no legend for an empty plot (no finished unit yet)
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(target, dpi=120)
     plt.close(fig)
@@ -526,17 +527,20 @@ def plot_curve(methods: list[dict[str, Any]], title: str, target: FsPath) -> Non
             lines.setdefault(m["spec"], []).append(m)
     # a baseline is a curve once it has several budgets or seeds (the strongest ones); the rest would crowd budget 1
     lines = {k: v for k, v in lines.items() if len(v) > 1 or k == "muNet s=1" or v[0].get("seeds", 1) > 1}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    # images processed are the equal-compute measure (exact); core-hours are measured, so they move with the load
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for i, (label, points) in enumerate(sorted(lines.items(), key=lambda kv: kv[0] != "muNet s=1")):
         points.sort(key=lambda m: m["budget"])
-        xs, ys = [m["core_hours"] for m in points], [m["average"] for m in points]
-        errs = [m.get("spread", 0.0) for m in points]
+        ys, errs = [m["average"] for m in points], [m.get("spread", 0.0) for m in points]
         style = dict(color="C3", marker="o", linewidth=2.5) if label == "muNet s=1" else \
             dict(color=f"C{i % 10}", marker="s", linestyle="--")
-        ax.errorbar(xs, ys, yerr=errs, capsize=3, label=label, **style)
-        for x, y, m in zip(xs, ys, points):
-            ax.annotate(f"x{m['budget']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    _finish(fig, ax, "compute: core-hours (training images processed in the JSON)", title, target)
+        for ax, key in zip(axes, ("images", "core_hours")):
+            xs = [m[key] for m in points]
+            ax.errorbar(xs, ys, yerr=errs, capsize=3, label=label, **style)
+            for x, y, m in zip(xs, ys, points):
+                ax.annotate(f"x{m['budget']}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    _finish(fig, list(axes), ["training images processed (equal compute)", "core-hours (measured; load-dependent)"],
+            title, target)
 
 
 def slug(text: str) -> str:

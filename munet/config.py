@@ -91,7 +91,8 @@ class RunConfig:
             restarts peak ever lower, as one long schedule would (1: every child at its ``opt_lr``, the spec).
         judged_mutations: a child whose parent cannot judge its changes (a probe, another task's path or the root:
             any trained child beats a head-only probe) only clones blocks; hyperparameter, layer, adapter and
-            other mutations wait for a trained path of the task to be measured against (false: the spec).
+            other mutations wait for a trained path of the task to be measured against, and the generation's data
+            hyperparameters move once the task's best path is such a path (false: the spec).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default

@@ -75,6 +75,7 @@ from munet.config import RunConfig  # noqa: E402
 from munet.data.task import TaskData  # noqa: E402
 from munet.evolution.system import System  # noqa: E402
 from munet.model.roots import load_root  # noqa: E402
+from munet.reporting.history import run_history  # noqa: E402
 from munet.reporting.progress import Progress  # noqa: E402
 from munet.runner import OPERATIONAL_KEYS, Wiring, load_tasks, resolve_device, run  # noqa: E402
 from munet.storage.store import Store, StoreError, atomic_write  # noqa: E402
@@ -158,26 +159,14 @@ def cores() -> int:
 
 def run_records(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) -> dict[str, dict[str, int]]:
     """Per task, from the run's store: ``images``, the training images all its children and probes processed, and
-    ``lineage_images``, those along its retained path's ancestors within the task; empty if the store is unreadable."""
+    ``lineage_images``, those along its best path's lineage within the task (``munet history``'s split); empty if
+    the store is unreadable."""
     try:
-        with Store.open(run_dir) as store:
-            rows = store.sampled_paths()
+        tasks = run_history(run_dir)["tasks"]
     except StoreError:
         return {}
-    by_id = {r["id"]: r for r in rows}
-    out: dict[str, dict[str, int]] = {}
-    for r in rows:
-        entry = out.setdefault(r["task"], {"images": 0, "lineage_images": 0})
-        entry["images"] += int(r["metrics"].get("train_images") or 0)
-    for r in rows:
-        if not r["retained"] or r["task"] not in train_sizes:
-            continue
-        node, images = r, 0
-        while node is not None and node["task"] == r["task"]:
-            images += int(node["metrics"].get("train_images") or 0)
-            node = by_id.get(node["parent"])
-        out[r["task"]]["lineage_images"] = images
-    return out
+    return {t["task"]: {"images": sum(t["images"].values()), "lineage_images": t["images"]["lineage"]}
+            for t in tasks if "images" in t and t["task"] in train_sizes}
 
 
 def interrupted_run(out: FsPath, cfg: RunConfig) -> bool:

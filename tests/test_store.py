@@ -129,9 +129,20 @@ def test_history_matches_the_store(run_dir, capsys):
     groups = history["groups"]
     assert sum(g["tried"] for g in groups.values()) == sum(t["strict_children"] for t in tasks.values())
     assert sum(g["accepted"] for g in groups.values()) == sum(t["strict_accepted"] for t in tasks.values())
+    # every path's training images counted once, where they went; the lineage's are those of its own paths
+    with Store.open(run_dir) as store:
+        rows = store.sampled_paths()
+    for name, task in tasks.items():
+        own = [r for r in rows if r["task"] == name]
+        assert sum(task["images"].values()) == sum(r["metrics"]["train_images"] for r in own) > 0
+        on_lineage = {step["path"] for step in task["lineage"]}
+        assert task["images"]["lineage"] == sum(r["metrics"]["train_images"] for r in own if r["id"] in on_lineage)
+        rejected = [r for r in own if not r["accepted"] and r["id"] not in on_lineage]
+        assert task["images"]["rejected"] == sum(r["metrics"]["train_images"] for r in rejected)
     assert main(["history", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "mutations in children of the same task" in out and f"best path {best['a']} " in out
+    assert "training images: " in out and "lineage " in out
     assert tasks["a"]["origin_is_root"] and "grown from root" in out  # the first task has nothing else to grow from
     assert main(["history", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tasks"][0]["task"] == "a"

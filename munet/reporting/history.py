@@ -1,8 +1,9 @@
 """``munet history``: what evolution did in a run, read from the store alone.
 
 Which mutations were tried and how often a child carrying each was accepted (with the mean change of validation
-quality against its parent), and for each task the lineage of its best path: the mutations along it and the
-hyperparameters that moved away from the root's defaults. This is the evidence behind "why is task X weak?".
+quality against its parent), for each task the lineage of its best path: the mutations along it and the
+hyperparameters that moved away from the root's defaults, and where the training images went (the best path's
+lineage, rejected children, accepted side branches, probes). This is the evidence behind "why is task X weak?".
 
 A child's mutations are the ones its record lists plus every dataset hyperparameter (``ds_*``) that differs from its
 parent's: dataset hyperparameters are drawn once per generation (all children see the same batches, spec §4.3), so
@@ -39,6 +40,20 @@ STRUCTURAL = frozenset({"clone:block", "add:adapter"})
 def mutation_group(kinds: set[str]) -> str:
     """``structural`` when every mutation kind is in :data:`STRUCTURAL`, ``other`` when any is not, ``none``."""
     return "none" if not kinds else "structural" if kinds <= STRUCTURAL else "other"
+
+
+#: Where a path's training images count (:func:`image_kind`), in the order they are reported.
+IMAGE_KINDS = ("lineage", "rejected", "side branches", "probes")
+
+
+def image_kind(row: dict[str, Any], lineage: set[int]) -> str:
+    """Where a path's training images went: its task's best-path ``lineage``, a rejected child, an accepted child
+    off that lineage (a side branch), or a probe of the seed phase."""
+    if row["id"] in lineage:
+        return "lineage"
+    if row["metrics"].get("seed_probe"):
+        return "probes"
+    return "side branches" if row["accepted"] else "rejected"
 
 
 def _child_mutations(row: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
@@ -100,6 +115,10 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
                       origin_is_root=pid == root_id, lineage=lineage[::-1],
                       moved={k: [defaults[k], v] for k, v in best["hparams"].items()
                              if k in defaults and defaults[k] != v})
+    on_lineage = {step["path"] for t in per_task.values() for step in t.get("lineage", [])}
+    for row in rows.values():
+        counts = per_task[row["task"]].setdefault("images", dict.fromkeys(IMAGE_KINDS, 0))
+        counts[image_kind(row, on_lineage)] += int(row["metrics"].get("train_images") or 0)
     mutations = [{"kind": k, "tried": int(s["tried"]), "accepted": int(s["accepted"]),
                   "mean_val_delta": s["delta_sum"] / s["tried"]} for k, s in sorted(stats.items())]
     return {"run": str(run_dir), "mutations": mutations, "groups": groups, "tasks": list(per_task.values())}
@@ -137,4 +156,9 @@ def format_history(h: dict[str, Any]) -> str:
             lines.append(f"    path {step['path']} val {step['val']:.4f}: {describe_mutations(step['mutations'])}")
         moved = ", ".join(f"{k} {a}->{b}" for k, (a, b) in t["moved"].items()) or "none"
         lines.append(f"  hyperparameters moved from the root's defaults: {moved}")
+    images = {k: sum(t.get("images", {}).get(k, 0) for t in h["tasks"]) for k in IMAGE_KINDS}
+    total = sum(images.values())
+    if total:
+        lines += ["", f"training images: {total:,}, of which " + ", ".join(
+            f"{k} {v / total:.0%}" for k, v in images.items()) + " (lineage: those that trained the best paths)"]
     return "\n".join(lines)

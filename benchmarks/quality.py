@@ -307,8 +307,8 @@ def _seeds(method: dict[str, Any], averages: list[float | None]) -> dict[str, An
 
 
 def lineage_share(unit: dict[str, Any]) -> float | None:
-    """Share of a muNet unit's training images that trained its retained paths' lineages (the rest went to
-    rejected children, side lineages and probes); ``None`` for units recorded without lineage counts."""
+    """Share of a muNet unit's training images that trained its tasks' best-path lineages (the rest went to
+    rejected children, side branches and probes); ``None`` for units recorded without lineage counts."""
     tasks = unit["tasks"].values()
     if not unit["images"] or any(t.get("lineage_images") is None for t in tasks):
         return None
@@ -389,7 +389,7 @@ def check_targets(methods: list[dict[str, Any]], default_target: float | None = 
     * ``curve``: at every budget, muNet s = 1 is at least as accurate as the best baseline at that budget with at
       most half of its parameters per task;
     * ``curve_dominates``: no baseline point has both higher accuracy and fewer parameters than a point of muNet's
-      s-sweep;
+      s-sweep (left out while there is no muNet point);
     * ``default_run``: muNet s = 1 reaches ``default_target`` average test accuracy (when given);
     * ``vs_finetune`` (the paper's headline: >= +2.4 points with <= 53 % of fine-tuning's parameters per task) and
       ``pretrained_vs_random`` (a clear margin), as before.
@@ -499,8 +499,8 @@ def _finish(fig: Any, axes: list[Any], xlabels: list[str], title: str, target: F
 
 
 def plot_curve(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
-    """Average test accuracy against compute (core-hours), one line per method over the budgets; error bars are
-    the spread over seeds where a point has several."""
+    """Average test accuracy against compute, one line per method over the budgets, in two panels: training
+    images processed and core-hours; error bars are the spread over seeds where a point has several."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -187,19 +187,22 @@ def test_parent_decay_one_always_extends_the_best_path(decay):
 
 @pytest.mark.parametrize("judged", [False, True])
 def test_judged_mutations_leave_a_new_lineage_s_first_child_with_block_clones_only(judged: bool):
-    """judged_mutations: a mutated child of a probe, another task's path or the root keeps its parent's hparams,
-    layers and adapters (only blocks and the final norm are cloned), and so do the generation's data hparams; a
-    child continuing its task's trained path still draws every mutation. Without it (the spec) first children do."""
+    """judged_mutations: a mutated child of a probe, another task's path or the root keeps its parent's model
+    hparams, layers and adapters (only blocks and the final norm are cloned), and the generation's data hparams stay
+    the task's best path's while that is no trained path of the task; a child continuing its task's trained path
+    still draws every mutation. Without it (the spec) first children do."""
+    from munet.evolution.hparams import DATA_RANGES
     from munet.evolution.loop import continues_lineage
 
     evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, judged_mutations=judged)
     evo.children_per_task, evo.generation_size = 6, 1
-    seen: list = []  # (child, whether it continues a lineage, its data hparams' change), judged when sampled
+    seen: list = []  # (child, whether it continues a lineage, whether its data hparams moved unjudged)
 
     def record(task, gen, children, beat, ds):
-        for c in children:
-            moved = any(c.hparams[k] != c.parent.hparams[k] for k in ("ds_image_size", "ds_area_range_min"))
-            seen.append((c, continues_lineage(c.parent, task), moved))
+        best = evo.system.best_path(task)
+        unjudged = best is not None and not continues_lineage(best, task)
+        moved = unjudged and any(ds[k] != best.hparams[k] for k in [*DATA_RANGES, "ds_image_size"])
+        seen.extend((c, continues_lineage(c.parent, task), moved) for c in children)
 
     evo.before_training.append(record)
     for task in ("a", "b", "c"):
@@ -214,9 +217,32 @@ def test_judged_mutations_leave_a_new_lineage_s_first_child_with_block_clones_on
     assert any(k.startswith("clone:block_") for c, _ in first for k in c.metrics["mutations"])
     if judged:
         assert not any(changes(c) or moved for c, moved in first)
+        for c, _ in first:
+            assert {k: c.hparams[k] for k in c.parent.hparams if k.startswith(("opt_", "num_", "adapter_"))} == \
+                {k: v for k, v in c.parent.hparams.items() if k.startswith(("opt_", "num_", "adapter_"))}
     else:
         assert any(changes(c) for c, _ in first)
     assert any(changes(c) for c in later)
+
+
+@pytest.mark.parametrize("policy", ["evolved", "per_action"])
+@pytest.mark.parametrize("seed", range(3))
+def test_judged_children_of_new_lineages_keep_every_hparam_under_every_policy(policy: str, seed: int):
+    """Under µ2Net's and µ2Net+'s policies too, a clones-only child moves no hyperparameter (the per-action clone
+    probabilities included)."""
+    from munet.evolution.loop import continues_lineage
+
+    evo = _evolution(seed=seed, mu=0.5, mu_policy=policy, separate_probes=True, probe_validations=1,
+                     judged_mutations=True)
+    evo.children_per_task, evo.generation_size = 4, 1
+    firsts: list = []
+    evo.before_training.append(lambda task, gen, children, beat, ds: firsts.extend(
+        c for c in children if not c.metrics["seed_probe"] and not continues_lineage(c.parent, task)))
+    for task in ("a", "b"):
+        evo.task_iteration(task)
+    assert firsts
+    for child in firsts:
+        assert all(k.startswith("clone:block_") for k in child.metrics["mutations"]), child.metrics["mutations"]
 
 
 def test_lineage_lr_decay_lowers_the_rate_along_a_lineage_and_restarts_it_for_a_new_one():

@@ -139,6 +139,8 @@ def test_history_matches_the_store(run_dir, capsys):
         assert task["images"]["lineage"] == sum(r["metrics"]["train_images"] for r in own if r["id"] in on_lineage)
         rejected = [r for r in own if not r["accepted"] and r["id"] not in on_lineage]
         assert task["images"]["rejected"] == sum(r["metrics"]["train_images"] for r in rejected)
+        probes = [r for r in own if r["metrics"].get("seed_probe") and r["id"] not in on_lineage]
+        assert task["images"]["probes"] == sum(r["metrics"]["train_images"] for r in probes)
     assert main(["history", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "mutations in children of the same task" in out and f"best path {best['a']} " in out

@@ -116,8 +116,9 @@ class MutationPolicy:
         if self.kind == "evolved" and self.rng.random() < hparams["_mu_"]:
             self._step(hparams, "_mu_", MU_VALUES, mutations)
 
-    def fires(self, action: str, hparams: dict[str, Any], mutations: dict[str, tuple]) -> bool:
-        """Draws whether ``action`` (e.g. ``"hp:opt_lr"``, ``"clone:block_1"``, ``"add:adapter_0"``) happens."""
+    def fires(self, action: str, hparams: dict[str, Any], mutations: dict[str, tuple], adapt: bool = True) -> bool:
+        """Draws whether ``action`` (e.g. ``"hp:opt_lr"``, ``"clone:block_1"``, ``"add:adapter_0"``) happens;
+        without ``adapt``, ``per_action`` leaves the action's own probability (a hyperparameter) where it is."""
         # Training a copied block is where a first task gains most; a retrained patch embedding shifts every
         # feature above it and rarely pays off within one child (benchmarks/README.md), so only blocks get clone_prob.
         clone = action.startswith(BLOCK_CLONE)
@@ -129,7 +130,7 @@ class MutationPolicy:
         if key not in hparams:
             start = self.clone_prob if clone else hparams["_mu_"]
             hparams[key] = min(MU_ACTION_VALUES, key=lambda v: abs(v - start))
-        if self.rng.random() < hparams["_mu_"]:
+        if adapt and self.rng.random() < hparams["_mu_"]:
             self._step(hparams, key, MU_ACTION_VALUES, mutations)
         return self.rng.random() < hparams[key]
 

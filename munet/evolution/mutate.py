@@ -55,7 +55,8 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
     is trainable plus a new head: a transfer probe of the parent's frozen features. With ``clones_only`` a mutated
-    child draws block clones (and clones the final norm) but keeps the parent's hparams, layers and adapters.
+    child draws block clones (and clones the final norm) but keeps the parent's model hparams (the ``per_action``
+    clone probabilities included), layers and adapters; its data hparams are ``ds_hparams``, as every child's.
     """
     rng: random.Random = policy.rng
     hparams = copy.deepcopy(parent.hparams)
@@ -102,7 +103,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
         elif found.is_trainable():  # owned by this task's lineage only: always continue training a copy
             comps[name] = system.clone_component(found, task)
         elif mutate and (name == "norm" or (not clones_only or kind_of(name) is get_kind("block"))
-                         and policy.fires(f"clone:{name}", hparams, mutations)):
+                         and policy.fires(f"clone:{name}", hparams, mutations, adapt=not clones_only)):
             # the final norm is "technically part of the head", so it is always fine-tuned when mutating
             comps[name] = system.clone_component(found, task)
             if name != "norm":

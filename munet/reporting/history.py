@@ -77,7 +77,8 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
     stats: dict[str, dict[str, float]] = defaultdict(lambda: {"tried": 0, "accepted": 0, "delta_sum": 0.0})
     groups = {g: {"tried": 0, "accepted": 0} for g in ("structural", "other", "none")}
     def zero(task: str) -> dict[str, Any]:
-        return {"task": task, "children": 0, "accepted": 0, "strict_children": 0, "strict_accepted": 0}
+        return {"task": task, "children": 0, "accepted": 0, "strict_children": 0, "strict_accepted": 0,
+                "images": dict.fromkeys(IMAGE_KINDS, 0)}
 
     per_task = {t: zero(t) for t in tasks}
     for row in rows.values():
@@ -117,8 +118,7 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
                              if k in defaults and defaults[k] != v})
     on_lineage = {step["path"] for t in per_task.values() for step in t.get("lineage", [])}
     for row in rows.values():
-        counts = per_task[row["task"]].setdefault("images", dict.fromkeys(IMAGE_KINDS, 0))
-        counts[image_kind(row, on_lineage)] += int(row["metrics"].get("train_images") or 0)
+        per_task[row["task"]]["images"][image_kind(row, on_lineage)] += int(row["metrics"].get("train_images") or 0)
     mutations = [{"kind": k, "tried": int(s["tried"]), "accepted": int(s["accepted"]),
                   "mean_val_delta": s["delta_sum"] / s["tried"]} for k, s in sorted(stats.items())]
     return {"run": str(run_dir), "mutations": mutations, "groups": groups, "tasks": list(per_task.values())}
@@ -136,7 +136,8 @@ def describe_mutations(mutations: dict[str, Any]) -> str:
 
 
 def format_history(h: dict[str, Any]) -> str:
-    """Human-readable history: a mutation table, then each task's best-path lineage."""
+    """Human-readable history: a mutation table, each task's best-path lineage, then where the training images
+    went."""
     lines = [f"run {h['run']}", "", "mutations in children of the same task (strict acceptance):",
              f"  {'mutation':<28} {'tried':>6} {'accepted':>9} {'rate':>6} {'mean val change':>16}"]
     for m in sorted(h["mutations"], key=lambda m: -m["tried"]):
@@ -156,7 +157,7 @@ def format_history(h: dict[str, Any]) -> str:
             lines.append(f"    path {step['path']} val {step['val']:.4f}: {describe_mutations(step['mutations'])}")
         moved = ", ".join(f"{k} {a}->{b}" for k, (a, b) in t["moved"].items()) or "none"
         lines.append(f"  hyperparameters moved from the root's defaults: {moved}")
-    images = {k: sum(t.get("images", {}).get(k, 0) for t in h["tasks"]) for k in IMAGE_KINDS}
+    images = {k: sum(t["images"][k] for t in h["tasks"]) for k in IMAGE_KINDS}
     total = sum(images.values())
     if total:
         lines += ["", f"training images: {total:,}, of which " + ", ".join(

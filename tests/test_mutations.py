@@ -24,7 +24,7 @@ class AlwaysPolicy(MutationPolicy):
         super().__init__("fixed", 0.0, random.Random(0))
         self.actions = actions
 
-    def fires(self, action, hparams, mutations):
+    def fires(self, action, hparams, mutations, adapt=True):
         return action in self.actions or any(action.startswith(a.rstrip("*")) for a in self.actions if "*" in a)
 
 

@@ -166,7 +166,7 @@ def run_records(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) ->
     except StoreError:
         return {}
     return {t["task"]: {"images": sum(t["images"].values()), "lineage_images": t["images"]["lineage"]}
-            for t in tasks if "images" in t and t["task"] in train_sizes}
+            for t in tasks if t["task"] in train_sizes}
 
 
 def interrupted_run(out: FsPath, cfg: RunConfig) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from munet.evolution.hparams import MODEL_RANGES, MutationPolicy, incremental_mutation
+from munet.evolution.hparams import BLOCK_CLONE, MODEL_RANGES, MutationPolicy, incremental_mutation
 from munet.evolution.system import System
 from munet.model.components import (
     AdapterKind,
@@ -102,7 +102,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
             comps[name] = system.new_component(name, module, origin=task)
         elif found.is_trainable():  # owned by this task's lineage only: always continue training a copy
             comps[name] = system.clone_component(found, task)
-        elif mutate and (name == "norm" or (not clones_only or kind_of(name) is get_kind("block"))
+        elif mutate and (name == "norm" or (not clones_only or f"clone:{name}".startswith(BLOCK_CLONE))
                          and policy.fires(f"clone:{name}", hparams, mutations, adapt=not clones_only)):
             # the final norm is "technically part of the head", so it is always fine-tuned when mutating
             comps[name] = system.clone_component(found, task)

@@ -15,8 +15,9 @@ What runs:
 
 Budget (equal compute, in training images): budget 1 is the mode's muNet configuration; each baseline trains each
 task on as many training images as muNet s = 1 processed for it at the same budget (every child and probe, read
-from the run's store), in whole validation periods of muNet's K. Budget b (``--curve``) gives muNet b times the
-children per task iteration and the curve baselines b times the images. Core-hours are reported beside images.
+from the run's store), in whole validation periods of muNet's K. Budget b (``--curve``) gives each of muNet's
+children b times the validation periods, and the curve baselines as many images as muNet then processed.
+Core-hours are reported beside images.
 
 Parameters per task: muNet's accounting (spec §5: a component shared by k tasks counts 1/k to each). For a
 baseline: the task's own parameters (cloned or new components; LoRA matrices only, for LoRA) plus the frozen root
@@ -157,7 +158,7 @@ def cores() -> int:
     return torch.get_num_threads()
 
 
-def run_records(run_dir: FsPath, cfg: RunConfig, train_sizes: dict[str, int]) -> dict[str, dict[str, int]]:
+def run_records(run_dir: FsPath, train_sizes: dict[str, int]) -> dict[str, dict[str, int]]:
     """Per task, from the run's store: ``images``, the training images all its children and probes processed, and
     ``lineage_images``, those along its best path's lineage within the task (``munet history``'s split); empty if
     the store is unreadable."""
@@ -231,7 +232,7 @@ def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"{name}.log", "a" if resumed else "w") as log, unit_clock(clock) as wall:
         summary = run(cfg, stream=log, store_class=store_class)
-    records = run_records(out, cfg, train_sizes)
+    records = run_records(out, train_sizes)
     tasks = {r["task"]: {"test_acc": r["test_acc"], "val_acc": r["val_acc"], "params": r["params"],
                          "accounted": r["accounted"], "layers": r["layers"], "image_size": r["image_size"],
                          "reuse": r["reuse"], **records.get(r["task"], {})} for r in summary["tasks"]}
@@ -612,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         for unit, _, label, c, budget, seed in runs:
             print(f"  {unit}: {label}, root {c.root}, s = {c.scale_factor}, budget x{budget}, seed {seed}, "
-                  f"{c.children_per_task} children per task")
+                  f"{c.children_per_task} children per task of {c.validations} validations")
         print("  baselines: " + ", ".join(s.name for s in specs) + ", each on the images muNet s=1 processed")
         return 0
 
@@ -655,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = run_munet(unit, entry[3], work, units, sizes)
             if result is None:
-                busy.append(unit)
+                if unit not in busy:  # asked again by every baseline that waits for it
+                    busy.append(unit)
                 return None
             finished[unit] = result
             avg = _average([result["tasks"].get(t, {}).get("test_acc") for t in task_names])
@@ -747,9 +749,9 @@ def main(argv: list[str] | None = None) -> int:
               "random_root": RANDOM_ROOT,
               "tasks": task_names, "train_sizes": sizes, "skipped": skipped,
               "definitions": {
-                  "budget": "budget 1 is muNet's configuration; budget b gives muNet b times the children per task "
-                            "iteration, and each baseline trains on b times the training images muNet s=1 processed "
-                            "for the task at budget 1 (all children and probes, measured from the run's store)",
+                  "budget": "budget 1 is muNet's configuration; budget b trains each of muNet's children b times the "
+                            "validation periods, and each baseline trains on the training images muNet s=1 processed "
+                            "for the task at budget b (all children and probes, measured from the run's store)",
                   "params_per_task": "muNet: mean accounted params (spec §5); baselines: own params + shared "
                                      "frozen root params / number of tasks",
                   "core_hours": "wall seconds x torch CPU threads / 3600",

@@ -142,6 +142,15 @@ def test_every_mode_loads_and_its_ablations_are_valid_configurations(quality):
             assert mode.cfg.replace(**changes) != mode.cfg, "an ablation must change the configuration"
 
 
+def test_a_larger_budget_trains_the_same_children_longer(quality):
+    from quality_modes import load_mode
+
+    mode = load_mode("quick")
+    double = mode.at_budget(mode.cfg, 2)
+    assert double.children_per_task == mode.cfg.children_per_task  # as many draws (measured: more waste, not depth)
+    assert double.validations == 2 * mode.cfg.validations and mode.at_budget(mode.cfg, 1) == mode.cfg
+
+
 def test_read_only_units_claim_nothing(quality, tmp_path):
     units = quality.Units(tmp_path, read_only=True)
     assert not units.claim("u") and not units.file("u").with_suffix(".claim").exists()

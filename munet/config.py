@@ -29,7 +29,7 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
                                        "schedule_span": "child", "parent_decay": 0.5,
-                                       "lineage_lr_decay": 1.0, "judged_mutations": False}
+                                       "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0}
 
 
 @dataclass
@@ -93,6 +93,10 @@ class RunConfig:
             any trained child beats a head-only probe) only clones blocks; hyperparameter, layer, adapter and
             other mutations wait for a trained path of the task to be measured against, and the generation's data
             hyperparameters move once the task's best path is such a path (false: the spec).
+        length_ramp: the children of a task iteration train ever longer: their generations' validation periods rise
+            linearly from ``1 - length_ramp`` to ``1 + length_ramp`` times ``validations``, the iteration's total
+            kept, so early children explore and late ones, refining a lineage, train long enough to beat it (0:
+            every child trains ``validations``, the spec).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -152,6 +156,7 @@ class RunConfig:
     parent_decay: float = 0.5
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
+    length_ramp: float = 0.0
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -184,6 +189,8 @@ class RunConfig:
         for name in ("scale_factor", "compute_scale"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0 <= self.length_ramp < 1:
+            raise ConfigError(f"length_ramp must be in [0, 1), got {self.length_ramp}")
         if not 0 <= self.stop_margin <= 1:
             raise ConfigError(f"stop_margin must be in [0, 1], got {self.stop_margin}")
         for name in ("parent_decay", "lineage_lr_decay"):

@@ -130,6 +130,8 @@ def format_plan(plan: Plan) -> str:
                   else f"{cfg.rounds} round(s) x {len(plan.tasks)} tasks")
     span = ("one warmup-cosine per child" if cfg.schedule_span == "child"
             else "one warmup-cosine over each task iteration's children")
+    if cfg.length_ramp:
+        span += f", children's validations rising {1 - cfg.length_ramp:g}x to {1 + cfg.length_ramp:g}x"
     if cfg.lineage_lr_decay != 1:
         span += f", its peak x{cfg.lineage_lr_decay:g} per child along a lineage"
     lines = [f"plan of {cfg.out} (dry run: nothing is trained or written)",

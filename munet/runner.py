@@ -188,7 +188,7 @@ class Wiring:
                          max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
                          probe_validations=cfg.probe_validations, schedule_span=cfg.schedule_span,
                          parent_decay=cfg.parent_decay, lineage_lr_decay=cfg.lineage_lr_decay,
-                         judged_mutations=cfg.judged_mutations,
+                         judged_mutations=cfg.judged_mutations, length_ramp=cfg.length_ramp,
                          executor=make_executor(cfg.executor, cfg.ray_address, torch.get_num_threads()))
 
 

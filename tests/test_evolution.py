@@ -152,12 +152,29 @@ def test_run_train_adds_its_callbacks_next_to_a_callers(tmp_path):
     assert stream.getvalue().count("| gen ") == len(seen) and sum(steps) > 0
 
 
+def test_length_ramp_trains_later_children_longer_within_the_iteration_s_budget():
+    """length_ramp = 0.5: the 2 children's generations train 1 and 3 validation periods (2 each without it), the
+    second starting where the first ended in the one schedule; the iteration trains as many steps either way."""
+    steps: dict[float, list[tuple[int, int]]] = {}
+    for ramp in (0.0, 0.5):
+        evo = _evolution(separate_probes=True, probe_validations=1, schedule_span="iteration", length_ramp=ramp)
+        spans = [(s.schedule_start, s.validations) for s in map(evo.child_settings, range(1, evo.generations()))]
+        assert spans == ([(0, 2), (2, 2)] if ramp == 0 else [(0, 1), (1, 3)])
+        trained = steps.setdefault(ramp, [])
+        evo.after_training.append(lambda task, gen, children, outcomes, trained=trained: trained.extend(
+            (gen, o.steps) for o in outcomes if gen > 0))
+        evo.task_iteration("a")
+        assert sum(n for _, n in trained) == evo.iteration_work("a") - evo.probes() * 2  # probes: 1 period of K = 2
+    assert sorted(set(steps[0.5])) == [(1, 2), (2, 6)] and sorted(set(steps[0.0])) == [(1, 4), (2, 4)]
+
+
 def test_iteration_schedule_span_gives_the_children_consecutive_parts_of_one_schedule():
     """schedule_span = iteration: the children's generations (after the probe generation) train parts 0, 1 of
     one schedule; the default (the spec) gives every child the whole schedule; the span changes what is learnt."""
     evo = _evolution(separate_probes=True, probe_validations=1, schedule_span="iteration")
-    parts = [(s.schedule_part, s.schedule_parts) for s in map(evo.child_settings, range(1, evo.generations()))]
-    assert parts == [(0, 2), (1, 2)]
+    parts = [(s.schedule_start, s.validations, s.schedule_periods)
+             for s in map(evo.child_settings, range(1, evo.generations()))]
+    assert parts == [(0, 2, 4), (2, 2, 4)]
     spec = _evolution(separate_probes=True, probe_validations=1)
     assert spec.child_settings(2) is spec.settings
     evals: dict[int, list] = {id(evo): [], id(spec): []}

@@ -28,6 +28,7 @@ MUNET_LOOP = {
     "parent_decay": 0.5, "schedule_span": "child",  # §4.2 PPDecay; §3 every child its own warmup-cosine
     "lineage_lr_decay": 1.0,  # §3: every child at its own opt_lr
     "judged_mutations": False,  # §2: every child draws every mutation
+    "length_ramp": 0.0,  # §4.1: every child the same steps
     "children_per_task": 64, "generation_size": 8, "rounds": 2,  # §4.1
     "max_image_size": 384, "scale_factor": 1.0, "compute_scale": 1.0,  # §3 16·i up to 384; §5 muNet s = 1
 }

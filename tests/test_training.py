@@ -13,7 +13,7 @@ from munet.evolution.hparams import DEFAULTS
 from munet.evolution.mutate import make_child
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
-from munet.training.schedule import learning_rate, warmup_cosine
+from munet.training.schedule import learning_rate, ramped_lengths, warmup_cosine
 from munet.training.settings import TrainSettings
 from munet.training.trainer import train_generation
 
@@ -102,28 +102,43 @@ def test_schedules():
     assert learning_rate(rs, 2, 10, 3) == pytest.approx(learning_rate(rs, 12, 10, 3))
 
 
-def test_a_cosine_split_into_parts_is_one_schedule_over_all_parts():
-    """schedule_span = iteration: part i of n of a child's 3 x 10 steps is steps 30 i ... 30 i + 29 of one
-    warmup-cosine over 120 steps, warming up over 10 % of all of them."""
+@pytest.mark.parametrize("lengths", [[3, 3, 3, 3], [1, 2, 4, 5]])
+def test_a_cosine_split_into_parts_is_one_schedule_over_all_parts(lengths: list[int]):
+    """schedule_span = iteration: children of 3 x 10 steps each (or of rising lengths), each starting where the
+    previous one ended, train one warmup-cosine over 120 steps, warming up over 10 % of all of them."""
     cos = dict(DEFAULTS, opt_lr=0.1, opt_lr_schedule="cosine", opt_lr_warmup_ratio=0.1)
-    split = [learning_rate(cos, step, 10, 3, part, 4) for part in range(4) for step in range(30)]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    split = [learning_rate(cos, step, 10, n, start, 12) for n, start in zip(lengths, starts) for step in range(10 * n)]
     assert split == pytest.approx([warmup_cosine(step, 0.1, 12, 120) for step in range(120)])
-    assert learning_rate(cos, 0, 10, 3, 0, 4) == pytest.approx(0.001)
-    assert learning_rate(cos, 29, 10, 3, 3, 4) < 1e-3 < learning_rate(cos, 29, 10, 3, 0, 4)
+    assert learning_rate(cos, 0, 10, 3, 0, 12) == pytest.approx(0.001)
+    assert learning_rate(cos, 29, 10, 3, 9, 12) < 1e-3 < learning_rate(cos, 29, 10, 3, 0, 12)
+
+
+@pytest.mark.parametrize("generations,validations,ramp", [(8, 3, 0.5), (8, 2, 0.5), (16, 3, 0.9), (5, 4, 0.3),
+                                                          (8, 3, 0.0), (1, 3, 0.5), (8, 1, 0.9)])
+def test_ramped_lengths_rise_and_keep_the_iteration_s_total(generations: int, validations: int, ramp: float):
+    lengths = ramped_lengths(generations, validations, ramp)
+    assert len(lengths) == generations and sum(lengths) == generations * validations and min(lengths) >= 1
+    assert lengths == sorted(lengths)
+    if ramp == 0 or generations == 1 or validations == 1:
+        assert set(lengths) == {validations}
+    else:  # the ends are about (1 -/+ ramp) x validations
+        assert lengths[0] < validations < lengths[-1]
+        assert abs(lengths[-1] - (1 + ramp) * validations) <= 1 and abs(lengths[0] - (1 - ramp) * validations) <= 1
 
 
 def test_the_trainer_trains_the_settings_part_of_the_schedule(system, policy, tiny_root):
     """A child trained in the last part of a long schedule (learning rate near 0) barely moves; the same child
     trained over the whole schedule moves."""
     moved = {}
-    for part, parts in ((0, 1), (999, 1000)):
+    for start, periods in ((0, 0), (2998, 3000)):  # the whole schedule; its last 2 of 3000 periods
         child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
         before = [p.detach().clone() for p in child.trainable_parameters()]
-        settings = dataclasses.replace(SETTINGS, schedule_part=part, schedule_parts=parts)
+        settings = dataclasses.replace(SETTINGS, schedule_start=start, schedule_periods=periods)
         train_generation([child], [float("-inf")], make_task("a"), DS, settings, _evaluator(tiny_root), lambda p, q: q,
                          torch.Generator().manual_seed(0))
-        moved[parts] = max((p - b).abs().max().item() for p, b in zip(child.trainable_parameters(), before))
-    assert moved[1000] < 1e-3 * moved[1]
+        moved[periods] = max((p - b).abs().max().item() for p, b in zip(child.trainable_parameters(), before))
+    assert moved[3000] < 1e-3 * moved[0]
 
 
 def test_child_diverging_after_an_accepted_validation_keeps_that_snapshot(system, policy, tiny_root):

@@ -26,6 +26,7 @@ from munet.evolution.mutate import make_child
 from munet.evolution.system import System
 from munet.model.path import TaskPath
 from munet.training.evaluate import Evaluator
+from munet.training.schedule import ramped_lengths
 from munet.training.settings import TrainSettings
 
 log = logging.getLogger("munet")
@@ -92,6 +93,9 @@ class Evolution:
             scale (``LR_SCALE`` in its hparams; see :meth:`lr_scale`); 1: no scale (the spec).
         judged_mutations: a child that does not continue a lineage (see :func:`continues_lineage`) only clones
             blocks, since its acceptance cannot judge other changes; false: every child draws every mutation (spec).
+        length_ramp: the children's generations of a task iteration train validation periods rising linearly from
+            ``1 - length_ramp`` to ``1 + length_ramp`` times ``settings.validations``, the iteration's total kept
+            (see :meth:`child_settings`); 0: every child trains ``settings.validations`` (the spec).
         executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
             by default.
 
@@ -108,7 +112,7 @@ class Evolution:
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
                  parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, judged_mutations: bool = False,
-                 executor: Executor | None = None):
+                 length_ramp: float = 0.0, executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -123,6 +127,7 @@ class Evolution:
                                if separate_probes and probe_validations else settings)
         self.schedule_span, self.parent_decay, self.lineage_lr_decay = schedule_span, parent_decay, lineage_lr_decay
         self.judged_mutations = judged_mutations
+        self.length_ramp = length_ramp
         self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
@@ -135,13 +140,16 @@ class Evolution:
         return self.policy.rng
 
     def steps_per_child(self, task: str) -> int:
+        """Training steps of a child of ``task`` (the mean over the iteration's children with ``length_ramp``)."""
         k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
         return k * self.settings.validations
 
     def iteration_work(self, task: str) -> int:
         """Child training steps of one iteration of ``task``, for progress: exact for the children, and for
         separate probes assuming every other task has a retained path by then."""
-        work = self.children_per_task * self.steps_per_child(task)
+        k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
+        work = sum(k * n * min(self.generation_size, self.children_per_task - g * self.generation_size)
+                   for g, n in enumerate(self.lengths()))
         if self.separate_probes:
             k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
             work += self.probes() * k * self.probe_settings.validations
@@ -156,15 +164,22 @@ class Evolution:
         """Generations per task iteration: the children's, plus the probe generation when probes are separate."""
         return generations_per_iteration(self.children_per_task, self.generation_size, self.separate_probes)
 
+    def lengths(self) -> list[int]:
+        """Validation periods of each children's generation of a task iteration (``length_ramp``)."""
+        children_generations = self.generations() - int(self.separate_probes)
+        return ramped_lengths(children_generations, self.settings.validations, self.length_ramp)
+
     def child_settings(self, generation: int) -> TrainSettings:
-        """The training settings of a children's generation: with ``schedule_span = "iteration"`` the children's
-        generations train consecutive parts of one learning-rate schedule over the task iteration, so a lineage
-        anneals instead of restarting at the peak rate with every child."""
+        """The training settings of a children's generation: its validation periods (``length_ramp``), and with
+        ``schedule_span = "iteration"`` its part of one learning-rate schedule over the task iteration's children,
+        so a lineage anneals instead of restarting at the peak rate with every child."""
+        g, lengths = generation - int(self.separate_probes), self.lengths()
+        settings = self.settings
+        if lengths[g] != settings.validations:
+            settings = dataclasses.replace(settings, validations=lengths[g])
         if self.schedule_span == "child":
-            return self.settings
-        first = int(self.separate_probes)
-        return dataclasses.replace(self.settings, schedule_part=generation - first,
-                                   schedule_parts=self.generations() - first)
+            return settings
+        return dataclasses.replace(settings, schedule_start=sum(lengths[:g]), schedule_periods=sum(lengths))
 
     def lr_scale(self, parent: TaskPath, task: str, mutate: bool) -> float:
         """The learning-rate scale of a child of ``parent``: the parent's times ``lineage_lr_decay`` when the child

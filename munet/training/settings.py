@@ -42,9 +42,9 @@ class TrainSettings:
             the same task have a finite score to beat).
         keep_diverged: a child that diverges after an accepted validation keeps that snapshot (the spec); ``False``
             discards it.
-        schedule_part: a ``cosine`` child trains this part of ``schedule_parts`` consecutive equal parts of one
-            warmup-cosine schedule (0 of 1: the whole schedule, the spec).
-        schedule_parts: see ``schedule_part``.
+        schedule_start: a ``cosine`` child trains its ``validations`` periods from this validation period of one
+            warmup-cosine ``schedule_periods`` periods long (0 of 0: its own whole schedule, the spec).
+        schedule_periods: see ``schedule_start``.
     """
 
     batch_size: int = 64
@@ -62,8 +62,8 @@ class TrainSettings:
     accept_ties: bool = False
     stop_margin: float = 0.0
     keep_diverged: bool = True
-    schedule_part: int = 0
-    schedule_parts: int = 1
+    schedule_start: int = 0
+    schedule_periods: int = 0
 
     def steps_between_validations(self, num_train: int) -> int:
         return max(1, min(math.ceil(num_train / self.batch_size), self.max_steps_between_validations))

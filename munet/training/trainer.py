@@ -228,7 +228,7 @@ def _train_step(st: ChildState, prefix: Callable[[TaskPath], tuple[int, torch.Te
         st.failed = f"diverged: loss {loss.item():.3g} at step {step} (chance level {chance_loss:.3g})"
     if st.failed:
         return
-    lr = learning_rate(path.hparams, step, k, settings.validations, settings.schedule_part, settings.schedule_parts)
+    lr = learning_rate(path.hparams, step, k, settings.validations, settings.schedule_start, settings.schedule_periods)
     for group in st.optimizer.param_groups:
         group["lr"] = lr
     st.optimizer.zero_grad(set_to_none=True)

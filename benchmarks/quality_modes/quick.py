@@ -7,8 +7,8 @@ the default); all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {
 at the same budget.
 
 Expected: muNet s = 1 about 0.895 average test accuracy (0.9105, 0.9024, 0.8726 for seeds 0-2, 1-2 minutes each
-on one thread; 0.8799 and 0.9238 at budgets 2 and 4), freeze 0 0.933 (3 seeds; 0.948 and 0.962 at budgets 2 and 4);
-measured: benchmarks/README.md.
+on one thread; 0.9216 and 0.9326 at budgets 2 and 4, where each child trains 2x and 4x as long), freeze 0 0.933
+(3 seeds; 0.948 and 0.962 at budgets 2 and 4); measured: benchmarks/README.md.
 
 Command: ``python benchmarks/quality.py --mode quick`` (``--quick``); ``--curve`` adds budgets, seeds, ablations.
 """

@@ -151,7 +151,6 @@ class Evolution:
         work = sum(k * n * min(self.generation_size, self.children_per_task - g * self.generation_size)
                    for g, n in enumerate(self.lengths()))
         if self.separate_probes:
-            k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
             work += self.probes() * k * self.probe_settings.validations
         return work
 

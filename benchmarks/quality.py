@@ -415,7 +415,8 @@ def check_targets(methods: list[dict[str, Any]], default_target: float | None = 
                   if b["family"] in BASELINE_FAMILIES for m in sweep
                   if b["average"] > m["average"] and b["params_per_task"] < m["params_per_task"]]
     if sweep:  # with no muNet point yet there is nothing to check
-        out["curve_dominates"] = {"dominated_points": dominating, "met": not dominating}
+        out["curve_dominates"] = {"dominated_points": dominating, "checked": [m["method"] for m in sweep],
+                                  "met": not dominating}
     if default_target is not None and 1 in s1:
         out["default_run"] = {"average": s1[1]["average"], "target": default_target,
                               "met": s1[1]["average"] >= default_target}
@@ -439,8 +440,9 @@ def format_targets(targets: dict[str, Any]) -> str:
     if "curve_dominates" in targets:
         d = targets["curve_dominates"]
         pairs = ", ".join(f"{p['baseline']} over {p['munet']}" for p in d["dominated_points"]) or "none"
-        lines.append(f"baseline points with higher accuracy and fewer parameters than a muNet point: {pairs}: "
-                     f"{verdict(d)}")
+        checked = ", ".join(d.get("checked", []))  # the s-sweep points finished so far
+        lines.append(f"baseline points with higher accuracy and fewer parameters than a muNet point ({checked}): "
+                     f"{pairs}: {verdict(d)}")
     if "default_run" in targets:
         t = targets["default_run"]
         lines.append(f"default run: {t['average']:.4f} average test accuracy (target >= {t['target']}): {verdict(t)}")

@@ -95,8 +95,8 @@ class RunConfig:
             hyperparameters move once the task's best path is such a path (false: the spec).
         length_ramp: the children of a task iteration train ever longer: their generations' validation periods rise
             linearly from ``1 - length_ramp`` to ``1 + length_ramp`` times ``validations``, the iteration's total
-            kept, so early children explore and late ones, refining a lineage, train long enough to beat it (0:
-            every child trains ``validations``, the spec).
+            kept, so early children explore and late ones, refining a lineage, train long enough to beat it (the
+            default 0.5: 2, 2, 2, 3, 3, 4, 4, 4 of 3; 0: every child trains ``validations``, the spec).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -156,7 +156,7 @@ class RunConfig:
     parent_decay: float = 0.5
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
-    length_ramp: float = 0.0
+    length_ramp: float = 0.5
     seed: int = 0
     device: str = "auto"
     threads: int = 0

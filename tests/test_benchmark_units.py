@@ -90,6 +90,7 @@ def test_targets_are_checked_on_the_results(quality):
     assert targets["vs_finetune"]["met"] and round(targets["vs_finetune"]["gain"], 6) == 0.03
     # freeze:4 beats s=0.3 on accuracy but has more parameters; it beats s=1 on parameters but not accuracy
     assert targets["curve_dominates"]["met"]
+    assert "(muNet s=1.0, muNet s=0.3)" in quality.format_targets(targets)  # the points it checked, not a blanket met
     assert targets["default_run"]["met"]
     # budget 1: lora:4 (0.95) is the best baseline and beats s=1; budget 2: s=1 wins with 4/9 of the parameters
     assert [(c["budget"], c["best"], c["met"]) for c in targets["curve"]["budgets"]] == \

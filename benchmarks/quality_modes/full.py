@@ -32,7 +32,7 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("always extend the best path", {"parent_decay": 1.0}),
     ("a new lineage's first child clones blocks only", {"judged_mutations": True}),
     ("mu = 0.1 (spec)", {"mutation_prob": 0.1}),
-    ("children ever longer (length_ramp 0.5)", {"length_ramp": 0.5}),
+    ("every child the same length (spec)", {"length_ramp": 0.0}),
     ("the defaults before: one warmup-cosine per child, mu = 0.1", {"schedule_span": "child", "mutation_prob": 0.1}),
     # budgets 2 and 4 spent the way the curve spent them before: more children of the same length
     ("x2 as twice the children", {"children_per_task": 16}),

@@ -1,14 +1,15 @@
 """Quick: the benchmark at small scale, for ablations.
 
-4 tasks (uci_digits, mnist_5k, animal_silhouettes, textures), the DINOv2 root's first 3 blocks at 28 px, a
-small budget (8 children per task in generations of 1, 2 validations of at most 10 steps; blocks cloned w.p. 0.5,
-the default); all 7 muNet runs; fine-tune, freeze 0..3, adapters {8, 64}, LoRA {4, 16}; budgets 1, 2, 4; seeds 0,
-1, 2; the ablations of benchmarks/README.md. Baselines train on as many images per task as muNet s = 1 processed
-at the same budget.
+4 tasks (uci_digits, mnist_5k, animal_silhouettes, textures), the DINOv2 root's first 3 blocks at 28 px, a small
+budget (8 children per task in generations of 1, 2 validations of at most 10 steps on average, rising 1 to 3 with
+the default ``length_ramp``; blocks cloned w.p. 0.5, the default); all 7 muNet runs; fine-tune, freeze 0..3,
+adapters {8, 64}, LoRA {4, 16}; budgets 1, 2, 4; seeds 0, 1, 2; the ablations of benchmarks/README.md. Baselines
+train on as many images per task as muNet s = 1 processed at the same budget.
 
-Expected: muNet s = 1 about 0.895 average test accuracy (0.9105, 0.9024, 0.8726 for seeds 0-2, 1-2 minutes each
-on one thread; 0.9216 and 0.9326 at budgets 2 and 4, where each child trains 2x and 4x as long), freeze 0 0.933
-(3 seeds; 0.948 and 0.962 at budgets 2 and 4); measured: benchmarks/README.md.
+Expected: muNet s = 1 about 0.903 average test accuracy (0.9234, 0.9119, 0.8750 for seeds 0-2, 2-4 minutes each
+on one thread; with the previous default, every child 2 validations: 0.895, and 0.9216 and 0.9326 at budgets 2 and
+4, where each child trains 2x and 4x as long), freeze 0 0.933 (3 seeds; 0.948 and 0.962 at budgets 2 and 4);
+measured: benchmarks/README.md.
 
 Command: ``python benchmarks/quality.py --mode quick`` (``--quick``); ``--curve`` adds budgets, seeds, ablations.
 """

@@ -53,7 +53,7 @@ class RunConfig:
             reads the others' latest published paths before its cycles, so results depend on timing).
         batch_size: training batch size.
         steps_between_validations: maximum training steps between two validations.
-        validations: validations per child (training steps = the two multiplied).
+        validations: validations per child, on average with ``length_ramp`` (training steps = the two multiplied).
         max_val_examples: size of the fixed validation subset.
         lr: the root path's ``opt_lr``, i.e. the learning rate children start from (one of the evolvable values).
         crop_area_min: the root path's ``ds_area_range_min``: random crops keep at least this share of the image's

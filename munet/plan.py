@@ -116,7 +116,7 @@ def plan_run(cfg: RunConfig, stream: TextIO) -> Plan:
 def _validation_images(evo: Evolution, task: str, probes: int) -> int:
     """Images the children and separate probes of one iteration of ``task`` are validated on."""
     rows = min(evo.tasks[task].sizes()["val"], evo.settings.max_val_examples)
-    return (evo.children_per_task * evo.settings.validations + probes * evo.probe_settings.validations) * rows
+    return (sum(evo.children_periods()) + probes * evo.probe_settings.validations) * rows
 
 
 def format_plan(plan: Plan) -> str:
@@ -136,14 +136,14 @@ def format_plan(plan: Plan) -> str:
         span += f", its peak x{cfg.lineage_lr_decay:g} per child along a lineage"
     lines = [f"plan of {cfg.out} (dry run: nothing is trained or written)",
              f"root: {plan.root}; device {plan.device}, {plan.threads} CPU thread(s)",
-             f"tasks ({len(plan.tasks)}), {order}; per child {cfg.validations} validations on up to "
+             f"tasks ({len(plan.tasks)}), {order}; per child {cfg.validations} validations (on average) on up to "
              f"{cfg.max_val_examples} images, batches of {cfg.batch_size}:"]
     width = max(len(t.name) for t in plan.tasks)
     for t in plan.tasks:
         s = t.sizes
         lines.append(f"  {t.name:<{width}}  {t.num_classes:>5} classes  train {s['train']:>9,}  val {s['val']:>8,}  "
                      f"test {s['test']:>8,}  {t.steps_per_child:>6,} steps = "
-                     f"{t.steps_per_child * cfg.batch_size:,} images per child")
+                     f"{t.steps_per_child * cfg.batch_size:,} images per child (on average)")
     lines += [f"task iterations: {len(plan.order)} ({iterations}); each {plan.generations} generations: "
               f"{cfg.children_per_task} children in generations of {cfg.generation_size}, {probes}; learning rate: "
               f"{span}",

@@ -413,8 +413,8 @@ class Run:
             return
         done = 0
         if state.in_flight is not None:  # generations finished before the interruption
-            per_generation = self.cfg.generation_size * evo.steps_per_child(state.in_flight.task)
-            done = min(state.in_flight.generation * per_generation, self.work([state.in_flight.task]))
+            task = state.in_flight.task
+            done = min(evo.work_done(task, state.in_flight.generation), self.work([task]))
         progress = Progress(self.work(state.plan[state.done:]), self.stream, done=done)
 
         def after_generation(task: str, gen: int, children: list[TaskPath]) -> None:

@@ -168,6 +168,28 @@ def test_length_ramp_trains_later_children_longer_within_the_iteration_s_budget(
     assert sorted(set(steps[0.5])) == [(1, 2), (2, 6)] and sorted(set(steps[0.0])) == [(1, 4), (2, 4)]
 
 
+def test_work_done_counts_each_generation_s_children_at_their_own_length():
+    """Progress (and a resumed run's steps done) sums each generation's children at their ramped length: 3 children
+    in generations of 2 and 1 with lengths 1 and 3 periods of K = 2 steps, after a probe generation of 1 period."""
+    evo = _evolution(separate_probes=True, probe_validations=1, schedule_span="iteration", length_ramp=0.5)
+    evo.children_per_task = 3
+    assert evo.lengths() == [1, 3] and evo.children_periods() == [2, 3]
+    probes = evo.probes() * 2
+    assert [evo.work_done("a", g) for g in range(4)] == [0, probes, probes + 4, probes + 10]
+    assert evo.iteration_work("a") == probes + 10
+
+
+def test_a_run_s_evolution_gets_the_configured_length_ramp(tmp_path):
+    from conftest import tiny_config
+
+    from munet.runner import Run
+
+    for ramp in (0.0, 0.5):
+        cfg = tiny_config(tmp_path / f"run{ramp}", generation_size=1, length_ramp=ramp)
+        with Run.create(cfg) as opened:
+            assert opened.evolution.lengths() == ([2, 2, 2, 2] if ramp == 0 else [1, 2, 2, 3])
+
+
 def test_iteration_schedule_span_gives_the_children_consecutive_parts_of_one_schedule():
     """schedule_span = iteration: the children's generations (after the probe generation) train parts 0, 1 of
     one schedule; the default (the spec) gives every child the whole schedule; the span changes what is learnt."""

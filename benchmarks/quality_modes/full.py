@@ -34,9 +34,9 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("mu = 0.1 (spec)", {"mutation_prob": 0.1}),
     ("every child the same length (spec)", {"length_ramp": 0.0}),
     ("the defaults before: one warmup-cosine per child, mu = 0.1", {"schedule_span": "child", "mutation_prob": 0.1}),
-    # budgets 2 and 4 spent the way the curve spent them before: more children of the same length
-    ("x2 as twice the children", {"children_per_task": 16}),
-    ("x4 as four times the children", {"children_per_task": 32}),
+    # budgets 2 and 4 spent the way the curve spent them before: more children, every one as long (the default then)
+    ("x2 as twice the children (no ramp)", {"children_per_task": 16, "length_ramp": 0.0}),
+    ("x4 as four times the children (no ramp)", {"children_per_task": 32, "length_ramp": 0.0}),
 )
 
 

@@ -140,19 +140,28 @@ class Evolution:
         return self.policy.rng
 
     def steps_per_child(self, task: str) -> int:
-        """Training steps of a child of ``task`` (the mean over the iteration's children with ``length_ramp``)."""
+        """Training steps of a child of ``task`` (on average over the iteration's children with ``length_ramp``)."""
         k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
         return k * self.settings.validations
 
-    def iteration_work(self, task: str) -> int:
-        """Child training steps of one iteration of ``task``, for progress: exact for the children, and for
-        separate probes assuming every other task has a retained path by then."""
+    def children_periods(self) -> list[int]:
+        """Per children's generation of a task iteration, the validation periods its children train in all."""
+        return [n * min(self.generation_size, self.children_per_task - g * self.generation_size)
+                for g, n in enumerate(self.lengths())]
+
+    def work_done(self, task: str, generations: int) -> int:
+        """Training steps of the first ``generations`` generations of an iteration of ``task``, for progress: exact
+        for the children, and for separate probes assuming every other task has a retained path by then."""
         k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
-        work = sum(k * n * min(self.generation_size, self.children_per_task - g * self.generation_size)
-                   for g, n in enumerate(self.lengths()))
-        if self.separate_probes:
+        first = int(self.separate_probes)
+        work = k * sum(self.children_periods()[: max(generations - first, 0)])
+        if self.separate_probes and generations > 0:
             work += self.probes() * k * self.probe_settings.validations
         return work
+
+    def iteration_work(self, task: str) -> int:
+        """Training steps of one whole iteration of ``task`` (see :meth:`work_done`)."""
+        return self.work_done(task, self.generations())
 
     def probes(self) -> int:
         """Seeds probed per task iteration (the root and other tasks' paths), once every other task has a path."""

@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -85,6 +85,8 @@ from munet.training.frozen import FeatureCache  # noqa: E402
 
 RESULTS = FsPath(__file__).resolve().parent / "results"
 RANDOM_ROOT = "random:vit_small_patch14_dinov2"  # the DINOv2 ViT-S/14 architecture, random init
+T = TypeVar("T")
+WAIT_S = 30.0  # how often a baselines worker looks whether the muNet unit it waits for has finished
 
 
 # --- units --------------------------------------------------------------------------------------------------------
@@ -111,20 +113,21 @@ class Units:
         self.file(unit).with_suffix(".claim").unlink(missing_ok=True)
         self.stored += 1
 
+    def busy(self, unit: str) -> bool:
+        """Whether another live process has claimed ``unit``."""
+        try:
+            pid = int(self.file(unit).with_suffix(".claim").read_text())
+            os.kill(pid, 0)  # raises if no such process
+        except (OSError, ValueError):
+            return False
+        return pid != os.getpid()
+
     def claim(self, unit: str) -> bool:
         """Marks ``unit`` as run by this process; ``False`` if another live process has claimed it (so several
         ``--only`` workers can share the units)."""
-        if self.read_only:
+        if self.read_only or self.busy(unit):
             return False
-        mark = self.file(unit).with_suffix(".claim")
-        try:
-            pid = int(mark.read_text())
-            os.kill(pid, 0)  # raises if no such process
-            if pid != os.getpid():
-                return False
-        except (OSError, ValueError):
-            pass
-        atomic_write(mark, str(os.getpid()))
+        atomic_write(self.file(unit).with_suffix(".claim"), str(os.getpid()))
         return True
 
 
@@ -290,6 +293,20 @@ class BaselineRunner:
 
 
 # --- aggregation --------------------------------------------------------------------------------------------------
+def drain(pending: list[T], attempt: Callable[[T, bool], bool], wait: bool, say: Callable[[str], None] = print,
+          sleep: Callable[[float], None] = time.sleep) -> list[T]:
+    """Works off ``pending`` baseline runs: first those whose muNet unit is finished (``attempt(p, False)``), then
+    starting the muNet units nobody runs (``attempt(p, True)``, ``False`` while another process runs it); with
+    ``wait`` (a baselines worker), then waits for those. Returns the runs left undone."""
+    pending = [p for p in pending if not attempt(p, False)]
+    pending = [p for p in pending if not attempt(p, True)]
+    while pending and wait:
+        say(f"waiting for the muNet units of {len(pending)} baseline run(s), which another process is running")
+        sleep(WAIT_S)
+        pending = [p for p in pending if not attempt(p, True)]
+    return pending
+
+
 def _average(values: list[float | None]) -> float | None:
     """Mean test accuracy; ``None`` unless every task has one (a failed task makes the average meaningless)."""
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
@@ -566,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these units and write no report (to split the units between two processes; "
                              "a final run without --only reuses every finished unit and writes the report)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the result lines stay)")
+    parser.add_argument("--budgets", help="comma-separated budgets of the curve to run (a subset of the mode's, "
+                                          "e.g. 2 to leave 4 for a later sitting)")
     parser.add_argument("--units", help="comma-separated muNet units to run (as --plan names them), skipping the "
                                         "other unfinished muNet units (e.g. the seeds before the longer budgets)")
     args = parser.parse_args(argv)
@@ -579,8 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg, suffix = cfg.replace(tasks=list(HELD_OUT)), "held_out"
     elif args.tasks:
         cfg, suffix = cfg.replace(tasks=[t for t in args.tasks.split(",") if t]), "tasks_" + slug(args.tasks)[:60]
+    budgets = ints(args.budgets) if args.budgets else mode.budgets
+    if not set(budgets) <= set(mode.budgets):
+        parser.error(f"--budgets {args.budgets}: the {mode.name} mode's budgets are {list(mode.budgets)}")
     mode = dataclasses.replace(mode, cfg=cfg, adapters=ints(args.adapters) if args.adapters else mode.adapters,
-                               lora_ranks=ints(args.lora_ranks) if args.lora_ranks else mode.lora_ranks)
+                               lora_ranks=ints(args.lora_ranks) if args.lora_ranks else mode.lora_ranks,
+                               budgets=tuple(sorted({1, *budgets})))
     name = mode.name + (f"_{suffix}" if suffix else "")
     output = mode.output + (f"_{suffix}" if suffix else "")
     results = FsPath(args.results)
@@ -658,8 +681,6 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = run_munet(unit, entry[3], work, units, sizes)
             if result is None:
-                if unit not in busy:  # asked again by every baseline that waits for it
-                    busy.append(unit)
                 return None
             finished[unit] = result
             avg = _average([result["tasks"].get(t, {}).get("test_acc") for t in task_names])
@@ -672,22 +693,30 @@ def main(argv: list[str] | None = None) -> int:
             before = units.stored
             if munet_result(entry) is not None:
                 tick(before)
+            else:
+                busy.append(entry[0])
     runner = BaselineRunner(cfg, tasks)
     skipped: list[str] = []
     baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> per task
 
-    def baselines(spec: BaselineSpec, budget: int, seed: int) -> None:
+    def reference_of(budget: int) -> tuple[str, str, str, RunConfig, int, int]:
+        """The muNet s = 1 run (seed 0) whose images per task a baseline at ``budget`` trains on."""
+        return next(r for r in runs if r[4] == budget and r[5] == 0 and r[1] == "munet" and r[3].scale_factor == 1.0)
+
+    def baselines(spec: BaselineSpec, budget: int, seed: int, start: bool = True) -> bool:
+        """Trains one baseline at one budget and seed; ``False`` when its muNet reference unit is not finished (and
+        ``start`` is off, or another process is running it)."""
         if spec.kind == "lora" and not lora_ok:
             if spec.name not in skipped:
                 skipped.append(spec.name)
                 print(f"[baseline] {spec.name}: skipped. {PEFT_HINT}", flush=True)
-            return
-        reference = next(r for r in runs if r[4] == budget and r[5] == 0 and r[1] == "munet"
-                         and r[3].scale_factor == 1.0)
-        budget_unit = munet_result(reference)  # the images muNet s=1 processed per task at this budget
+            return True
+        reference = reference_of(budget)
+        # the images muNet s=1 processed per task at this budget
+        budget_unit = (munet_result(reference) if start
+                       else finished.get(reference[0]) or units.get(reference[0], result_settings(reference[3])))
         if budget_unit is None:
-            busy.append(f"{spec.name} x{budget} (waits for {reference[0]})")
-            return
+            return False
         tag = (f"__b{budget}" if budget != 1 else "") + (f"__seed{seed}" if seed else "")
         t0 = time.perf_counter()
         per_task = {}
@@ -696,28 +725,26 @@ def main(argv: list[str] | None = None) -> int:
             per_task[t] = runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag)
             if per_task[t] is not None:
                 tick(before)
-        if None in per_task.values():
+        if None in per_task.values():  # another process trains the rest of this baseline
             busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
-            return
+            return True
         baseline_runs[(spec.name, budget, seed)] = per_task
         avg = _average([r["test_acc"] for r in per_task.values()])
         say(f"[baseline] {spec.name} x{budget} seed {seed}: average test {avg or float('nan'):.4f} "
             f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)")
+        return True
+
+    def work_off(pending: list[tuple[BaselineSpec, int, int]]) -> None:
+        left = drain(pending, lambda p, start: baselines(*p, start=start), wait=args.only == "baselines", say=say)
+        busy.extend(f"{spec.name} x{budget} (waits for {reference_of(budget)[0]})" for spec, budget, _ in left)
 
     if args.only != "munet":
-        for spec in specs:
-            baselines(spec, 1, 0)
+        work_off([(spec, 1, 0) for spec in specs])
         if args.curve:
             done = [(k[0], _average([r["test_acc"] for r in v.values()])) for k, v in baseline_runs.items()]
             top = [n for n, a in sorted(done, key=lambda d: -(d[1] or 0))][: mode.top_baselines]
-            for spec_name in top:
-                for seed in mode.seeds:
-                    if seed != 0:
-                        baselines(BaselineSpec.parse(spec_name), 1, seed)
-            for budget in mode.budgets:
-                if budget != 1:
-                    for spec in curve_specs:
-                        baselines(spec, budget, 0)
+            work_off([(BaselineSpec.parse(n), 1, seed) for n in top for seed in mode.seeds if seed != 0]
+                     + [(spec, budget, 0) for budget in mode.budgets if budget != 1 for spec in curve_specs])
     progress.close()
     if busy and args.report:
         print(f"left out of the report, not finished: {', '.join(busy)}", flush=True)

@@ -194,3 +194,27 @@ def test_a_run_of_other_settings_in_a_units_folder_is_started_again(quality, tmp
     result = quality.run_munet("u", cfg, tmp_path, quality.Units(tmp_path / "units"), {"a": 96, "b": 96})
     assert result["settings"]["seed"] == 0
     assert "resuming" not in (tmp_path / "logs" / "u.log").read_text()
+
+
+def test_a_baselines_worker_trains_what_is_ready_then_starts_free_munet_units_then_waits_for_busy_ones(quality):
+    finished, free, busy_for = {"x1"}, {"x4"}, {"x2": 2}  # x2's muNet unit is run elsewhere: done after 2 looks
+    order, naps = [], []
+
+    def attempt(run: str, start: bool) -> bool:
+        if run in finished:
+            order.append(run)
+            return True
+        if not start:
+            return False
+        if run in free:  # nobody runs it: this worker trains the muNet unit, then the baseline
+            finished.add(run)
+            return attempt(run, start)
+        busy_for[run] -= 1
+        if busy_for[run] == 0:
+            finished.add(run)
+        return False
+
+    left = quality.drain(["x2", "x4", "x1"], attempt, wait=True, say=lambda _: None, sleep=naps.append)
+    assert left == [] and order == ["x1", "x4", "x2"] and len(naps) == 2  # it finished during the second look
+    busy_for["y"] = 5
+    assert quality.drain(["y"], attempt, wait=False, sleep=naps.append) == ["y"] and len(naps) == 2  # no waiting

@@ -29,7 +29,8 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
                                        "schedule_span": "child", "parent_decay": 0.5,
-                                       "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0}
+                                       "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
+                                       "affordable_clones": False}
 
 
 @dataclass
@@ -97,6 +98,10 @@ class RunConfig:
             linearly from ``1 - length_ramp`` to ``1 + length_ramp`` times ``validations``, the iteration's total
             kept, so early children explore and late ones, refining a lineage, train long enough to beat it (the
             default 0.5: 2, 2, 2, 3, 3, 4, 4, 4 of 3; 0: every child trains ``validations``, the spec).
+        affordable_clones: a child of its own task's path gives back the clones it drew (bottom first, reusing the
+            frozen component instead) that would leave it unable to beat its parent's score even at a perfect
+            validation accuracy, which a scale factor below 1 makes common (false: the spec trains such children,
+            which are always rejected). No effect at s = 1.
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -157,6 +162,7 @@ class RunConfig:
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
     length_ramp: float = 0.5
+    affordable_clones: bool = True
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -235,7 +241,9 @@ class RunConfig:
     def from_stored(cls, stored: dict[str, Any]) -> RunConfig:
         """The configuration a run recorded; a key it lacks (added after the run was made) takes the value that
         reproduces how munet behaved before the key existed, not today's default."""
-        before = {**BEFORE_KEYS_EXISTED, "clone_prob": stored.get("mutation_prob", cls.mutation_prob)}
+        before = {**BEFORE_KEYS_EXISTED, "clone_prob": stored.get("mutation_prob", cls.mutation_prob),
+                  # at s = 1 no clone is ever unaffordable, so a run of then is one of today's default too
+                  "affordable_clones": stored.get("scale_factor", cls.scale_factor) == 1.0}
         return cls().replace(**{**before, **stored})
 
     def generations(self) -> int:

@@ -185,9 +185,10 @@ def test_a_run_s_evolution_gets_the_configured_length_ramp(tmp_path):
     from munet.runner import Run
 
     for ramp in (0.0, 0.5):
-        cfg = tiny_config(tmp_path / f"run{ramp}", generation_size=1, length_ramp=ramp)
+        cfg = tiny_config(tmp_path / f"run{ramp}", generation_size=1, length_ramp=ramp, affordable_clones=bool(ramp))
         with Run.create(cfg) as opened:
             assert opened.evolution.lengths() == ([2, 2, 2, 2] if ramp == 0 else [1, 2, 2, 3])
+            assert opened.evolution.affordable_clones == bool(ramp)
 
 
 def test_iteration_schedule_span_gives_the_children_consecutive_parts_of_one_schedule():

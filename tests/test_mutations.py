@@ -196,3 +196,31 @@ def test_per_action_clone_prob_sets_the_initial_clone_probability(tiny_root):
     others = {k: v for k, v in child.hparams.items() if k.startswith(("_mu_|hp:", "_mu_|clone:embedding"))}
     assert clones and all(abs(v - 0.3) <= 0.02 for v in clones.values())  # at most one step from the start
     assert others and all(abs(v - 0.1) <= 0.02 for v in others.values())
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_a_child_gives_back_the_clones_that_would_doom_it_bottom_first(tiny_root, scale):
+    from munet.evolution.system import ScoreConfig
+
+    system = System(tiny_root, image_size=8, score=ScoreConfig(scale_factor=scale))
+    system.add_task("a", 3)
+    root = system.root_path.components
+    for comp in root.values():
+        comp.locks.add("b")  # another task shares the root: a root block counts half, a clone of it whole
+    parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
+    block, norm = root["block_0"].num_params / 2, root["norm"].num_params / 2  # what a clone adds
+    # the parent's validation accuracy at which a child can afford one cloned block but not two
+    parent.metrics["quality"] = 0.3 ** ((norm + 1.5 * block) / system.reference_params)
+    policy = AlwaysPolicy({"clone:block_*"})
+    child = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, to_beat=system.score(parent))
+    if scale == 1.0:  # no clone costs score: all three kept
+        assert "given_back" not in child.metrics and all(child.components[f"block_{i}"].is_trainable()
+                                                         for i in range(3))
+        return
+    assert child.metrics["given_back"] == ["block_0", "block_1"]
+    assert child.components["block_0"] is root["block_0"] and child.components["block_1"] is root["block_1"]
+    assert child.components["block_2"].is_trainable() and list(child.metrics["mutations"]) == ["clone:block_2"]
+    assert system.score(child, quality=1.0) > system.score(parent)
+    parent.metrics["quality"] = 1.0  # even without clones it cannot beat its parent: nothing is given back
+    child = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, to_beat=system.score(parent))
+    assert "given_back" not in child.metrics and child.components["block_0"].is_trainable()

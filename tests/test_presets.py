@@ -29,6 +29,7 @@ MUNET_LOOP = {
     "lineage_lr_decay": 1.0,  # §3: every child at its own opt_lr
     "judged_mutations": False,  # §2: every child draws every mutation
     "length_ramp": 0.0,  # §4.1: every child the same steps
+    "affordable_clones": False,  # §2: clones drawn whatever they cost the score
     "children_per_task": 64, "generation_size": 8, "rounds": 2,  # §4.1
     "max_image_size": 384, "scale_factor": 1.0, "compute_scale": 1.0,  # §3 16·i up to 384; §5 muNet s = 1
 }

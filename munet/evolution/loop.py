@@ -96,6 +96,8 @@ class Evolution:
         length_ramp: the children's generations of a task iteration train validation periods rising linearly from
             ``1 - length_ramp`` to ``1 + length_ramp`` times ``settings.validations``, the iteration's total kept
             (see :meth:`child_settings`); 0: every child trains ``settings.validations`` (the spec).
+        affordable_clones: a mutated child of the task's own path gives back the clones that would leave it unable
+            to beat its parent's score (:func:`munet.evolution.mutate.affordable`); false: the spec.
         executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
             by default.
 
@@ -112,7 +114,7 @@ class Evolution:
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
                  parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, judged_mutations: bool = False,
-                 length_ramp: float = 0.0, executor: Executor | None = None):
+                 length_ramp: float = 0.0, affordable_clones: bool = False, executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -128,6 +130,7 @@ class Evolution:
         self.schedule_span, self.parent_decay, self.lineage_lr_decay = schedule_span, parent_decay, lineage_lr_decay
         self.judged_mutations = judged_mutations
         self.length_ramp = length_ramp
+        self.affordable_clones = affordable_clones
         self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
@@ -259,7 +262,9 @@ class Evolution:
             else:
                 parent, mutate = self.sample_parent(task, state.seeds), True
             clones_only = mutate and self.judged_mutations and not continues_lineage(parent, task)
-            child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters, clones_only)
+            to_beat = system.score(parent) if mutate and self.affordable_clones and parent.task == task else None
+            child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters, clones_only,
+                               to_beat)
             if self.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             children.append(child)

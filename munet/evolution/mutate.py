@@ -50,13 +50,16 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 
 
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
-               policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False) -> TaskPath:
+               policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False,
+               to_beat: float | None = None) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
     is trainable plus a new head: a transfer probe of the parent's frozen features. With ``clones_only`` a mutated
     child draws block clones (and clones the final norm) but keeps the parent's model hparams (the ``per_action``
     clone probabilities included), layers and adapters; its data hparams are ``ds_hparams``, as every child's.
+    With ``to_beat`` (the score it must beat), the child gives back drawn clones, bottom first, that would leave it
+    unable to beat that score even at a perfect validation accuracy (:func:`affordable`).
     """
     rng: random.Random = policy.rng
     hparams = copy.deepcopy(parent.hparams)
@@ -87,6 +90,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     lineage = parent.ancestors()
     comps: dict[str, Component] = {}
     fresh_head = False
+    drawn: dict[str, Component] = {}  # slot -> the frozen component a drawn clone copies
     for name in architecture(num_layers, adapters):
         found = next((p.components[name] for p in lineage
                       if name in p.components and _fits(name, p.components[name], hparams, num_classes, patch)),
@@ -108,8 +112,36 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
             comps[name] = system.clone_component(found, task)
             if name != "norm":
                 mutations[f"clone:{name}"] = (found.id, comps[name].id)
+                drawn[name] = found
         else:
             comps[name] = found
     child = TaskPath(child_id, task, comps, hparams, parent=parent, fresh_head=fresh_head)
     child.metrics.update(mutations=mutations, seed_probe=not mutate)
+    if to_beat is not None and drawn:
+        child, given_back = affordable(system, child, drawn, to_beat)
+        for name in given_back:
+            del mutations[f"clone:{name}"]
+        child.metrics.update(mutations=mutations, seed_probe=False)
+        if given_back:
+            child.metrics["given_back"] = given_back
     return child
+
+
+def affordable(system: System, child: TaskPath, drawn: dict[str, Component], to_beat: float
+               ) -> tuple[TaskPath, list[str]]:
+    """``child`` with the fewest of its ``drawn`` clones given back (reused frozen instead), bottom first, for its
+    score at a perfect validation accuracy to beat ``to_beat``; and the slots given back.
+
+    Under a scale factor below 1 a clone's parameters can cost more score than any accuracy repays: at s = 0.3 one
+    cloned ViT-S block of the default root costs 16%, so a child of a path at 0.85 that clones one is rejected
+    whatever it learns. Training it wastes its whole budget. When even the child without clones cannot beat the
+    score (a parent at the ceiling), nothing is given back: what it draws is not what dooms it.
+    """
+    names = list(drawn)
+    for k in range(len(names) + 1):
+        comps = {**child.components, **{name: drawn[name] for name in names[:k]}}
+        candidate = TaskPath(child.id, child.task, comps, child.hparams, parent=child.parent,
+                             fresh_head=child.fresh_head)
+        if system.score(candidate, quality=1.0) > to_beat:
+            return candidate, names[:k]
+    return child, []

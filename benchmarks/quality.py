@@ -53,7 +53,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
@@ -307,6 +307,11 @@ def drain(pending: list[T], attempt: Callable[[T, bool], bool], wait: bool, say:
     return pending
 
 
+def core_hours(units: Iterable[dict[str, Any]]) -> float:
+    """The core-hours the unit results took: wall seconds x cores."""
+    return sum(u["wall_s"] * u["cores"] for u in units) / 3600
+
+
 def _average(values: list[float | None]) -> float | None:
     """Mean test accuracy; ``None`` unless every task has one (a failed task makes the average meaningless)."""
     return sum(values) / len(values) if values and all(v is not None for v in values) else None
@@ -348,7 +353,7 @@ def munet_method(label: str, family: str, units: list[dict[str, Any]], task_name
               "root": first["root"], "test_acc": {t: task_mean(t, "test_acc") for t in task_names},
               "average": _mean(averages) if None not in averages else None, "params_per_task": per_task,
               "images": round(_mean([u["images"] for u in units])), "wall_s": _mean([u["wall_s"] for u in units]),
-              "core_hours": _mean([u["wall_s"] * u["cores"] / 3600 for u in units]), "device": first["device"],
+              "core_hours": _mean([core_hours([u]) for u in units]), "device": first["device"],
               "lineage_images": {t: first["tasks"][t].get("lineage_images") for t in first["tasks"]},
               "on_path": None if None in shares else _mean(shares), "tasks": first["tasks"]}
     return _seeds(method, averages)
@@ -368,7 +373,7 @@ def baseline_method(spec: BaselineSpec, runs: list[dict[str, dict[str, Any]]], t
               "average": _mean(averages) if None not in averages else None, "params_per_task": per_task,
               "images": round(_mean([sum(r["images"] for r in run.values()) for run in runs])),
               "wall_s": _mean([sum(r["wall_s"] for r in run.values()) for run in runs]),
-              "core_hours": _mean([sum(r["wall_s"] * r["cores"] for r in run.values()) / 3600 for run in runs]),
+              "core_hours": _mean([core_hours(run.values()) for run in runs]),
               "device": next(iter(first.values()))["device"], "on_path": 1.0, "tasks": first,
               "stopped": [f"{t}{f' (seed {k})' if k else ''}: {run[t]['failed']}" for k, run in enumerate(runs)
                           for t in task_names if run[t].get("failed")]}
@@ -778,9 +783,13 @@ def main(argv: list[str] | None = None) -> int:
             methods.append(baseline_method(spec, seeds, task_names, budget))
     table = format_table(methods, task_names)
     targets = check_targets(methods, mode.default_target if not suffix else None)
-    print("\n" + table + "\n\n" + format_targets(targets))
+    compute = {"munet": core_hours(finished.values()),
+               "baselines": core_hours(r for run in baseline_runs.values() for r in run.values())}
+    print("\n" + table + "\n\n" + format_targets(targets) + f"\ncompute of the units reported: "
+          f"{sum(compute.values()):.1f} core-hours (muNet {compute['munet']:.1f}, "
+          f"baselines {compute['baselines']:.1f})")
     report = {"mode": name, "curve": args.curve, "left_out": busy if args.report else [], "config": cfg.to_dict(),
-              "random_root": RANDOM_ROOT,
+              "random_root": RANDOM_ROOT, "core_hours": compute,
               "tasks": task_names, "train_sizes": sizes, "skipped": skipped,
               "definitions": {
                   "budget": "budget 1 is muNet's configuration; budget b trains each of muNet's children b times the "

@@ -375,8 +375,8 @@ def baseline_method(spec: BaselineSpec, runs: list[dict[str, dict[str, Any]]], t
               "wall_s": _mean([sum(r["wall_s"] for r in run.values()) for run in runs]),
               "core_hours": _mean([core_hours(run.values()) for run in runs]),
               "device": next(iter(first.values()))["device"], "on_path": 1.0, "tasks": first,
-              "stopped": [f"{t}{f' (seed {k})' if k else ''}: {run[t]['failed']}" for k, run in enumerate(runs)
-                          for t in task_names if run[t].get("failed")]}
+              "stopped": [f"{run[t].get('unit', t)}: {run[t]['failed']}" for run in runs for t in task_names
+                          if run[t].get("failed")]}
     return _seeds(method, averages)
 
 
@@ -399,7 +399,7 @@ def format_table(methods: list[dict[str, Any]], task_names: list[str]) -> str:
         share = f"{m['on_path']:.0%}" if m.get("on_path") is not None else "-"
         lines.append(f"{m['method']:<26}{accs} {avg:>8} {spread:>7} {m['params_per_task']:>12,.0f} "
                      f"{m['images']:>11,} {share:>7} {m['wall_s']:>8.0f} {m['core_hours']:>7.3f}")
-    stopped = [f"  {m['method']}, {note}" for m in methods for note in m.get("stopped", [])]
+    stopped = [f"  {note}" for m in methods for note in m.get("stopped", [])]
     if stopped:  # why such a run processed fewer images than its budget
         lines += ["", "stopped early (each keeps its best validated weights):", *stopped]
     return "\n".join(lines)

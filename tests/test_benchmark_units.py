@@ -225,10 +225,11 @@ def test_the_table_says_which_baseline_runs_stopped_early_and_why(quality):
         return {"test_acc": 0.9, "failed": failed, "images": 64, "wall_s": 1.0, "cores": 1, "device": "cpu",
                 "params": {"own": 10, "shared": 20}}
 
-    seeds = [{"a": unit(None), "b": unit(None)}, {"a": unit(None), "b": unit("diverged: loss 23 at step 25")}]
+    seeds = [{"a": unit(None), "b": unit(None)},
+             {"a": unit(None), "b": dict(unit("diverged: loss 23 at step 25"), unit="adapters:64__b__b2__seed1")}]
     method = quality.baseline_method(quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"], budget=2)
     table = quality.format_table([method], ["a", "b"])
-    assert table.splitlines()[-1] == "  adapters:64 x2, b (seed 1): diverged: loss 23 at step 25"
+    assert table.splitlines()[-1] == "  adapters:64__b__b2__seed1: diverged: loss 23 at step 25"
     seeds[1]["b"] = unit(None)
     assert "stopped early" not in quality.format_table([quality.baseline_method(
         quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"])], ["a", "b"])

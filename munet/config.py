@@ -30,7 +30,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
                                        "schedule_span": "child", "parent_decay": 0.5,
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
-                                       "affordable_clones": False}
+                                       "affordable_clones": False, "given_back_adapters": False}
 
 
 @dataclass
@@ -102,6 +102,9 @@ class RunConfig:
             frozen component instead) that would leave it unable to beat its parent's score even at a perfect
             validation accuracy, which a scale factor below 1 makes common (false: the spec trains such children,
             which are always rejected). No effect at s = 1.
+        given_back_adapters: with ``affordable_clones``, each layer whose clone a child gave back gets a fresh
+            residual adapter instead (bottom first, while the child can still afford it), so that layer adapts at a
+            price the scale factor allows (false: the layer stays frozen). No effect at s = 1.
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -163,6 +166,7 @@ class RunConfig:
     judged_mutations: bool = False
     length_ramp: float = 0.5
     affordable_clones: bool = True
+    given_back_adapters: bool = False
     seed: int = 0
     device: str = "auto"
     threads: int = 0

@@ -224,3 +224,35 @@ def test_a_child_gives_back_the_clones_that_would_doom_it_bottom_first(tiny_root
     parent.metrics["quality"] = 1.0  # even without clones it cannot beat its parent: nothing is given back
     child = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, to_beat=system.score(parent))
     assert "given_back" not in child.metrics and child.components["block_0"].is_trainable()
+
+
+def test_a_given_back_clone_becomes_an_adapter_while_the_child_can_afford_it(tiny_root):
+    from munet.evolution.mutate import adapters_for, architecture
+    from munet.evolution.system import ScoreConfig
+
+    system = System(tiny_root, image_size=8, score=ScoreConfig(scale_factor=0.3))
+    system.add_task("a", 3)
+    root = system.root_path.components
+    for comp in root.values():
+        comp.locks.add("b")
+    parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
+    block, norm = root["block_0"].num_params / 2, root["norm"].num_params / 2
+    policy = AlwaysPolicy({"clone:block_*"})
+    adapter = make_child(system, parent, "a", _ds(), mutate=True, policy=AlwaysPolicy({"add:adapter_*"}))
+    size = adapter.components["adapter_0"].num_params
+    # room for one cloned block and one adapter, not two
+    parent.metrics["quality"] = 0.3 ** ((norm + block + 1.5 * size) / system.reference_params)
+    child = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, to_beat=system.score(parent),
+                       given_back_adapters=True)
+    assert child.metrics["given_back"] == ["block_0", "block_1"]
+    assert child.components["block_0"] is root["block_0"] and child.components["block_1"] is root["block_1"]
+    assert child.components["adapter_0"].is_trainable() and "adapter_1" not in child.components
+    assert list(child.components) == architecture(3, {0})
+    assert set(child.metrics["mutations"]) == {"clone:block_2", "add:adapter_0"}
+    assert system.score(child, quality=1.0) > system.score(parent)
+    # without the lever the layers given back stay frozen and nothing is added
+    child = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, to_beat=system.score(parent))
+    assert not any(name.startswith("adapter") for name in child.components)
+    # only a block's layer gets one: a given-back embedding has no adapter slot
+    _, added = adapters_for(system, child, ["embedding", "block_0"], system.score(parent), torch.Generator())
+    assert added == ["adapter_0"]

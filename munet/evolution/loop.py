@@ -98,6 +98,8 @@ class Evolution:
             (see :meth:`child_settings`); 0: every child trains ``settings.validations`` (the spec).
         affordable_clones: a mutated child of the task's own path gives back the clones that would leave it unable
             to beat its parent's score (:func:`munet.evolution.mutate.affordable`); false: the spec.
+        given_back_adapters: with ``affordable_clones``, a layer whose clone was given back gets a fresh adapter
+            instead, where the child can afford it (:func:`munet.evolution.mutate.adapters_for`).
         executor: where each generation's children train (:mod:`munet.distributed.executor`); in this process
             by default.
 
@@ -114,7 +116,8 @@ class Evolution:
                  mutate_adapters: bool = True, max_task_population: int = 0, max_seeds: int = 0, seed: int = 0,
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
                  parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, judged_mutations: bool = False,
-                 length_ramp: float = 0.0, affordable_clones: bool = False, executor: Executor | None = None):
+                 length_ramp: float = 0.0, affordable_clones: bool = False, given_back_adapters: bool = False,
+                 executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -131,6 +134,7 @@ class Evolution:
         self.judged_mutations = judged_mutations
         self.length_ramp = length_ramp
         self.affordable_clones = affordable_clones
+        self.given_back_adapters = given_back_adapters
         self.executor = executor or LocalExecutor()
         self.iteration = 0  # task iterations done, across rounds and resumed runs
         self.before_training: Hook = Hook()
@@ -264,7 +268,7 @@ class Evolution:
             clones_only = mutate and self.judged_mutations and not continues_lineage(parent, task)
             to_beat = system.score(parent) if mutate and self.affordable_clones and parent.task == task else None
             child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters, clones_only,
-                               to_beat)
+                               to_beat, self.given_back_adapters)
             if self.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             children.append(child)

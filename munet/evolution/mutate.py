@@ -13,6 +13,7 @@ from munet.evolution.hparams import BLOCK_CLONE, MODEL_RANGES, MutationPolicy, i
 from munet.evolution.system import System
 from munet.model.components import (
     AdapterKind,
+    BlockKind,
     Component,
     HeadKind,
     PositionEmbeddingKind,
@@ -51,7 +52,7 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
                policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False,
-               to_beat: float | None = None) -> TaskPath:
+               to_beat: float | None = None, given_back_adapters: bool = False) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
@@ -59,7 +60,9 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     child draws block clones (and clones the final norm) but keeps the parent's model hparams (the ``per_action``
     clone probabilities included), layers and adapters; its data hparams are ``ds_hparams``, as every child's.
     With ``to_beat`` (the score it must beat), the child gives back drawn clones, bottom first, that would leave it
-    unable to beat that score even at a perfect validation accuracy (:func:`affordable`).
+    unable to beat that score even at a perfect validation accuracy (:func:`affordable`); with
+    ``given_back_adapters`` each layer it gave back gets a fresh adapter instead, where affordable
+    (:func:`adapters_for`).
     """
     rng: random.Random = policy.rng
     hparams = copy.deepcopy(parent.hparams)
@@ -121,6 +124,9 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
         child, given_back = affordable(system, child, drawn, to_beat)
         for name in given_back:
             del mutations[f"clone:{name}"]
+        if given_back and given_back_adapters:
+            child, added = adapters_for(system, child, given_back, to_beat, init)
+            mutations.update({f"add:{name}": (None, hparams["adapter_dim"]) for name in added})
         child.metrics.update(mutations=mutations, seed_probe=False)
         if given_back:
             child.metrics["given_back"] = given_back
@@ -145,3 +151,35 @@ def affordable(system: System, child: TaskPath, drawn: dict[str, Component], to_
         if system.score(candidate, quality=1.0) > to_beat:
             return candidate, names[:k]
     return child, []
+
+
+def adapters_for(system: System, child: TaskPath, given_back: list[str], to_beat: float, init: torch.Generator
+                 ) -> tuple[TaskPath, list[str]]:
+    """``child`` with a fresh residual adapter before each block in ``given_back`` that has none, bottom first,
+    while its score at a perfect validation accuracy still beats ``to_beat``; and the adapter slots added.
+
+    A given-back clone leaves its layer frozen; an adapter there (about 2 x dim x adapter_dim parameters, 1 % of a
+    ViT-S block at adapter_dim 32) lets the child still adapt that layer at a price it can afford.
+    """
+    adapter = get_kind("adapter")
+    dim, adapter_dim = system.root.embed_dim, child.hparams["adapter_dim"]
+    comps, added = dict(child.components), []
+    for name in given_back:
+        if not isinstance(kind_of(name), BlockKind):  # a given-back embedding has no adapter slot
+            continue
+        slot = adapter.slot(slot_index(name))
+        if slot in comps:
+            continue
+        trial = {**comps, slot: Component(-1, slot, ResidualAdapter(dim, adapter_dim, generator=init))}
+        candidate = TaskPath(child.id, child.task, trial, child.hparams, parent=child.parent,
+                             fresh_head=child.fresh_head)
+        if system.score(candidate, quality=1.0) <= to_beat:
+            break
+        comps[slot] = system.new_component(slot, trial[slot].module, origin=child.task)
+        added.append(slot)
+    if not added:
+        return child, []
+    layers = {slot_index(n) for n in comps if isinstance(kind_of(n), AdapterKind)}
+    ordered = {n: comps[n] for n in architecture(child.hparams["num_layers"], layers)}
+    return TaskPath(child.id, child.task, ordered, child.hparams, parent=child.parent,
+                    fresh_head=child.fresh_head), added

@@ -104,7 +104,7 @@ class RunConfig:
             which are always rejected). No effect at s = 1.
         given_back_adapters: with ``affordable_clones``, each layer whose clone a child gave back gets a fresh
             residual adapter instead (bottom first, while the child can still afford it), so that layer adapts at a
-            price the scale factor allows (false: the layer stays frozen). No effect at s = 1.
+            price the scale factor allows (the default; false: the layer stays frozen). No effect at s = 1.
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -166,7 +166,7 @@ class RunConfig:
     judged_mutations: bool = False
     length_ramp: float = 0.5
     affordable_clones: bool = True
-    given_back_adapters: bool = False
+    given_back_adapters: bool = True
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -245,9 +245,10 @@ class RunConfig:
     def from_stored(cls, stored: dict[str, Any]) -> RunConfig:
         """The configuration a run recorded; a key it lacks (added after the run was made) takes the value that
         reproduces how munet behaved before the key existed, not today's default."""
+        # at s = 1 no clone is ever unaffordable, so a run of then is one of today's default too
+        unscaled = stored.get("scale_factor", cls.scale_factor) == 1.0
         before = {**BEFORE_KEYS_EXISTED, "clone_prob": stored.get("mutation_prob", cls.mutation_prob),
-                  # at s = 1 no clone is ever unaffordable, so a run of then is one of today's default too
-                  "affordable_clones": stored.get("scale_factor", cls.scale_factor) == 1.0}
+                  "affordable_clones": unscaled, "given_back_adapters": unscaled}
         return cls().replace(**{**before, **stored})
 
     def generations(self) -> int:

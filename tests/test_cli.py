@@ -153,12 +153,15 @@ def test_default_config_is_valid_and_matches_docs():
 
 def test_a_stored_config_without_newer_keys_keeps_the_behaviour_it_was_made_with():
     stored = {k: v for k, v in RunConfig(generation_size=4, mutation_prob=0.2).to_dict().items()
-              if k not in ("separate_probes", "probe_validations", "keep_diverged", "clone_prob", "affordable_clones")}
+              if k not in ("separate_probes", "probe_validations", "keep_diverged", "clone_prob", "affordable_clones",
+                            "given_back_adapters")}
     old = RunConfig.from_stored(stored)
     assert not old.separate_probes and old.probe_validations == 0 and not old.keep_diverged
     assert old.clone_prob == 0.2  # clones were drawn with μ
     assert old.generations() == 2 and RunConfig(generation_size=4).generations() == 3  # + the probe generation
     assert RunConfig.from_stored(RunConfig().to_dict()) == RunConfig()
     # before affordable_clones, a run drew every clone; at s = 1 that is what it does today (nothing is unaffordable)
-    assert RunConfig.from_stored(stored).affordable_clones
-    assert not RunConfig.from_stored(dict(stored, scale_factor=0.3)).affordable_clones
+    # (and gave back no clone that could become an adapter)
+    assert RunConfig.from_stored(stored).affordable_clones and RunConfig.from_stored(stored).given_back_adapters
+    scaled = RunConfig.from_stored(dict(stored, scale_factor=0.3))
+    assert not scaled.affordable_clones and not scaled.given_back_adapters

@@ -158,7 +158,7 @@ def adapters_for(system: System, child: TaskPath, given_back: list[str], to_beat
     """``child`` with a fresh residual adapter before each block in ``given_back`` that has none, bottom first,
     while its score at a perfect validation accuracy still beats ``to_beat``; and the adapter slots added.
 
-    A given-back clone leaves its layer frozen; an adapter there (about 2 x dim x adapter_dim parameters, 1 % of a
+    A given-back clone leaves its layer frozen; an adapter there (about 2 x dim x adapter_dim parameters, 1.5 % of a
     ViT-S block at adapter_dim 32) lets the child still adapt that layer at a price it can afford.
     """
     adapter = get_kind("adapter")

@@ -263,17 +263,17 @@ class BaselineRunner:
                 self.system.add_task(name, data.num_classes)
         return self.system
 
-    def run(self, spec: BaselineSpec, task: str, units: Units, images: int, seed: int = 0, tag: str = ""
-            ) -> dict[str, Any] | None:
+    def run(self, spec: BaselineSpec, task: str, units: Units, images: int, seed: int = 0, tag: str = "",
+            train: bool = True) -> dict[str, Any] | None:
         """Trains and tests one baseline on one task on about ``images`` training images (or returns its finished
-        result); ``None`` if another process is running it."""
+        result); ``None`` if another process is running it, or if it is not finished and ``train`` is off."""
         unit = f"{spec.name}__{task}{tag}"
         validations = baseline_validations(self.cfg, images, len(self.tasks[task].train_y))
         config = result_settings(self.cfg.replace(seed=seed))
         settings = {"baseline": spec.name, "task": task, "config": {k: config[k] for k in BASELINE_KEYS},
                     "validations": validations}
         done = units.get(unit, settings)
-        if done:
+        if done or not train:
             return done
         if not units.claim(unit):
             return None
@@ -713,9 +713,9 @@ def main(argv: list[str] | None = None) -> int:
         """The muNet s = 1 run (seed 0) whose images per task a baseline at ``budget`` trains on."""
         return next(r for r in runs if r[4] == budget and r[5] == 0 and r[1] == "munet" and r[3].scale_factor == 1.0)
 
-    def baselines(spec: BaselineSpec, budget: int, seed: int, start: bool = True) -> bool:
-        """Trains one baseline at one budget and seed; ``False`` when its muNet reference unit is not finished (and
-        ``start`` is off, or another process is running it)."""
+    def baselines(spec: BaselineSpec, budget: int, seed: int, start: bool = True, train: bool = True) -> bool:
+        """Trains one baseline at one budget and seed (without ``train``, only collects it if finished); ``False``
+        when its muNet reference unit is not finished (and ``start`` is off, or another process is running it)."""
         if spec.kind == "lora" and not lora_ok:
             if spec.name not in skipped:
                 skipped.append(spec.name)
@@ -732,9 +732,11 @@ def main(argv: list[str] | None = None) -> int:
         per_task = {}
         for t in task_names:
             before = units.stored
-            per_task[t] = runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag)
+            per_task[t] = runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag, train)
             if per_task[t] is not None:
                 tick(before)
+        if None in per_task.values() and not train:
+            return True
         if None in per_task.values():  # another process trains the rest of this baseline
             busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
             return True
@@ -755,6 +757,11 @@ def main(argv: list[str] | None = None) -> int:
             top = [n for n, a in sorted(done, key=lambda d: -(d[1] or 0))][: mode.top_baselines]
             work_off([(BaselineSpec.parse(n), 1, seed) for n in top for seed in mode.seeds if seed != 0]
                      + [(spec, budget, 0) for budget in mode.budgets if budget != 1 for spec in curve_specs])
+            # every finished seed counts, also of a baseline that is no longer among today's best at seed 0
+            for spec in specs:
+                for seed in mode.seeds:
+                    if (spec.name, 1, seed) not in baseline_runs:
+                        baselines(spec, 1, seed, start=False, train=False)
     progress.close()
     if busy and args.report:
         print(f"left out of the report, not finished: {', '.join(busy)}", flush=True)

@@ -233,3 +233,15 @@ def test_the_table_says_which_baseline_runs_stopped_early_and_why(quality):
     seeds[1]["b"] = unit(None)
     assert "stopped early" not in quality.format_table([quality.baseline_method(
         quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"])], ["a", "b"])
+
+
+
+def test_collecting_an_unfinished_baseline_unit_neither_trains_nor_claims_it(quality, tmp_path):
+    """The report collects every finished seed of a baseline (``train`` off), also of one no longer among the best;
+    one not finished is left to the workers."""
+    from conftest import make_task
+
+    runner = quality.BaselineRunner(RunConfig(), {"a": make_task("a")})
+    spec = quality.BaselineSpec.parse("freeze:0")
+    assert runner.run(spec, "a", quality.Units(tmp_path), 640, seed=1, tag="__seed1", train=False) is None
+    assert not list(tmp_path.iterdir()) and runner.system is None  # nothing claimed, no root loaded

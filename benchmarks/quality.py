@@ -735,10 +735,9 @@ def main(argv: list[str] | None = None) -> int:
             per_task[t] = runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag, train)
             if per_task[t] is not None:
                 tick(before)
-        if None in per_task.values() and not train:
-            return True
-        if None in per_task.values():  # another process trains the rest of this baseline
-            busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
+        if None in per_task.values():
+            if train:  # another process trains the rest of this baseline
+                busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
             return True
         baseline_runs[(spec.name, budget, seed)] = per_task
         avg = _average([r["test_acc"] for r in per_task.values()])

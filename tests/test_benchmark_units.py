@@ -235,7 +235,6 @@ def test_the_table_says_which_baseline_runs_stopped_early_and_why(quality):
         quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"])], ["a", "b"])
 
 
-
 def test_collecting_an_unfinished_baseline_unit_neither_trains_nor_claims_it(quality, tmp_path):
     """The report collects every finished seed of a baseline (``train`` off), also of one no longer among the best;
     one not finished is left to the workers."""

@@ -146,8 +146,7 @@ def affordable(system: System, child: TaskPath, drawn: dict[str, Component], to_
     names = list(drawn)
     for k in range(len(names) + 1):
         comps = {**child.components, **{name: drawn[name] for name in names[:k]}}
-        candidate = TaskPath(child.id, child.task, comps, child.hparams, parent=child.parent,
-                             fresh_head=child.fresh_head)
+        candidate = _with_components(child, comps)
         if system.score(candidate, quality=1.0) > to_beat:
             return candidate, names[:k]
     return child, []
@@ -171,15 +170,16 @@ def adapters_for(system: System, child: TaskPath, given_back: list[str], to_beat
         if slot in comps:
             continue
         trial = {**comps, slot: Component(-1, slot, ResidualAdapter(dim, adapter_dim, generator=init))}
-        candidate = TaskPath(child.id, child.task, trial, child.hparams, parent=child.parent,
-                             fresh_head=child.fresh_head)
-        if system.score(candidate, quality=1.0) <= to_beat:
+        if system.score(_with_components(child, trial), quality=1.0) <= to_beat:
             break
         comps[slot] = system.new_component(slot, trial[slot].module, origin=child.task)
         added.append(slot)
     if not added:
         return child, []
     layers = {slot_index(n) for n in comps if isinstance(kind_of(n), AdapterKind)}
-    ordered = {n: comps[n] for n in architecture(child.hparams["num_layers"], layers)}
-    return TaskPath(child.id, child.task, ordered, child.hparams, parent=child.parent,
-                    fresh_head=child.fresh_head), added
+    return _with_components(child, {n: comps[n] for n in architecture(child.hparams["num_layers"], layers)}), added
+
+
+def _with_components(child: TaskPath, components: dict[str, Component]) -> TaskPath:
+    """``child`` (not yet trained) with other components: a candidate of :func:`affordable` or :func:`adapters_for`."""
+    return TaskPath(child.id, child.task, components, child.hparams, parent=child.parent, fresh_head=child.fresh_head)

@@ -30,7 +30,8 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
                                        "schedule_span": "child", "parent_decay": 0.5,
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
-                                       "affordable_clones": False, "given_back_adapters": False}
+                                       "affordable_clones": False, "given_back_adapters": False,
+                                       "root_clones_only": False}
 
 
 @dataclass
@@ -94,6 +95,10 @@ class RunConfig:
             any trained child beats a head-only probe) only clones blocks; hyperparameter, layer, adapter and
             other mutations wait for a trained path of the task to be measured against, and the generation's data
             hyperparameters move once the task's best path is such a path (false: the spec).
+        root_clones_only: a child whose parent descends from the root through paths of its own task only (nothing
+            transferred from another task) only clones blocks, and the data hyperparameters hold while the task's
+            best path does: with nothing to transfer, a hyperparameter or layer change that a child's short, noisy
+            validation accepts is a lottery (false: the spec).
         length_ramp: the children of a task iteration train ever longer: their generations' validation periods rise
             linearly from ``1 - length_ramp`` to ``1 + length_ramp`` times ``validations``, the iteration's total
             kept, so early children explore and late ones, refining a lineage, train long enough to beat it (the
@@ -164,6 +169,7 @@ class RunConfig:
     parent_decay: float = 0.5
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
+    root_clones_only: bool = False
     length_ramp: float = 0.5
     affordable_clones: bool = True
     given_back_adapters: bool = True

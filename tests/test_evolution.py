@@ -265,6 +265,58 @@ def test_judged_mutations_leave_a_new_lineage_s_first_child_with_block_clones_on
     assert any(changes(c) for c in later)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_root_clones_only_holds_every_mutation_but_block_clones_while_nothing_is_transferred(on: bool):
+    """root_clones_only: a mutated child whose parent descends from the root through its own task's paths only
+    clones blocks (and the final norm), and the data hparams hold while the task's best path is such a path; a
+    child of another task's path or of a probe of one still draws every mutation. Without it (the spec) a first
+    task's children draw them all."""
+    from munet.evolution.hparams import DATA_RANGES
+    from munet.evolution.loop import grows_from_root
+
+    evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, root_clones_only=on)
+    evo.children_per_task, evo.generation_size = 6, 1
+    seen: list = []  # (child, whether its parent grows from the root, whether its data hparams moved untransferred)
+
+    def record(task, gen, children, beat, ds):
+        best = evo.system.best_path(task)
+        alone = best is not None and grows_from_root(best, task)
+        moved = alone and any(ds[k] != best.hparams[k] for k in [*DATA_RANGES, "ds_image_size"])
+        seen.extend((c, grows_from_root(c.parent, task), moved) for c in children if not c.metrics["seed_probe"])
+
+    evo.before_training.append(record)
+    for task in ("a", "b", "c"):
+        evo.task_iteration(task)
+    alone = [(c, moved) for c, root_only, moved in seen if root_only]
+    transferred = [c for c, root_only, _ in seen if not root_only]
+    assert alone and transferred and all(c.task == "a" for c, _ in alone[:6])  # the first task has nothing else
+
+    def changes(child) -> set[str]:
+        return {k for k in child.metrics["mutations"] if not k.startswith("clone:block_")}
+
+    assert any(k.startswith("clone:block_") for c, _ in alone for k in c.metrics["mutations"])
+    if on:
+        assert not any(changes(c) or moved for c, moved in alone)
+    else:
+        assert any(changes(c) or moved for c, moved in alone)
+    assert any(changes(c) for c in transferred)
+
+
+def test_grows_from_root_is_false_below_another_task_s_path():
+    from munet.evolution.loop import grows_from_root
+    from munet.evolution.mutate import make_child
+
+    evo = _evolution(separate_probes=True, probe_validations=1)
+    evo.children_per_task, evo.generation_size = 2, 1
+    evo.task_iteration("a")
+    a, root = evo.system.best_path("a"), evo.system.root_path
+    ds = {k: a.hparams[k] for k in a.hparams if k.startswith("ds_")}
+    probe_of_a = make_child(evo.system, a, "b", ds, mutate=False, policy=evo.policy)
+    probe_of_root = make_child(evo.system, root, "b", ds, mutate=False, policy=evo.policy)
+    assert grows_from_root(a, "a") and grows_from_root(probe_of_root, "b")
+    assert not grows_from_root(a, "b") and not grows_from_root(probe_of_a, "b")  # they carry a's training
+
+
 @pytest.mark.parametrize("policy", ["evolved", "per_action"])
 @pytest.mark.parametrize("seed", range(3))
 def test_judged_children_of_new_lineages_keep_every_hparam_under_every_policy(policy: str, seed: int):

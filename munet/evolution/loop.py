@@ -24,6 +24,7 @@ from munet.evolution.hparams import (
 )
 from munet.evolution.mutate import make_child
 from munet.evolution.system import System
+from munet.model.components import NOT_TRAINABLE
 from munet.model.path import TaskPath
 from munet.training.evaluate import Evaluator
 from munet.training.schedule import ramped_lengths
@@ -36,6 +37,12 @@ def continues_lineage(parent: TaskPath, task: str) -> bool:
     """Whether a child of ``parent`` continues a trained lineage of ``task``: its parent is a mutated path of the
     task, not a probe, another task's path or the root (whose score says nothing of the child's changes)."""
     return parent.task == task and not parent.metrics.get("seed_probe")
+
+
+def grows_from_root(path: TaskPath, task: str) -> bool:
+    """Whether ``path`` descends from the root through paths of ``task`` only: nothing in it was transferred from
+    another task (a probe of another task's path, or a child of one, does not)."""
+    return all(p.task in (task, NOT_TRAINABLE) for p in path.ancestors())
 
 
 class Hook(list):
@@ -93,6 +100,9 @@ class Evolution:
             scale (``LR_SCALE`` in its hparams; see :meth:`lr_scale`); 1: no scale (the spec).
         judged_mutations: a child that does not continue a lineage (see :func:`continues_lineage`) only clones
             blocks, since its acceptance cannot judge other changes; false: every child draws every mutation (spec).
+        root_clones_only: a child whose parent grows from the root alone (see :func:`grows_from_root`) only clones
+            blocks, and the data hparams hold while the task's best path does: with nothing transferred, the
+            hyperparameter search is a lottery the children's validation cannot judge; false: the spec.
         length_ramp: the children's generations of a task iteration train validation periods rising linearly from
             ``1 - length_ramp`` to ``1 + length_ramp`` times ``settings.validations``, the iteration's total kept
             (see :meth:`child_settings`); 0: every child trains ``settings.validations`` (the spec).
@@ -117,7 +127,7 @@ class Evolution:
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
                  parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, judged_mutations: bool = False,
                  length_ramp: float = 0.0, affordable_clones: bool = False, given_back_adapters: bool = False,
-                 executor: Executor | None = None):
+                 root_clones_only: bool = False, executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -131,7 +141,7 @@ class Evolution:
         self.probe_settings = (dataclasses.replace(settings, validations=probe_validations)
                                if separate_probes and probe_validations else settings)
         self.schedule_span, self.parent_decay, self.lineage_lr_decay = schedule_span, parent_decay, lineage_lr_decay
-        self.judged_mutations = judged_mutations
+        self.judged_mutations, self.root_clones_only = judged_mutations, root_clones_only
         self.length_ramp = length_ramp
         self.affordable_clones = affordable_clones
         self.given_back_adapters = given_back_adapters
@@ -214,6 +224,8 @@ class Evolution:
         ds = {k: source.get(k, DEFAULTS.get(k)) for k in [*DATA_RANGES, "ds_image_size"]}
         if self.judged_mutations and not (best and continues_lineage(best, task)):
             mutate = False
+        if self.root_clones_only and (best is None or grows_from_root(best, task)):
+            mutate = False
         if mutate:
             ranges = dict(DATA_RANGES, ds_image_size=self.sizes)
             for key, values in ranges.items():
@@ -265,7 +277,8 @@ class Evolution:
                 state.next_seed += 1
             else:
                 parent, mutate = self.sample_parent(task, state.seeds), True
-            clones_only = mutate and self.judged_mutations and not continues_lineage(parent, task)
+            clones_only = mutate and (self.judged_mutations and not continues_lineage(parent, task)
+                                      or self.root_clones_only and grows_from_root(parent, task))
             to_beat = system.score(parent) if mutate and self.affordable_clones and parent.task == task else None
             child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters, clones_only,
                                to_beat, self.given_back_adapters)

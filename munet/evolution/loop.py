@@ -222,9 +222,7 @@ class Evolution:
         best = self.system.best_path(task)
         source = best.hparams if best else self.system.root_path.hparams
         ds = {k: source.get(k, DEFAULTS.get(k)) for k in [*DATA_RANGES, "ds_image_size"]}
-        if self.judged_mutations and not (best and continues_lineage(best, task)):
-            mutate = False
-        if self.root_clones_only and (best is None or grows_from_root(best, task)):
+        if self.clones_only_below(best, task):
             mutate = False
         if mutate:
             ranges = dict(DATA_RANGES, ds_image_size=self.sizes)
@@ -232,6 +230,15 @@ class Evolution:
                 if self.rng.random() < self.policy.mutation_prob:
                     ds[key] = incremental_mutation(ds[key], values, self.rng)
         return ds
+
+    def clones_only_below(self, path: TaskPath | None, task: str) -> bool:
+        """Whether a mutated child of ``path`` (``None``: the task has no path yet) only clones blocks, and the data
+        hparams hold while it is the task's best path: with ``judged_mutations`` when it continues no lineage of the
+        task, with ``root_clones_only`` when it grows from the root alone."""
+        if path is None:
+            return self.judged_mutations or self.root_clones_only
+        return (self.judged_mutations and not continues_lineage(path, task)
+                or self.root_clones_only and grows_from_root(path, task))
 
     def sample_parent(self, task: str, seeds: list[TaskPath]) -> TaskPath:
         """Best-first walk accepting each path w.p. parent_decay^offsprings; else uniform over seeds and own paths."""
@@ -277,8 +284,7 @@ class Evolution:
                 state.next_seed += 1
             else:
                 parent, mutate = self.sample_parent(task, state.seeds), True
-            clones_only = mutate and (self.judged_mutations and not continues_lineage(parent, task)
-                                      or self.root_clones_only and grows_from_root(parent, task))
+            clones_only = mutate and self.clones_only_below(parent, task)
             to_beat = system.score(parent) if mutate and self.affordable_clones and parent.task == task else None
             child = make_child(system, parent, task, ds, mutate, self.policy, self.mutate_adapters, clones_only,
                                to_beat, self.given_back_adapters)

@@ -31,7 +31,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "schedule_span": "child", "parent_decay": 0.5,
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
                                        "affordable_clones": False, "given_back_adapters": False,
-                                       "root_clones_only": False}
+                                       "root_clones_only": False, "first_task_finetune": False}
 
 
 @dataclass
@@ -99,6 +99,9 @@ class RunConfig:
             transferred from another task) only clones blocks, and the data hyperparameters hold while the task's
             best path does: with nothing to transfer, a hyperparameter or layer change that a child's short, noisy
             validation accepts is a lottery (false: the spec).
+        first_task_finetune: while the system holds no other task's path (a run's first task), the task is one
+            fine-tuning run cut into children: they only clone blocks and carry their momentum (µ2Net), and the
+            data hyperparameters hold; tasks with something to transfer keep the whole search (false: the spec).
         length_ramp: the children of a task iteration train ever longer: their generations' validation periods rise
             linearly from ``1 - length_ramp`` to ``1 + length_ramp`` times ``validations``, the iteration's total
             kept, so early children explore and late ones, refining a lineage, train long enough to beat it (the
@@ -170,6 +173,7 @@ class RunConfig:
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
     root_clones_only: bool = False
+    first_task_finetune: bool = False
     length_ramp: float = 0.5
     affordable_clones: bool = True
     given_back_adapters: bool = True

@@ -190,7 +190,7 @@ class Wiring:
                          parent_decay=cfg.parent_decay, lineage_lr_decay=cfg.lineage_lr_decay,
                          judged_mutations=cfg.judged_mutations, length_ramp=cfg.length_ramp,
                          affordable_clones=cfg.affordable_clones, given_back_adapters=cfg.given_back_adapters,
-                         root_clones_only=cfg.root_clones_only,
+                         root_clones_only=cfg.root_clones_only, first_task_finetune=cfg.first_task_finetune,
                          executor=make_executor(cfg.executor, cfg.ray_address, torch.get_num_threads()))
 
 

@@ -302,6 +302,51 @@ def test_root_clones_only_holds_every_mutation_but_block_clones_while_nothing_is
     assert any(changes(c) for c in transferred)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_first_task_finetune_makes_the_first_task_one_fine_tuning_run_and_leaves_later_tasks_their_search(on: bool):
+    """first_task_finetune: while the system holds no other task's path (task a), the children only clone blocks,
+    train with inherited momentum and keep the data hparams of the task's best path; task b, evolved next, draws
+    every mutation even below the root's probe (unlike root_clones_only) and starts its optimiser state fresh."""
+    from munet.distributed.executor import LocalExecutor
+    from munet.evolution.hparams import DATA_RANGES
+
+    momentum: dict[str, set[bool]] = {}
+
+    class Recording(LocalExecutor):
+        def train(self, children, parent_scores, task, ds_hparams, settings, *args, **kwargs):
+            momentum.setdefault(task.name, set()).add(settings.inherit_momentum)
+            return super().train(children, parent_scores, task, ds_hparams, settings, *args, **kwargs)
+
+    evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, first_task_finetune=on, executor=Recording())
+    evo.children_per_task, evo.generation_size = 6, 1
+    seen: list = []  # (task, child, whether the generation's data hparams moved from the task's best path)
+
+    def record(task, gen, children, beat, ds):
+        best = evo.system.best_path(task)
+        moved = best is not None and any(ds[k] != best.hparams[k] for k in [*DATA_RANGES, "ds_image_size"])
+        seen.extend((task, c, moved) for c in children if not c.metrics["seed_probe"])
+
+    evo.before_training.append(record)
+    assert evo.alone("a")
+    evo.task_iteration("a")
+    assert not evo.alone("b")
+    evo.task_iteration("b")
+
+    def changes(child) -> set[str]:
+        return {k for k in child.metrics["mutations"] if not k.startswith("clone:block_")}
+
+    first = [(c, moved) for t, c, moved in seen if t == "a"]
+    later = [c for t, c, _ in seen if t == "b"]
+    assert any(k.startswith("clone:block_") for c, _ in first for k in c.metrics["mutations"])
+    assert any(changes(c) for c in later)
+    assert momentum == {"a": {on}, "b": {False}}
+    if on:
+        assert not any(changes(c) or moved for c, moved in first)
+        assert any(c.momentum for c in evo.system.best_path("a").components.values())
+    else:
+        assert any(changes(c) or moved for c, moved in first)
+
+
 def test_grows_from_root_is_false_below_another_task_s_path():
     from munet.evolution.loop import grows_from_root
     from munet.evolution.mutate import make_child

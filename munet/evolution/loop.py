@@ -103,6 +103,8 @@ class Evolution:
         root_clones_only: a child whose parent grows from the root alone (see :func:`grows_from_root`) only clones
             blocks, and the data hparams hold while the task's best path does: with nothing transferred, the
             hyperparameter search is a lottery the children's validation cannot judge; false: the spec.
+        first_task_finetune: while nothing can be transferred to a task (see :meth:`alone`), its children only clone
+            blocks and inherit momentum, and the data hparams hold: one fine-tuning run cut into children.
         length_ramp: the children's generations of a task iteration train validation periods rising linearly from
             ``1 - length_ramp`` to ``1 + length_ramp`` times ``settings.validations``, the iteration's total kept
             (see :meth:`child_settings`); 0: every child trains ``settings.validations`` (the spec).
@@ -127,7 +129,7 @@ class Evolution:
                  separate_probes: bool = False, probe_validations: int = 0, schedule_span: str = "child",
                  parent_decay: float = 0.5, lineage_lr_decay: float = 1.0, judged_mutations: bool = False,
                  length_ramp: float = 0.0, affordable_clones: bool = False, given_back_adapters: bool = False,
-                 root_clones_only: bool = False, executor: Executor | None = None):
+                 root_clones_only: bool = False, first_task_finetune: bool = False, executor: Executor | None = None):
         self.system, self.tasks, self.policy = system, tasks, policy
         self.settings, self.evaluator = settings, evaluator
         self.children_per_task, self.generation_size = children_per_task, generation_size
@@ -142,6 +144,7 @@ class Evolution:
                                if separate_probes and probe_validations else settings)
         self.schedule_span, self.parent_decay, self.lineage_lr_decay = schedule_span, parent_decay, lineage_lr_decay
         self.judged_mutations, self.root_clones_only = judged_mutations, root_clones_only
+        self.first_task_finetune = first_task_finetune
         self.length_ramp = length_ramp
         self.affordable_clones = affordable_clones
         self.given_back_adapters = given_back_adapters
@@ -234,11 +237,18 @@ class Evolution:
     def clones_only_below(self, path: TaskPath | None, task: str) -> bool:
         """Whether a mutated child of ``path`` (``None``: the task has no path yet) only clones blocks, and the data
         hparams hold while it is the task's best path: with ``judged_mutations`` when it continues no lineage of the
-        task, with ``root_clones_only`` when it grows from the root alone."""
+        task, with ``root_clones_only`` when it grows from the root alone, with ``first_task_finetune`` while the
+        task is :meth:`alone`."""
+        if self.first_task_finetune and self.alone(task):
+            return True
         if path is None:
             return self.judged_mutations or self.root_clones_only
         return (self.judged_mutations and not continues_lineage(path, task)
                 or self.root_clones_only and grows_from_root(path, task))
+
+    def alone(self, task: str) -> bool:
+        """Whether the system holds no path of another task: nothing could be transferred to ``task``."""
+        return not any(paths for other, paths in self.system.paths.items() if other != task)
 
     def sample_parent(self, task: str, seeds: list[TaskPath]) -> TaskPath:
         """Best-first walk accepting each path w.p. parent_decay^offsprings; else uniform over seeds and own paths."""
@@ -300,6 +310,8 @@ class Evolution:
         to_beat = [system.score(p) if p.task == task else float("-inf") for p in parents]
         self.before_training(task, gen, children, to_beat, ds)
         settings = self.probe_settings if probing else self.child_settings(gen)
+        if self.first_task_finetune and self.alone(task):
+            settings = dataclasses.replace(settings, inherit_momentum=True)
         outcomes = self.executor.train(children, to_beat, self.tasks[task], ds, settings, self.evaluator,
                                        self.system.scorer(), state.generator, on_step=self.on_step)
         self.after_training(task, gen, children, outcomes)

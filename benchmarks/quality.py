@@ -634,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     runs += [munet_unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
              for s in sorted(mode.scales) if s != 1.0]
     if args.curve:
+        runs += [munet_unit(f"munet_s{s}_seed{k}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s, seed=k),
+                            seed=k) for s in sorted(mode.scales) if s != 1.0 for k in mode.sweep_seeds if k != 0]
+    if args.curve:
         runs += [munet_unit(f"ablation_{slug(label)}", "munet-ablation", f"ablation: {label}", cfg.replace(**changes))
                  for label, changes in mode.ablations]
     specs = [BaselineSpec("finetune")] + [BaselineSpec("freeze", x) for x in range(cfg.depth + 1)]

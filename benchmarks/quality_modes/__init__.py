@@ -28,6 +28,7 @@ class Mode:
         lora_ranks: LoRA ranks of the budget-1 grid.
         output: stem of the result files (JSON and PNG), relative to the results directory.
         seeds: seeds of muNet s = 1 and of the ``top_baselines`` best baselines at budget 1 (mean and spread).
+        sweep_seeds: seeds of the s < 1 points with the curve (seed 0 alone without it).
         budgets: compute multiples of budget 1 on the curve (muNet s = 1 and ``curve_baselines``, seed 0).
         curve_baselines: baselines trained at budgets above 1.
         top_baselines: how many of the best baselines at budget 1 are repeated over ``seeds``.
@@ -42,6 +43,7 @@ class Mode:
     lora_ranks: tuple[int, ...]
     output: str
     seeds: tuple[int, ...] = (0,)
+    sweep_seeds: tuple[int, ...] = (0,)
     budgets: tuple[int, ...] = (1,)
     curve_baselines: tuple[str, ...] = CURVE_BASELINES
     top_baselines: int = 3

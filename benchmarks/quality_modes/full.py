@@ -35,6 +35,7 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("every child the same length (spec)", {"length_ramp": 0.0}),
     ("block clones only while nothing is transferred, momentum inherited",
      {"root_clones_only": True, "inherit_momentum": True}),
+    ("the first task fine-tuned as one run (clones only, momentum inherited)", {"first_task_finetune": True}),
     ("the defaults before: one warmup-cosine per child, mu = 0.1", {"schedule_span": "child", "mutation_prob": 0.1}),
     # budgets 2 and 4 spent the way the curve spent them before: more children, every one as long (the default then)
     ("x2 as twice the children (no ramp)", {"children_per_task": 16, "length_ramp": 0.0}),

@@ -24,6 +24,7 @@ from munet.distributed.executor import make_executor
 from munet.errors import ConfigError, MunetError, TaskUnavailable
 from munet.evolution.hparams import MutationPolicy, check_image_sizes
 from munet.evolution.loop import Evolution
+from munet.evolution.search import SearchConfig
 from munet.evolution.system import ScoreConfig, System
 from munet.model.path import TaskPath
 from munet.model.root import Root
@@ -182,15 +183,7 @@ class Wiring:
                                  f"{system.num_classes[name]}")
             system.add_task(name, data.num_classes)
         evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), system.root.mean, system.root.std)
-        return Evolution(system, tasks, self.policy, settings, evaluator, children_per_task=cfg.children_per_task,
-                         generation_size=cfg.generation_size, max_image_size=cfg.max_image_size,
-                         mutate_adapters=cfg.mutate_adapters, max_task_population=cfg.max_task_population,
-                         max_seeds=cfg.max_seeds, seed=cfg.seed, separate_probes=cfg.separate_probes,
-                         probe_validations=cfg.probe_validations, schedule_span=cfg.schedule_span,
-                         parent_decay=cfg.parent_decay, lineage_lr_decay=cfg.lineage_lr_decay,
-                         judged_mutations=cfg.judged_mutations, length_ramp=cfg.length_ramp,
-                         affordable_clones=cfg.affordable_clones, given_back_adapters=cfg.given_back_adapters,
-                         root_clones_only=cfg.root_clones_only, first_task_finetune=cfg.first_task_finetune,
+        return Evolution(system, tasks, self.policy, settings, evaluator, SearchConfig.from_config(cfg),
                          executor=make_executor(cfg.executor, cfg.ray_address, torch.get_num_threads()))
 
 

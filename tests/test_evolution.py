@@ -11,6 +11,7 @@ from conftest import make_task, make_tiny_root
 
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.loop import Evolution
+from munet.evolution.search import SearchConfig
 from munet.evolution.system import System
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
@@ -28,8 +29,10 @@ def _evolution(seed: int = 0, cap: int = 0, mu_policy: str = "fixed", mu: float 
         system.add_task(name, t.num_classes)
     settings = TrainSettings(batch_size=16, max_steps_between_validations=2, validations=2, max_val_examples=48)
     evaluator = Evaluator(settings, FeatureCache(1 << 26), root.mean, root.std)
-    return Evolution(system, tasks, policy, settings, evaluator, children_per_task=4, generation_size=2,
-                     max_image_size=12, max_task_population=cap, seed=seed, **options)
+    executor = options.pop("executor", None)
+    search = SearchConfig(children_per_task=4, generation_size=2, max_image_size=12, max_task_population=cap, seed=seed,
+                          **options)
+    return Evolution(system, tasks, policy, settings, evaluator, search, executor)
 
 
 @torch.no_grad()
@@ -117,7 +120,7 @@ def test_separate_probes_take_no_child_slot_and_train_their_own_budget():
     assert [c.parent for c in probes] == [evo.system.best_path("a"), evo.system.root_path]
     assert all(c.metrics["seed_probe"] and len(c.metrics["evals"]) == 1 for c in probes)
     children = [c for gen in rest for c in gen]
-    assert len(rest) == 2 and len(children) == evo.children_per_task  # 4 children in generations of 2
+    assert len(rest) == 2 and len(children) == evo.search.children_per_task  # 4 children in generations of 2
     assert not any(c.metrics["seed_probe"] for c in children)
     assert all(len(c.metrics["evals"]) == evo.settings.validations for c in children if not c.metrics["failed"])
 
@@ -172,7 +175,7 @@ def test_work_done_counts_each_generation_s_children_at_their_own_length():
     """Progress (and a resumed run's steps done) sums each generation's children at their ramped length: 3 children
     in generations of 2 and 1 with lengths 1 and 3 periods of K = 2 steps, after a probe generation of 1 period."""
     evo = _evolution(separate_probes=True, probe_validations=1, schedule_span="iteration", length_ramp=0.5)
-    evo.children_per_task = 3
+    evo.search = evo.search.replace(children_per_task=3)
     assert evo.lengths() == [1, 3] and evo.children_periods() == [2, 3]
     probes = evo.probes() * 2
     assert [evo.work_done("a", g) for g in range(4)] == [0, probes, probes + 4, probes + 10]
@@ -188,7 +191,7 @@ def test_a_run_s_evolution_gets_the_configured_length_ramp(tmp_path):
         cfg = tiny_config(tmp_path / f"run{ramp}", generation_size=1, length_ramp=ramp, affordable_clones=bool(ramp))
         with Run.create(cfg) as opened:
             assert opened.evolution.lengths() == ([2, 2, 2, 2] if ramp == 0 else [1, 2, 2, 3])
-            assert opened.evolution.affordable_clones == bool(ramp)
+            assert opened.evolution.search.affordable_clones == bool(ramp)
 
 
 def test_iteration_schedule_span_gives_the_children_consecutive_parts_of_one_schedule():
@@ -214,7 +217,7 @@ def test_parent_decay_one_always_extends_the_best_path(decay):
     """parent_decay = 1: every mutated child's parent is the task's best path when the generation is sampled; the
     spec's 0.5 leaves the best path once it has children, for a worse own path or a seed."""
     evo = _evolution(separate_probes=True, probe_validations=1, parent_decay=decay)
-    evo.children_per_task, evo.generation_size = 8, 1
+    evo.search = evo.search.replace(children_per_task=8, generation_size=1)
     parents: list[tuple[int, int]] = []
     evo.before_training.append(lambda task, gen, children, beat, ds: parents.extend(
         (c.parent.id, evo.system.best_path(task).id) for c in children if not c.metrics["seed_probe"]))
@@ -235,7 +238,7 @@ def test_judged_mutations_leave_a_new_lineage_s_first_child_with_block_clones_on
     from munet.evolution.loop import continues_lineage
 
     evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, judged_mutations=judged)
-    evo.children_per_task, evo.generation_size = 6, 1
+    evo.search = evo.search.replace(children_per_task=6, generation_size=1)
     seen: list = []  # (child, whether it continues a lineage, whether its data hparams moved unjudged)
 
     def record(task, gen, children, beat, ds):
@@ -275,7 +278,7 @@ def test_root_clones_only_holds_every_mutation_but_block_clones_while_nothing_is
     from munet.evolution.loop import grows_from_root
 
     evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, root_clones_only=on)
-    evo.children_per_task, evo.generation_size = 6, 1
+    evo.search = evo.search.replace(children_per_task=6, generation_size=1)
     seen: list = []  # (child, whether its parent grows from the root, whether its data hparams moved untransferred)
 
     def record(task, gen, children, beat, ds):
@@ -318,7 +321,7 @@ def test_first_task_finetune_makes_the_first_task_one_fine_tuning_run_and_leaves
             return super().train(children, parent_scores, task, ds_hparams, settings, *args, **kwargs)
 
     evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, first_task_finetune=on, executor=Recording())
-    evo.children_per_task, evo.generation_size = 6, 1
+    evo.search = evo.search.replace(children_per_task=6, generation_size=1)
     seen: list = []  # (task, child, whether the generation's data hparams moved from the task's best path)
 
     def record(task, gen, children, beat, ds):
@@ -352,7 +355,7 @@ def test_grows_from_root_is_false_below_another_task_s_path():
     from munet.evolution.mutate import make_child
 
     evo = _evolution(separate_probes=True, probe_validations=1)
-    evo.children_per_task, evo.generation_size = 2, 1
+    evo.search = evo.search.replace(children_per_task=2, generation_size=1)
     evo.task_iteration("a")
     a, root = evo.system.best_path("a"), evo.system.root_path
     ds = {k: a.hparams[k] for k in a.hparams if k.startswith("ds_")}
@@ -371,7 +374,7 @@ def test_judged_children_of_new_lineages_keep_every_hparam_under_every_policy(po
 
     evo = _evolution(seed=seed, mu=0.5, mu_policy=policy, separate_probes=True, probe_validations=1,
                      judged_mutations=True)
-    evo.children_per_task, evo.generation_size = 4, 1
+    evo.search = evo.search.replace(children_per_task=4, generation_size=1)
     firsts: list = []
     evo.before_training.append(lambda task, gen, children, beat, ds: firsts.extend(
         c for c in children if not c.metrics["seed_probe"] and not continues_lineage(c.parent, task)))
@@ -390,7 +393,7 @@ def test_lineage_lr_decay_lowers_the_rate_along_a_lineage_and_restarts_it_for_a_
     from munet.training.schedule import learning_rate
 
     evo = _evolution(separate_probes=True, probe_validations=1, lineage_lr_decay=0.5)
-    evo.children_per_task, evo.generation_size = 6, 1
+    evo.search = evo.search.replace(children_per_task=6, generation_size=1)
     seen: list = []
     evo.before_training.append(lambda task, gen, children, beat, ds: seen.extend(children))
     evo.task_iteration("a")

@@ -13,6 +13,7 @@ from munet.cli import main
 from munet.errors import ConfigError
 from munet.evolution.hparams import MutationPolicy, check_image_sizes, image_sizes
 from munet.evolution.loop import Evolution
+from munet.evolution.search import SearchConfig
 from munet.evolution.system import System
 from munet.model.roots import posembed_resize
 from munet.storage.store import Store
@@ -61,7 +62,7 @@ def _large_evolution(image_size: int) -> Evolution:
     settings = TrainSettings(batch_size=8, max_steps_between_validations=1, validations=1, max_val_examples=16)
     evaluator = Evaluator(settings, FeatureCache(1 << 24), root.mean, root.std)
     return Evolution(system, tasks, MutationPolicy("fixed", 1.0, random.Random(0)), settings, evaluator,
-                     children_per_task=4, generation_size=2, max_image_size=LARGE)
+                     SearchConfig(children_per_task=4, generation_size=2, max_image_size=LARGE))
 
 
 def test_mutations_to_and_from_the_largest_size_and_a_path_evaluated_there():

@@ -10,6 +10,7 @@ import pytest
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
+from munet.evolution.search import SearchConfig
 from munet.evolution.system import ScoreConfig, System
 from munet.model.path import TaskPath
 
@@ -70,7 +71,8 @@ def test_parent_sampling_follows_half_power_of_offspring(system, policy):
     _retain(system, second, 0.8)
     best.offsprings, second.offsprings = 1, 0
     evo = Evolution.__new__(Evolution)
-    evo.system, evo.policy, evo.parent_decay = system, MutationPolicy("fixed", 0.1, random.Random(0)), 0.5
+    evo.system, evo.policy = system, MutationPolicy("fixed", 0.1, random.Random(0))
+    evo.search = SearchConfig(children_per_task=1, generation_size=1, max_image_size=8, parent_decay=0.5)
     seeds = [system.root_path]
     n = 20000
     counts = Counter(evo.sample_parent("a", seeds).id for _ in range(n))

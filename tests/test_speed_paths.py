@@ -14,6 +14,7 @@ from conftest import make_task
 from munet.evolution.hparams import DEFAULTS
 from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
+from munet.evolution.search import SearchConfig
 from munet.model.path import TaskPath
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, RowStore, frozen_forward, frozen_rows, shared_forward
@@ -216,7 +217,7 @@ def test_seed_phase_probes_at_most_max_seeds_other_tasks_newest_first_plus_the_r
         system.end_task(name)
     settings = TrainSettings(batch_size=16, max_steps_between_validations=1, validations=1, max_val_examples=16)
     evo = Evolution(system, {"a": make_task("a")}, policy, settings, _evaluator(tiny_root, settings),
-                    children_per_task=4, generation_size=4, max_image_size=8, max_seeds=2)
+                    SearchConfig(children_per_task=4, generation_size=4, max_image_size=8, max_seeds=2))
     probed: list[TaskPath] = []
     evo.after_generation.append(
         lambda task, gen, children: probed.extend(c for c in children if c.metrics["seed_probe"]))

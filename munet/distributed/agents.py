@@ -198,7 +198,7 @@ class Agent:
         evo.policy.rng.seed(seed)
         random.seed(seed)
         torch.manual_seed(seed)
-        evo.seed, evo.iteration = seed, self.cycle  # the batch stream: seed · 1,000,003 + cycle
+        evo.search, evo.iteration = evo.search.replace(seed=seed), self.cycle  # batches: seed · 1,000,003 + cycle
         state = evo.begin(self.task)
         sampled = []
         while not evo.finished(state):

@@ -239,6 +239,9 @@ class RunConfig:
         if self.ray_address and self.executor != "ray":
             raise ConfigError(f"ray_address {self.ray_address!r} is set but executor is {self.executor!r}; add "
                               "--executor ray")
+        if self.first_task_finetune and self.schedule == "agents":  # an agent's first cycle is alone by timing
+            raise ConfigError("first_task_finetune needs schedule = round_robin: asynchronous agents have no first "
+                              "task (each starts before the others publish)")
         if self.image_size > self.max_image_size:
             raise ConfigError(f"image_size {self.image_size} exceeds max_image_size {self.max_image_size}")
         largest = 1024  # pixels; bounds the activations of a batch, which grow with the square of the image size

@@ -96,6 +96,13 @@ def test_config_refuses_an_unknown_schedule(tmp_path):
         agents_config(tmp_path, schedule="async").validate()
 
 
+def test_config_refuses_a_first_task_lever_with_agents(tmp_path):
+    """Every agent starts before the others publish, so none has a first task to fine-tune as one run."""
+    with pytest.raises(ConfigError, match="first_task_finetune needs schedule = round_robin"):
+        agents_config(tmp_path, first_task_finetune=True).validate()
+    agents_config(tmp_path, first_task_finetune=True, schedule="round_robin").validate()
+
+
 def test_an_agent_never_changes_another_tasks_components(tmp_path):
     """Agent a publishes; agent b then evolves for three cycles, adopting a's path before each: a's components (in
     the store and in b's memory) and a's test accuracy stay identical byte for byte."""

@@ -314,10 +314,13 @@ def test_first_task_finetune_makes_the_first_task_one_fine_tuning_run_and_leaves
     from munet.evolution.hparams import DATA_RANGES
 
     momentum: dict[str, set[bool]] = {}
+    carried: dict[str, list[bool]] = {}  # per task, whether each child started with a momentum trace
 
     class Recording(LocalExecutor):
         def train(self, children, parent_scores, task, ds_hparams, settings, *args, **kwargs):
             momentum.setdefault(task.name, set()).add(settings.inherit_momentum)
+            carried.setdefault(task.name, []).extend(
+                any(c.momentum for c in child.trainable_components()) for child in children)
             return super().train(children, parent_scores, task, ds_hparams, settings, *args, **kwargs)
 
     evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, first_task_finetune=on, executor=Recording())
@@ -345,9 +348,10 @@ def test_first_task_finetune_makes_the_first_task_one_fine_tuning_run_and_leaves
     assert momentum == {"a": {on}, "b": {False}}
     if on:
         assert not any(changes(c) or moved for c, moved in first)
-        assert any(c.momentum for c in evo.system.best_path("a").components.values())
+        assert any(carried["a"]) and any(c.momentum for c in evo.system.best_path("a").components.values())
     else:
         assert any(changes(c) or moved for c, moved in first)
+        assert not any(carried["a"])
 
 
 def test_grows_from_root_is_false_below_another_task_s_path():

@@ -91,6 +91,23 @@ def test_snapshot_restores_best_validation(system, policy, tiny_root):
     assert ev.accuracy(child, task, "val", 8, SETTINGS.max_val_examples) == pytest.approx(max(outcome.evals))
 
 
+@pytest.mark.parametrize("inherit", [False, True])
+def test_an_accepted_child_keeps_momentum_traces_only_when_it_trained_with_them(system, policy, tiny_root, inherit):
+    """inherit_momentum: the accepted components hold the optimiser's traces at the snapshot; without it a trace
+    a clone carried (from a task that inherited momentum) is dropped, being stale once the weights moved."""
+    child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
+    head = child.components["head"]
+    head.momentum = {name: torch.ones_like(p) for name, p in head.module.named_parameters()}
+    settings = dataclasses.replace(SETTINGS, inherit_momentum=inherit)
+    outcome, = train_generation([child], [float("-inf")], make_task("a"), DS, settings, _evaluator(tiny_root),
+                                lambda p, q: q, torch.Generator().manual_seed(0))
+    assert outcome.accepted
+    if inherit:
+        assert head.momentum and not all(torch.equal(t, torch.ones_like(t)) for t in head.momentum.values())
+    else:
+        assert head.momentum is None
+
+
 def test_schedules():
     hp = dict(DEFAULTS, opt_lr=0.1)
     assert learning_rate(dict(hp, opt_lr_schedule="constant"), 5, 10, 3) == pytest.approx(0.05)

@@ -189,9 +189,8 @@ def train_generation(children: list[TaskPath], parent_scores: list[float], task:
             comps = {c.id: c for c in st.path.trainable_components()}
             for cid, state in st.snapshot.items():
                 comps[cid].module.load_state_dict(state)
-            if settings.inherit_momentum:
-                for cid, comp in comps.items():
-                    comp.momentum = (st.momentum or {}).get(cid)
+            for cid, comp in comps.items():  # a clone's inherited trace is stale once it trains without it
+                comp.momentum = (st.momentum or {}).get(cid) if settings.inherit_momentum else None
         st.path.set_mode(train=False)
         st.optimizer = st.snapshot = st.momentum = None
     return [outcomes[id(child)] for child in children]

@@ -31,7 +31,8 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "schedule_span": "child", "parent_decay": 0.5,
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
                                        "affordable_clones": False, "given_back_adapters": False,
-                                       "root_clones_only": False, "first_task_finetune": False}
+                                       "root_clones_only": False, "first_task_finetune": False,
+                                       "accept_margin": 0.0}
 
 
 @dataclass
@@ -79,6 +80,9 @@ class RunConfig:
             ``children_per_task`` children is a mutated one.
         probe_validations: validation periods each separate probe trains (0: ``validations``, as a child).
         accept_ties: accept a child whose validation score equals its parent's (µ2Net's ``>=``); muNet is strict.
+        accept_margin: a child is accepted only once a validation scores more than this above the score it must
+            beat (its parent's best); its later snapshots need only beat its own best. Against the optimism of a
+            ratchet of children on a small validation set (0: the spec's strict test).
         stop_margin: stop a child early at a validation scoring more than this below its parent's score while it
             has nothing accepted yet (0: never), to spend the compute on other children.
         keep_diverged: a child that diverges after an accepted validation keeps that snapshot (the spec).
@@ -167,6 +171,7 @@ class RunConfig:
     probe_validations: int = 1
     accept_ties: bool = False
     stop_margin: float = 0.0
+    accept_margin: float = 0.0
     keep_diverged: bool = True
     schedule_span: str = "iteration"
     parent_decay: float = 0.5
@@ -213,6 +218,8 @@ class RunConfig:
             raise ConfigError(f"length_ramp must be in [0, 1), got {self.length_ramp}")
         if not 0 <= self.stop_margin <= 1:
             raise ConfigError(f"stop_margin must be in [0, 1], got {self.stop_margin}")
+        if not 0 <= self.accept_margin <= 1:
+            raise ConfigError(f"accept_margin must be in [0, 1], got {self.accept_margin}")
         for name in ("parent_decay", "lineage_lr_decay"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")

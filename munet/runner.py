@@ -136,7 +136,7 @@ def train_settings(cfg: RunConfig, device: torch.device) -> TrainSettings:
                          autocast_bf16=device.type == "cuda", inherit_momentum=cfg.inherit_momentum,
                          prefetch_batches=PREFETCH_BATCHES if device.type == "cuda" else 0,
                          shared_training=cfg.shared_training, accept_ties=cfg.accept_ties,
-                         stop_margin=cfg.stop_margin, keep_diverged=cfg.keep_diverged)
+                         stop_margin=cfg.stop_margin, accept_margin=cfg.accept_margin, keep_diverged=cfg.keep_diverged)
 
 
 @dataclass

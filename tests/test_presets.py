@@ -25,6 +25,7 @@ MUNET_LOOP = {
     "inherit_momentum": False,  # §3: muNet's optimiser state starts fresh for every child
     "max_seeds": 0, "separate_probes": False,  # §4.2: every other task's path and the root, in child slots
     "accept_ties": False, "keep_diverged": True, "stop_margin": 0.0, "max_task_population": 0,  # §4.3
+    "accept_margin": 0.0,  # §4.3: a child is accepted when it scores strictly above its parent
     "parent_decay": 0.5, "schedule_span": "child",  # §4.2 PPDecay; §3 every child its own warmup-cosine
     "lineage_lr_decay": 1.0,  # §3: every child at its own opt_lr
     "judged_mutations": False,  # §2: every child draws every mutation

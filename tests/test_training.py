@@ -194,6 +194,19 @@ def test_a_tie_with_the_parent_is_accepted_only_with_accept_ties(system, policy,
     assert outcome.accepted is ties
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.13, 0.2])
+def test_accept_margin_asks_the_first_kept_snapshot_to_clear_the_parent_by_the_margin(system, policy, tiny_root,
+                                                                                      margin):
+    """Validation scores 0.52, 0.58, 0.61, 0.64 against a parent's 0.5: the child is accepted once one clears
+    0.5 + margin (0.2: none clears 0.7, so it is rejected)."""
+    child = make_child(system, system.root_path, "a", DS, mutate=False, policy=policy)
+    settings = dataclasses.replace(SETTINGS, validations=4, accept_margin=margin)
+    scores = iter([0.52, 0.58, 0.61, 0.64])
+    outcome, = train_generation([child], [0.5], make_task("a"), DS, settings, _evaluator(tiny_root),
+                                lambda p, q: next(scores), torch.Generator().manual_seed(0))
+    assert outcome.accepted is (margin < 0.14)
+
+
 def test_hopeless_child_stops_early_and_a_close_one_trains_on(system, policy, tiny_root):
     settings = dataclasses.replace(SETTINGS, validations=4, stop_margin=0.1)
     hopeless, close = (make_child(system, system.root_path, "a", DS, mutate=False, policy=policy) for _ in range(2))

@@ -22,6 +22,7 @@ PAPER_MUNET: dict[str, Any] = {
     "mutate_adapters": True, "inherit_momentum": False,  # §2 adapters on; muNet's optimiser state starts fresh
     "max_seeds": 0, "separate_probes": False,  # §4.2: every other task's path and the root probed, in child slots
     "probe_validations": 0, "accept_ties": False, "keep_diverged": True, "stop_margin": 0.0,  # §4.3
+    "accept_margin": 0.0,  # §4.3: a child is accepted when it scores strictly above its parent
     "schedule_span": "child",  # §3: every child runs its own warmup-cosine
     "parent_decay": 0.5,  # §4.2 PPDecay: the best-first walk takes a path w.p. 0.5^offsprings
     "lineage_lr_decay": 1.0,  # §3: every child trains at its own opt_lr

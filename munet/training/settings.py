@@ -37,6 +37,7 @@ class TrainSettings:
         shared_training: train a generation's children in lock-step sharing frozen prefixes; ``False`` trains
             them one after another on the same batches (same results, for measuring what sharing saves).
         accept_ties: accept a validation score equal to the one to beat (µ2Net's ``>=``); muNet's test is strict.
+        accept_margin: the first snapshot a child keeps must score more than this above the score to beat.
         stop_margin: stop training a child, before its budget ends, at a validation whose score is more than this
             below the score it must beat while it has no accepted snapshot (0: never; only children of a path of
             the same task have a finite score to beat).
@@ -61,6 +62,7 @@ class TrainSettings:
     shared_training: bool = True
     accept_ties: bool = False
     stop_margin: float = 0.0
+    accept_margin: float = 0.0
     keep_diverged: bool = True
     schedule_start: int = 0
     schedule_periods: int = 0

@@ -246,7 +246,8 @@ def _validate(st: ChildState, task: TaskData, size: int, limit: int, evaluator: 
     if st.snapshot is None and settings.stop_margin and score < st.best_score - settings.stop_margin:
         st.stopped = f"hopeless: validation score {score:.4f} after {st.steps} steps, {st.best_score:.4f} to beat"
         return
-    if score > st.best_score or (settings.accept_ties and score == st.best_score):  # muNet: strict; µ2Net: >=
+    bar = st.best_score + (settings.accept_margin if st.snapshot is None else 0.0)
+    if score > bar or (settings.accept_ties and score == bar):  # muNet: strict; µ2Net: >=
         st.best_score = score
         st.snapshot = {c.id: copy.deepcopy(c.module.state_dict()) for c in st.path.trainable_components()}
         if st.momentum is not None:

@@ -185,8 +185,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.run_dir, args.host, args.port, tasks, Limits(max_batch_images=args.max_batch,
                                                                max_wait_ms=args.max_wait_ms), stream=sys.stdout)
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises it again
-        print("server stopped", file=sys.stderr)
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then usually raises it again
+        pass
+    print("server stopped", file=sys.stderr)  # also when uvicorn returned without re-raising the captured signal
     return 0
 
 

@@ -329,6 +329,15 @@ def _seeds(method: dict[str, Any], averages: list[float | None]) -> dict[str, An
     return method
 
 
+def optimism(results: Iterable[dict[str, Any]]) -> float | None:
+    """Mean validation minus test accuracy of the kept models (one result per task and seed): how much the
+    validations that chose them overstate them. ``None`` if a result lacks either accuracy."""
+    pairs = [(r.get("val_acc"), r.get("test_acc")) for r in results]
+    if not pairs or any(val is None or test is None for val, test in pairs):
+        return None
+    return _mean([val - test for val, test in pairs])
+
+
 def lineage_share(unit: dict[str, Any]) -> float | None:
     """Share of a muNet unit's training images that trained its tasks' best-path lineages (the rest went to
     rejected children, side branches and probes); ``None`` for units recorded without lineage counts."""
@@ -355,7 +364,8 @@ def munet_method(label: str, family: str, units: list[dict[str, Any]], task_name
               "images": round(_mean([u["images"] for u in units])), "wall_s": _mean([u["wall_s"] for u in units]),
               "core_hours": _mean([core_hours([u]) for u in units]), "device": first["device"],
               "lineage_images": {t: first["tasks"][t].get("lineage_images") for t in first["tasks"]},
-              "on_path": None if None in shares else _mean(shares), "tasks": first["tasks"]}
+              "on_path": None if None in shares else _mean(shares), "tasks": first["tasks"],
+              "optimism": optimism(u["tasks"][t] for u in units for t in task_names if t in u["tasks"])}
     return _seeds(method, averages)
 
 
@@ -375,6 +385,7 @@ def baseline_method(spec: BaselineSpec, runs: list[dict[str, dict[str, Any]]], t
               "wall_s": _mean([sum(r["wall_s"] for r in run.values()) for run in runs]),
               "core_hours": _mean([core_hours(run.values()) for run in runs]),
               "device": next(iter(first.values()))["device"], "on_path": 1.0, "tasks": first,
+              "optimism": optimism(run[t] for run in runs for t in task_names),
               "stopped": [f"{run[t].get('unit', t)}: {run[t]['failed']}" for run in runs for t in task_names
                           if run[t].get("failed")]}
     return _seeds(method, averages)
@@ -387,18 +398,19 @@ def _short(task: str) -> str:
 
 def format_table(methods: list[dict[str, Any]], task_names: list[str]) -> str:
     """One row per method; ``on path``: the share of its training images that trained the paths it kept (a
-    baseline's one path takes them all)."""
+    baseline's one path takes them all); ``val-test``: :func:`optimism`, in points."""
     cols = [_short(t) for t in task_names]
     header = f"{'method':<26}" + "".join(f" {c:>11}" for c in cols) + f" {'average':>8} {'spread':>7} " \
-        f"{'params/task':>12} {'train imgs':>11} {'on path':>7} {'wall s':>8} {'core-h':>7}"
+        f"{'params/task':>12} {'train imgs':>11} {'on path':>7} {'val-test':>8} {'wall s':>8} {'core-h':>7}"
     lines = [header, "-" * len(header)]
     for m in methods:
         accs = "".join(f" {a:>11.4f}" if a is not None else f" {'-':>11}" for a in m["test_acc"].values())
         avg = f"{m['average']:.4f}" if m["average"] is not None else "-"
         spread = f"{m['spread']:.4f}" if m.get("seeds", 1) > 1 else "1 seed"
         share = f"{m['on_path']:.0%}" if m.get("on_path") is not None else "-"
+        gap = f"{100 * m['optimism']:+.2f}" if m.get("optimism") is not None else "-"
         lines.append(f"{m['method']:<26}{accs} {avg:>8} {spread:>7} {m['params_per_task']:>12,.0f} "
-                     f"{m['images']:>11,} {share:>7} {m['wall_s']:>8.0f} {m['core_hours']:>7.3f}")
+                     f"{m['images']:>11,} {share:>7} {gap:>8} {m['wall_s']:>8.0f} {m['core_hours']:>7.3f}")
     stopped = [f"  {note}" for m in methods for note in m.get("stopped", [])]
     if stopped:  # why such a run processed fewer images than its budget
         lines += ["", "stopped early (each keeps its best validated weights):", *stopped]
@@ -808,7 +820,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "frozen root params / number of tasks",
                   "core_hours": "wall seconds x torch CPU threads / 3600",
                   "images": "training images processed (muNet: all children and probes; baselines: their budget)",
-                  "spread": "sample standard deviation of the average over seeds"},
+                  "spread": "sample standard deviation of the average over seeds",
+                  "optimism": "val-test: mean over tasks and seeds of the kept model's validation minus test "
+                              "accuracy"},
               "methods": methods, "table": table, "targets": targets}
     target = results / output
     target.parent.mkdir(parents=True, exist_ok=True)

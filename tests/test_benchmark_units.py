@@ -120,6 +120,22 @@ def test_the_table_shows_the_share_of_images_that_trained_the_kept_paths(quality
     assert "50%" in row
 
 
+def test_the_table_shows_how_much_validation_overstates_the_kept_models(quality):
+    def unit(val: list[float | None]) -> dict:
+        tasks = {t: {"test_acc": 0.9, "val_acc": v, "accounted": 10} for t, v in zip("ab", val)}
+        return {"tasks": tasks, "images": 400, "wall_s": 1.0, "cores": 1, "device": "cpu", "root": "r",
+                "settings": {"scale_factor": 1.0}}
+
+    method = quality.munet_method("muNet s=1.0", "munet", [unit([0.92, 0.9]), unit([0.95, 0.89])], ["a", "b"])
+    assert method["optimism"] == pytest.approx(0.015)  # (0.02 + 0 + 0.05 - 0.01) / 4
+    assert "+1.50" in quality.format_table([method], ["a", "b"]).splitlines()[2]
+    assert quality.munet_method("m", "munet", [unit([0.92, None])], ["a", "b"])["optimism"] is None
+    seeds = [{t: {"test_acc": 0.8, "val_acc": 0.79, "images": 64, "wall_s": 1.0, "cores": 1, "device": "cpu",
+                  "params": {"own": 10, "shared": 20}} for t in "ab"}]
+    baseline = quality.baseline_method(quality.BaselineSpec.parse("freeze:1"), seeds, ["a", "b"])
+    assert baseline["optimism"] == pytest.approx(-0.01)
+
+
 def test_baselines_train_on_the_images_munet_processed(quality):
     from quality_modes import baseline_validations
 

@@ -32,7 +32,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
-                                       "accept_margin": 0.0, "root_clones_all": False}
+                                       "accept_margin": 0.0}
 
 
 @dataclass
@@ -103,10 +103,6 @@ class RunConfig:
             transferred from another task) only clones blocks, and the data hyperparameters hold while the task's
             best path does: with nothing to transfer, a hyperparameter or layer change that a child's short, noisy
             validation accepts is a lottery (false: the spec).
-        root_clones_all: a mutated child whose parent descends from the root through paths of its own task only
-            clones every block it would reuse frozen (the root's), instead of each w.p. ``clone_prob``: with
-            nothing transferred, the root's blocks are the only ones to adapt, and a block left frozen for half a
-            lineage trains for the other half only (false: the spec's draw).
         first_task_finetune: while the system holds no other task's path (a run's first task), the task is one
             fine-tuning run cut into children: they only clone blocks and carry their momentum (µ2Net), and the
             data hyperparameters hold; tasks with something to transfer keep the whole search (false: the spec).
@@ -182,7 +178,6 @@ class RunConfig:
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
     root_clones_only: bool = False
-    root_clones_all: bool = False
     first_task_finetune: bool = False
     length_ramp: float = 0.5
     affordable_clones: bool = True

@@ -306,33 +306,6 @@ def test_root_clones_only_holds_every_mutation_but_block_clones_while_nothing_is
 
 
 @pytest.mark.parametrize("on", [False, True])
-def test_root_clones_all_clones_every_block_while_nothing_is_transferred(on: bool):
-    """root_clones_all: a mutated child whose parent descends from the root through its own task's paths only
-    reuses no block frozen (it clones each); a child of another task's path still draws its clones. Without it
-    (the spec) every block clone is a draw, so such children also reuse some of the root's blocks frozen."""
-    from munet.evolution.loop import grows_from_root
-    from munet.model.components import BlockKind, kind_of
-
-    evo = _evolution(mu=0.3, separate_probes=True, probe_validations=1, root_clones_all=on)
-    evo.search = evo.search.replace(children_per_task=6, generation_size=1)
-    seen: list = []  # (child, whether its parent grows from the root, the blocks it reuses frozen)
-
-    def record(task, gen, children, beat, ds):
-        seen.extend((c, grows_from_root(c.parent, task), [n for n, comp in c.components.items()
-                     if isinstance(kind_of(n), BlockKind) and not comp.is_trainable()])
-                    for c in children if not c.metrics["seed_probe"])
-
-    evo.before_training.append(record)
-    for task in ("a", "b", "c"):
-        evo.task_iteration(task)
-    alone = [frozen for _, root_only, frozen in seen if root_only]
-    transferred = [frozen for _, root_only, frozen in seen if not root_only]
-    assert alone and transferred
-    assert any(alone) != on
-    assert any(transferred)
-
-
-@pytest.mark.parametrize("on", [False, True])
 def test_first_task_finetune_makes_the_first_task_one_fine_tuning_run_and_leaves_later_tasks_their_search(on: bool):
     """first_task_finetune: while the system holds no other task's path (task a), the children only clone blocks,
     train with inherited momentum and keep the data hparams of the task's best path; task b, evolved next, draws

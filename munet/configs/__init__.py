@@ -31,7 +31,6 @@ PAPER_MUNET: dict[str, Any] = {
     "affordable_clones": False,  # §2: clones are drawn whatever they cost the child's score
     "given_back_adapters": False,  # §2: adapters are inserted w.p. μ only
     "root_clones_only": False,  # §2: a first task's children draw every mutation too
-    "root_clones_all": False,  # §2: ... and draw each block clone
     "first_task_finetune": False,  # §2, §3: ... and start their optimiser state fresh
     "max_task_population": 0, "scale_factor": 1.0, "compute_scale": 1.0,  # §4.3 no cap; §5 muNet: s = 1
 }

@@ -258,11 +258,10 @@ class Evolution:
             else:
                 parent, mutate = self.sample_parent(task, state.seeds), True
             clones_only = mutate and self.clones_only_below(parent, task)
-            clone_blocks = mutate and self.search.root_clones_all and grows_from_root(parent, task)
             affordable = mutate and self.search.affordable_clones and parent.task == task
             to_beat = system.score(parent) if affordable else None
             child = make_child(system, parent, task, ds, mutate, self.policy, self.search.mutate_adapters, clones_only,
-                               to_beat, self.search.given_back_adapters, clone_blocks)
+                               to_beat, self.search.given_back_adapters)
             if self.search.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             children.append(child)

@@ -52,14 +52,13 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
                policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False,
-               to_beat: float | None = None, given_back_adapters: bool = False, clone_blocks: bool = False) -> TaskPath:
+               to_beat: float | None = None, given_back_adapters: bool = False) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
     is trainable plus a new head: a transfer probe of the parent's frozen features. With ``clones_only`` a mutated
     child draws block clones (and clones the final norm) but keeps the parent's model hparams (the ``per_action``
     clone probabilities included), layers and adapters; its data hparams are ``ds_hparams``, as every child's.
-    With ``clone_blocks`` a mutated child clones every frozen block it reuses, without a draw.
     With ``to_beat`` (the score it must beat), the child gives back drawn clones, bottom first, that would leave it
     unable to beat that score even at a perfect validation accuracy (:func:`affordable`); with
     ``given_back_adapters`` each layer it gave back gets a fresh adapter instead, where affordable
@@ -96,7 +95,6 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     fresh_head = False
     drawn: dict[str, Component] = {}  # slot -> the frozen component a drawn clone copies
     for name in architecture(num_layers, adapters):
-        block = f"clone:{name}".startswith(BLOCK_CLONE)
         found = next((p.components[name] for p in lineage
                       if name in p.components and _fits(name, p.components[name], hparams, num_classes, patch)),
                      None)
@@ -111,7 +109,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
             comps[name] = system.new_component(name, module, origin=task)
         elif found.is_trainable():  # owned by this task's lineage only: always continue training a copy
             comps[name] = system.clone_component(found, task)
-        elif mutate and (name == "norm" or block and clone_blocks or (block or not clones_only)
+        elif mutate and (name == "norm" or (not clones_only or f"clone:{name}".startswith(BLOCK_CLONE))
                          and policy.fires(f"clone:{name}", hparams, mutations, adapt=not clones_only)):
             # the final norm is "technically part of the head", so it is always fine-tuned when mutating
             comps[name] = system.clone_component(found, task)

@@ -39,7 +39,6 @@ class SearchConfig:
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
     root_clones_only: bool = False
-    root_clones_all: bool = False
     first_task_finetune: bool = False
     length_ramp: float = 0.0
     affordable_clones: bool = False

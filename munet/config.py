@@ -32,7 +32,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
-                                       "accept_margin": 0.0}
+                                       "accept_margin": 0.0, "affordable_gain": 1.0}
 
 
 @dataclass
@@ -114,6 +114,11 @@ class RunConfig:
             frozen component instead) that would leave it unable to beat its parent's score even at a perfect
             validation accuracy, which a scale factor below 1 makes common (false: the spec trains such children,
             which are always rejected). No effect at s = 1.
+        affordable_gain: with ``affordable_clones``, the share of its parent's validation error a child is taken to
+            remove at best when it judges what it can afford (1: a perfect validation accuracy, the default). Below
+            1 a child at a low scale factor keeps only the clones that would pay at an accuracy it might reach, and
+            gives the rest back (for adapters, with ``given_back_adapters``) instead of training a child whose
+            clones doom it whatever it learns.
         given_back_adapters: with ``affordable_clones``, each layer whose clone a child gave back gets a fresh
             residual adapter instead (bottom first, while the child can still afford it), so that layer adapts at a
             price the scale factor allows (the default; false: the layer stays frozen). No effect at s = 1.
@@ -181,6 +186,7 @@ class RunConfig:
     first_task_finetune: bool = False
     length_ramp: float = 0.5
     affordable_clones: bool = True
+    affordable_gain: float = 1.0
     given_back_adapters: bool = True
     seed: int = 0
     device: str = "auto"
@@ -220,7 +226,7 @@ class RunConfig:
             raise ConfigError(f"stop_margin must be in [0, 1], got {self.stop_margin}")
         if not 0 <= self.accept_margin <= 1:
             raise ConfigError(f"accept_margin must be in [0, 1], got {self.accept_margin}")
-        for name in ("parent_decay", "lineage_lr_decay"):
+        for name in ("parent_decay", "lineage_lr_decay", "affordable_gain"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("mutation_prob", "clone_prob"):

@@ -226,6 +226,33 @@ def test_a_child_gives_back_the_clones_that_would_doom_it_bottom_first(tiny_root
     assert "given_back" not in child.metrics and child.components["block_0"].is_trainable()
 
 
+def test_a_child_judges_its_clones_at_the_accuracy_it_is_taken_to_reach(tiny_root):
+    """affordable_gain below 1: a child keeps only the clones that pay at ``ceiling``, not at a perfect accuracy."""
+    from munet.evolution.loop import Evolution
+    from munet.evolution.search import SearchConfig
+    from munet.evolution.system import ScoreConfig
+
+    system = System(tiny_root, image_size=8, score=ScoreConfig(scale_factor=0.3))
+    system.add_task("a", 3)
+    root = system.root_path.components
+    for comp in root.values():
+        comp.locks.add("b")
+    parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
+    block, norm = root["block_0"].num_params / 2, root["norm"].num_params / 2
+    parent.metrics["quality"] = 0.5
+    # at this accuracy a child with half a block's clone more would tie its parent: no block clone pays
+    ceiling = 0.5 / 0.3 ** ((norm + 0.5 * block) / system.reference_params)
+    policy = AlwaysPolicy({"clone:block_*"})
+    kept = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, to_beat=system.score(parent))
+    assert len(kept.metrics.get("given_back", [])) < 3  # at a perfect accuracy some clone pays
+    child = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, to_beat=system.score(parent),
+                       ceiling=ceiling)
+    assert child.metrics["given_back"] == ["block_0", "block_1", "block_2"]
+    assert system.score(child, quality=ceiling) > system.score(parent)
+    evolution = Evolution(system, {}, policy, None, None, SearchConfig(1, 1, 8, affordable_gain=0.5))
+    assert evolution.ceiling(parent) == 0.75  # half of the parent's error removed
+
+
 def test_a_given_back_clone_becomes_an_adapter_while_the_child_can_afford_it(tiny_root):
     from munet.evolution.mutate import adapters_for, architecture
     from munet.evolution.system import ScoreConfig

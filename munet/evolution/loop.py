@@ -208,6 +208,12 @@ class Evolution:
         return (self.search.judged_mutations and not continues_lineage(path, task)
                 or self.search.root_clones_only and grows_from_root(path, task))
 
+    def ceiling(self, parent: TaskPath) -> float:
+        """The validation accuracy a child of ``parent`` (a path of its task) is taken to reach at best when it
+        judges which clones it can afford: ``affordable_gain`` of the parent's error removed."""
+        quality = parent.metrics.get("quality") or 0.0
+        return quality + self.search.affordable_gain * (1.0 - quality)
+
     def alone(self, task: str) -> bool:
         """Whether the system holds no path of another task: nothing could be transferred to ``task``."""
         return not any(paths for other, paths in self.system.paths.items() if other != task)
@@ -261,7 +267,7 @@ class Evolution:
             affordable = mutate and self.search.affordable_clones and parent.task == task
             to_beat = system.score(parent) if affordable else None
             child = make_child(system, parent, task, ds, mutate, self.policy, self.search.mutate_adapters, clones_only,
-                               to_beat, self.search.given_back_adapters)
+                               to_beat, self.search.given_back_adapters, self.ceiling(parent) if affordable else 1.0)
             if self.search.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             children.append(child)

@@ -52,7 +52,7 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
                policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False,
-               to_beat: float | None = None, given_back_adapters: bool = False) -> TaskPath:
+               to_beat: float | None = None, given_back_adapters: bool = False, ceiling: float = 1.0) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
@@ -60,7 +60,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     child draws block clones (and clones the final norm) but keeps the parent's model hparams (the ``per_action``
     clone probabilities included), layers and adapters; its data hparams are ``ds_hparams``, as every child's.
     With ``to_beat`` (the score it must beat), the child gives back drawn clones, bottom first, that would leave it
-    unable to beat that score even at a perfect validation accuracy (:func:`affordable`); with
+    unable to beat that score even at a validation accuracy of ``ceiling`` (:func:`affordable`); with
     ``given_back_adapters`` each layer it gave back gets a fresh adapter instead, where affordable
     (:func:`adapters_for`).
     """
@@ -121,11 +121,11 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     child = TaskPath(child_id, task, comps, hparams, parent=parent, fresh_head=fresh_head)
     child.metrics.update(mutations=mutations, seed_probe=not mutate)
     if to_beat is not None and drawn:
-        child, given_back = affordable(system, child, drawn, to_beat)
+        child, given_back = affordable(system, child, drawn, to_beat, ceiling)
         for name in given_back:
             del mutations[f"clone:{name}"]
         if given_back and given_back_adapters:
-            child, added = adapters_for(system, child, given_back, to_beat, init)
+            child, added = adapters_for(system, child, given_back, to_beat, init, ceiling)
             mutations.update({f"add:{name}": (None, hparams["adapter_dim"]) for name in added})
         child.metrics.update(mutations=mutations, seed_probe=False)
         if given_back:
@@ -133,10 +133,11 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     return child
 
 
-def affordable(system: System, child: TaskPath, drawn: dict[str, Component], to_beat: float
+def affordable(system: System, child: TaskPath, drawn: dict[str, Component], to_beat: float, ceiling: float = 1.0
                ) -> tuple[TaskPath, list[str]]:
     """``child`` with the fewest of its ``drawn`` clones given back (reused frozen instead), bottom first, for its
-    score at a perfect validation accuracy to beat ``to_beat``; and the slots given back.
+    score at a validation accuracy of ``ceiling`` (the best it is taken to reach) to beat ``to_beat``; and the slots
+    given back.
 
     Under a scale factor below 1 a clone's parameters can cost more score than any accuracy repays: at s = 0.3 one
     cloned ViT-S block of the default root costs 16%, so a child of a path at 0.85 that clones one is rejected
@@ -147,15 +148,15 @@ def affordable(system: System, child: TaskPath, drawn: dict[str, Component], to_
     for k in range(len(names) + 1):
         comps = {**child.components, **{name: drawn[name] for name in names[:k]}}
         candidate = _with_components(child, comps)
-        if system.score(candidate, quality=1.0) > to_beat:
+        if system.score(candidate, quality=ceiling) > to_beat:
             return candidate, names[:k]
     return child, []
 
 
-def adapters_for(system: System, child: TaskPath, given_back: list[str], to_beat: float, init: torch.Generator
-                 ) -> tuple[TaskPath, list[str]]:
+def adapters_for(system: System, child: TaskPath, given_back: list[str], to_beat: float, init: torch.Generator,
+                 ceiling: float = 1.0) -> tuple[TaskPath, list[str]]:
     """``child`` with a fresh residual adapter before each block in ``given_back`` that has none, bottom first,
-    while its score at a perfect validation accuracy still beats ``to_beat``; and the adapter slots added.
+    while its score at a validation accuracy of ``ceiling`` still beats ``to_beat``; and the adapter slots added.
 
     A given-back clone leaves its layer frozen; an adapter there (about 2 x dim x adapter_dim parameters, 1.5 % of a
     ViT-S block at adapter_dim 32) lets the child still adapt that layer at a price it can afford.
@@ -170,7 +171,7 @@ def adapters_for(system: System, child: TaskPath, given_back: list[str], to_beat
         if slot in comps:
             continue
         trial = {**comps, slot: Component(-1, slot, ResidualAdapter(dim, adapter_dim, generator=init))}
-        if system.score(_with_components(child, trial), quality=1.0) <= to_beat:
+        if system.score(_with_components(child, trial), quality=ceiling) <= to_beat:
             break
         comps[slot] = system.new_component(slot, trial[slot].module, origin=child.task)
         added.append(slot)

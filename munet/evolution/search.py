@@ -42,6 +42,7 @@ class SearchConfig:
     first_task_finetune: bool = False
     length_ramp: float = 0.0
     affordable_clones: bool = False
+    affordable_gain: float = 1.0
     given_back_adapters: bool = False
 
     @classmethod

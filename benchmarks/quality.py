@@ -124,10 +124,20 @@ class Units:
 
     def claim(self, unit: str) -> bool:
         """Marks ``unit`` as run by this process; ``False`` if another live process has claimed it (so several
-        ``--only`` workers can share the units)."""
+        ``--only`` workers can share the units). The claim file is hard-linked into place, which fails if it exists:
+        of two workers that both found the unit free, one claims it and the other moves on."""
         if self.read_only or self.busy(unit):
             return False
-        atomic_write(self.file(unit).with_suffix(".claim"), str(os.getpid()))
+        claim = self.file(unit).with_suffix(".claim")
+        claim.unlink(missing_ok=True)  # a dead process's (or this one's own) claim
+        mine = claim.with_name(f"{claim.name}.{os.getpid()}")
+        mine.write_text(str(os.getpid()))
+        try:
+            os.link(mine, claim)
+        except FileExistsError:
+            return False
+        finally:
+            mine.unlink()
         return True
 
 

@@ -74,6 +74,29 @@ def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
     assert not units.file("busy").with_suffix(".claim").exists()
 
 
+def test_of_two_workers_that_found_a_unit_free_only_one_claims_it(quality, tmp_path, monkeypatch):
+    """Two workers started together both find the unit unclaimed; the one that claims second must not take it over
+    (writing the claim through one temporary name used to crash it, or both ran the unit)."""
+    units = quality.Units(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    claim = units.file("u").with_suffix(".claim")
+    real_unlink = type(claim).unlink
+
+    def claimed_meanwhile(path, missing_ok=False):  # the other worker links its claim right after our check
+        real_unlink(path, missing_ok=missing_ok)
+        if path == claim:
+            claim.write_text(str(other.pid))
+
+    try:
+        monkeypatch.setattr(type(claim), "unlink", claimed_meanwhile)
+        assert not units.claim("u")
+        monkeypatch.undo()
+        assert claim.read_text() == str(other.pid) and list(tmp_path.iterdir()) == [claim]
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_targets_are_checked_on_the_results(quality):
     def method(name, family, average, params, budget=1, scale=None):
         return {"method": name, "family": family, "average": average, "params_per_task": params, "budget": budget,

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -110,8 +111,12 @@ class Units:
 
     def put(self, unit: str, result: dict[str, Any]) -> None:
         atomic_write(self.file(unit), json.dumps(result, indent=1, default=str))
-        self.file(unit).with_suffix(".claim").unlink(missing_ok=True)
+        self.release(unit)
         self.stored += 1
+
+    def release(self, unit: str) -> None:
+        """Drops this process's claim on ``unit``."""
+        self.file(unit).with_suffix(".claim").unlink(missing_ok=True)
 
     def busy(self, unit: str) -> bool:
         """Whether another live process has claimed ``unit``."""
@@ -124,20 +129,15 @@ class Units:
 
     def claim(self, unit: str) -> bool:
         """Marks ``unit`` as run by this process; ``False`` if another live process has claimed it (so several
-        ``--only`` workers can share the units). The claim file is hard-linked into place, which fails if it exists:
-        of two workers that both found the unit free, one claims it and the other moves on."""
-        if self.read_only or self.busy(unit):
+        ``--only`` workers can share the units). The look and the claim hold the folder's lock file, so of two
+        workers that find a unit free at once, one claims it and the other finds it claimed."""
+        if self.read_only:
             return False
-        claim = self.file(unit).with_suffix(".claim")
-        claim.unlink(missing_ok=True)  # a dead process's (or this one's own) claim
-        mine = claim.with_name(f"{claim.name}.{os.getpid()}")
-        mine.write_text(str(os.getpid()))
-        try:
-            os.link(mine, claim)
-        except FileExistsError:
-            return False
-        finally:
-            mine.unlink()
+        with open(self.folder / ".claims.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if self.busy(unit):
+                return False
+            atomic_write(self.file(unit).with_suffix(".claim"), str(os.getpid()))
         return True
 
 
@@ -235,6 +235,10 @@ def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes
         return done
     if not units.claim(name):
         return None
+    done = units.get(name, settings)  # finished by another worker between the look and the claim
+    if done:
+        units.release(name)
+        return done
     out = FsPath(cfg.out)
     clock = out.with_name(out.name + ".wall_s")
     resumed = interrupted_run(out, cfg)
@@ -287,6 +291,10 @@ class BaselineRunner:
             return done
         if not units.claim(unit):
             return None
+        done = units.get(unit, settings)  # finished by another worker between the look and the claim
+        if done:
+            units.release(unit)
+            return done
         system = self._system()
         t0 = time.perf_counter()
         path = build_baseline(system, task, spec, seed=seed)
@@ -375,7 +383,7 @@ def munet_method(label: str, family: str, units: list[dict[str, Any]], task_name
               "core_hours": _mean([core_hours([u]) for u in units]), "device": first["device"],
               "lineage_images": {t: first["tasks"][t].get("lineage_images") for t in first["tasks"]},
               "on_path": None if None in shares else _mean(shares), "tasks": first["tasks"],
-              "optimism": optimism(u["tasks"][t] for u in units for t in task_names if t in u["tasks"])}
+              "optimism": optimism(u["tasks"].get(t, {}) for u in units for t in task_names)}
     return _seeds(method, averages)
 
 

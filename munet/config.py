@@ -118,7 +118,7 @@ class RunConfig:
             remove at best when it judges what it can afford (1: a perfect validation accuracy, the default). Below
             1 a child at a low scale factor keeps only the clones that would pay at an accuracy it might reach, and
             gives the rest back (for adapters, with ``given_back_adapters``) instead of training a child whose
-            clones doom it whatever it learns.
+            clones doom it whatever it learns. No effect at s = 1.
         given_back_adapters: with ``affordable_clones``, each layer whose clone a child gave back gets a fresh
             residual adapter instead (bottom first, while the child can still afford it), so that layer adapts at a
             price the scale factor allows (the default; false: the layer stays frozen). No effect at s = 1.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,24 +75,27 @@ def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
     assert not units.file("busy").with_suffix(".claim").exists()
 
 
-def test_of_two_workers_that_found_a_unit_free_only_one_claims_it(quality, tmp_path, monkeypatch):
-    """Two workers started together both find the unit unclaimed; the one that claims second must not take it over
-    (writing the claim through one temporary name used to crash it, or both ran the unit)."""
+def test_of_two_workers_that_find_a_unit_free_at_once_only_one_claims_it(quality, tmp_path):
+    """A worker's look and claim hold the folder's lock: a claim made while another worker holds it waits, then finds
+    that worker's claim (without the lock both claimed, or the shared temporary name crashed one)."""
     units = quality.Units(tmp_path)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    claim = units.file("u").with_suffix(".claim")
-    real_unlink = type(claim).unlink
-
-    def claimed_meanwhile(path, missing_ok=False):  # the other worker links its claim right after our check
-        real_unlink(path, missing_ok=missing_ok)
-        if path == claim:
-            claim.write_text(str(other.pid))
-
+    claim, ready = units.file("u").with_suffix(".claim"), tmp_path / "ready"
+    other = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, pathlib, time
+with open({str(tmp_path / ".claims.lock")!r}, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    pathlib.Path({str(ready)!r}).touch()
+    time.sleep(0.5)  # it found the unit free; the other worker looks now
+    pathlib.Path({str(claim)!r}).write_text(str(os.getpid()))
+time.sleep(30)
+"""])
     try:
-        monkeypatch.setattr(type(claim), "unlink", claimed_meanwhile)
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists()
         assert not units.claim("u")
-        monkeypatch.undo()
-        assert claim.read_text() == str(other.pid) and list(tmp_path.iterdir()) == [claim]
+        assert claim.read_text() == str(other.pid)
     finally:
         other.kill()
         other.wait()

@@ -305,6 +305,27 @@ def test_root_clones_only_holds_every_mutation_but_block_clones_while_nothing_is
     assert any(changes(c) for c in transferred)
 
 
+def test_a_child_of_its_task_s_path_judges_clones_at_the_ceiling_affordable_gain_sets(monkeypatch):
+    """With affordable_clones, each mutated child of a path of its own task gets ``Evolution.ceiling`` of that parent
+    (its accuracy plus affordable_gain of its error) to judge its clones at; other children judge at 1."""
+    import munet.evolution.loop as loop
+
+    seen: list = []  # (parent, mutate, ceiling)
+
+    def recording(system, parent, task, ds, mutate, *args):
+        seen.append((parent, mutate, args[-1]))
+        return make(system, parent, task, ds, mutate, *args)
+
+    make = loop.make_child
+    monkeypatch.setattr(loop, "make_child", recording)
+    evo = _evolution(separate_probes=True, probe_validations=1, affordable_clones=True, affordable_gain=0.5)
+    evo.task_iteration("a")
+    own = [(p, c) for p, mutate, c in seen if mutate and p.task == "a"]
+    assert any(p.metrics["quality"] < 1 for p, _ in own)  # so that the ceiling differs from 1
+    assert all(c == pytest.approx(p.metrics["quality"] + 0.5 * (1 - p.metrics["quality"])) for p, c in own)
+    assert all(c == 1.0 for p, mutate, c in seen if not (mutate and p.task == "a"))
+
+
 @pytest.mark.parametrize("on", [False, True])
 def test_first_task_finetune_makes_the_first_task_one_fine_tuning_run_and_leaves_later_tasks_their_search(on: bool):
     """first_task_finetune: while the system holds no other task's path (task a), the children only clone blocks,

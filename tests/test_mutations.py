@@ -229,6 +229,7 @@ def test_a_child_gives_back_the_clones_that_would_doom_it_bottom_first(tiny_root
 def test_a_child_judges_its_clones_at_the_accuracy_it_is_taken_to_reach(tiny_root):
     """affordable_gain below 1: a child keeps only the clones that pay at ``ceiling``, not at a perfect accuracy."""
     from munet.evolution.loop import Evolution
+    from munet.evolution.mutate import adapters_for
     from munet.evolution.search import SearchConfig
     from munet.evolution.system import ScoreConfig
 
@@ -249,6 +250,11 @@ def test_a_child_judges_its_clones_at_the_accuracy_it_is_taken_to_reach(tiny_roo
                        ceiling=ceiling)
     assert child.metrics["given_back"] == ["block_0", "block_1", "block_2"]
     assert system.score(child, quality=ceiling) > system.score(parent)
+    # a given-back layer's adapter is judged at the ceiling too: at one where the child just beats its parent
+    # without one, no adapter is affordable; at a perfect accuracy one is
+    tight = system.score(parent) / system.score(child, quality=1.0) * (1 + 1e-9)
+    assert adapters_for(system, child, ["block_0"], system.score(parent), torch.Generator(), tight)[1] == []
+    assert adapters_for(system, child, ["block_0"], system.score(parent), torch.Generator())[1] == ["adapter_0"]
     evolution = Evolution(system, {}, policy, None, None, SearchConfig(1, 1, 8, affordable_gain=0.5))
     assert evolution.ceiling(parent) == 0.75  # half of the parent's error removed
 

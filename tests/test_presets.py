@@ -31,6 +31,7 @@ MUNET_LOOP = {
     "judged_mutations": False,  # §2: every child draws every mutation
     "length_ramp": 0.0,  # §4.1: every child the same steps
     "affordable_clones": False,  # §2: clones drawn whatever they cost the score
+    "affordable_gain": 1.0,  # (inert without affordable_clones)
     "given_back_adapters": False,  # §2: adapters inserted w.p. μ only
     "root_clones_only": False,  # §2: a first task's children draw every mutation too
     "first_task_finetune": False,  # §2, §3: ... and start their optimiser state fresh

@@ -211,7 +211,7 @@ class Evolution:
     def ceiling(self, parent: TaskPath) -> float:
         """The validation accuracy a child of ``parent`` (a path of its task) is taken to reach at best when it
         judges which clones it can afford: ``affordable_gain`` of the parent's error removed."""
-        quality = parent.metrics.get("quality") or 0.0
+        quality = parent.metrics.get("quality") or 0.0  # a path in the population has been validated; 0 is a guard
         return quality + self.search.affordable_gain * (1.0 - quality)
 
     def alone(self, task: str) -> bool:

@@ -11,6 +11,7 @@ from munet.evolution.hparams import MODEL_RANGES, MutationPolicy, incremental_mu
 from munet.evolution.mutate import make_child
 from munet.evolution.system import System
 from munet.model.components import NOT_TRAINABLE, ResidualAdapter
+from munet.model.path import TaskPath
 
 
 def _ds(size: int = 8) -> dict:
@@ -198,16 +199,22 @@ def test_per_action_clone_prob_sets_the_initial_clone_probability(tiny_root):
     assert others and all(abs(v - 0.1) <= 0.02 for v in others.values())
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.3])
-def test_a_child_gives_back_the_clones_that_would_doom_it_bottom_first(tiny_root, scale):
+def _shared_root(tiny_root, scale: float = 0.3) -> tuple[System, TaskPath]:
+    """A system at scale factor ``scale`` whose root another task (b) shares, so a root block counts half and a clone
+    of it whole; and a head-only probe of the root for task a."""
     from munet.evolution.system import ScoreConfig
 
     system = System(tiny_root, image_size=8, score=ScoreConfig(scale_factor=scale))
     system.add_task("a", 3)
+    for comp in system.root_path.components.values():
+        comp.locks.add("b")
+    return system, make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_a_child_gives_back_the_clones_that_would_doom_it_bottom_first(tiny_root, scale):
+    system, parent = _shared_root(tiny_root, scale)
     root = system.root_path.components
-    for comp in root.values():
-        comp.locks.add("b")  # another task shares the root: a root block counts half, a clone of it whole
-    parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
     block, norm = root["block_0"].num_params / 2, root["norm"].num_params / 2  # what a clone adds
     # the parent's validation accuracy at which a child can afford one cloned block but not two
     parent.metrics["quality"] = 0.3 ** ((norm + 1.5 * block) / system.reference_params)
@@ -231,14 +238,9 @@ def test_a_child_judges_its_clones_at_the_accuracy_it_is_taken_to_reach(tiny_roo
     from munet.evolution.loop import Evolution
     from munet.evolution.mutate import adapters_for
     from munet.evolution.search import SearchConfig
-    from munet.evolution.system import ScoreConfig
 
-    system = System(tiny_root, image_size=8, score=ScoreConfig(scale_factor=0.3))
-    system.add_task("a", 3)
+    system, parent = _shared_root(tiny_root)
     root = system.root_path.components
-    for comp in root.values():
-        comp.locks.add("b")
-    parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
     block, norm = root["block_0"].num_params / 2, root["norm"].num_params / 2
     parent.metrics["quality"] = 0.5
     # at this accuracy a child with half a block's clone more would tie its parent: no block clone pays
@@ -261,14 +263,9 @@ def test_a_child_judges_its_clones_at_the_accuracy_it_is_taken_to_reach(tiny_roo
 
 def test_a_given_back_clone_becomes_an_adapter_while_the_child_can_afford_it(tiny_root):
     from munet.evolution.mutate import adapters_for, architecture
-    from munet.evolution.system import ScoreConfig
 
-    system = System(tiny_root, image_size=8, score=ScoreConfig(scale_factor=0.3))
-    system.add_task("a", 3)
+    system, parent = _shared_root(tiny_root)
     root = system.root_path.components
-    for comp in root.values():
-        comp.locks.add("b")
-    parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
     block, norm = root["block_0"].num_params / 2, root["norm"].num_params / 2
     policy = AlwaysPolicy({"clone:block_*"})
     adapter = make_child(system, parent, "a", _ds(), mutate=True, policy=AlwaysPolicy({"add:adapter_*"}))

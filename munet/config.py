@@ -69,6 +69,8 @@ class RunConfig:
         clone_prob: probability of cloning (copying, then training) each frozen transformer block a child reuses
             (fixed policy), or its initial value (per_action, at most 0.3); the evolved policy draws it with its own
             μ. Other frozen components clone with ``mutation_prob``.
+        adapter_prob: probability of inserting a residual adapter before each block of a mutated child that has none
+            (fixed policy), or its initial value (per_action, at most 0.3); the evolved policy draws it with its own μ.
         mu_policy: ``fixed`` (muNet), ``evolved`` (µ2Net) or ``per_action`` (µ2Net+).
         mutate_adapters: allow inserting residual adapters.
         inherit_momentum: µ2Net's optimiser-state inheritance: a cloned component starts training from the momentum
@@ -167,6 +169,7 @@ class RunConfig:
     standardise_head: bool = True
     mutation_prob: float = 0.03
     clone_prob: float = 0.5
+    adapter_prob: float = 0.03
     mu_policy: str = "fixed"
     mutate_adapters: bool = True
     inherit_momentum: bool = False
@@ -229,7 +232,7 @@ class RunConfig:
         for name in ("parent_decay", "lineage_lr_decay", "affordable_gain"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("mutation_prob", "clone_prob"):
+        for name in ("mutation_prob", "clone_prob", "adapter_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr not in MODEL_RANGES["opt_lr"]:
@@ -273,7 +276,8 @@ class RunConfig:
         reproduces how munet behaved before the key existed, not today's default."""
         # at s = 1 no clone is ever unaffordable, so a run of then is one of today's default too
         unscaled = stored.get("scale_factor", cls.scale_factor) == 1.0
-        before = {**BEFORE_KEYS_EXISTED, "clone_prob": stored.get("mutation_prob", cls.mutation_prob),
+        mu = stored.get("mutation_prob", cls.mutation_prob)  # clones and adapters were drawn with μ
+        before = {**BEFORE_KEYS_EXISTED, "clone_prob": mu, "adapter_prob": mu,
                   "affordable_clones": unscaled, "given_back_adapters": unscaled}
         return cls().replace(**{**before, **stored})
 

@@ -159,7 +159,8 @@ class Wiring:
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Wiring:
-        policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob)
+        policy = MutationPolicy(cfg.mu_policy, cfg.mutation_prob, random.Random(cfg.seed), cfg.clone_prob,
+                                cfg.adapter_prob)
         hparams: dict[str, Any] = {"opt_lr": cfg.lr, "ds_area_range_min": cfg.crop_area_min,
                                    "ds_flip_left_right": cfg.flip}
         policy.init_hparams(hparams)

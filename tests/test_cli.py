@@ -154,10 +154,10 @@ def test_default_config_is_valid_and_matches_docs():
 def test_a_stored_config_without_newer_keys_keeps_the_behaviour_it_was_made_with():
     stored = {k: v for k, v in RunConfig(generation_size=4, mutation_prob=0.2).to_dict().items()
               if k not in ("separate_probes", "probe_validations", "keep_diverged", "clone_prob", "affordable_clones",
-                            "given_back_adapters")}
+                            "given_back_adapters", "adapter_prob")}
     old = RunConfig.from_stored(stored)
     assert not old.separate_probes and old.probe_validations == 0 and not old.keep_diverged
-    assert old.clone_prob == 0.2  # clones were drawn with μ
+    assert old.clone_prob == 0.2 and old.adapter_prob == 0.2  # clones and adapters were drawn with μ
     assert old.generations() == 2 and RunConfig(generation_size=4).generations() == 3  # + the probe generation
     assert RunConfig.from_stored(RunConfig().to_dict()) == RunConfig()
     # before affordable_clones, a run drew every clone; at s = 1 that is what it does today (nothing is unaffordable)

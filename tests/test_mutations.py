@@ -186,17 +186,32 @@ def test_clone_prob_drives_only_clone_actions(tiny_root, clone_prob):
     assert not any(k.startswith("add:") for k in child.metrics["mutations"])
 
 
-def test_per_action_clone_prob_sets_the_initial_clone_probability(tiny_root):
-    policy = MutationPolicy("per_action", 0.1, random.Random(0), clone_prob=0.3)
+@pytest.mark.parametrize("adapter_prob", [0.0, 1.0])
+def test_adapter_prob_drives_only_adapter_insertions(tiny_root, adapter_prob):
+    policy = MutationPolicy("fixed", 0.0, random.Random(0), clone_prob=0.0, adapter_prob=adapter_prob)
+    system = System(tiny_root, 8)
+    system.add_task("a", 3)
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy)
+    layers = child.hparams["num_layers"]
+    added = sorted(k for k in child.metrics["mutations"] if k.startswith("add:adapter_"))
+    assert added == ([f"add:adapter_{i}" for i in range(layers)] if adapter_prob else [])
+    assert sum(n.startswith("adapter_") for n in child.components) == len(added)
+    blocks = [n for n in child.components if n.startswith("block_")]
+    assert all(child.components[n] is system.root_path.components[n] for n in blocks)  # clone_prob 0: none cloned
+    assert child.hparams["num_layers"] == system.root_path.hparams["num_layers"]  # hparams keep μ = 0
+
+
+def test_per_action_starts_clones_at_clone_prob_adapters_at_adapter_prob_and_the_rest_at_mu(tiny_root):
+    policy = MutationPolicy("per_action", 0.1, random.Random(0), clone_prob=0.3, adapter_prob=0.2)
     extra: dict = {}
     policy.init_hparams(extra)
     system = System(tiny_root, 8, extra_hparams=extra)
     system.add_task("a", 3)
     child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy)
-    clones = {k: v for k, v in child.hparams.items() if k.startswith("_mu_|clone:block_")}
-    others = {k: v for k, v in child.hparams.items() if k.startswith(("_mu_|hp:", "_mu_|clone:embedding"))}
-    assert clones and all(abs(v - 0.3) <= 0.02 for v in clones.values())  # at most one step from the start
-    assert others and all(abs(v - 0.1) <= 0.02 for v in others.values())
+    starts = {("_mu_|clone:block_",): 0.3, ("_mu_|add:adapter_",): 0.2, ("_mu_|hp:", "_mu_|clone:embedding"): 0.1}
+    for prefixes, start in starts.items():
+        values = [v for k, v in child.hparams.items() if k.startswith(prefixes)]
+        assert values and all(abs(v - start) <= 0.02 for v in values), prefixes  # at most one step from the start
 
 
 def _shared_root(tiny_root, scale: float = 0.3) -> tuple[System, TaskPath]:

@@ -21,7 +21,7 @@ from munet.training.trainer import train_generation
 # spec §2-§5 (the muNet loop), written out here rather than imported, so a preset that drifts fails
 MUNET_LOOP = {
     "lr": 0.01, "crop_area_min": 0.05, "flip": True, "standardise_head": False,  # §3 defaults, §1.2 zero head
-    "mutation_prob": 0.1, "clone_prob": 0.1, "mu_policy": "fixed", "mutate_adapters": True,  # §2
+    "mutation_prob": 0.1, "clone_prob": 0.1, "adapter_prob": 0.1, "mu_policy": "fixed", "mutate_adapters": True,  # §2
     "inherit_momentum": False,  # §3: muNet's optimiser state starts fresh for every child
     "max_seeds": 0, "separate_probes": False,  # §4.2: every other task's path and the root, in child slots
     "accept_ties": False, "keep_diverged": True, "stop_margin": 0.0, "max_task_population": 0,  # §4.3

@@ -18,7 +18,8 @@ PAPER_MUNET: dict[str, Any] = {
     "children_per_task": 64, "generation_size": 8, "rounds": 2,  # §4.1: 2 rounds x 64 children, 8 per generation
     "lr": 0.01, "crop_area_min": 0.05, "flip": True,  # §3 defaults: lr 0.01, crops to >= 5 % of the area, flips
     "standardise_head": False,  # §1.2: a plain zero-initialised head
-    "mutation_prob": 0.1, "clone_prob": 0.1, "mu_policy": "fixed",  # §2: every decision with μ = 0.1
+    "mutation_prob": 0.1, "clone_prob": 0.1, "adapter_prob": 0.1,  # §2: every decision with μ = 0.1
+    "mu_policy": "fixed",
     "mutate_adapters": True, "inherit_momentum": False,  # §2 adapters on; muNet's optimiser state starts fresh
     "max_seeds": 0, "separate_probes": False,  # §4.2: every other task's path and the root probed, in child slots
     "probe_validations": 0, "accept_ties": False, "keep_diverged": True, "stop_margin": 0.0,  # §4.3

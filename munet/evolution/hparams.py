@@ -19,6 +19,7 @@ MOMENTUM_NONE = 0.0  # the spec's "None" entry: plain SGD (the original crashes 
 
 MU_POLICIES = ("fixed", "evolved", "per_action")
 BLOCK_CLONE = "clone:block_"  # the action prefix that clone_prob governs
+ADAPTER_ADD = "add:adapter_"  # the action prefix that adapter_prob governs
 MU_VALUES = [round(0.10 + 0.02 * i, 2) for i in range(11)]  # µ2Net auto-tune range 0.10 ... 0.30
 LR_SCALE = "opt_lr_scale"  # not evolved: set by the loop's lineage_lr_decay; multiplies opt_lr when present
 MU_ACTION_VALUES = [round(0.02 * i, 2) for i in range(1, 16)]  # µ2Net+ per-action range 0.02 ... 0.30
@@ -98,12 +99,16 @@ class MutationPolicy:
         clone_prob: probability of cloning a transformer block (``clone:block_<i>``) for ``fixed``, the initial one
             for ``per_action`` (``None``: ``mutation_prob``); ``evolved`` draws it with its ``_mu_`` like every other
             action. Other components (patch embedding, class token, position embedding, adapters) clone with μ.
+        adapter_prob: probability of inserting a residual adapter before a block (``add:adapter_<i>``), as
+            ``clone_prob`` is for block clones (``None``: ``mutation_prob``).
     """
 
-    def __init__(self, kind: str, mutation_prob: float, rng: random.Random, clone_prob: float | None = None):
+    def __init__(self, kind: str, mutation_prob: float, rng: random.Random, clone_prob: float | None = None,
+                 adapter_prob: float | None = None):
         self.kind = kind
         self.mutation_prob = mutation_prob
         self.clone_prob = mutation_prob if clone_prob is None else clone_prob
+        self.adapter_prob = mutation_prob if adapter_prob is None else adapter_prob
         self.rng = rng
 
     def init_hparams(self, hparams: dict[str, Any]) -> None:
@@ -121,14 +126,16 @@ class MutationPolicy:
         without ``adapt``, ``per_action`` leaves the action's own probability (a hyperparameter) where it is."""
         # Training a copied block is where a first task gains most; a retrained patch embedding shifts every
         # feature above it and rarely pays off within one child (benchmarks/README.md), so only blocks get clone_prob.
-        clone = action.startswith(BLOCK_CLONE)
+        # Adapters get their own adapter_prob: under a scale factor below 1 they are the adaptation a task can pay.
+        own = {BLOCK_CLONE: self.clone_prob, ADAPTER_ADD: self.adapter_prob}
+        prob = next((p for prefix, p in own.items() if action.startswith(prefix)), None)
         if self.kind == "fixed":
-            return self.rng.random() < (self.clone_prob if clone else self.mutation_prob)
+            return self.rng.random() < (self.mutation_prob if prob is None else prob)
         if self.kind == "evolved":
             return self.rng.random() < hparams["_mu_"]
         key = f"_mu_|{action}"
         if key not in hparams:
-            start = self.clone_prob if clone else hparams["_mu_"]
+            start = hparams["_mu_"] if prob is None else prob
             hparams[key] = min(MU_ACTION_VALUES, key=lambda v: abs(v - start))
         if adapt and self.rng.random() < hparams["_mu_"]:
             self._step(hparams, key, MU_ACTION_VALUES, mutations)

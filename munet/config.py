@@ -69,8 +69,9 @@ class RunConfig:
         clone_prob: probability of cloning (copying, then training) each frozen transformer block a child reuses
             (fixed policy), or its initial value (per_action, at most 0.3); the evolved policy draws it with its own
             μ. Other frozen components clone with ``mutation_prob``.
-        adapter_prob: probability of inserting a residual adapter before each block of a mutated child that has none
-            (fixed policy), or its initial value (per_action, at most 0.3); the evolved policy draws it with its own μ.
+        adapter_prob: probability that a mutated child trains an adapter of its own before each block: inserts one
+            where there is none, or clones the frozen one it reuses there (fixed policy); or its initial value
+            (per_action, at most 0.3); the evolved policy draws it with its own μ.
         mu_policy: ``fixed`` (muNet), ``evolved`` (µ2Net) or ``per_action`` (µ2Net+).
         mutate_adapters: allow inserting residual adapters.
         inherit_momentum: µ2Net's optimiser-state inheritance: a cloned component starts training from the momentum

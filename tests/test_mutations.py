@@ -201,6 +201,26 @@ def test_adapter_prob_drives_only_adapter_insertions(tiny_root, adapter_prob):
     assert child.hparams["num_layers"] == system.root_path.hparams["num_layers"]  # hparams keep μ = 0
 
 
+@pytest.mark.parametrize("adapter_prob", [0.0, 1.0])
+def test_adapter_prob_drives_cloning_another_task_s_adapters(tiny_root, adapter_prob):
+    """A path reusing another task's frozen adapters trains adapters of its own only by cloning them."""
+    system = System(tiny_root, 8)
+    system.add_task("a", 3)
+    system.add_task("b", 3)
+    every = MutationPolicy("fixed", 0.0, random.Random(0), clone_prob=0.0, adapter_prob=1.0)
+    b = make_child(system, system.root_path, "b", _ds(), mutate=True, policy=every)
+    b.metrics["quality"] = 1.0
+    system.paths["b"].append(b)
+    system.end_task("b")
+    policy = MutationPolicy("fixed", 0.0, random.Random(0), clone_prob=0.0, adapter_prob=adapter_prob)
+    child = make_child(system, b, "a", _ds(), mutate=True, policy=policy)
+    adapters = [n for n in b.components if n.startswith("adapter_")]
+    assert adapters
+    own = [n for n in adapters if child.components[n] is not b.components[n]]
+    assert own == (adapters if adapter_prob else [])
+    assert sorted(k for k in child.metrics["mutations"] if "adapter" in k) == sorted(f"clone:{n}" for n in own)
+
+
 def test_per_action_starts_clones_at_clone_prob_adapters_at_adapter_prob_and_the_rest_at_mu(tiny_root):
     policy = MutationPolicy("per_action", 0.1, random.Random(0), clone_prob=0.3, adapter_prob=0.2)
     extra: dict = {}

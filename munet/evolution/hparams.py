@@ -19,7 +19,7 @@ MOMENTUM_NONE = 0.0  # the spec's "None" entry: plain SGD (the original crashes 
 
 MU_POLICIES = ("fixed", "evolved", "per_action")
 BLOCK_CLONE = "clone:block_"  # the action prefix that clone_prob governs
-ADAPTER_ADD = "add:adapter_"  # the action prefix that adapter_prob governs
+ADAPTER_ACTIONS = ("add:adapter_", "clone:adapter_")  # the action prefixes that adapter_prob governs
 MU_VALUES = [round(0.10 + 0.02 * i, 2) for i in range(11)]  # µ2Net auto-tune range 0.10 ... 0.30
 LR_SCALE = "opt_lr_scale"  # not evolved: set by the loop's lineage_lr_decay; multiplies opt_lr when present
 MU_ACTION_VALUES = [round(0.02 * i, 2) for i in range(1, 16)]  # µ2Net+ per-action range 0.02 ... 0.30
@@ -99,7 +99,8 @@ class MutationPolicy:
         clone_prob: probability of cloning a transformer block (``clone:block_<i>``) for ``fixed``, the initial one
             for ``per_action`` (``None``: ``mutation_prob``); ``evolved`` draws it with its ``_mu_`` like every other
             action. Other components (patch embedding, class token, position embedding, adapters) clone with μ.
-        adapter_prob: probability of inserting a residual adapter before a block (``add:adapter_<i>``), as
+        adapter_prob: probability of a trainable adapter of the child's own before a block: inserting one where
+            there is none (``add:adapter_<i>``) or cloning the frozen one reused there (``clone:adapter_<i>``), as
             ``clone_prob`` is for block clones (``None``: ``mutation_prob``).
     """
 
@@ -126,9 +127,10 @@ class MutationPolicy:
         without ``adapt``, ``per_action`` leaves the action's own probability (a hyperparameter) where it is."""
         # Training a copied block is where a first task gains most; a retrained patch embedding shifts every
         # feature above it and rarely pays off within one child (benchmarks/README.md), so only blocks get clone_prob.
-        # Adapters get their own adapter_prob: under a scale factor below 1 they are the adaptation a task can pay.
-        own = {BLOCK_CLONE: self.clone_prob, ADAPTER_ADD: self.adapter_prob}
-        prob = next((p for prefix, p in own.items() if action.startswith(prefix)), None)
+        # Adapters get their own adapter_prob: under a scale factor below 1 they are the adaptation a task can pay,
+        # and on a path that reuses another task's adapters, cloning one is the only way to train its own.
+        prob = (self.clone_prob if action.startswith(BLOCK_CLONE)
+                else self.adapter_prob if action.startswith(ADAPTER_ACTIONS) else None)
         if self.kind == "fixed":
             return self.rng.random() < (self.mutation_prob if prob is None else prob)
         if self.kind == "evolved":

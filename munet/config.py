@@ -68,7 +68,7 @@ class RunConfig:
         mutation_prob: μ (the initial μ for the evolved policies).
         clone_prob: probability of cloning (copying, then training) each frozen transformer block a child reuses
             (fixed policy), or its initial value (per_action, at most 0.3); the evolved policy draws it with its own
-            μ. Other frozen components clone with ``mutation_prob``.
+            μ. The frozen patch embedding, class token and position embedding clone with ``mutation_prob``.
         adapter_prob: probability that a mutated child trains an adapter of its own before each block: inserts one
             where there is none, or clones the frozen one it reuses there (fixed policy); or its initial value
             (per_action, at most 0.3); the evolved policy draws it with its own μ.

@@ -98,7 +98,7 @@ class MutationPolicy:
         rng: the evolution's random stream.
         clone_prob: probability of cloning a transformer block (``clone:block_<i>``) for ``fixed``, the initial one
             for ``per_action`` (``None``: ``mutation_prob``); ``evolved`` draws it with its ``_mu_`` like every other
-            action. Other components (patch embedding, class token, position embedding, adapters) clone with μ.
+            action. The patch embedding, class token and position embedding clone with μ.
         adapter_prob: probability of a trainable adapter of the child's own before a block: inserting one where
             there is none (``add:adapter_<i>``) or cloning the frozen one reused there (``clone:adapter_<i>``), as
             ``clone_prob`` is for block clones (``None``: ``mutation_prob``).

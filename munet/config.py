@@ -32,7 +32,8 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
-                                       "accept_margin": 0.0, "affordable_gain": 1.0}
+                                       "accept_margin": 0.0, "affordable_gain": 1.0,
+                                       "amortise_root": False}
 
 
 @dataclass
@@ -122,6 +123,11 @@ class RunConfig:
             1 a child at a low scale factor keeps only the clones that would pay at an accuracy it might reach, and
             gives the rest back (for adapters, with ``given_back_adapters``) instead of training a child whose
             clones doom it whatever it learns. No effect at s = 1.
+        amortise_root: under a scale factor below 1, a root component a path reuses counts as shared by all the
+            run's tasks, as the benchmark counts a baseline's frozen root (false: the spec, where a root block no
+            other task's retained path reuses counts fully, so once the first task's clones carry the others the
+            root, with an adapter per task, looks dearer than reusing that task's specialised blocks). No effect at
+            s = 1.
         given_back_adapters: with ``affordable_clones``, each layer whose clone a child gave back gets a fresh
             residual adapter instead (bottom first, while the child can still afford it), so that layer adapts at a
             price the scale factor allows (the default; false: the layer stays frozen). No effect at s = 1.
@@ -191,6 +197,7 @@ class RunConfig:
     length_ramp: float = 0.5
     affordable_clones: bool = True
     affordable_gain: float = 1.0
+    amortise_root: bool = False
     given_back_adapters: bool = True
     seed: int = 0
     device: str = "auto"

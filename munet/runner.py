@@ -164,7 +164,8 @@ class Wiring:
         hparams: dict[str, Any] = {"opt_lr": cfg.lr, "ds_area_range_min": cfg.crop_area_min,
                                    "ds_flip_left_right": cfg.flip}
         policy.init_hparams(hparams)
-        return cls(cfg, policy, hparams, ScoreConfig(cfg.scale_factor, cfg.compute_scale))
+        return cls(cfg, policy, hparams, ScoreConfig(cfg.scale_factor, cfg.compute_scale,
+                                                         amortise_root=cfg.amortise_root))
 
     def system(self, root: Root) -> System:
         """A new system on ``root`` (its root path only)."""

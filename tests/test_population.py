@@ -12,6 +12,7 @@ from munet.evolution.loop import Evolution
 from munet.evolution.mutate import make_child
 from munet.evolution.search import SearchConfig
 from munet.evolution.system import ScoreConfig, System
+from munet.model.components import NOT_TRAINABLE
 from munet.model.path import TaskPath
 
 
@@ -46,6 +47,20 @@ def test_score_trades_quality_for_size(tiny_root, policy):
     assert system.score(p) == pytest.approx(0.8 * 0.5 ** (p.accounted_params() / 1000.0))
     system.score_cfg = ScoreConfig(1.0)
     assert system.score(p) == pytest.approx(0.8)
+
+
+def test_amortise_root_splits_root_components_between_all_tasks_in_the_score_only(tiny_root, policy):
+    system = System(tiny_root, 8, ScoreConfig(scale_factor=0.5, reference_params=1000.0, amortise_root=True))
+    for task in ("a", "b", "c", "d"):
+        system.add_task(task, 3)
+    p = make_child(system, system.root_path, "a", {"ds_image_size": 8}, mutate=False, policy=policy)
+    p.metrics["quality"] = 0.8
+    root = sum(c.num_params for c in p.components.values() if c.locks == {NOT_TRAINABLE})
+    own = p.components["head"].num_params
+    assert p.accounted_params() == pytest.approx(root + own)  # what is reported keeps the spec's split
+    assert system.score(p) == pytest.approx(0.8 * 0.5 ** ((root / 4 + own) / 1000.0))
+    system.score_cfg = ScoreConfig(scale_factor=0.5, reference_params=1000.0)
+    assert system.score(p) == pytest.approx(0.8 * 0.5 ** ((root + own) / 1000.0))
 
 
 def test_end_task_keeps_best_and_locks_it_start_task_unlocks(system, policy):

@@ -32,6 +32,7 @@ MUNET_LOOP = {
     "length_ramp": 0.0,  # §4.1: every child the same steps
     "affordable_clones": False,  # §2: clones drawn whatever they cost the score
     "affordable_gain": 1.0,  # (inert without affordable_clones)
+    "amortise_root": False,  # §5: a root component used only by this task counts fully
     "given_back_adapters": False,  # §2: adapters inserted w.p. μ only
     "root_clones_only": False,  # §2: a first task's children draw every mutation too
     "first_task_finetune": False,  # §2, §3: ... and start their optimiser state fresh

@@ -31,6 +31,7 @@ PAPER_MUNET: dict[str, Any] = {
     "length_ramp": 0.0,  # §4.1: every child trains the same number of steps
     "affordable_clones": False,  # §2: clones are drawn whatever they cost the child's score
     "affordable_gain": 1.0,  # (no effect without affordable_clones)
+    "amortise_root": False,  # §5: a root component used only by this task counts fully
     "given_back_adapters": False,  # §2: adapters are inserted w.p. μ only
     "root_clones_only": False,  # §2: a first task's children draw every mutation too
     "first_task_finetune": False,  # §2, §3: ... and start their optimiser state fresh

@@ -21,12 +21,15 @@ class ScoreConfig:
         compute_scale: s_c in (0, 1] of µ2Net+'s compute term; 1 disables it.
         reference_params: P; ``None`` means the root at its default image size plus a 2-class head (spec §1.1).
         reference_flops: F; ``None`` means the root path's FLOPs at its default image size.
+        amortise_root: a root component counts as split between all the system's tasks (as the benchmark counts a
+            baseline's frozen root), not only those whose retained paths lock it (the spec).
     """
 
     scale_factor: float = 1.0
     compute_scale: float = 1.0
     reference_params: float | None = None
     reference_flops: float | None = None
+    amortise_root: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,14 @@ class Scorer:
     cfg: ScoreConfig
     reference_params: float
     reference_flops: float
+    root_share: int = 1  # the tasks a root component is split between at least (``amortise_root``)
 
     def __call__(self, path: TaskPath, quality: float | None = None) -> float:
         """``path``'s score with its recorded validation quality, or with ``quality`` when given."""
         quality = path.metrics.get("quality") if quality is None else quality
         if quality is None:
             return float("-inf")
-        score = quality * self.cfg.scale_factor ** (path.accounted_params() / self.reference_params)
+        score = quality * self.cfg.scale_factor ** (path.accounted_params(self.root_share) / self.reference_params)
         if self.cfg.compute_scale != 1.0:
             score *= self.cfg.compute_scale ** (path.flops() / self.reference_flops)
         return score
@@ -138,7 +142,8 @@ class System:
 
     def scorer(self) -> Scorer:
         """This system's scoring without the system (small and picklable: what a remote worker needs)."""
-        return Scorer(self.score_cfg, self.reference_params, self.reference_flops)
+        share = len(self.num_classes) if self.score_cfg.amortise_root else 1
+        return Scorer(self.score_cfg, self.reference_params, self.reference_flops, share)
 
     def start_task(self, task: str) -> list[TaskPath]:
         """Unlocks ``task``'s components and returns the seed paths: other tasks' retained paths, newest first,

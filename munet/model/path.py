@@ -98,12 +98,15 @@ class TaskPath:
     def num_trainable_params(self) -> int:
         return sum(c.num_params for c in self.trainable_components())
 
-    def accounted_params(self) -> float:
-        """Params with each shared component split between the tasks locking it (spec §5)."""
+    def accounted_params(self, root_share: int = 1) -> float:
+        """Params with each shared component split between the tasks locking it (spec §5); with ``root_share`` a
+        root component is split between at least that many tasks (``amortise_root``)."""
         total = 0.0
         for c in self.components.values():
-            owners = (c.locks | {self.task}) - {NOT_TRAINABLE}
-            total += c.num_params / len(owners)
+            owners = len((c.locks | {self.task}) - {NOT_TRAINABLE})
+            if NOT_TRAINABLE in c.locks:
+                owners = max(owners, root_share)
+            total += c.num_params / owners
         return total
 
     def ancestors(self) -> list[TaskPath]:

@@ -18,6 +18,7 @@ LOGS = ("", "tensorboard")
 EXECUTORS = ("local", "ray")
 SCHEDULES = ("round_robin", "agents")
 SCHEDULE_SPANS = ("child", "iteration")
+AMORTISE_OVER = ("all", "started")
 
 
 def generations_per_iteration(children_per_task: int, generation_size: int, separate_probes: bool) -> int:
@@ -33,7 +34,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
                                        "accept_margin": 0.0, "affordable_gain": 1.0,
-                                       "amortise_root": False}
+                                       "amortise_root": False, "amortise_over": "all"}
 
 
 @dataclass
@@ -128,6 +129,9 @@ class RunConfig:
             other task's retained path reuses counts fully, so once the first task's clones carry the others the
             root, with an adapter per task, looks dearer than reusing that task's specialised blocks). No effect at
             s = 1.
+        amortise_over: with ``amortise_root``, the tasks a root component is split between: ``all`` the run's tasks,
+            or those ``started`` (with a retained path, and the path's own task), so the first task counts the root
+            fully, as in the spec (a clone costs it no more than the root block), and the k-th task splits it k ways.
         given_back_adapters: with ``affordable_clones``, each layer whose clone a child gave back gets a fresh
             residual adapter instead (bottom first, while the child can still afford it), so that layer adapts at a
             price the scale factor allows (the default; false: the layer stays frozen). No effect at s = 1.
@@ -198,6 +202,7 @@ class RunConfig:
     affordable_clones: bool = True
     affordable_gain: float = 1.0
     amortise_root: bool = False
+    amortise_over: str = "all"
     given_back_adapters: bool = True
     seed: int = 0
     device: str = "auto"
@@ -258,6 +263,8 @@ class RunConfig:
             raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.amortise_over not in AMORTISE_OVER:
+            raise ConfigError(f"amortise_over must be one of {list(AMORTISE_OVER)}, got {self.amortise_over!r}")
         if self.schedule_span not in SCHEDULE_SPANS:
             raise ConfigError(f"schedule_span must be one of {list(SCHEDULE_SPANS)}, got {self.schedule_span!r}")
         if self.ray_address and self.executor != "ray":

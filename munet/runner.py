@@ -165,7 +165,8 @@ class Wiring:
                                    "ds_flip_left_right": cfg.flip}
         policy.init_hparams(hparams)
         return cls(cfg, policy, hparams, ScoreConfig(cfg.scale_factor, cfg.compute_scale,
-                                                         amortise_root=cfg.amortise_root))
+                                                         amortise_root=cfg.amortise_root,
+                                                         amortise_over=cfg.amortise_over))
 
     def system(self, root: Root) -> System:
         """A new system on ``root`` (its root path only)."""

@@ -63,6 +63,27 @@ def test_amortise_root_splits_root_components_between_all_tasks_in_the_score_onl
     assert system.score(p) == pytest.approx(0.8 * 0.5 ** ((root + own) / 1000.0))
 
 
+def test_amortise_over_started_splits_the_root_between_the_tasks_started_so_far(tiny_root, policy):
+    cfg = ScoreConfig(scale_factor=0.5, reference_params=1000.0, amortise_root=True, amortise_over="started")
+    system = System(tiny_root, 8, cfg)
+    for task in ("a", "b", "c", "d"):
+        system.add_task(task, 3)
+    ds = {"ds_image_size": 8}
+    first = make_child(system, system.root_path, "a", ds, mutate=False, policy=policy)
+    root = sum(c.num_params for c in first.components.values() if c.locks == {NOT_TRAINABLE})
+    own = first.components["head"].num_params
+    _retain(system, first, 0.8)
+    assert system.score(first) == pytest.approx(0.8 * 0.5 ** ((root + own) / 1000.0))  # the first task: the spec
+    system.end_task("a")
+    second = make_child(system, system.root_path, "b", ds, mutate=False, policy=policy)
+    second.metrics["quality"] = 0.8
+    # "a" has a retained path, "b" is the scored path's own task: 2 tasks; then "c" starts (not yet locking)
+    assert system.score(second) == pytest.approx(0.8 * 0.5 ** ((root / 2 + own) / 1000.0))
+    _retain(system, make_child(system, system.root_path, "c", ds, mutate=False, policy=policy), 0.8)
+    assert system.score(second) == pytest.approx(0.8 * 0.5 ** ((root / 3 + own) / 1000.0))
+    assert second.accounted_params() == pytest.approx(root / 2 + own)  # reported: the spec's split
+
+
 def test_end_task_keeps_best_and_locks_it_start_task_unlocks(system, policy):
     ds = {"ds_image_size": 8}
     worse = make_child(system, system.root_path, "a", ds, mutate=False, policy=policy)

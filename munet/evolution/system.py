@@ -23,6 +23,8 @@ class ScoreConfig:
         reference_flops: F; ``None`` means the root path's FLOPs at its default image size.
         amortise_root: a root component counts as split between all the system's tasks (as the benchmark counts a
             baseline's frozen root), not only those whose retained paths lock it (the spec).
+        amortise_over: with ``amortise_root``, ``all`` the system's tasks or those ``started`` (with a retained
+            path, and the scored path's own task).
     """
 
     scale_factor: float = 1.0
@@ -30,6 +32,7 @@ class ScoreConfig:
     reference_params: float | None = None
     reference_flops: float | None = None
     amortise_root: bool = False
+    amortise_over: str = "all"
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,15 @@ class Scorer:
     reference_params: float
     reference_flops: float
     root_share: int = 1  # the tasks a root component is split between at least (``amortise_root``)
+    started: frozenset[str] | None = None  # with ``amortise_over = started``: the tasks with a retained path
 
     def __call__(self, path: TaskPath, quality: float | None = None) -> float:
         """``path``'s score with its recorded validation quality, or with ``quality`` when given."""
         quality = path.metrics.get("quality") if quality is None else quality
         if quality is None:
             return float("-inf")
-        score = quality * self.cfg.scale_factor ** (path.accounted_params(self.root_share) / self.reference_params)
+        share = self.root_share if self.started is None else len(self.started | {path.task})
+        score = quality * self.cfg.scale_factor ** (path.accounted_params(share) / self.reference_params)
         if self.cfg.compute_scale != 1.0:
             score *= self.cfg.compute_scale ** (path.flops() / self.reference_flops)
         return score
@@ -142,8 +147,12 @@ class System:
 
     def scorer(self) -> Scorer:
         """This system's scoring without the system (small and picklable: what a remote worker needs)."""
-        share = len(self.num_classes) if self.score_cfg.amortise_root else 1
-        return Scorer(self.score_cfg, self.reference_params, self.reference_flops, share)
+        if not self.score_cfg.amortise_root:
+            return Scorer(self.score_cfg, self.reference_params, self.reference_flops)
+        if self.score_cfg.amortise_over == "started":
+            started = frozenset(task for task, paths in self.paths.items() if paths)
+            return Scorer(self.score_cfg, self.reference_params, self.reference_flops, started=started)
+        return Scorer(self.score_cfg, self.reference_params, self.reference_flops, len(self.num_classes))
 
     def start_task(self, task: str) -> list[TaskPath]:
         """Unlocks ``task``'s components and returns the seed paths: other tasks' retained paths, newest first,

@@ -42,15 +42,14 @@ class Scorer:
     cfg: ScoreConfig
     reference_params: float
     reference_flops: float
-    root_share: int = 1  # the tasks a root component is split between at least (``amortise_root``)
-    started: frozenset[str] | None = None  # with ``amortise_over = started``: the tasks with a retained path
+    root_tasks: frozenset[str] = frozenset()  # with the scored path's task, those a root component is split between
 
     def __call__(self, path: TaskPath, quality: float | None = None) -> float:
         """``path``'s score with its recorded validation quality, or with ``quality`` when given."""
         quality = path.metrics.get("quality") if quality is None else quality
         if quality is None:
             return float("-inf")
-        share = self.root_share if self.started is None else len(self.started | {path.task})
+        share = len(self.root_tasks | {path.task})
         score = quality * self.cfg.scale_factor ** (path.accounted_params(share) / self.reference_params)
         if self.cfg.compute_scale != 1.0:
             score *= self.cfg.compute_scale ** (path.flops() / self.reference_flops)
@@ -148,11 +147,12 @@ class System:
     def scorer(self) -> Scorer:
         """This system's scoring without the system (small and picklable: what a remote worker needs)."""
         if not self.score_cfg.amortise_root:
-            return Scorer(self.score_cfg, self.reference_params, self.reference_flops)
-        if self.score_cfg.amortise_over == "started":
-            started = frozenset(task for task, paths in self.paths.items() if paths)
-            return Scorer(self.score_cfg, self.reference_params, self.reference_flops, started=started)
-        return Scorer(self.score_cfg, self.reference_params, self.reference_flops, len(self.num_classes))
+            root_tasks: frozenset[str] = frozenset()  # the spec: only the locks split a root component
+        elif self.score_cfg.amortise_over == "started":
+            root_tasks = frozenset(task for task, paths in self.paths.items() if paths)
+        else:
+            root_tasks = frozenset(self.num_classes)
+        return Scorer(self.score_cfg, self.reference_params, self.reference_flops, root_tasks)
 
     def start_task(self, task: str) -> list[TaskPath]:
         """Unlocks ``task``'s components and returns the seed paths: other tasks' retained paths, newest first,

@@ -10,7 +10,7 @@ import torch
 from conftest import make_task
 
 from munet.config import RunConfig
-from munet.configs import get_preset
+from munet.configs import PRESETS, get_preset
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.mutate import make_child
 from munet.runner import Wiring, train_settings
@@ -84,3 +84,19 @@ def test_plain_head_is_not_calibrated(system, standardise):
     head = child.components["head"].module
     plain = torch.equal(head.mu, torch.zeros_like(head.mu)) and torch.equal(head.sigma, torch.ones_like(head.sigma))
     assert plain is not standardise
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_validates_and_names_its_command(name):
+    get_preset(name).validate()
+    doc = importlib.import_module(f"munet.configs.{name}").__doc__
+    command = "munet run" if name == "default" else f"munet run --preset {name}"
+    assert command in doc
+
+
+def test_compact_is_the_default_with_the_keys_its_figures_were_measured_with():
+    # the docstring's 0.952 / 2.35 M were measured with exactly these changes to the default
+    compact, default = get_preset("compact").to_dict(), RunConfig().to_dict()
+    changed = {k: v for k, v in compact.items() if default[k] != v}
+    assert changed == {"scale_factor": 0.7, "amortise_root": True, "adapter_prob": 0.5, "clone_prob": 0.1,
+                       "out": "runs/compact"}

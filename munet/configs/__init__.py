@@ -9,7 +9,7 @@ from typing import Any
 from munet.config import RunConfig
 from munet.errors import ConfigError
 
-PRESETS = ("default", "smoke", "chars", "vdd")
+PRESETS = ("default", "compact", "smoke", "chars", "vdd")
 
 #: The muNet paper's loop, shared by its two benchmarks (spec §2-§5): every key whose offline default deviates is set
 #: back to the spec, so the ``chars`` and ``vdd`` presets inherit none of the offline default's deviations.

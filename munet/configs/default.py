@@ -10,6 +10,8 @@ consecutive parts of one warmup-cosine (``schedule_span = iteration``); 42 px im
 may grow to 56 px; starting learning rate 0.02. Expected: 0.967 average test accuracy (0.9689, 0.9641, 0.9688 with
 seeds 0-2) with about four fifths of fine-tuning's parameters per task; the measured table is in docs/commands.md
 "Default run", the seeds in benchmarks/README.md.
+
+Command: ``munet run``.
 """
 
 from munet.config import RunConfig

@@ -90,8 +90,9 @@ def test_plain_head_is_not_calibrated(system, standardise):
 def test_every_preset_validates_and_names_its_command(name):
     get_preset(name).validate()
     doc = importlib.import_module(f"munet.configs.{name}").__doc__
-    command = "munet run" if name == "default" else f"munet run --preset {name}"
-    assert command in doc
+    # the default's bare command is quoted, so that a mention of another preset's command cannot stand in for it
+    command = "``munet run``" if name == "default" else f"munet run --preset {name}"
+    assert "Command" in doc and command in doc
 
 
 def test_compact_is_the_default_with_the_keys_its_figures_were_measured_with():

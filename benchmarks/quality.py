@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import statistics
@@ -441,6 +442,14 @@ CLEAR_MARGIN = 0.05  # "beats the random root by a clear margin": our reading, 5
 BASELINE_FAMILIES = ("finetune", "freeze", "adapters", "lora")
 
 
+def gap_error(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Standard error of the difference of two methods' seed-mean averages (Welch: the seeds of each are independent
+    runs); ``None`` unless both have at least two seeds, since one run says nothing of its own spread."""
+    if a.get("seeds", 1) < 2 or b.get("seeds", 1) < 2:
+        return None
+    return math.sqrt(a["spread"] ** 2 / a["seeds"] + b["spread"] ** 2 / b["seeds"])
+
+
 def check_targets(methods: list[dict[str, Any]], default_target: float | None = None) -> dict[str, Any]:
     """The targets, checked on the results (budget 1 unless stated):
 
@@ -464,7 +473,8 @@ def check_targets(methods: list[dict[str, Any]], default_target: float | None = 
         best = max(baselines, key=lambda m: m["average"])
         share = mu["params_per_task"] / best["params_per_task"]
         curve.append({"budget": budget, "munet": mu["average"], "best": best["method"], "best_average": best["average"],
-                      "param_share": share, "met": mu["average"] >= best["average"] and share <= 0.5})
+                      "param_share": share, "met": mu["average"] >= best["average"] and share <= 0.5,
+                      "gap": mu["average"] - best["average"], "gap_error": gap_error(mu, best)})
     if curve:
         out["curve"] = {"budgets": curve, "met": all(c["met"] for c in curve)}
     sweep = [m for m in by_name.values() if m["family"] == "munet"]
@@ -493,7 +503,9 @@ def format_targets(targets: dict[str, Any]) -> str:
     for c in targets.get("curve", {}).get("budgets", []):
         lines.append(f"budget x{c['budget']}: muNet s=1 {c['munet']:.4f} vs best baseline {c['best']} "
                      f"{c['best_average']:.4f}, with {c['param_share']:.0%} of its parameters per task (target: at "
-                     f"least as accurate with <= 50%): {verdict(c)}")
+                     f"least as accurate with <= 50%): {verdict(c)}; gap {c['gap'] * 100:+.2f} points, "
+                     + (f"standard error {c['gap_error'] * 100:.2f}" if c.get("gap_error") is not None
+                        else "no standard error (a point of one seed)"))
     if "curve_dominates" in targets:
         d = targets["curve_dominates"]
         pairs = ", ".join(f"{p['baseline']} over {p['munet']}" for p in d["dominated_points"]) or "none"

@@ -123,6 +123,12 @@ def test_targets_are_checked_on_the_results(quality):
     assert [(c["budget"], c["best"], c["met"]) for c in targets["curve"]["budgets"]] == \
         [(1, "lora:4", False), (2, "freeze:0 x2", True)]
     assert not targets["curve"]["met"]
+    assert targets["curve"]["budgets"][0]["gap_error"] is None  # one seed each: no spread to judge the gap by
+    methods[0].update(seeds=3, spread=0.003)
+    methods[5].update(seeds=3, spread=0.004)
+    budget1 = quality.check_targets(methods)["curve"]["budgets"][0]
+    assert round(budget1["gap"], 6) == -0.05 and abs(budget1["gap_error"] - (0.000025 / 3) ** 0.5) < 1e-12
+    assert "gap -5.00 points, standard error 0.29" in quality.format_targets(quality.check_targets(methods))
     methods[4] = method("freeze:4", "freeze", 0.91, 3.0)  # now better and smaller than s=1
     targets = quality.check_targets(methods, default_target=0.95)
     assert targets["curve_dominates"]["dominated_points"] == [{"baseline": "freeze:4", "munet": "muNet s=1.0"}]

@@ -28,6 +28,8 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("4 children of 5 validations", {"children_per_task": 4, "validations": 5}),
     ("2 rounds of 4 children", {"rounds": 2, "children_per_task": 4}),
     ("µ2Net >= acceptance", {"accept_ties": True}),
+    ("µ2Net evolved mu", {"mu_policy": "evolved"}),
+    ("µ2Net+ per-action mu", {"mu_policy": "per_action"}),
     ("one warmup-cosine per child (spec)", {"schedule_span": "child"}),
     ("always extend the best path", {"parent_decay": 1.0}),
     ("a new lineage's first child clones blocks only", {"judged_mutations": True}),

@@ -23,6 +23,14 @@ def quality():
     return module
 
 
+@pytest.fixture(scope="module")
+def report(quality):
+    """``benchmarks/quality_report.py``, importable once ``quality`` has put the benchmarks folder on the path."""
+    import quality_report
+
+    return quality_report
+
+
 def test_a_unit_recorded_before_a_key_existed_matches_only_the_behaviour_of_that_time(quality, tmp_path):
     units = quality.Units(tmp_path)
     before = RunConfig(keep_diverged=False)  # how munet behaved before keep_diverged existed
@@ -101,7 +109,7 @@ time.sleep(30)
         other.wait()
 
 
-def test_targets_are_checked_on_the_results(quality):
+def test_targets_are_checked_on_the_results(report):
     def method(name, family, average, params, budget=1, scale=None):
         return {"method": name, "family": family, "average": average, "params_per_task": params, "budget": budget,
                 "scale_factor": scale, "spec": name.split(" ")[0]}
@@ -113,11 +121,11 @@ def test_targets_are_checked_on_the_results(quality):
                method("lora:4", "lora", 0.95, 12.0),
                method("muNet s=1.0 x2", "munet", 0.93, 4.0, budget=2, scale=1.0),
                method("freeze:0 x2", "freeze", 0.92, 9.0, budget=2)]
-    targets = quality.check_targets(methods, default_target=0.9)
+    targets = report.check_targets(methods, default_target=0.9)
     assert targets["vs_finetune"]["met"] and round(targets["vs_finetune"]["gain"], 6) == 0.03
     # freeze:4 beats s=0.3 on accuracy but has more parameters; it beats s=1 on parameters but not accuracy
     assert targets["curve_dominates"]["met"]
-    assert "(muNet s=1.0, muNet s=0.3)" in quality.format_targets(targets)  # the points it checked, not a blanket met
+    assert "(muNet s=1.0, muNet s=0.3)" in report.format_targets(targets)  # the points it checked, not a blanket met
     assert targets["default_run"]["met"]
     # budget 1: lora:4 (0.95) is the best baseline and beats s=1; budget 2: s=1 wins with 4/9 of the parameters
     assert [(c["budget"], c["best"], c["met"]) for c in targets["curve"]["budgets"]] == \
@@ -126,46 +134,46 @@ def test_targets_are_checked_on_the_results(quality):
     assert targets["curve"]["budgets"][0]["gap_error"] is None  # one seed each: no spread to judge the gap by
     methods[0].update(seeds=3, spread=0.003)
     methods[5].update(seeds=3, spread=0.004)
-    budget1 = quality.check_targets(methods)["curve"]["budgets"][0]
+    budget1 = report.check_targets(methods)["curve"]["budgets"][0]
     assert round(budget1["gap"], 6) == -0.05 and abs(budget1["gap_error"] - (0.000025 / 3) ** 0.5) < 1e-12
-    assert "gap -5.00 points, standard error 0.29" in quality.format_targets(quality.check_targets(methods))
+    assert "gap -5.00 points, standard error 0.29" in report.format_targets(report.check_targets(methods))
     methods[4] = method("freeze:4", "freeze", 0.91, 3.0)  # now better and smaller than s=1
-    targets = quality.check_targets(methods, default_target=0.95)
+    targets = report.check_targets(methods, default_target=0.95)
     assert targets["curve_dominates"]["dominated_points"] == [{"baseline": "freeze:4", "munet": "muNet s=1.0"}]
     assert not targets["default_run"]["met"]
-    assert targets["pretrained_vs_random"]["met"] and "NOT met" in quality.format_targets(targets)
-    only_baselines = quality.check_targets([m for m in methods if m["family"] != "munet"])
+    assert targets["pretrained_vs_random"]["met"] and "NOT met" in report.format_targets(targets)
+    only_baselines = report.check_targets([m for m in methods if m["family"] != "munet"])
     assert "curve_dominates" not in only_baselines  # no muNet point yet: not checked, not "NOT met"
-    assert "muNet point" not in quality.format_targets(only_baselines)
+    assert "muNet point" not in report.format_targets(only_baselines)
 
 
-def test_the_table_shows_the_share_of_images_that_trained_the_kept_paths(quality):
+def test_the_table_shows_the_share_of_images_that_trained_the_kept_paths(report):
     def unit(lineage: list[int | None]) -> dict:
         tasks = {t: {"test_acc": 0.9, "accounted": 10, "lineage_images": n} for t, n in zip("ab", lineage)}
         return {"tasks": tasks, "images": 400, "wall_s": 1.0, "cores": 1, "device": "cpu", "root": "r",
                 "settings": {"scale_factor": 1.0}}
 
-    assert quality.lineage_share(unit([100, 200])) == 0.75
-    assert quality.lineage_share(unit([100, None])) is None  # recorded before lineage counts
-    method = quality.munet_method("muNet s=1.0", "munet", [unit([100, 200]), unit([50, 50])], ["a", "b"])
+    assert report.lineage_share(unit([100, 200])) == 0.75
+    assert report.lineage_share(unit([100, None])) is None  # recorded before lineage counts
+    method = report.munet_method("muNet s=1.0", "munet", [unit([100, 200]), unit([50, 50])], ["a", "b"])
     assert method["on_path"] == 0.5  # mean of the seeds' 75% and 25%
-    row = quality.format_table([method], ["a", "b"]).splitlines()[2]
+    row = report.format_table([method], ["a", "b"]).splitlines()[2]
     assert "50%" in row
 
 
-def test_the_table_shows_how_much_validation_overstates_the_kept_models(quality):
+def test_the_table_shows_how_much_validation_overstates_the_kept_models(quality, report):
     def unit(val: list[float | None]) -> dict:
         tasks = {t: {"test_acc": 0.9, "val_acc": v, "accounted": 10} for t, v in zip("ab", val)}
         return {"tasks": tasks, "images": 400, "wall_s": 1.0, "cores": 1, "device": "cpu", "root": "r",
                 "settings": {"scale_factor": 1.0}}
 
-    method = quality.munet_method("muNet s=1.0", "munet", [unit([0.92, 0.9]), unit([0.95, 0.89])], ["a", "b"])
+    method = report.munet_method("muNet s=1.0", "munet", [unit([0.92, 0.9]), unit([0.95, 0.89])], ["a", "b"])
     assert method["optimism"] == pytest.approx(0.015)  # (0.02 + 0 + 0.05 - 0.01) / 4
-    assert "+1.50" in quality.format_table([method], ["a", "b"]).splitlines()[2]
-    assert quality.munet_method("m", "munet", [unit([0.92, None])], ["a", "b"])["optimism"] is None
+    assert "+1.50" in report.format_table([method], ["a", "b"]).splitlines()[2]
+    assert report.munet_method("m", "munet", [unit([0.92, None])], ["a", "b"])["optimism"] is None
     seeds = [{t: {"test_acc": 0.8, "val_acc": 0.79, "images": 64, "wall_s": 1.0, "cores": 1, "device": "cpu",
                   "params": {"own": 10, "shared": 20}} for t in "ab"}]
-    baseline = quality.baseline_method(quality.BaselineSpec.parse("freeze:1"), seeds, ["a", "b"])
+    baseline = report.baseline_method(quality.BaselineSpec.parse("freeze:1"), seeds, ["a", "b"])
     assert baseline["optimism"] == pytest.approx(-0.01)
 
 
@@ -269,18 +277,18 @@ def test_a_baselines_worker_trains_what_is_ready_then_starts_free_munet_units_th
     assert quality.drain(["y"], attempt, wait=False, sleep=naps.append) == ["y"] and len(naps) == 2  # no waiting
 
 
-def test_the_table_says_which_baseline_runs_stopped_early_and_why(quality):
+def test_the_table_says_which_baseline_runs_stopped_early_and_why(quality, report):
     def unit(failed: str | None) -> dict:
         return {"test_acc": 0.9, "failed": failed, "images": 64, "wall_s": 1.0, "cores": 1, "device": "cpu",
                 "params": {"own": 10, "shared": 20}}
 
     seeds = [{"a": unit(None), "b": unit(None)},
              {"a": unit(None), "b": dict(unit("diverged: loss 23 at step 25"), unit="adapters:64__b__b2__seed1")}]
-    method = quality.baseline_method(quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"], budget=2)
-    table = quality.format_table([method], ["a", "b"])
+    method = report.baseline_method(quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"], budget=2)
+    table = report.format_table([method], ["a", "b"])
     assert table.splitlines()[-1] == "  adapters:64__b__b2__seed1: diverged: loss 23 at step 25"
     seeds[1]["b"] = unit(None)
-    assert "stopped early" not in quality.format_table([quality.baseline_method(
+    assert "stopped early" not in report.format_table([report.baseline_method(
         quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"])], ["a", "b"])
 
 

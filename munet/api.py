@@ -125,7 +125,7 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
         wiring = Wiring.of(RunConfig.from_stored(cfg))
         rebuildable = store.get("root")["arch"] is not None
         # a root whose architecture has no description is loaded from its source and checked against the store
-        root = root_from_store(store) if rebuildable else load_root(cfg["root"], cfg["depth"] or None)
+        root = root_from_store(store) if rebuildable else load_root(cfg["root"], wiring.cfg.root_depth())
         with torch.random.fork_rng(devices=[]):  # rebuilding modules draws inits; keep the caller's stream
             system, ck = load_checkpoint(store, root, wiring.cfg.image_size, wiring.score, wiring.hparams)
         if not rebuildable:

@@ -45,7 +45,10 @@ class RunConfig:
         tasks: task specs in round-robin order (registry names, ``folder:PATH``, ``npz:PATH``, ``torchvision:NAME``,
             ``hf:NAME``, ``split:TASK:a-b``).
         root: root model spec (``dinov2-imgfocus``, ``timm:NAME``, ``file:PATH[@ARCH]``, ``random[:ARCH]``).
-        depth: number of root blocks kept (0: all).
+        depth: number of root blocks kept (0: all); paths start with this many.
+        max_depth: the deepest a path may grow by the ``num_layers`` mutation: an increment re-adds the root's next
+            pretrained block, up to this many (the spec's layer re-addition, bounded by the root's full depth); 0:
+            ``depth``, no growth. A deeper path costs more compute per image, which the core-hours show.
         image_size: default image size in pixels (a multiple of the root's patch size).
         max_image_size: largest image size evolution may reach.
         scale_factor: s of the score ``quality · s^(accounted/P)``; 1 is pure quality.
@@ -162,6 +165,7 @@ class RunConfig:
         "fashion_mnist_coarse"])
     root: str = "dinov2-imgfocus"
     depth: int = 6
+    max_depth: int = 0
     image_size: int = 42
     max_image_size: int = 56
     scale_factor: float = 1.0
@@ -229,13 +233,16 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("depth", "max_task_population", "max_seeds", "feature_cache_mb", "data_cache_mb",
+        for name in ("depth", "max_depth", "max_task_population", "max_seeds", "feature_cache_mb", "data_cache_mb",
                      "probe_validations", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("scale_factor", "compute_scale"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.max_depth and not 0 < self.depth <= self.max_depth:
+            raise ConfigError(f"max_depth {self.max_depth} needs a depth in 1..{self.max_depth} to grow from, got "
+                              f"depth {self.depth}")
         if not 0 <= self.length_ramp < 1:
             raise ConfigError(f"length_ramp must be in [0, 1), got {self.length_ramp}")
         if not 0 <= self.stop_margin <= 1:
@@ -295,6 +302,10 @@ class RunConfig:
         before = {**BEFORE_KEYS_EXISTED, "clone_prob": mu, "adapter_prob": mu,
                   "affordable_clones": unscaled, "given_back_adapters": unscaled}
         return cls().replace(**{**before, **stored})
+
+    def root_depth(self) -> int | None:
+        """The root blocks a run loads: ``max_depth`` when paths may grow, else ``depth`` (``None``: all)."""
+        return self.max_depth or self.depth or None
 
     def generations(self) -> int:
         return generations_per_iteration(self.children_per_task, self.generation_size, self.separate_probes)

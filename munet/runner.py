@@ -98,7 +98,7 @@ def task_order(rounds: int, tasks: dict[str, TaskData]) -> list[str]:
 
 def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskData]]:
     """The root and the tasks of ``cfg``; its image sizes are checked against the root before the tasks load."""
-    root = load_root(cfg.root, cfg.depth or None)
+    root = load_root(cfg.root, cfg.root_depth())
     check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)
     set_data_cache_bytes(cfg.data_cache_mb << 20)  # before loading: it decides which tasks are read per batch
     return root, load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
@@ -164,6 +164,8 @@ class Wiring:
         hparams: dict[str, Any] = {"opt_lr": cfg.lr, "ds_area_range_min": cfg.crop_area_min,
                                    "ds_flip_left_right": cfg.flip}
         policy.init_hparams(hparams)
+        if cfg.max_depth:  # the root holds max_depth blocks; paths start with depth of them
+            hparams["num_layers"] = cfg.depth
         return cls(cfg, policy, hparams, ScoreConfig(cfg.scale_factor, cfg.compute_scale,
                                                          amortise_root=cfg.amortise_root,
                                                          amortise_over=cfg.amortise_over))

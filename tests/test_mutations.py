@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import make_tiny_root
 
 from munet.evolution.hparams import MODEL_RANGES, MutationPolicy, incremental_mutation
 from munet.evolution.mutate import make_child
@@ -321,3 +322,29 @@ def test_a_given_back_clone_becomes_an_adapter_while_the_child_can_afford_it(tin
     # only a block's layer gets one: a given-back embedding has no adapter slot
     _, added = adapters_for(system, child, ["embedding", "block_0"], system.score(parent), torch.Generator())
     assert added == ["adapter_0"]
+
+
+def _step_up(policy: MutationPolicy) -> MutationPolicy:
+    """Positions ``policy``'s stream so that its next neighbour step goes +1."""
+    while True:
+        state = policy.rng.getstate()
+        if policy.rng.random() < 0.5:
+            policy.rng.setstate(state)
+            return policy
+
+
+def test_a_path_grows_into_the_roots_next_pretrained_block_up_to_max_depth(tiny_root):
+    system = System(tiny_root, image_size=8, extra_hparams={"num_layers": 2})  # a root of 3 blocks, paths of 2
+    system.add_task("a", 3)
+    assert system.root_path.num_layers == 2 and "block_2" not in system.root_path.components
+    shallow = make_tiny_root()
+    shallow.model.blocks = shallow.model.blocks[:2]
+    assert system.reference_params == System(shallow, image_size=8).reference_params  # P: the paths' start depth
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True,
+                       policy=_step_up(AlwaysPolicy({"hp:num_layers"})))
+    assert child.num_layers == 3 and child.components["block_2"] is system.root_blocks["block_2"]
+    assert not child.components["block_2"].is_trainable()  # re-added frozen; cloned only if drawn
+    assert child(torch.rand(2, 3, 8, 8)).shape == (2, 3)
+    child.metrics["quality"] = 0.5
+    grandchild = make_child(system, child, "a", _ds(), mutate=True, policy=_step_up(AlwaysPolicy({"hp:num_layers"})))
+    assert grandchild.num_layers == 3  # the root's full depth bounds the growth

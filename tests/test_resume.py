@@ -219,3 +219,17 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     assert dump(out) == dump(tmp_path / "ref")
     check = subprocess.run([sys.executable, "-m", "munet", "check", str(out)], capture_output=True, text=True)
     assert check.returncode == 0 and "ok" in check.stdout
+
+
+def test_paths_grown_past_depth_resume_exactly(tmp_path):
+    """With ``max_depth`` a child re-adds the root's next pretrained block; a resumed run finds it again."""
+    settings = {"depth": 2, "max_depth": 3, "seed": 1, "mutation_prob": 0.5}
+    make_run(tmp_path / "ref", **settings)
+    ref = dump(tmp_path / "ref")
+    layers = [json.loads(p["hparams"])["num_layers"] for p in ref["paths"]]
+    assert layers[0] == 2 and 3 in layers  # the root path starts at depth; some child grew
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        make_run(out, crashing_store("commit", 3), **settings)
+    make_run(out, **settings)
+    assert dump(out) == ref

@@ -142,7 +142,7 @@ class Agent:
                 executor="local", ray_address=None, out=job.run_dir)  # an agent trains its children itself
             self.cfg = cfg
             use_threads(cfg.threads)
-            root = load_root(cfg.root, cfg.depth or None)
+            root = load_root(cfg.root, cfg.root_depth())
             root.posembed_resize = stored_posembed_resize(store)
             set_data_cache_bytes(cfg.data_cache_mb << 20)
             data = load_task(job.spec, cfg.seed, cfg.data_dir)

@@ -100,6 +100,8 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
                      None)
         if found is None and name == "posembed":
             found = system.root_posembed(hparams["ds_image_size"])
+        if found is None and name in system.root_blocks:  # grown past every ancestor: the root's pretrained block
+            found = system.root_blocks[name]
         if found is None:
             if isinstance(kind_of(name), HeadKind):
                 module: torch.nn.Module = StandardisedHead(dim, num_classes)

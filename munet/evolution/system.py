@@ -81,10 +81,12 @@ class System:
             "cls": self._root_component("cls", TokenParam(m.cls_token)),
             "posembed": self._root_component("posembed", TokenParam(m.pos_embed)),
         }
-        for i, block in enumerate(m.blocks):
-            comps[f"block_{i}"] = self._root_component(f"block_{i}", copy.deepcopy(block))
+        hparams = {**DEFAULTS, "num_layers": root.depth, "ds_image_size": image_size, **(extra_hparams or {})}
+        # the root path reads its num_layers blocks; the deeper ones (max_depth) wait for a child that grows into them
+        self.root_blocks = {f"block_{i}": self._root_component(f"block_{i}", copy.deepcopy(block))
+                            for i, block in enumerate(m.blocks)}
+        comps.update(list(self.root_blocks.items())[: hparams["num_layers"]])
         comps["norm"] = self._root_component("norm", copy.deepcopy(m.norm))
-        hparams = dict(DEFAULTS, num_layers=root.depth, ds_image_size=image_size, **(extra_hparams or {}))
         self.root_path = TaskPath(self.take_path_id(), NOT_TRAINABLE, comps, hparams)
         self.root_path.metrics.update(score=float("-inf"))
         self.reference_params = self.score_cfg.reference_params or self._default_reference_params(image_size)

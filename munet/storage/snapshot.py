@@ -336,7 +336,8 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     system = System(root, image_size, score, extra_hparams)
     if {n: c.id for n, c in system.root_path.components.items()} != rec["components"]:
         raise StoreError(f"the root components of {store.dir} do not match the root's layout")
-    by_id = {c.id: c for c in system.root_path.components.values()}
+    # the root's blocks past the root path's (max_depth) are the same objects in every path grown into them
+    by_id = {c.id: c for c in [*system.root_path.components.values(), *system.root_blocks.values()]}
     records = store.components()
     posembed_ids = {cid: int(g) for g, cid in ck["posembeds"].items()}
     for r in records:

@@ -90,7 +90,8 @@ from munet.model.roots import load_root  # noqa: E402
 from munet.reporting.history import run_history  # noqa: E402
 from munet.reporting.progress import Progress  # noqa: E402
 from munet.runner import OPERATIONAL_KEYS, Wiring, load_tasks, resolve_device, run  # noqa: E402
-from munet.storage.store import Store, StoreError, atomic_write  # noqa: E402
+from munet.storage.files import atomic_write  # noqa: E402
+from munet.storage.store import Store, StoreError  # noqa: E402
 from munet.training.evaluate import Evaluator  # noqa: E402
 from munet.training.frozen import FeatureCache  # noqa: E402
 

@@ -33,7 +33,7 @@ from munet.config import RunConfig
 from munet.configs.smoke import get_config
 from munet.distributed.ray_executor import RayExecutor
 from munet.runner import Run
-from munet.storage.store import atomic_write
+from munet.storage.files import atomic_write
 
 ARMS = {"local": {}, "local, one by one": {"shared_training": False}, "ray, 1 worker": {"executor": "ray"},
         "ray, 2 workers": {"executor": "ray"}}

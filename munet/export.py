@@ -29,7 +29,7 @@ from munet.errors import ExportError
 from munet.model.components import AdapterKind, ResidualAdapter, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.vitarch import build_vit
-from munet.storage.store import atomic_write, blob_bytes
+from munet.storage.files import atomic_write, blob_bytes
 
 FORMAT = "munet-export"
 VERSION = 1

@@ -28,7 +28,7 @@ from munet.export import TOLERANCE, export_dir, read_export, write_onnx
 from munet.model.components import Component, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.vitarch import build_vit
-from munet.storage.store import atomic_write, blob_bytes
+from munet.storage.files import atomic_write, blob_bytes
 from munet.training.frozen import FeatureCache, shared_forward
 
 FORMAT = "munet-multitask-export"

@@ -32,6 +32,7 @@ from munet.model.roots import load_root
 from munet.reporting.progress import Progress
 from munet.reporting.table import format_table, task_rows
 from munet.reporting.tensorboard import TensorBoardLog
+from munet.storage.files import atomic_write
 from munet.storage.snapshot import (
     Checkpoint,
     RunState,
@@ -43,7 +44,7 @@ from munet.storage.snapshot import (
     stored_posembed_resize,
     verify_root,
 )
-from munet.storage.store import Store, atomic_write
+from munet.storage.store import Store
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
 from munet.training.settings import TrainSettings

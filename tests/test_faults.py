@@ -432,7 +432,7 @@ def test_resume_verifies_the_root_blobs_before_writing(tmp_path, capsys):
         _run_with_store(_cli_argv(out), crashing_store("commit", 3))
     with Store.open(out) as store:
         digest = next(r.blob for r in store.components() if r.name == "block_1" and r.origin == "root")
-    store.blob_path(digest).unlink()
+    store.blobs.path(digest).unlink()
     before = _files(out)
     err = _error(capsys, ["resume", str(out)])  # once trained to the end, leaving a store predict cannot read
     assert f"blob {digest}.safetensors of the root's block_1 is missing" in err

@@ -96,7 +96,7 @@ def test_store_size_close_to_unique_parameters(run_dir):
     status = run_status(run_dir)
     blob_bytes = status["store_bytes"]["blobs"]
     with Store.open(run_dir) as store:
-        momentum = sum(store.blob_path(d).stat().st_size for d in {r.momentum for r in store.components()} if d)
+        momentum = sum(store.blobs.path(d).stat().st_size for d in {r.momentum for r in store.components()} if d)
     # parameter blobs hold each unique float32 parameter once, plus a small header per blob
     assert 4 * status["unique_params"] <= blob_bytes - momentum <= 1.05 * 4 * status["unique_params"]
 

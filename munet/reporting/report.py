@@ -25,7 +25,8 @@ from munet.reporting.history import describe_mutations, run_generation, run_hist
 from munet.reporting.progress import Progress, format_seconds
 from munet.reporting.status import run_status, where
 from munet.reporting.table import averages
-from munet.storage.store import Store, atomic_write
+from munet.storage.files import atomic_write
+from munet.storage.store import Store
 
 REPORT_NAME = "report.html"
 

@@ -81,8 +81,8 @@ def _check(store: Store, report: CheckReport, data: bool) -> None:
 def _check_blob(store: Store, digest: str, what: str, shapes: dict[str, list[int]], exact: bool,
                 problems: list[str]) -> None:
     """Hash, format and tensor shapes of one blob (``exact``: the same tensor names, else a subset)."""
-    path = store.blob_path(digest)
-    problem = store.blob_problem(digest, what)
+    path = store.blobs.path(digest)
+    problem = store.blobs.problem(digest, what)
     if problem:
         problems.append(problem)
         return

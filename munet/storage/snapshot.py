@@ -30,7 +30,8 @@ from munet.model.components import Component, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.vitarch import build_vit, check_rebuild, describe_vit
-from munet.storage.store import ComponentRecord, LivePathRecord, Store, blob_bytes
+from munet.storage.files import blob_bytes
+from munet.storage.store import ComponentRecord, LivePathRecord, Store
 
 
 @dataclass
@@ -299,7 +300,7 @@ def verify_root(store: Store, root: Root, system: System) -> None:
             raise WeightsError(f"the root's {name} differs from the one the run in {store.dir} was made with "
                                f"({rec['description']})")
         # the root's blobs are never read when it comes from its source, yet `predict` and `export` read them
-        problem = store.blob_problem(digest, f"the root's {name}")
+        problem = store.blobs.problem(digest, f"the root's {name}")
         if problem:
             raise StoreError(f"{problem}; run `munet check {store.dir}`")
 
@@ -312,7 +313,7 @@ def _component_tensors(store: Store, cid: int, name: str) -> dict[str, torch.Ten
     digest = store.component_blob(cid)
     if digest is None:
         raise StoreError(f"component {name}#{cid} has no record in {store.dir}; run `munet check {store.dir}`")
-    return store.read_blob(digest, f"component {name}#{cid}")
+    return store.blobs.read(digest, f"component {name}#{cid}")
 
 
 def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfig,
@@ -397,13 +398,13 @@ def component_from_record(store: Store, r: ComponentRecord, root: Root) -> Compo
     what = f"component {r.name}#{r.id}"
     module = _empty_module(r.name, r.shape, root)
     try:
-        module.load_state_dict(store.read_blob(r.blob, what))
+        module.load_state_dict(store.blobs.read(r.blob, what))
     except RuntimeError as err:
         raise StoreError(f"{what} does not match its stored tensors: {err}") from err
     module.requires_grad_(False)
     comp = Component(r.id, r.name, module, set(r.locks), r.origin)
     if r.momentum:
-        comp.momentum = store.read_blob(r.momentum, f"momentum of {what}")
+        comp.momentum = store.blobs.read(r.momentum, f"momentum of {what}")
     return comp
 
 

@@ -41,12 +41,10 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from munet import __version__
 from munet.errors import StoreError
+from munet.storage.files import BlobDir
 
 SCHEMA_VERSION = 1
 # What reading a damaged database raises: SQLite's errors (a malformed file, text that is not UTF-8) and records
@@ -127,30 +125,6 @@ class AgentRecord:
     state: dict[str, Any]
 
 
-def atomic_write(path: FsPath, data: bytes | str) -> None:
-    """Writes ``data`` to ``path`` through a temporary file, an fsync and a rename.
-
-    Raises:
-        OSError: the write failed (disk full, permissions); ``path`` is unchanged and the temporary file removed.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):  # a partial file on a full disk would only hold on to space
-            tmp.unlink()
-        raise
-
-
-def blob_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    """Canonical safetensors bytes of ``tensors`` (CPU, contiguous, no metadata), so equal content hashes equal."""
-    return save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-
-
 class Store:
     """An open run store; use :meth:`create` or :meth:`open`, and close it (or use it as a context manager).
 
@@ -166,6 +140,7 @@ class Store:
         self._lock = lock
         self.agent = agent  # the task of the agent this store writes for; None: the run's one writer (or a reader)
         self._crash_counts: dict[str, int] = {}
+        self.blobs = BlobDir(run_dir / BLOB_DIR, self.crash_point)
 
     # --- opening ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -470,63 +445,13 @@ class Store:
         self._conn.executemany("DELETE FROM components WHERE id = ?", [(cid,) for cid in ids])
 
     # --- blobs --------------------------------------------------------------------------------------------------
-    def blob_path(self, digest: str) -> FsPath:
-        return self.dir / BLOB_DIR / f"{digest}.safetensors"
-
     def write_blob(self, tensors: dict[str, torch.Tensor]) -> str:
-        """Stores ``tensors`` (once per content) and returns their hash."""
+        """Stores ``tensors`` (once per content, in :attr:`blobs`) and returns their hash."""
         self._require_write()
-        data = blob_bytes(tensors)
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.blob_path(digest)
-        if not path.exists():  # a temporary name of this process's own: another agent may write the same blob
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self.crash_point("blob")
-                os.replace(tmp, path)
-            except OSError as err:
-                with contextlib.suppress(OSError):  # a partial blob on a full disk would only hold on to space
-                    tmp.unlink()
-                raise StoreError(f"cannot write blob {path.name} in {self.dir}: {err.strerror or err}. "
-                                 f"{_KEPT}") from err
-        return digest
-
-    def read_blob(self, digest: str, what: str) -> dict[str, torch.Tensor]:
-        """The tensors of blob ``digest``, after checking its hash; ``what`` names the owner in errors."""
-        path = self.blob_path(digest)
         try:
-            data = path.read_bytes()
+            return self.blobs.write(tensors)
         except OSError as err:
-            raise StoreError(f"blob {path.name} of {what} is missing or unreadable: {err.strerror}") from err
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise StoreError(f"blob {path.name} of {what} is corrupt (truncated or altered: its sha256 does not "
-                             f"match its name); run `munet check {self.dir}`")
-        try:
-            return load_tensors(data)
-        except SafetensorError as err:  # pragma: no cover - a file matching its hash was written by us
-            raise StoreError(f"blob {path.name} of {what} is not a safetensors file: {err}") from err
-
-    def blob_problem(self, digest: str, what: str) -> str | None:
-        """Why blob ``digest`` (of ``what``) cannot be trusted: missing, unreadable, or its content not matching its
-        name (truncated or altered); ``None`` when it is sound. Reads the file in chunks, loads nothing."""
-        path = self.blob_path(digest)
-        if not path.is_file():
-            return f"blob {path.name} of {what} is missing"
-        sha = hashlib.sha256()
-        try:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    sha.update(chunk)
-        except OSError as err:
-            return f"blob {path.name} of {what} is unreadable: {err.strerror or err}"
-        if sha.hexdigest() != digest:
-            return (f"blob {path.name} of {what} is corrupt: its content does not match its sha256 (truncated or "
-                    "altered)")
-        return None
+            raise StoreError(f"cannot write a blob in {self.dir}: {err.strerror or err}. {_KEPT}") from err
 
     def components_digest(self) -> str:
         """sha256 binding every component record to its blobs (id, name, blob, momentum): stored with each checkpoint,
@@ -556,16 +481,7 @@ class Store:
 
     def _collect_garbage(self) -> int:
         self.crash_point("collect")
-        keep = self.referenced_blobs()
-        removed = 0
-        for path in (self.dir / BLOB_DIR).iterdir():
-            if path.name.endswith(".tmp") or (path.suffix == ".safetensors" and path.stem not in keep):
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError:  # a leftover is harmless: the next checkpoint tries again, `check` notes it
-                    continue
-                removed += 1
-        return removed
+        return self.blobs.collect(self.referenced_blobs())
 
     # --- transactions -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -607,7 +523,7 @@ class Store:
     def sizes(self) -> dict[str, int]:
         """Bytes on disk: the database (with its WAL) and the blobs."""
         db = sum(p.stat().st_size for p in self.dir.glob(DB_NAME + "*") if p.is_file())
-        blobs = sum(p.stat().st_size for p in (self.dir / BLOB_DIR).glob("*.safetensors"))
+        blobs = self.blobs.size()
         return {"database": db, "blobs": blobs, "total": db + blobs}
 
 

@@ -99,7 +99,12 @@ def task_order(rounds: int, tasks: dict[str, TaskData]) -> list[str]:
 
 def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskData]]:
     """The root and the tasks of ``cfg``; its image sizes are checked against the root before the tasks load."""
-    root = load_root(cfg.root, cfg.root_depth())
+    try:
+        root = load_root(cfg.root, cfg.root_depth())
+    except ConfigError as err:
+        if not cfg.max_depth:
+            raise
+        raise ConfigError(f"max_depth {cfg.max_depth}: {err}") from err
     check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)
     set_data_cache_bytes(cfg.data_cache_mb << 20)  # before loading: it decides which tasks are read per batch
     return root, load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)

@@ -21,6 +21,7 @@ import torch
 from conftest import tiny_config
 from test_resume import ONE_THREAD, _command, _write_tasks, dump
 
+from munet.api import load
 from munet.data.registry import load_task
 from munet.distributed.agents import ID_SPAN, IMPORTS_ENV, Agent, AgentJob
 from munet.errors import ConfigError, MunetError, StoreError
@@ -289,3 +290,13 @@ def test_driver_sigkilled_its_agents_stop_and_resume_finishes(tmp_path):
         assert {r.cycle for r in store.agent_records().values()} == {6}
         assert store.get("plan")["done"] == 12
     assert check_store(out).problems == []
+
+
+def test_an_agents_run_that_may_grow_paths_loads_back_from_its_store(tmp_path):
+    """With ``max_depth`` the root holds blocks past the root path's; the driver stores every one of them, so an agent
+    publishing a grown path writes nothing outside its range, and the run rebuilds its root from the store alone."""
+    cfg = agents_config(tmp_path / "run", depth=1, max_depth=3, mutation_prob=1.0)
+    run(cfg, io.StringIO())
+    assert check_store(cfg.out).problems == []
+    predicted = load(cfg.out).predict(torch.zeros(2, 3, 12, 12, dtype=torch.uint8))
+    assert {task: len(p) for task, p in predicted.items()} == {"a": 2, "b": 2}

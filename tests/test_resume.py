@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import Crash, crashing_store, make_run, tiny_config
 
+from munet.api import load
 from munet.runner import Run
 from munet.storage.store import BLOB_DIR, CRASH_ENV, DB_NAME, Store
 
@@ -233,3 +235,6 @@ def test_paths_grown_past_depth_resume_exactly(tmp_path):
         make_run(out, crashing_store("commit", 3), **settings)
     make_run(out, **settings)
     assert dump(out) == ref
+    grown = load(out)  # the root rebuilt from the store alone, its deeper blocks included
+    assert {task: len(p) for task, p in grown.predict(torch.zeros(2, 3, 12, 12, dtype=torch.uint8)).items()} == {
+        "a": 2, "b": 2}

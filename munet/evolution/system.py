@@ -181,10 +181,15 @@ class System:
             path.parent = parent
         return best
 
+    def root_components(self) -> dict[str, Component]:
+        """Every component of the root by name: the root path's, then the deeper blocks a path may grow into
+        (``max_depth``; none by default)."""
+        return {**self.root_path.components, **self.root_blocks}
+
     def components(self) -> dict[int, Component]:
-        """Every component referenced by a retained path or the root, by id."""
-        found: dict[int, Component] = {}
-        for path in [self.root_path, *self.retained_paths()]:
+        """Every component of the root or referenced by a retained path, by id."""
+        found = {comp.id: comp for comp in self.root_components().values()}
+        for path in self.retained_paths():
             for comp in path.components.values():
                 found[comp.id] = comp
         return found

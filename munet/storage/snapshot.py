@@ -91,7 +91,7 @@ def root_record(root: Root, system: System) -> dict[str, Any]:
             "full_depth": root.full_depth, "depth": root.depth, "patch_size": root.patch_size,
             "posembed_resize": root.posembed_resize,
             "arch": check_rebuild(root.model, describe_vit(root.model)), "path_id": system.root_path.id,
-            "components": {n: c.id for n, c in system.root_path.components.items()},
+            "components": {n: c.id for n, c in system.root_components().items()},
             "hparams": system.root_path.hparams}
 
 
@@ -176,7 +176,7 @@ def save_checkpoint(store: Store, run: RunState, sampled: list[dict[str, Any]] |
     system, evolution, state = run.system, run.evolution, run.in_flight
     fingerprints = _fingerprints(store, tasks) if tasks else None
     live = _live_paths(system)
-    comps = {c.id: c for c in system.root_path.components.values()}
+    comps = {c.id: c for c in system.root_components().values()}
     comps.update({c.id: c for c in system.posembed_cache.values()})
     for path, _, _ in live.values():
         comps.update({c.id: c for c in path.components.values()})
@@ -294,7 +294,7 @@ def verify_root(store: Store, root: Root, system: System) -> None:
                            f"depth {rec['depth']}); the configured root differs (sha256 {root.sha256}, depth "
                            f"{root.depth})")
     blobs = {r.id: r.blob for r in store.components()}
-    for name, comp in system.root_path.components.items():
+    for name, comp in system.root_components().items():
         digest = blobs.get(rec["components"].get(name))
         if digest is None or digest != _digest(comp.module.state_dict()):
             raise WeightsError(f"the root's {name} differs from the one the run in {store.dir} was made with "
@@ -335,10 +335,9 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
         raise StoreError(f"the component records of {store.dir} are not those its checkpoint was written with (a "
                          f"record points at another blob); run `munet check {store.dir}`")
     system = System(root, image_size, score, extra_hparams)
-    if {n: c.id for n, c in system.root_path.components.items()} != rec["components"]:
+    if {n: c.id for n, c in system.root_components().items()} != rec["components"]:
         raise StoreError(f"the root components of {store.dir} do not match the root's layout")
-    # the root's blocks past the root path's (max_depth) are the same objects in every path grown into them
-    by_id = {c.id: c for c in [*system.root_path.components.values(), *system.root_blocks.values()]}
+    by_id = {c.id: c for c in system.root_components().values()}
     records = store.components()
     posembed_ids = {cid: int(g) for g, cid in ck["posembeds"].items()}
     for r in records:

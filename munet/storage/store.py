@@ -451,7 +451,8 @@ class Store:
         try:
             return self.blobs.write(tensors)
         except OSError as err:
-            raise StoreError(f"cannot write a blob in {self.dir}: {err.strerror or err}. {_KEPT}") from err
+            blob = FsPath(err.filename or "?").name
+            raise StoreError(f"cannot write blob {blob} in {self.dir}: {err.strerror or err}. {_KEPT}") from err
 
     def components_digest(self) -> str:
         """sha256 binding every component record to its blobs (id, name, blob, momentum): stored with each checkpoint,

@@ -30,6 +30,15 @@ class AlwaysPolicy(MutationPolicy):
         return action in self.actions or any(action.startswith(a.rstrip("*")) for a in self.actions if "*" in a)
 
 
+def _step(policy: MutationPolicy, up: bool) -> MutationPolicy:
+    """Positions ``policy``'s stream so that its next neighbour step goes +1 (``up``) or -1."""
+    while True:
+        state = policy.rng.getstate()
+        if (policy.rng.random() < 0.5) == up:  # incremental_mutation steps +1 on a draw under 0.5
+            policy.rng.setstate(state)
+            return policy
+
+
 def test_incremental_mutation_steps_and_clips_at_list_ends():
     values = [1, 2, 3]
     rng = random.Random(0)
@@ -72,12 +81,7 @@ def test_layer_removal_drops_top_block_and_readdition_takes_it_from_ancestors(sy
     # a neighbour step on num_layers: force a decrement by seeding rng so the step goes -1
     policy = AlwaysPolicy({"hp:num_layers"})
     policy.rng = random.Random(1)
-    while True:
-        state = policy.rng.getstate()
-        if policy.rng.random() >= 0.5:  # the next draw makes a -1 step
-            policy.rng.setstate(state)
-            break
-    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy)
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=_step(policy, up=False))
     assert child.num_layers == 2 and "block_2" not in child.components
     x = torch.rand(2, 3, 8, 8)
     assert child(x).shape == (2, 3)
@@ -85,12 +89,7 @@ def test_layer_removal_drops_top_block_and_readdition_takes_it_from_ancestors(sy
     child.metrics["quality"] = 0.5
     system.paths["a"].append(child)
     policy.rng = random.Random(0)
-    while True:
-        state = policy.rng.getstate()
-        if policy.rng.random() < 0.5:
-            policy.rng.setstate(state)
-            break
-    grandchild = make_child(system, child, "a", _ds(), mutate=True, policy=policy)
+    grandchild = make_child(system, child, "a", _ds(), mutate=True, policy=_step(policy, up=True))
     assert grandchild.num_layers == 3
     assert grandchild.components["block_2"] is system.root_path.components["block_2"]
 
@@ -324,15 +323,6 @@ def test_a_given_back_clone_becomes_an_adapter_while_the_child_can_afford_it(tin
     assert added == ["adapter_0"]
 
 
-def _step_up(policy: MutationPolicy) -> MutationPolicy:
-    """Positions ``policy``'s stream so that its next neighbour step goes +1."""
-    while True:
-        state = policy.rng.getstate()
-        if policy.rng.random() < 0.5:
-            policy.rng.setstate(state)
-            return policy
-
-
 def test_a_path_grows_into_the_roots_next_pretrained_block_up_to_max_depth(tiny_root):
     system = System(tiny_root, image_size=8, extra_hparams={"num_layers": 2})  # a root of 3 blocks, paths of 2
     system.add_task("a", 3)
@@ -341,10 +331,11 @@ def test_a_path_grows_into_the_roots_next_pretrained_block_up_to_max_depth(tiny_
     shallow.model.blocks = shallow.model.blocks[:2]
     assert system.reference_params == System(shallow, image_size=8).reference_params  # P: the paths' start depth
     child = make_child(system, system.root_path, "a", _ds(), mutate=True,
-                       policy=_step_up(AlwaysPolicy({"hp:num_layers"})))
+                       policy=_step(AlwaysPolicy({"hp:num_layers"}), up=True))
     assert child.num_layers == 3 and child.components["block_2"] is system.root_blocks["block_2"]
     assert not child.components["block_2"].is_trainable()  # re-added frozen; cloned only if drawn
     assert child(torch.rand(2, 3, 8, 8)).shape == (2, 3)
     child.metrics["quality"] = 0.5
-    grandchild = make_child(system, child, "a", _ds(), mutate=True, policy=_step_up(AlwaysPolicy({"hp:num_layers"})))
+    grandchild = make_child(system, child, "a", _ds(), mutate=True,
+                            policy=_step(AlwaysPolicy({"hp:num_layers"}), up=True))
     assert grandchild.num_layers == 3  # the root's full depth bounds the growth

@@ -1,6 +1,6 @@
-"""The files of a run directory beside its database: atomic writes (a temporary file, an fsync, a rename), and
-content-addressed blobs: tensors stored once as canonical safetensors bytes in a file named by their sha256, checked
-against their name when read.
+"""The files of a run directory beside its database: atomic writes (a temporary file, an fsync, a rename),
+content-addressed blobs (tensors stored once as canonical safetensors bytes in a file named by their sha256, checked
+against their name when read) and lock files (``flock``, held by the process writing the run or by an agent).
 
 The run store (:mod:`munet.storage.store`) owns the database that references the blobs; this module owns the files.
 """
@@ -8,10 +8,12 @@ The run store (:mod:`munet.storage.store`) owns the database that references the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path as FsPath
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -133,3 +135,34 @@ class BlobDir:
     def size(self) -> int:
         """Bytes of the stored blobs."""
         return sum(p.stat().st_size for p in self.folder.glob(f"*{SUFFIX}"))
+
+
+def lock_file(run_dir: FsPath, name: str, wait: bool = False) -> Any:
+    """Takes lock file ``name`` of the run directory (released by the OS if the process dies, even by SIGKILL);
+    ``wait``: until its holder lets go, instead of refusing."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / name, "a+")
+    except OSError as err:
+        raise StoreError(f"output directory {run_dir} is not writable: {err.strerror or err}") from err
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise StoreError(f"{run_dir} is being written by another munet process (pid {holder}); wait for it to "
+                         "finish or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def unlock_file(lock: Any | None) -> None:
+    """Releases a lock :func:`lock_file` took (``None``: nothing to release)."""
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()

@@ -28,7 +28,6 @@ blob of a transaction in flight.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -44,7 +43,7 @@ import torch
 
 from munet import __version__
 from munet.errors import StoreError
-from munet.storage.files import BlobDir
+from munet.storage.files import BlobDir, lock_file, unlock_file
 
 SCHEMA_VERSION = 1
 # What reading a damaged database raises: SQLite's errors (a malformed file, text that is not UTF-8) and records
@@ -158,7 +157,7 @@ class Store:
         replaced; anything that may hold a run's data is refused, never deleted.
         """
         run_dir = FsPath(run_dir)
-        lock = _lock(run_dir)
+        lock = lock_file(run_dir, LOCK_NAME)
         db = run_dir / DB_NAME
         try:
             state = _db_state(db)
@@ -183,7 +182,7 @@ class Store:
                 conn.close()
                 raise StoreError(f"cannot create the run database {db}: {err}") from err
         except BaseException:
-            _unlock(lock)
+            unlock_file(lock)
             raise
         return cls(run_dir, conn, lock)
 
@@ -207,7 +206,7 @@ class Store:
         if not db.exists():
             what = "its database is missing" if (run_dir / BLOB_DIR).is_dir() else "it is not a munet run directory"
             raise StoreError(f"{run_dir} holds no {DB_NAME}: {what}")
-        lock = _lock(run_dir) if write else None
+        lock = lock_file(run_dir, LOCK_NAME) if write else None
         conn = None
         try:
             conn = _connect_readonly(db)
@@ -219,7 +218,7 @@ class Store:
         except BaseException as err:
             if conn is not None:
                 conn.close()  # the last connection's close removes SQLite's -wal and -shm files again
-            _unlock(lock)
+            unlock_file(lock)
             if isinstance(err, DAMAGE_ERRORS):
                 raise StoreError(f"{db} is damaged: {err}; restore the run from a copy") from err
             raise
@@ -242,18 +241,18 @@ class Store:
             reader.close()
         if task not in names:
             raise StoreError(f"{run_dir} has no task {task!r} (its tasks: {', '.join(names)})")
-        lock = _lock(run_dir, AGENT_LOCK.format(names.index(task)), wait=True)
+        lock = lock_file(run_dir, AGENT_LOCK.format(names.index(task)), wait=True)
         try:
             conn = _connect(run_dir / DB_NAME, create=False)
         except BaseException:
-            _unlock(lock)
+            unlock_file(lock)
             raise
         return cls(run_dir, conn, lock, agent=task)
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
-        _unlock(self._lock)
+        unlock_file(self._lock)
         self._lock = None
 
     def abandon(self) -> None:
@@ -473,12 +472,12 @@ class Store:
         self._require_write()
         if self.agent is not None:
             raise StoreError("an agent never collects garbage: other agents' blobs may be in flight")
-        agents = [_lock(self.dir, path.name, wait=True) for path in sorted(self.dir.glob(AGENT_LOCK.format("*")))]
+        agents = [lock_file(self.dir, path.name, wait=True) for path in sorted(self.dir.glob(AGENT_LOCK.format("*")))]
         try:
             return self._collect_garbage()
         finally:
             for lock in agents:
-                _unlock(lock)
+                unlock_file(lock)
 
     def _collect_garbage(self) -> int:
         self.crash_point("collect")
@@ -640,33 +639,3 @@ def _db_state(db: FsPath) -> str:
         return "unreadable"  # present but unreadable: opening it reports why; never overwrite it
     finally:
         conn.close()
-
-
-def _lock(run_dir: FsPath, name: str = LOCK_NAME, wait: bool = False) -> Any:
-    """Takes the run's writer lock, or lock file ``name`` (released by the OS if the process dies, even by SIGKILL);
-    ``wait``: until its holder lets go, instead of refusing."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / name, "a+")
-    except OSError as err:
-        raise StoreError(f"output directory {run_dir} is not writable: {err.strerror or err}") from err
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise StoreError(f"{run_dir} is being written by another munet process (pid {holder}); wait for it to "
-                         "finish or stop it") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def _unlock(lock: Any | None) -> None:
-    if lock is not None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()

@@ -30,7 +30,8 @@ def generations_per_iteration(children_per_task: int, generation_size: int, sepa
 BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validations": 0, "accept_ties": False,
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
                                        "schedule_span": "child", "parent_decay": 0.5,
-                                       "lineage_lr_decay": 1.0, "judged_mutations": False, "length_ramp": 0.0,
+                                       "lineage_lr_decay": 1.0, "judged_mutations": False, "mutation_twins": False,
+                                       "length_ramp": 0.0,
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
                                        "accept_margin": 0.0, "affordable_gain": 1.0,
@@ -107,6 +108,12 @@ class RunConfig:
             any trained child beats a head-only probe) only clones blocks; hyperparameter, layer, adapter and
             other mutations wait for a trained path of the task to be measured against, and the generation's data
             hyperparameters move once the task's best path is such a path (false: the spec).
+        mutation_twins: a child that draws a model hyperparameter, layer or adapter mutation trains beside a twin
+            that carries only its block clones (the same parent, generation, batches and data hyperparameters); both
+            are judged against the parent, and the task's best path is whichever validates higher (the twin on a
+            tie), so such a move is kept for what it adds over the same clones trained as long, not for the
+            training any child adds to its parent. Twins are extra children: more training images (false: the
+            spec).
         root_clones_only: a child whose parent descends from the root through paths of its own task only (nothing
             transferred from another task) only clones blocks, and the data hyperparameters hold while the task's
             best path does: with nothing to transfer, a hyperparameter or layer change that a child's short, noisy
@@ -200,6 +207,7 @@ class RunConfig:
     parent_decay: float = 0.5
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
+    mutation_twins: bool = False
     root_clones_only: bool = False
     first_task_finetune: bool = False
     length_ramp: float = 0.5

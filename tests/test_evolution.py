@@ -13,6 +13,7 @@ from munet.evolution.hparams import MutationPolicy
 from munet.evolution.loop import Evolution
 from munet.evolution.search import SearchConfig
 from munet.evolution.system import System
+from munet.model.path import TaskPath
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
 from munet.training.settings import TrainSettings
@@ -226,6 +227,48 @@ def test_parent_decay_one_always_extends_the_best_path(decay):
     assert len(parents) == 16
     best_first = sum(parent == best for parent, best in parents)
     assert best_first == 16 if decay == 1.0 else best_first < 16
+
+
+@pytest.mark.parametrize("twins", [False, True])
+def test_mutation_twins_train_a_child_s_block_clones_alone_beside_it(twins: bool):
+    """mutation_twins: a mutated child that drew a hyperparameter, layer or adapter mutation trains in the same
+    generation as a twin with the same parent, the same block clones and the parent's hparams (the generation's data
+    hparams aside); a child that only cloned blocks gets none. The best path is the highest scoring of all."""
+    evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, mutation_twins=twins)
+    evo.search = evo.search.replace(children_per_task=4, generation_size=1)
+    generations: list[list] = []
+    parent_of: dict[int, TaskPath] = {}  # at sampling: parent links move to retained ancestors later
+
+    def record(task, gen, children, beat, ds):
+        generations.append(list(children))
+        parent_of.update({c.id: c.parent for c in children})
+
+    evo.before_training.append(record)
+    for task in ("a", "b"):
+        evo.task_iteration(task)
+    children = [c for gen in generations for c in gen if not c.metrics["seed_probe"]]
+    twins_made = [c for c in children if "twin_of" in c.metrics]
+    moved = [c for c in children if "twin_of" not in c.metrics
+             and any(not k.startswith("clone:") for k in c.metrics["mutations"])]
+    assert moved  # mu = 0.6 draws other mutations than clones
+    if not twins:
+        assert not twins_made
+        return
+    by_id = {c.id: c for c in children}
+    assert sorted(t.metrics["twin_of"] for t in twins_made) == sorted(c.id for c in moved)
+    for twin in twins_made:
+        child = by_id[twin.metrics["twin_of"]]
+        assert any(child in gen and twin in gen for gen in generations)  # trained side by side
+        parent = parent_of[twin.id]
+        assert parent is parent_of[child.id]
+        assert set(twin.metrics["mutations"]) == {k for k in child.metrics["mutations"] if k.startswith("clone:")}
+        model_keys = [k for k in parent.hparams if not k.startswith("ds_")]
+        assert {k: twin.hparams[k] for k in model_keys} == {k: parent.hparams[k] for k in model_keys}
+        assert [n for n in twin.components if n.startswith("adapter")] == \
+            [n for n in parent.components if n.startswith("adapter")]
+    for task in ("a", "b"):
+        best = evo.system.best_path(task)
+        assert evo.system.score(best) == max(evo.system.score(p) for p in evo.system.paths[task])
 
 
 @pytest.mark.parametrize("judged", [False, True])

@@ -226,6 +226,23 @@ class Evolution:
                 return path
         return self.rng.choice(seeds + own)
 
+    def twin(self, child: TaskPath, parent: TaskPath, task: str, ds: dict[str, Any]) -> TaskPath | None:
+        """``mutation_twins``: a twin of ``child`` (the same parent and block clones, none of its other mutations)
+        when it drew a model hyperparameter, layer or adapter mutation; else ``None``. It draws nothing from the
+        policy's random stream."""
+        mutations = child.metrics.get("mutations") or {}
+        if child.metrics.get("seed_probe") or all(m.startswith(("clone:", "_mu_")) for m in mutations):
+            return None
+        clones = {m for m in mutations if m.startswith("clone:")}
+        twin = make_child(self.system, parent, task, ds, True, self.policy, self.search.mutate_adapters,
+                          clones_only=True, clones=clones)
+        if LR_SCALE in child.hparams:
+            twin.hparams[LR_SCALE] = child.hparams[LR_SCALE]
+        twin.metrics["twin_of"] = child.id
+        if parent.task == task:
+            parent.offsprings += 1
+        return twin
+
     # --- the loop -----------------------------------------------------------------------------------------------
     def task_iteration(self, task: str) -> TaskPath | None:
         """One task iteration (spec §4.2); returns the task's retained best path."""
@@ -274,6 +291,10 @@ class Evolution:
             if parent.task == task:  # counted at once: the next child of this generation samples with it
                 parent.offsprings += 1
             parents.append(parent)
+            twin = self.twin(child, parent, task, ds) if self.search.mutation_twins else None
+            if twin is not None:
+                children.append(twin)
+                parents.append(parent)
         for child in children:
             for comp in child.components.values():
                 comp.module.to(self.settings.device)

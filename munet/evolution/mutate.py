@@ -52,7 +52,8 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
                policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False,
-               to_beat: float | None = None, given_back_adapters: bool = False, ceiling: float = 1.0) -> TaskPath:
+               to_beat: float | None = None, given_back_adapters: bool = False, ceiling: float = 1.0,
+               clones: set[str] | None = None) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
@@ -62,7 +63,9 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     With ``to_beat`` (the score it must beat), the child gives back drawn clones, bottom first, that would leave it
     unable to beat that score even at a validation accuracy of ``ceiling`` (:func:`affordable`); with
     ``given_back_adapters`` each layer it gave back gets a fresh adapter instead, where affordable
-    (:func:`adapters_for`).
+    (:func:`adapters_for`). With ``clones`` (clone actions, ``"clone:block_2"``) a mutated child clones exactly
+    those slots instead of drawing its clones, drawing nothing from the policy (a twin of a sibling, see
+    ``mutation_twins``).
     """
     rng: random.Random = policy.rng
     hparams = copy.deepcopy(parent.hparams)
@@ -111,8 +114,7 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
             comps[name] = system.new_component(name, module, origin=task)
         elif found.is_trainable():  # owned by this task's lineage only: always continue training a copy
             comps[name] = system.clone_component(found, task)
-        elif mutate and (name == "norm" or (not clones_only or f"clone:{name}".startswith(BLOCK_CLONE))
-                         and policy.fires(f"clone:{name}", hparams, mutations, adapt=not clones_only)):
+        elif mutate and (name == "norm" or _clone_drawn(name, policy, hparams, mutations, clones_only, clones)):
             # the final norm is "technically part of the head", so it is always fine-tuned when mutating
             comps[name] = system.clone_component(found, task)
             if name != "norm":
@@ -133,6 +135,18 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
         if given_back:
             child.metrics["given_back"] = given_back
     return child
+
+
+def _clone_drawn(name: str, policy: MutationPolicy, hparams: dict[str, Any], mutations: dict[str, tuple],
+                 clones_only: bool, clones: set[str] | None) -> bool:
+    """Whether a mutated child clones the frozen component in slot ``name``: as ``clones`` lists, when given; else
+    drawn by the policy (block clones only, with ``clones_only``)."""
+    action = f"clone:{name}"
+    if clones is not None:
+        return action in clones
+    if clones_only and not action.startswith(BLOCK_CLONE):
+        return False
+    return policy.fires(action, hparams, mutations, adapt=not clones_only)
 
 
 def affordable(system: System, child: TaskPath, drawn: dict[str, Component], to_beat: float, ceiling: float = 1.0

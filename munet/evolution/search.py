@@ -38,6 +38,7 @@ class SearchConfig:
     parent_decay: float = 0.5
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
+    mutation_twins: bool = False
     root_clones_only: bool = False
     first_task_finetune: bool = False
     length_ramp: float = 0.0

@@ -430,7 +430,13 @@ class Run:
             progress.note(f"{progress.line()} | gen {gen + 1}/{evo.generations()} accepted {accepted}/"
                           f"{len(children)}, best val {best_q}")
 
+        def count_twins(task: str, gen: int, children: list[TaskPath], *_: Any) -> None:  # children past the plan
+            twins = sum("twin_of" in c.metrics for c in children)
+            if twins:
+                progress.extend(twins * evo.child_steps(task, gen))
+
         evo.on_step.append(progress.advance)
+        evo.before_training.append(count_twins)
         evo.after_generation.append(after_generation)
         live_log = TensorBoardLog(self.out, evo) if self.cfg.log == "tensorboard" else None
         if live_log:
@@ -445,6 +451,7 @@ class Run:
                                   f"test {best.metrics['test_quality']:.4f}")
         finally:  # a later train() reports progress of its own
             evo.on_step.remove(progress.advance)
+            evo.before_training.remove(count_twins)
             evo.after_generation.remove(after_generation)
             if live_log:
                 live_log.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 from conftest import TINY_ROOT
 
 from munet.cli import main
 from munet.reporting.progress import Progress
+from munet.storage.store import Store
 
 
 class Terminal(io.StringIO):
@@ -73,6 +75,25 @@ def test_munet_quiet_run_prints_no_progress(tmp_path, capsys, one_thread):
     assert "gen 1/" in loud.out and "gen 1/" not in quiet.out + quiet.err
     assert "average test accuracy" in quiet.out  # the result is still printed
 
+
+
+def test_twins_grow_the_total_so_a_run_ends_at_100_percent(tmp_path, capsys, one_thread):
+    """mutation_twins adds children past the plan; the progress total grows by their steps, never past 100 %."""
+    out = tmp_path / "twins"
+    args = ["run", "--root", TINY_ROOT, "--tasks", "a,b", "--depth", "2", "--image-size", "8", "--max-image-size", "8",
+            "--children-per-task", "4", "--steps-between-validations", "1", "--validations", "2",
+            "--max-val-examples", "16", "--batch-size", "8", "--device", "cpu", "--out", str(out),
+            "--set", "mutation_twins=true", "--set", "mutation_prob=0.9"]
+    try:
+        assert main(args) == 0
+    finally:
+        logging.getLogger("munet").setLevel(logging.WARNING)
+    printed = capsys.readouterr()
+    shares = [float(m) for m in re.findall(r"\|\s*([0-9.]+)% \|", printed.out + printed.err)]
+    with Store.open(out) as store:
+        twins = [p for p in store.sampled_paths() if "twin_of" in p["metrics"]]
+    assert twins and shares  # mutation_prob 0.9 draws hyperparameter moves: twins train
+    assert max(shares) <= 100.0  # below at the end: the plan counts probes of tasks not yet evolved
 
 
 def test_export_all_writes_every_task(tmp_path, capsys, one_thread):

@@ -126,6 +126,11 @@ class Evolution:
         k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
         return k * self.settings.validations
 
+    def child_steps(self, task: str, generation: int) -> int:
+        """Training steps of each child in ``generation`` (a children's generation) of an iteration of ``task``."""
+        k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
+        return k * self.child_settings(generation).validations
+
     def children_periods(self) -> list[int]:
         """Per children's generation of a task iteration, the validation periods its children train in all."""
         return [n * self.search.children_in(g)

@@ -75,6 +75,11 @@ class Progress:
         self.done += units
         self.bar.update(units)
 
+    def extend(self, units: int) -> None:
+        """Grows the total by work found past the plan (a generation's twins, ``mutation_twins``)."""
+        self.total += units
+        self.bar.total = self.total
+
     def skip(self, units: int = 1) -> None:
         """Counts ``units`` found already done (e.g. a benchmark's stored results): towards the total, not the rate."""
         self.done_before += units

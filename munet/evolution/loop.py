@@ -121,15 +121,17 @@ class Evolution:
             return dataclasses.replace(self.settings, validations=self.search.probe_validations)
         return self.settings
 
+    def period_steps(self, task: str) -> int:
+        """Training steps of one validation period of a child of ``task`` (K of spec §4.4)."""
+        return self.settings.steps_between_validations(len(self.tasks[task].train_y))
+
     def steps_per_child(self, task: str) -> int:
         """Training steps of a child of ``task`` (on average over the iteration's children with ``length_ramp``)."""
-        k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
-        return k * self.settings.validations
+        return self.period_steps(task) * self.settings.validations
 
     def child_steps(self, task: str, generation: int) -> int:
         """Training steps of each child in ``generation`` (a children's generation) of an iteration of ``task``."""
-        k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
-        return k * self.child_settings(generation).validations
+        return self.period_steps(task) * self.child_settings(generation).validations
 
     def children_periods(self) -> list[int]:
         """Per children's generation of a task iteration, the validation periods its children train in all."""
@@ -139,7 +141,7 @@ class Evolution:
     def work_done(self, task: str, generations: int) -> int:
         """Training steps of the first ``generations`` generations of an iteration of ``task``, for progress: exact
         for the children, and for separate probes assuming every other task has a retained path by then."""
-        k = self.settings.steps_between_validations(len(self.tasks[task].train_y))
+        k = self.period_steps(task)
         first = int(self.search.separate_probes)
         work = k * sum(self.children_periods()[: max(generations - first, 0)])
         if self.search.separate_probes and generations > 0:
@@ -244,8 +246,6 @@ class Evolution:
         if LR_SCALE in child.hparams:
             twin.hparams[LR_SCALE] = child.hparams[LR_SCALE]
         twin.metrics["twin_of"] = child.id
-        if parent.task == task:
-            parent.offsprings += 1
         return twin
 
     # --- the loop -----------------------------------------------------------------------------------------------
@@ -292,14 +292,12 @@ class Evolution:
                                to_beat, self.search.given_back_adapters, self.ceiling(parent) if affordable else 1.0)
             if self.search.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
-            children.append(child)
-            if parent.task == task:  # counted at once: the next child of this generation samples with it
-                parent.offsprings += 1
-            parents.append(parent)
             twin = self.twin(child, parent, task, ds) if self.search.mutation_twins else None
-            if twin is not None:
-                children.append(twin)
+            for offspring in [child] if twin is None else [child, twin]:
+                children.append(offspring)
                 parents.append(parent)
+                if parent.task == task:  # counted at once: the next child of this generation samples with it
+                    parent.offsprings += 1
         for child in children:
             for comp in child.components.values():
                 comp.module.to(self.settings.device)

@@ -109,7 +109,7 @@ class RunConfig:
             other mutations wait for a trained path of the task to be measured against, and the generation's data
             hyperparameters move once the task's best path is such a path (false: the spec).
         mutation_twins: a child that draws a model hyperparameter, layer or adapter mutation trains beside a twin
-            that carries only its block clones (the same parent, generation, batches and data hyperparameters); both
+            that carries only its clones (the same parent, generation, batches and data hyperparameters); both
             are judged against the parent, and the task's best path is whichever validates higher (the twin on a
             tie), so such a move is kept for what it adds over the same clones trained as long, not for the
             training any child adds to its parent. Twins are extra children: more training images (false: the

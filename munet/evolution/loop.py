@@ -234,9 +234,9 @@ class Evolution:
         return self.rng.choice(seeds + own)
 
     def twin(self, child: TaskPath, parent: TaskPath, task: str, ds: dict[str, Any]) -> TaskPath | None:
-        """``mutation_twins``: a twin of ``child`` (the same parent and block clones, none of its other mutations)
-        when it drew a model hyperparameter, layer or adapter mutation; else ``None``. It draws nothing from the
-        policy's random stream."""
+        """``mutation_twins``: a twin of ``child`` (the same parent and clones of frozen components, none of its other
+        mutations) when it drew a model hyperparameter, layer or adapter mutation; else ``None``. It draws nothing
+        from the policy's random stream."""
         mutations = child.metrics.get("mutations") or {}
         if child.metrics.get("seed_probe") or all(m.startswith(("clone:", "_mu_")) for m in mutations):
             return None

@@ -35,7 +35,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
                                        "accept_margin": 0.0, "affordable_gain": 1.0,
-                                       "amortise_root": False, "amortise_over": "all"}
+                                       "amortise_root": False, "amortise_over": "all", "frozen_bottom": 0}
 
 
 @dataclass
@@ -145,6 +145,10 @@ class RunConfig:
         given_back_adapters: with ``affordable_clones``, each layer whose clone a child gave back gets a fresh
             residual adapter instead (bottom first, while the child can still afford it), so that layer adapts at a
             price the scale factor allows (the default; false: the layer stays frozen). No effect at s = 1.
+        frozen_bottom: the root's embedding (patch embedding, class token, position embedding) and its first N blocks
+            are never cloned: every path reads them frozen and shared, as a freeze-N baseline trains above them (0:
+            the spec, where any frozen component may be cloned; a lineage then ends up owning block 0, since every
+            child draws its clone anew and a clone is never given back).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -216,6 +220,7 @@ class RunConfig:
     amortise_root: bool = False
     amortise_over: str = "all"
     given_back_adapters: bool = True
+    frozen_bottom: int = 0
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -242,7 +247,7 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("depth", "max_depth", "max_task_population", "max_seeds", "feature_cache_mb", "data_cache_mb",
-                     "probe_validations", "threads"):
+                     "probe_validations", "threads", "frozen_bottom"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("scale_factor", "compute_scale"):
@@ -251,6 +256,9 @@ class RunConfig:
         if self.max_depth and not 0 < self.depth <= self.max_depth:
             raise ConfigError(f"max_depth {self.max_depth} needs a depth in 1..{self.max_depth} to grow from, got "
                               f"depth {self.depth}")
+        if self.depth and self.frozen_bottom > (self.max_depth or self.depth):
+            raise ConfigError(f"frozen_bottom {self.frozen_bottom} exceeds the {self.max_depth or self.depth} root "
+                              "blocks a path can hold; at most that many")
         if not 0 <= self.length_ramp < 1:
             raise ConfigError(f"length_ramp must be in [0, 1), got {self.length_ramp}")
         if not 0 <= self.stop_margin <= 1:

@@ -339,3 +339,35 @@ def test_a_path_grows_into_the_roots_next_pretrained_block_up_to_max_depth(tiny_
     grandchild = make_child(system, child, "a", _ds(), mutate=True,
                             policy=_step(AlwaysPolicy({"hp:num_layers"}), up=True))
     assert grandchild.num_layers == 3  # the root's full depth bounds the growth
+
+
+@pytest.mark.parametrize("frozen_bottom", [0, 1, 2])
+def test_frozen_bottom_keeps_the_embedding_and_the_first_blocks_shared(tiny_root, frozen_bottom):
+    """A child whose policy draws every clone still reads the root's embedding and first N blocks, frozen."""
+    system = System(tiny_root, 8)
+    system.add_task("a", 3)
+    policy = AlwaysPolicy({"clone:*"})
+    child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=policy, frozen_bottom=frozen_bottom)
+    root = system.root_path.components
+    shared = {n for n in child.components if n in root and child.components[n] is root[n]}
+    bottom = {f"block_{i}" for i in range(frozen_bottom)} | ({"embedding", "cls"} if frozen_bottom else set())
+    assert shared == bottom
+    assert (child.components["posembed"] is system.root_posembed(8)) == bool(frozen_bottom)
+    assert not any(f"clone:{n}" in child.metrics["mutations"] for n in bottom | {"posembed"} if frozen_bottom)
+
+
+def test_frozen_bottom_reaches_every_child_of_an_evolution():
+    """Through the search configuration: no child of a whole evolution clones block 0 or the embedding."""
+    from test_evolution import _evolution
+
+    evo = _evolution(mu=0.6, frozen_bottom=1)
+    evo.policy.clone_prob = 1.0
+    children: list[TaskPath] = []
+    evo.before_training.append(lambda task, gen, batch, beat, ds: children.extend(batch))
+    for task in ("a", "b"):
+        evo.task_iteration(task)
+    root = evo.system.root_path.components
+    assert len(children) >= 8
+    assert all(c.components["block_0"] is root["block_0"] and c.components["embedding"] is root["embedding"]
+               for c in children)
+    assert any(c.components["block_1"] is not root["block_1"] for c in children)  # clones above the bottom happen

@@ -37,6 +37,7 @@ MUNET_LOOP = {
     "given_back_adapters": False,  # §2: adapters inserted w.p. μ only
     "root_clones_only": False,  # §2: a first task's children draw every mutation too
     "first_task_finetune": False,  # §2, §3: ... and start their optimiser state fresh
+    "frozen_bottom": 0,  # §2: the embedding and block 0 may be cloned too
     "children_per_task": 64, "generation_size": 8, "rounds": 2,  # §4.1
     "max_image_size": 384, "scale_factor": 1.0, "compute_scale": 1.0,  # §3 16·i up to 384; §5 muNet s = 1
 }

@@ -36,6 +36,7 @@ PAPER_MUNET: dict[str, Any] = {
     "given_back_adapters": False,  # §2: adapters are inserted w.p. μ only
     "root_clones_only": False,  # §2: a first task's children draw every mutation too
     "first_task_finetune": False,  # §2, §3: ... and start their optimiser state fresh
+    "frozen_bottom": 0,  # §2: every frozen component, the embedding and block 0 among them, may be cloned
     "max_task_population": 0, "scale_factor": 1.0, "compute_scale": 1.0,  # §4.3 no cap; §5 muNet: s = 1
 }
 

@@ -289,7 +289,8 @@ class Evolution:
             affordable = mutate and self.search.affordable_clones and parent.task == task
             to_beat = system.score(parent) if affordable else None
             child = make_child(system, parent, task, ds, mutate, self.policy, self.search.mutate_adapters, clones_only,
-                               to_beat, self.search.given_back_adapters, self.ceiling(parent) if affordable else 1.0)
+                               to_beat, self.search.given_back_adapters, self.ceiling(parent) if affordable else 1.0,
+                               frozen_bottom=self.search.frozen_bottom)
             if self.search.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             twin = self.twin(child, parent, task, ds) if self.search.mutation_twins else None

@@ -53,7 +53,7 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
                policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False,
                to_beat: float | None = None, given_back_adapters: bool = False, ceiling: float = 1.0,
-               clones: set[str] | None = None) -> TaskPath:
+               clones: set[str] | None = None, frozen_bottom: int = 0) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
@@ -65,7 +65,8 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     ``given_back_adapters`` each layer it gave back gets a fresh adapter instead, where affordable
     (:func:`adapters_for`). With ``clones`` (clone actions, ``"clone:block_2"``) a mutated child clones exactly
     those slots instead of drawing its clones, drawing nothing from the policy (a twin of a sibling, see
-    ``mutation_twins``).
+    ``mutation_twins``). With ``frozen_bottom`` N > 0 a child never clones the embedding, class token, position
+    embedding and first N blocks (:func:`below_frozen_bottom`): they stay frozen and shared, as a freeze-N baseline.
     """
     rng: random.Random = policy.rng
     hparams = copy.deepcopy(parent.hparams)
@@ -114,7 +115,8 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
             comps[name] = system.new_component(name, module, origin=task)
         elif found.is_trainable():  # owned by this task's lineage only: always continue training a copy
             comps[name] = system.clone_component(found, task)
-        elif mutate and (name == "norm" or _clone_drawn(name, policy, hparams, mutations, clones_only, clones)):
+        elif mutate and (name == "norm" or (not below_frozen_bottom(name, frozen_bottom)
+                                            and _clone_drawn(name, policy, hparams, mutations, clones_only, clones))):
             # the final norm is "technically part of the head", so it is always fine-tuned when mutating
             comps[name] = system.clone_component(found, task)
             if name != "norm":
@@ -135,6 +137,15 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
         if given_back:
             child.metrics["given_back"] = given_back
     return child
+
+
+def below_frozen_bottom(name: str, frozen_bottom: int) -> bool:
+    """Whether slot ``name`` lies in a path's frozen bottom: with ``frozen_bottom`` N > 0 the embedding, class token,
+    position embedding and blocks 0 to N - 1 (what a freeze-N baseline keeps frozen); nothing when N is 0."""
+    if frozen_bottom <= 0:
+        return False
+    return name in ("embedding", "cls", "posembed") or (isinstance(kind_of(name), BlockKind)
+                                                        and slot_index(name) < frozen_bottom)
 
 
 def _clone_drawn(name: str, policy: MutationPolicy, hparams: dict[str, Any], mutations: dict[str, tuple],

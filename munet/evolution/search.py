@@ -45,6 +45,7 @@ class SearchConfig:
     affordable_clones: bool = False
     affordable_gain: float = 1.0
     given_back_adapters: bool = False
+    frozen_bottom: int = 0
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> SearchConfig:

@@ -355,9 +355,9 @@ def test_a_child_of_its_task_s_path_judges_clones_at_the_ceiling_affordable_gain
 
     seen: list = []  # (parent, mutate, ceiling)
 
-    def recording(system, parent, task, ds, mutate, *args):
+    def recording(system, parent, task, ds, mutate, *args, **kwargs):
         seen.append((parent, mutate, args[-1]))
-        return make(system, parent, task, ds, mutate, *args)
+        return make(system, parent, task, ds, mutate, *args, **kwargs)
 
     make = loop.make_child
     monkeypatch.setattr(loop, "make_child", recording)

@@ -565,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [baseline_runs[k] for k in sorted(baseline_runs) if k[0] == spec.name and k[1] == budget]
             methods.append(baseline_method(spec, seeds, task_names, budget))
     table = format_table(methods, task_names)
-    targets = check_targets(methods, mode.default_target if not suffix else None)
+    expected = {1: [s.name for s in specs]} | ({b: [c.name for c in curve_specs if c.name not in skipped]
+                                                for b in mode.budgets if b != 1} if args.curve else {})
+    targets = check_targets(methods, mode.default_target if not suffix else None, expected)
     compute = {"munet": core_hours(finished.values()),
                "baselines": core_hours(r for run in baseline_runs.values() for r in run.values())}
     print("\n" + table + "\n\n" + format_targets(targets) + f"\ncompute of the units reported: "

@@ -131,6 +131,11 @@ def test_targets_are_checked_on_the_results(report):
     assert [(c["budget"], c["best"], c["met"]) for c in targets["curve"]["budgets"]] == \
         [(1, "lora:4", False), (2, "freeze:0 x2", True)]
     assert not targets["curve"]["met"]
+    assert "provisional" not in report.format_targets(targets)  # nothing expected: nothing pending
+    # budget 2 expects adapters:64 too: its verdict is on part of the baselines and says so
+    partial = report.check_targets(methods, expected={1: ["finetune"], 2: ["freeze:0", "adapters:64"]})
+    assert [c["pending"] for c in partial["curve"]["budgets"]] == [[], ["adapters:64"]]
+    assert report.format_targets(partial).count("provisional, not finished: adapters:64") == 1
     assert targets["curve"]["budgets"][0]["gap_error"] is None  # one seed each: no spread to judge the gap by
     methods[0].update(seeds=3, spread=0.003)
     methods[5].update(seeds=3, spread=0.004)

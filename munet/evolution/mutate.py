@@ -12,6 +12,7 @@ import torch
 from munet.evolution.hparams import BLOCK_CLONE, MODEL_RANGES, MutationPolicy, incremental_mutation
 from munet.evolution.system import System
 from munet.model.components import (
+    EMBEDDING_SLOTS,
     AdapterKind,
     BlockKind,
     Component,
@@ -29,7 +30,7 @@ from munet.model.path import TaskPath
 def architecture(num_layers: int, adapters: set[int]) -> list[str]:
     """Component names of a path, in forward order."""
     adapter, block = get_kind("adapter"), get_kind("block")
-    names = ["embedding", "cls", "posembed"]
+    names = list(EMBEDDING_SLOTS)
     for i in range(num_layers):
         if i in adapters:
             names.append(adapter.slot(i))
@@ -144,7 +145,7 @@ def below_frozen_bottom(name: str, frozen_bottom: int) -> bool:
     position embedding and blocks 0 to N - 1 (what a freeze-N baseline keeps frozen); nothing when N is 0."""
     if frozen_bottom <= 0:
         return False
-    return name in ("embedding", "cls", "posembed") or (isinstance(kind_of(name), BlockKind)
+    return name in EMBEDDING_SLOTS or (isinstance(kind_of(name), BlockKind)
                                                         and slot_index(name) < frozen_bottom)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 NOT_TRAINABLE = "NOT_TRAINABLE"  # pseudo-task lock carried by the root's components
+EMBEDDING_SLOTS = ("embedding", "cls", "posembed")  # the first forward step reads these three together
 
 
 class TokenParam(nn.Module):

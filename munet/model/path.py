@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from munet.model.components import NOT_TRAINABLE, Component, kind_of
+from munet.model.components import EMBEDDING_SLOTS, NOT_TRAINABLE, Component, kind_of
 
 Op = tuple[str, ...]  # the component names one forward step reads
 
@@ -43,7 +43,7 @@ class TaskPath:
 
     def ops(self) -> list[Op]:
         """The forward steps in order; each names the components it reads."""
-        ops: list[Op] = [("embedding", "cls", "posembed")]
+        ops: list[Op] = [EMBEDDING_SLOTS]
         for i in range(self.num_layers):
             if f"adapter_{i}" in self.components:
                 ops.append((f"adapter_{i}",))

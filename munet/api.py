@@ -86,6 +86,7 @@ class MultitaskSystem:
     def export(self, task: str, out: str | FsPath, format: str = "safetensors") -> FsPath:  # noqa: A002
         """Writes ``task``'s path as a self-contained model (see :mod:`munet.export`); returns the model file."""
         path = self.path(task)
+        self._check_outside(out)
         root = self.system.root
         provenance = {**self._provenance(format), "path_id": path.id, "val_accuracy": path.metrics.get("quality"),
                       "test_accuracy": path.metrics.get("test_quality")}
@@ -97,10 +98,18 @@ class MultitaskSystem:
         """Writes every task's path as one model, each shared component once and one output per task (see
         :mod:`munet.multitask_export`); returns the model file."""
         paths = [self.path(t) for t in self.tasks]
+        self._check_outside(out)
         root = self.system.root
         config = multitask_config(paths, self.meta["root"]["arch"], self.class_names, root.mean, root.std,
                                   self._provenance(format))
         return export_multitask(paths, config, out, format)
+
+    def _check_outside(self, out: str | FsPath) -> None:
+        """Refuses an export directory inside the run directory, whose files the store owns (a checkpoint deletes
+        what it does not reference in blobs/)."""
+        if str(out).strip() and FsPath(out).resolve().is_relative_to(self.run_dir.resolve()):
+            raise ExportError(f"cannot export into {out}: it is inside the run directory {self.run_dir}, whose files "
+                              "the run owns; choose a directory outside it")
 
     def _provenance(self, format: str) -> dict[str, Any]:  # noqa: A002
         """The source of an export; checks first that one can be written in ``format``."""
@@ -123,7 +132,7 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
     with Store.open(run_dir) as store:
         cfg = store.get("config")
         wiring = Wiring.of(RunConfig.from_stored(cfg))
-        rebuildable = store.get("root")["arch"] is not None
+        rebuildable = store.root_record()["arch"] is not None
         # a root whose architecture has no description is loaded from its source and checked against the store
         root = root_from_store(store) if rebuildable else load_root(cfg["root"], wiring.cfg.root_depth())
         with torch.random.fork_rng(devices=[]):  # rebuilding modules draws inits; keep the caller's stream
@@ -131,5 +140,5 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
         if not rebuildable:
             verify_root(store, root, system)
         class_names = store.task_class_names()
-        meta = {"root": store.get("root"), "config": cfg}
+        meta = {"root": store.root_record(), "config": cfg}
     return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta)

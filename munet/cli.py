@@ -73,6 +73,9 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
     from munet.data.user import absolute_spec
     from munet.runner import add_tasks
 
+    if args.preset:  # a preset is a whole configuration; the run's own stays, apart from single keys
+        raise MunetError("add-task keeps the run's configuration, so --preset does not apply; change single keys "
+                         "with --set KEY=VALUE")
     add_tasks(args.run_dir, [absolute_spec(t) for t in args.tasks], _overrides(args))
     return 0
 

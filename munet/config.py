@@ -38,6 +38,15 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "amortise_root": False, "amortise_over": "all", "frozen_bottom": 0}
 
 
+#: Upper bounds far past any run that could end (a month of a large machine): they stop a typo, an extra zero or
+#: three, from planning a run that never finishes or hanging ``--dry-run``.
+UPPER_BOUNDS: dict[str, int] = {"rounds": 1_000, "children_per_task": 10_000, "generation_size": 10_000,
+                                "validations": 10_000, "steps_between_validations": 1_000_000, "batch_size": 65_536,
+                                "probe_validations": 10_000, "max_val_examples": 10_000_000, "max_seeds": 10_000,
+                                "max_task_population": 1_000_000, "threads": 4_096, "feature_cache_mb": 10**8,
+                                "data_cache_mb": 10**8, "depth": 1_000, "max_depth": 1_000}
+
+
 @dataclass
 class RunConfig:
     """Every knob of a muNet run. Field docs are shown by ``munet run --help``.
@@ -241,6 +250,8 @@ class RunConfig:
             raise ConfigError(f"tasks: every task must be a non-empty spec string, got {self.tasks}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks: duplicate entries in {self.tasks}")
+        if not self.out.strip():
+            raise ConfigError("out: the run directory is empty; name one, e.g. --out runs/mine")
         positive = ("children_per_task", "generation_size", "rounds", "batch_size", "steps_between_validations",
                     "validations", "max_val_examples", "image_size", "max_image_size")
         for name in positive:
@@ -250,6 +261,9 @@ class RunConfig:
                      "probe_validations", "threads", "frozen_bottom"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, most in UPPER_BOUNDS.items():
+            if getattr(self, name) > most:
+                raise ConfigError(f"{name} must be <= {most:,}, got {getattr(self, name):,}")
         for name in ("scale_factor", "compute_scale"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -344,9 +358,15 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
+            if value not in (0, 1):  # bool(2) or bool([]) would hide a mistake
+                raise ValueError(value)
             return bool(value)
         if isinstance(current, list):
-            return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else list(value)
+            from munet.data.registry import split_specs  # lazily: it loads torch, which --help does not need
+
+            return split_specs(value) if isinstance(value, str) else list(value)
+        if isinstance(value, bool):  # TOML's `rounds = true` would otherwise read as 1
+            raise ValueError(value)
         if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
             if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

@@ -153,15 +153,37 @@ def export_path(path: TaskPath, config: dict[str, Any], out: str | FsPath, fmt: 
     return target
 
 
+EXPORT_FILES = ("config.json", "model.safetensors", "model.onnx")
+
+
+def is_export(out: FsPath) -> bool:
+    """Whether ``out`` holds a munet export: its config.json says so, and which munet wrote it."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and str(config.get("format", "")).startswith("munet") and "munet_version" in config
+
+
 def export_dir(out: str | FsPath, fmt: str) -> FsPath:
-    """The export directory ``out``, created, once ``fmt`` is known to be a format.
+    """The export directory ``out``, created, once ``fmt`` is known to be a format and ``out`` holds nothing an
+    export would overwrite but an earlier export.
 
     Raises:
-        ExportError: unknown format, or a directory that cannot be created.
+        ExportError: unknown format, an empty name, a file, a directory holding other files of an export's names, or
+            a directory that cannot be created.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not str(out).strip():
+        raise ExportError("the export directory is empty: name one, e.g. --out exported")
     out = FsPath(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"cannot export into {out}: it is a file, not a directory")
+    foreign = [name for name in EXPORT_FILES if (out / name).exists()]
+    if foreign and not is_export(out):
+        raise ExportError(f"{out} already holds {', '.join(foreign)} of something other than a munet export; export "
+                          "into a new or empty directory (an earlier munet export there is replaced)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

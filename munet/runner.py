@@ -66,6 +66,8 @@ def resolve_device(name: str) -> torch.device:
 
 def prepare_output(out: FsPath) -> None:
     """Creates the output directory and checks it is writable before any compute is spent."""
+    if out.exists() and not out.is_dir():
+        raise MunetError(f"output directory {out} is a file; choose a directory for the run with --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -114,6 +116,9 @@ def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskDat
 # count, device or dtype may change the last digits, and a resumed run warns of it (Run._compare_runtime).
 OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_cache_mb", "data_dir", "out", "shared_training",
                     "executor", "ray_address", "log")
+
+#: Keys ``add-task`` may not change: the system the new tasks join is built on them.
+ADD_FIXED_KEYS = ("root", "depth", "max_depth", "tasks")
 
 
 def use_threads(threads: int) -> int:
@@ -283,6 +288,13 @@ class Run:
                 if plan["done"] < len(plan["order"]):
                     raise MunetError(f"{out} is unfinished ({plan['done']}/{len(plan['order'])} task iterations); "
                                      f"finish it first with `munet resume {out}`")
+                fixed = [k for k in ADD_FIXED_KEYS if k in overrides and getattr(cfg, k) != getattr(stored, k)]
+                if fixed:
+                    raise MunetError(f"add-task cannot change {', '.join(fixed)}: the earlier tasks' paths are built "
+                                     "on the run's root as it is (the new tasks are given as arguments)")
+                changed = _differences(cfg, stored)
+                if changed:
+                    print(f"the new tasks train with {'; '.join(changed)}", file=stream or sys.stdout)
                 cfg = cfg.replace(tasks=list(cfg.tasks) + [t for t in add if t not in cfg.tasks], out=str(out))
             known = set(store.task_names())
             run = cls(cfg, store, stream or sys.stdout)

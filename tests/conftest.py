@@ -5,6 +5,7 @@ registered with timm (``random:munet_tiny``), the tasks ``a``, ``b`` and ``c`` w
 
 from __future__ import annotations
 
+import hashlib
 import random
 import socket
 import sys
@@ -21,7 +22,7 @@ from munet.data.task import TaskData
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.system import System
 from munet.model.root import Root
-from munet.storage.store import Store
+from munet.storage.store import LOCK_NAME, Store
 
 # the benchmarks' own modules (the baselines) are importable by name, as they are when a benchmark script runs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -158,3 +159,21 @@ def make_run(out, store_class: type[Store] = Store, **overrides) -> RunConfig:
     cfg = tiny_config(out, **overrides)
     run(cfg, stream=io.StringIO(), store_class=store_class)
     return cfg
+
+
+def run_files(run_dir) -> dict[str, str]:
+    """Content hash of every file of a run directory but the lock (it only names the last writer) and SQLite's WAL
+    index and empty WAL, which a reader may create and the next writer removes (they hold no data)."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_NAME
+            and not p.name.endswith("-shm") and not (p.name.endswith("-wal") and p.stat().st_size == 0)}
+
+
+def cli_error(capsys, argv: list[str], status: int = 2) -> str:
+    """Runs the CLI, expecting ``status`` and an ``error:`` line without a traceback; returns stderr."""
+    from munet.cli import main
+
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return err

@@ -5,7 +5,6 @@ the store is unchanged."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import re
@@ -16,6 +15,8 @@ import subprocess
 import pytest
 import torch
 from conftest import TINY_ROOT, Crash, crashing_store, make_run, tiny_vit
+from conftest import cli_error as _error
+from conftest import run_files as _files
 from timm.models import register_model
 
 from munet.cli import build_config, main, make_parser
@@ -37,22 +38,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory):
 def _copy(run_dir, target):
     shutil.copytree(run_dir, target)
     return target
-
-
-def _files(run_dir) -> dict[str, str]:
-    """Content hash of every file of a run directory but the lock (it only names the last writer) and SQLite's WAL
-    index and empty WAL, which a reader may create and the next writer removes (they hold no data)."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_NAME
-            and not p.name.endswith("-shm") and not (p.name.endswith("-wal") and p.stat().st_size == 0)}
-
-
-def _error(capsys, argv: list[str], status: int = 2) -> str:
-    """Runs the CLI, expecting ``status`` and an ``error:`` line without a traceback; returns stderr."""
-    assert main(argv) == status
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err, err
-    return err
 
 
 @register_model

@@ -174,8 +174,9 @@ def test_npz_split_keys(tmp_path: Path) -> None:
     ("bad_float_range", r"\[0, 1\]"),
     ("one_class", "at least 2 classes"),
     ("shape_between_splits", "different image shapes"),
-    ("object_array", "cannot read npz"),
-    ("corrupt", "cannot read npz"),
+    ("object_array", "holds an object array"),
+    ("corrupt", "not a readable .npz archive"),
+    ("not_npz", "not a readable .npz archive"),
     ("missing_file", "does not exist"),
 ])
 def test_npz_errors(tmp_path: Path, case: str, match: str) -> None:
@@ -209,6 +210,9 @@ def test_npz_errors(tmp_path: Path, case: str, match: str) -> None:
         np.savez(path, x=x, y=y, class_names=np.array(["a", None], dtype=object))
     elif case == "corrupt":
         path.write_bytes(b"PK\x03\x04 definitely not a zip archive")
+    elif case == "not_npz":  # a .npy saved under an .npz name
+        np.save(tmp_path / "array.npy", x)
+        (tmp_path / "array.npy").rename(path)
     elif case == "missing_file":
         path = tmp_path / "nope.npz"
     with pytest.raises(DataError, match=match):

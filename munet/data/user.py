@@ -473,8 +473,12 @@ def load_npz(path: str | Path, seed: int, name: str | None = None, lazy: bool | 
         with np.load(p, allow_pickle=False) as f:
             data: dict[str, np.ndarray | NpyRows] = {k: in_place[k] if k in in_place else f[k] for k in f.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot read npz file {p}: {type(exc).__name__}: {exc} (object arrays are not allowed; "
-                        "store class_names as a string array)") from exc
+        if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
+            raise DataError(f"npz file {p} holds an object array, which munet does not read (it would run "
+                            "pickled code); store images and labels as numeric arrays and class_names as a string "
+                            "array") from exc
+        raise DataError(f"cannot read npz file {p}: it is not a readable .npz archive ({type(exc).__name__}: {exc}); "
+                        "write it with numpy.savez") from exc
     src = str(p)
     pairs: dict[str, tuple[np.ndarray | NpyRows, np.ndarray]] = {}
     if "x_train" in data or "y_train" in data:

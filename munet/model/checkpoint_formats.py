@@ -53,6 +53,15 @@ def read_checkpoint(path: Path) -> _Converted:
     raise WeightsError(f"{path} is not a recognised ViT checkpoint; its first keys are {first_few(list(raw))}")
 
 
+def _first_line(exc: BaseException) -> str:
+    """The gist of a reader's error: torch's weights_only refusal alone runs to a dozen lines of advice that does not
+    apply (munet never unpickles code)."""
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "pickle" in line or "weights_only" in line:  # advice to load unsafely, which munet refuses by design
+        return f"{type(exc).__name__} (not tensors, or not a checkpoint at all)"
+    return f"{type(exc).__name__}: {line[:200]}"
+
+
 def _read_torch_like(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix.lower() == ".safetensors":
@@ -63,9 +72,8 @@ def _read_torch_like(path: Path) -> dict[str, torch.Tensor]:
             # weights_only: a checkpoint is data; refusing arbitrary pickled code keeps loading a file safe.
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors, pickle, zip and OS errors alike mean "corrupt or unreadable"
-        raise WeightsError(
-            f"cannot read weights file {path} (corrupt or not a checkpoint): {type(exc).__name__}: {exc}"
-        ) from None
+        raise WeightsError(f"root weights file {path} is not a readable checkpoint (corrupt, truncated, or holding "
+                           f"objects other than tensors): {_first_line(exc)}") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -157,9 +165,8 @@ def _read_npz(path: Path) -> _Converted:
         with np.load(str(path), allow_pickle=False) as npz:
             w = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise WeightsError(
-            f"cannot read weights file {path} (corrupt or not an .npz): {type(exc).__name__}: {exc}"
-        ) from None
+        raise WeightsError(f"root weights file {path} is not a readable .npz of arrays (corrupt, truncated, or "
+                           f"holding objects): {_first_line(exc)}") from None
     prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
     if prefix is None:
         raise WeightsError(f"{path} is not a ViT .npz (no 'embedding/kernel'); its first keys are {first_few(list(w))}")

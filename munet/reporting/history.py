@@ -69,7 +69,7 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
     """The mutation statistics and best-path lineages of the run in ``run_dir`` (see :func:`format_history`)."""
     with Store.open(run_dir) as store:
         tasks = store.task_names()
-        root = store.get("root") or {}
+        root = store.root_record() or {}
         rows = {r["id"]: dict(r, accepted=int(r["accepted"]), test=r["test_quality"]) for r in store.sampled_paths()}
     retained = {pid for pid, r in rows.items() if r["retained"]}
     root_id = root.get("path_id", 0)

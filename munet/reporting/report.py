@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import jinja2
 
-from munet.errors import DataError
+from munet.errors import DataError, MunetError
 from munet.model.components import get_kind, kind_of, list_kinds, slot_index
 from munet.reporting import figures
 from munet.reporting.history import describe_mutations, run_generation, run_history
@@ -183,9 +183,32 @@ def write_report(run_dir: str | FsPath, out: str | FsPath | None = None, baselin
     """Writes the report of the run in ``run_dir`` to ``out`` (default ``RUN/report.html``) and returns its path;
     the store is only read, so this works while the run goes on. ``stream``: where to show progress (none: no
     progress)."""
-    target = FsPath(out) if out is not None else FsPath(run_dir) / REPORT_NAME
+    target = report_target(run_dir, out)
     html = render(report_data(run_dir, baselines_file), stream)
-    atomic_write(target, html)
+    try:
+        atomic_write(target, html)
+    except OSError as err:
+        raise MunetError(f"cannot write the report to {target}: {err.strerror or err}; choose a writable file with "
+                         "--out FILE") from err
+    return target
+
+
+def report_target(run_dir: str | FsPath, out: str | FsPath | None) -> FsPath:
+    """The file a report goes to: ``out``, or ``RUN/report.html``; checked before the report is rendered.
+
+    Raises:
+        MunetError: ``out`` is empty, a directory, or in a folder that does not exist.
+    """
+    if out is None:
+        return FsPath(run_dir) / REPORT_NAME
+    if not str(out).strip():
+        raise MunetError(f"--out is empty: give the HTML file to write, e.g. --out {REPORT_NAME}")
+    target = FsPath(out)
+    if target.is_dir():
+        raise MunetError(f"--out {target} is a directory: give the HTML file to write, e.g. --out "
+                         f"{target / REPORT_NAME}")
+    if not target.parent.is_dir():
+        raise MunetError(f"--out {target}: its folder {target.parent} does not exist; create it or choose another file")
     return target
 
 

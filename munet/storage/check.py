@@ -8,6 +8,7 @@ from pathlib import Path as FsPath
 
 from safetensors import safe_open
 
+from munet.errors import StoreError
 from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
 
 
@@ -99,7 +100,11 @@ def _check_blob(store: Store, digest: str, what: str, shapes: dict[str, list[int
 
 def _check_references(store: Store, components: dict[int, str], problems: list[str]) -> None:
     """Root, checkpoint, population and lineage records must point at records and components that exist."""
-    root = store.get("root") or {}
+    try:
+        root = store.root_record() or {}
+    except StoreError as err:
+        problems.append(str(err))
+        root = {}
     for name, cid in (root.get("components") or {}).items():
         if cid not in components:
             problems.append(f"the root's {name} (component #{cid}) has no component record")
@@ -141,15 +146,18 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
 def _check_data(store: Store, report: CheckReport) -> None:
     """Each task's data, loaded from its source, against the fingerprint stored when it joined the run."""
     from munet.data.registry import load_task
-    from munet.errors import MunetError
+    from munet.errors import MunetError, TaskUnavailable
     from munet.storage.snapshot import data_fingerprint
 
     cfg, stored = store.get("config") or {}, store.get("data_fingerprints") or {}
     for spec in cfg.get("tasks", []):
         try:
             task = load_task(spec, cfg["seed"], cfg["data_dir"])
-        except MunetError as err:
+        except TaskUnavailable as err:  # this machine lacks the source's package: nothing is wrong with the data
             report.notes.append(f"the data of task {spec} could not be loaded, so it was not verified: {err}")
+            continue
+        except MunetError as err:  # missing or corrupt: the run cannot be resumed or extended until it is restored
+            report.problems.append(f"the data of task {spec} cannot be loaded: {err}")
             continue
         if task.name not in stored:
             report.notes.append(f"task {task.name} has no stored data fingerprint (a store from an older munet)")

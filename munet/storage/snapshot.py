@@ -256,7 +256,7 @@ def root_from_store(store: Store) -> Root:
         StoreError: the root cannot be rebuilt from its description, or its record is damaged.
     """
     try:
-        return _root_from_record(store, store.get("root"))
+        return _root_from_record(store, store.root_record())
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a record that reads as JSON yet is not the root's
         raise StoreError(f"the root record of {store.dir} is damaged ({type(err).__name__}: {err}); run `munet check "
                          f"{store.dir}`") from err
@@ -283,12 +283,12 @@ def _root_from_record(store: Store, rec: dict[str, Any]) -> Root:
 def stored_posembed_resize(store: Store) -> str:
     """How the run's root resizes its position embedding: as recorded; bicubic for runs made before the choice
     existed (every root resized bicubically then)."""
-    return store.get("root").get("posembed_resize", "bicubic")
+    return store.root_record().get("posembed_resize", "bicubic")
 
 
 def verify_root(store: Store, root: Root, system: System) -> None:
     """Raises WeightsError unless ``root`` is the root the run was made with (same file and same weights)."""
-    rec = store.get("root")
+    rec = store.root_record()
     if root.sha256 != rec["sha256"] or root.depth != rec["depth"]:
         raise WeightsError(f"the run in {store.dir} was made with root {rec['name']} (sha256 {rec['sha256']}, "
                            f"depth {rec['depth']}); the configured root differs (sha256 {root.sha256}, depth "
@@ -329,7 +329,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     plan = store.get("plan")
     if ck is None or plan is None:
         raise StoreError(f"{store.dir} holds no committed checkpoint")
-    rec = store.get("root")
+    rec = store.root_record()
     bound = ck.get("components_digest")  # absent in stores written before it was recorded
     if verify_digest and bound is not None and bound != store.components_digest():
         raise StoreError(f"the component records of {store.dir} are not those its checkpoint was written with (a "

@@ -51,6 +51,9 @@ SCHEMA_VERSION = 1
 DAMAGE_ERRORS = (sqlite3.DatabaseError, json.JSONDecodeError, UnicodeDecodeError)
 DB_NAME = "munet.db"
 BLOB_DIR = "blobs"
+#: Fields every root record has had since the store's first version (later ones are read with defaults).
+ROOT_FIELDS = ("name", "description", "source", "sha256", "mean", "std", "pretrained", "full_depth", "depth", "arch",
+               "components")
 LOCK_NAME = "munet.lock"
 AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
@@ -296,6 +299,22 @@ class Store:
         if row is None:
             return default
         return row[0] if isinstance(row[0], bytes) else json.loads(row[0])
+
+    def root_record(self) -> dict[str, Any] | None:
+        """The root's record (written by :func:`munet.storage.snapshot.root_record`); ``None`` before the first
+        checkpoint.
+
+        Raises:
+            StoreError: a record without a field every root record has (the database was damaged or edited).
+        """
+        rec = self.get("root")
+        if rec is None:
+            return None
+        missing = [f for f in ROOT_FIELDS if f not in rec] if isinstance(rec, dict) else list(ROOT_FIELDS)
+        if missing:
+            raise StoreError(f"the root record of {self.dir / DB_NAME} lacks {', '.join(missing)}: the database was "
+                             "damaged or edited; restore the run from a copy")
+        return rec
 
     def put(self, key: str, value: Any) -> None:
         """Sets a meta value (JSON, or raw bytes); call inside :meth:`transaction`."""

@@ -1,0 +1,148 @@
+"""A user's mistakes at the command line, found by probing every command: output paths that are empty, files,
+folders that do not exist or lie in the run's store; numbers past any finishable run; booleans given as numbers;
+task lists with commas inside a spec; a root record edited by hand; a corrupt root file; add-task options that
+cannot apply. Each is an exit 2 (check: 1) with a message that names the problem, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+from conftest import TINY_ROOT, make_run
+from conftest import cli_error as _error
+from conftest import run_files as _files
+
+from munet.cli import build_config, main, make_parser
+from munet.data.registry import clear_cache, split_specs
+from munet.storage.store import BLOB_DIR, DB_NAME
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("cli_input") / "run"
+    make_run(out, children_per_task=2)
+    return out
+
+
+# --- output paths ---------------------------------------------------------------------------------------------------
+def test_report_target_is_checked_before_rendering(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "--out is empty" in _error(capsys, ["report", str(run_dir), "--out", ""])
+    (tmp_path / "folder").mkdir()
+    err = _error(capsys, ["report", str(run_dir), "--out", str(tmp_path / "folder")])
+    assert "is a directory: give the HTML file to write" in err and ".tmp" not in err
+    err = _error(capsys, ["report", str(run_dir), "--out", str(tmp_path / "nowhere" / "r.html")])
+    assert "its folder" in err and "does not exist" in err and ".tmp" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html")]) == 0
+
+
+def test_export_never_overwrites_what_is_not_an_export(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "export directory is empty" in _error(capsys, ["export", str(run_dir), "--task", "a", "--out", ""])
+    assert list(tmp_path.iterdir()) == []  # once: the model and config.json written into the current folder
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"learning_rate": 0.1}')
+    err = _error(capsys, ["export", str(run_dir), "--task", "all", "--out", str(theirs)])
+    assert "already holds config.json of something other than a munet export" in err
+    assert (theirs / "config.json").read_text() == '{"learning_rate": 0.1}' and len(list(theirs.iterdir())) == 1
+    (tmp_path / "file").write_text("x")
+    assert "it is a file" in _error(capsys, ["export", str(run_dir), "--task", "a", "--out", str(tmp_path / "file")])
+    before = _files(run_dir)
+    for inside in (run_dir / BLOB_DIR, run_dir, run_dir / "exports"):  # blobs/: the next checkpoint deleted it
+        err = _error(capsys, ["export", str(run_dir), "--task", "a", "--out", str(inside)])
+        assert "inside the run directory" in err
+    assert _files(run_dir) == before and not (run_dir / "exports").exists()
+    mine = tmp_path / "mine"
+    assert main(["export", str(run_dir), "--task", "a", "--out", str(mine)]) == 0
+    assert main(["export", str(run_dir), "--task", "b", "--out", str(mine)]) == 0  # an earlier export is replaced
+
+
+def test_run_output_must_name_a_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "out: the run directory is empty" in _error(capsys, ["run", "--set", "out="])
+    (tmp_path / "file").write_text("x")
+    assert "is a file; choose a directory" in _error(capsys, ["run", "--out", str(tmp_path / "file")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# --- configuration values -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("line, match", [
+    ("rounds = true", "rounds: cannot read True as int"),
+    ("batch_size = false", "batch_size: cannot read False as int"),
+    ("scale_factor = true", "scale_factor: cannot read True as float"),
+    ("separate_probes = 2", "separate_probes: cannot read 2 as bool"),
+    ("rounds = 100000000", "rounds must be <= 1,000"),
+    ("children_per_task = 1e11", "children_per_task must be <= 10,000"),
+    ("validations = 1000000", "validations must be <= 10,000"),
+])
+def test_config_values_a_typo_makes(tmp_path, capsys, line, match):
+    (tmp_path / "c.toml").write_text(line + "\n")
+    err = _error(capsys, ["run", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert match in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_commas_inside_a_task_spec():
+    assert split_specs("split:uci_digits:0,1,2,faces") == ["split:uci_digits:0,1,2", "faces"]
+    assert split_specs("folder:/data/pics, old,npz:/x,y.npz,mnist_5k") == ["folder:/data/pics, old", "npz:/x,y.npz",
+                                                                          "mnist_5k"]
+    assert split_specs(" faces , ,mnist_5k") == ["faces", "mnist_5k"]
+    assert split_specs("mnist_5k,fashon") == ["mnist_5k", "fashon"]  # a typo stays its own (unknown) task
+    args = make_parser().parse_args(["run", "--tasks", "split:uci_digits:0-2,7,faces"])
+    assert build_config(args).tasks == ["split:uci_digits:0-2,7", "faces"]
+
+
+# --- the store and the root -----------------------------------------------------------------------------------------
+def test_root_record_without_its_fields(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with sqlite3.connect(run / DB_NAME) as db:
+        db.execute("""UPDATE meta SET value = '{"x": 1}' WHERE key = 'root'""")
+    db.close()
+    before = _files(run)
+    for command in ("resume", "status", "report", "history"):
+        assert "the root record of" in _error(capsys, [command, str(run)]), command
+    assert "lacks name, description" in _error(capsys, ["export", str(run), "--task", "a", "--out",
+                                                        str(tmp_path / "e")])
+    assert main(["check", str(run)]) == 1
+    assert "lacks name, description, source" in capsys.readouterr().out
+    assert _files(run) == before
+
+
+def test_check_data_finds_a_task_whose_file_is_gone(tmp_path, capsys):
+    data = tmp_path / "t.npz"
+    np.savez(data, x=np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8), y=np.arange(40) % 2)
+    make_run(tmp_path / "run", tasks=[f"npz:{data}"], children_per_task=2)
+    assert main(["check", "--data", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    data.rename(tmp_path / "moved.npz")
+    clear_cache()  # as a new process would: the loaded task is cached in-process
+    assert main(["check", "--data", str(tmp_path / "run")]) == 1  # once "ok": a missing file was only a note
+    assert f"problem: the data of task npz:{data} cannot be loaded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02 not a pickle at all", b""])
+def test_corrupt_root_file_is_named_in_one_line(tmp_path, capsys, content):
+    (tmp_path / "root.pth").write_bytes(content)
+    err = _error(capsys, ["run", "--root", f"file:{tmp_path / 'root.pth'}", "--out", str(tmp_path / "run"),
+                          "--dry-run"])
+    assert f"root weights file {tmp_path / 'root.pth'} is not a readable checkpoint" in err
+    assert "weights_only" not in err and len(err.splitlines()) == 1
+
+
+def test_add_task_options_that_cannot_apply(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = _files(run)
+    assert "--preset does not apply" in _error(capsys, ["add-task", str(run), "c", "--preset", "default"])
+    err = _error(capsys, ["add-task", str(run), "c", "--set", "depth=2"])
+    assert "add-task cannot change depth" in err
+    err = _error(capsys, ["add-task", str(run), "c", "--root", TINY_ROOT + "_other"])
+    assert "add-task cannot change root" in err
+    assert _files(run) == before

@@ -146,3 +146,21 @@ def test_add_task_options_that_cannot_apply(run_dir, tmp_path, capsys):
     err = _error(capsys, ["add-task", str(run), "c", "--root", TINY_ROOT + "_other"])
     assert "add-task cannot change root" in err
     assert _files(run) == before
+
+
+def test_run_without_its_blob_folder(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / BLOB_DIR)
+    before = _files(run)
+    assert main(["status", str(run)]) == 0  # the records still read; the loss is said, not hidden
+    assert "blob(s) the run references are missing" in capsys.readouterr().out
+    assert "the blob folder" in _error(capsys, ["resume", str(run)])  # once "No such file or directory"
+    assert _files(run) == before and not (run / BLOB_DIR).exists()
+
+
+def test_report_baselines_file_of_another_shape(run_dir, tmp_path, capsys):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    err = _error(capsys, ["report", str(run_dir), "--baselines", str(tmp_path / "list.json"), "--out",
+                          str(tmp_path / "r.html")])
+    assert "holds no list of methods" in err

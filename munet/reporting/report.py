@@ -121,12 +121,13 @@ def load_baselines(file: str | FsPath) -> list[dict[str, Any]]:
     """
     file = FsPath(file)
     try:
-        methods = json.loads(file.read_text()).get("methods")
+        results = json.loads(file.read_text())
     except FileNotFoundError as err:
         raise DataError(f"baselines file {file} does not exist; pass a quality benchmark's results file, e.g. "
                         "benchmarks/results/quality.json") from err
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"baselines file {file} is not a quality benchmark's JSON results file: {err}") from err
+    methods = results.get("methods") if isinstance(results, dict) else None
     keys = ("method", "params_per_task", "test_acc")
     if not isinstance(methods, list) or not all(isinstance(m, dict) and all(k in m for k in keys) for m in methods):
         raise DataError(f"baselines file {file} holds no list of methods with {', '.join(keys)}; pass a quality "

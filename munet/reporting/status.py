@@ -31,6 +31,7 @@ def run_status(run_dir: str | FsPath) -> dict[str, Any]:
                       for t in tasks if (b := best.get(t))],
             "agents": agents, "paths_sampled": counts["sampled"], "paths_accepted": counts["accepted"],
             "unique_params": unique["params"], "blobs": unique["blobs"], "store_bytes": store.sizes(),
+            "missing_blobs": store.missing_blobs(),
         }
 
 
@@ -77,6 +78,9 @@ def format_status(s: dict[str, Any]) -> str:
     lines += ["", f"store: {_mb(size['total'])} ({s['blobs']} blobs {_mb(size['blobs'])}, database "
                   f"{_mb(size['database'])}); unique parameters {params:,} ({_mb(4 * params)} as float32, "
                   f"store / parameters = {size['total'] / max(4 * params, 1):.3f})"]
+    if s["missing_blobs"]:
+        lines.append(f"warning: {s['missing_blobs']} blob(s) the run references are missing; `munet check {s['run']}` "
+                     "says which")
     return "\n".join(lines)
 
 

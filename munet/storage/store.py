@@ -491,6 +491,9 @@ class Store:
         self._require_write()
         if self.agent is not None:
             raise StoreError("an agent never collects garbage: other agents' blobs may be in flight")
+        if not self.blobs.folder.is_dir():
+            raise StoreError(f"the blob folder {self.blobs.folder} is missing: the run's weights are gone; restore the "
+                             f"run from a copy (`munet check {self.dir}` lists what is missing)")
         agents = [lock_file(self.dir, path.name, wait=True) for path in sorted(self.dir.glob(AGENT_LOCK.format("*")))]
         try:
             return self._collect_garbage()
@@ -539,6 +542,10 @@ class Store:
             raise StoreError(f"the store of {self.dir} was opened read-only")
 
     # --- sizes --------------------------------------------------------------------------------------------------
+    def missing_blobs(self) -> int:
+        """How many blobs the records reference that are not on disk (``munet check`` says which)."""
+        return sum(not self.blobs.path(digest).is_file() for digest in self.referenced_blobs())
+
     def sizes(self) -> dict[str, int]:
         """Bytes on disk: the database (with its WAL) and the blobs."""
         db = sum(p.stat().st_size for p in self.dir.glob(DB_NAME + "*") if p.is_file())

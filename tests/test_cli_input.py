@@ -16,7 +16,7 @@ from conftest import run_files as _files
 
 from munet.cli import build_config, main, make_parser
 from munet.data.registry import clear_cache, split_specs
-from munet.storage.store import BLOB_DIR, DB_NAME
+from munet.storage.store import BLOB_DIR, DB_NAME, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,3 +164,10 @@ def test_report_baselines_file_of_another_shape(run_dir, tmp_path, capsys):
     err = _error(capsys, ["report", str(run_dir), "--baselines", str(tmp_path / "list.json"), "--out",
                           str(tmp_path / "r.html")])
     assert "holds no list of methods" in err
+
+
+def test_check_names_an_interrupted_creation(tmp_path, capsys):
+    Store.create(tmp_path / "run").close()  # the schema committed, the first checkpoint not
+    assert main(["check", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert "creation was interrupted before its first checkpoint" in out and "no 'config' record" not in out

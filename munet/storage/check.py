@@ -52,9 +52,12 @@ def _check(store: Store, report: CheckReport, data: bool) -> None:
     verdict = store.integrity()
     if verdict != "ok":
         problems.append(f"the database fails SQLite's integrity check: {verdict}")
-    for key in ("config", "root", "plan", "checkpoint"):
-        if store.get(key) is None:
-            problems.append(f"the database has no {key!r} record")
+    absent = [key for key in ("config", "root", "plan", "checkpoint") if store.get(key) is None]
+    if len(absent) == 4 and not store.components():  # what an interrupted `munet run` leaves, nothing more
+        problems.append("the run's creation was interrupted before its first checkpoint: nothing of it is kept; run "
+                        "the same `munet run` again to start it afresh")
+        return
+    problems += [f"the database has no {key!r} record" for key in absent]
     components: dict[int, str] = {}
     referenced: set[str] = set()
     for r in store.components():

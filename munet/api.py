@@ -19,7 +19,7 @@ from munet.multitask_export import export_multitask, multitask_config
 from munet.predict import ImageLike, Prediction, predict, to_uint8_images
 from munet.runner import Wiring
 from munet.storage.snapshot import load_checkpoint, root_from_store, verify_root
-from munet.storage.store import Store
+from munet.storage.store import BLOB_DIR, Store
 
 
 class MultitaskSystem:
@@ -105,11 +105,12 @@ class MultitaskSystem:
         return export_multitask(paths, config, out, format)
 
     def _check_outside(self, out: str | FsPath) -> None:
-        """Refuses an export directory inside the run directory, whose files the store owns (a checkpoint deletes
-        what it does not reference in blobs/)."""
-        if str(out).strip() and FsPath(out).resolve().is_relative_to(self.run_dir.resolve()):
-            raise ExportError(f"cannot export into {out}: it is inside the run directory {self.run_dir}, whose files "
-                              "the run owns; choose a directory outside it")
+        """Refuses the run directory itself and its blob folder as an export directory: the store owns their files
+        (a checkpoint deletes the model files it does not reference in blobs/). ``RUN/exports`` is fine."""
+        target, run = FsPath(out).resolve(), self.run_dir.resolve()
+        if str(out).strip() and (target == run or target.is_relative_to(run / BLOB_DIR)):
+            raise ExportError(f"cannot export into {out}: the run directory {self.run_dir} and its {BLOB_DIR}/ "
+                              "folder hold the run's own files; choose another directory (RUN/exports is fine)")
 
     def _provenance(self, format: str) -> dict[str, Any]:  # noqa: A002
         """The source of an export; checks first that one can be written in ``format``."""

@@ -134,6 +134,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import munet
     from munet.reporting.progress import Progress
 
+    if not args.out.strip():  # checked here too: --separate writes OUT/TASK, which is not empty
+        raise MunetError("--out is empty: name the directory to export into, e.g. --out exported")
     system = munet.load(args.run_dir)
     if args.task != "all":
         target = system.export(args.task, args.out, args.format)
@@ -184,7 +186,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise MunetError(f"--port must be in 0-65535 (0: a free port), got {args.port}")
     if args.max_wait_ms < 0 or args.max_batch < 1:
         raise MunetError("--max-wait-ms must be >= 0 and --max-batch >= 1")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    from munet.data.registry import split_specs
+
+    tasks = split_specs(args.tasks) if args.tasks else None
     try:
         serve(args.run_dir, args.host, args.port, tasks, Limits(max_batch_images=args.max_batch,
                                                                max_wait_ms=args.max_wait_ms), stream=sys.stdout)

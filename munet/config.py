@@ -40,7 +40,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
 
 #: Upper bounds far past any run that could end (a month of a large machine): they stop a typo, an extra zero or
 #: three, from planning a run that never finishes or hanging ``--dry-run``.
-UPPER_BOUNDS: dict[str, int] = {"rounds": 1_000, "children_per_task": 10_000, "generation_size": 10_000,
+UPPER_BOUNDS: dict[str, int] = {"rounds": 100_000, "children_per_task": 10_000, "generation_size": 10_000,
                                 "validations": 10_000, "steps_between_validations": 1_000_000, "batch_size": 65_536,
                                 "probe_validations": 10_000, "max_val_examples": 10_000_000, "max_seeds": 10_000,
                                 "max_task_population": 1_000_000, "threads": 4_096, "feature_cache_mb": 10**8,

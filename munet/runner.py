@@ -293,8 +293,6 @@ class Run:
                     raise MunetError(f"add-task cannot change {', '.join(fixed)}: the earlier tasks' paths are built "
                                      "on the run's root as it is (the new tasks are given as arguments)")
                 changed = _differences(cfg, stored)
-                if changed:
-                    print(f"the new tasks train with {'; '.join(changed)}", file=stream or sys.stdout)
                 cfg = cfg.replace(tasks=list(cfg.tasks) + [t for t in add if t not in cfg.tasks], out=str(out))
             known = set(store.task_names())
             run = cls(cfg, store, stream or sys.stdout)
@@ -304,6 +302,8 @@ class Run:
                 if not new:
                     raise MunetError(f"no new task to add: {', '.join(add)} already in {run_dir} or unavailable")
                 run.state.plan = run.state.plan + new
+                if changed:
+                    print(f"the new tasks train with {'; '.join(changed)}", file=run.stream)
             on_error.pop_all()
         return run
 

@@ -14,8 +14,10 @@ from conftest import TINY_ROOT, make_run
 from conftest import cli_error as _error
 from conftest import run_files as _files
 
+import munet
 from munet.cli import build_config, main, make_parser
 from munet.data.registry import clear_cache, split_specs
+from munet.errors import ExportError
 from munet.storage.store import BLOB_DIR, DB_NAME, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +45,10 @@ def test_report_target_is_checked_before_rendering(run_dir, tmp_path, capsys, mo
 
 def test_export_never_overwrites_what_is_not_an_export(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert "export directory is empty" in _error(capsys, ["export", str(run_dir), "--task", "a", "--out", ""])
+    assert "--out is empty" in _error(capsys, ["export", str(run_dir), "--task", "a", "--out", ""])
+    assert "--out is empty" in _error(capsys, ["export", str(run_dir), "--task", "all", "--separate", "--out", ""])
+    with pytest.raises(ExportError, match="export directory is empty"):
+        munet.load(run_dir).export_all("")
     assert list(tmp_path.iterdir()) == []  # once: the model and config.json written into the current folder
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -53,14 +58,16 @@ def test_export_never_overwrites_what_is_not_an_export(run_dir, tmp_path, capsys
     assert (theirs / "config.json").read_text() == '{"learning_rate": 0.1}' and len(list(theirs.iterdir())) == 1
     (tmp_path / "file").write_text("x")
     assert "it is a file" in _error(capsys, ["export", str(run_dir), "--task", "a", "--out", str(tmp_path / "file")])
-    before = _files(run_dir)
-    for inside in (run_dir / BLOB_DIR, run_dir, run_dir / "exports"):  # blobs/: the next checkpoint deleted it
-        err = _error(capsys, ["export", str(run_dir), "--task", "a", "--out", str(inside)])
-        assert "inside the run directory" in err
-    assert _files(run_dir) == before and not (run_dir / "exports").exists()
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = _files(run)
+    for inside in (run / BLOB_DIR, run, run / BLOB_DIR / "x"):  # in blobs/, the next checkpoint deleted the model
+        assert "hold the run's own files" in _error(capsys, ["export", str(run), "--task", "a", "--out", str(inside)])
+    assert _files(run) == before
+    assert main(["export", str(run), "--task", "a", "--out", str(run / "exports")]) == 0
     mine = tmp_path / "mine"
-    assert main(["export", str(run_dir), "--task", "a", "--out", str(mine)]) == 0
-    assert main(["export", str(run_dir), "--task", "b", "--out", str(mine)]) == 0  # an earlier export is replaced
+    for task in ("a", "all", "b"):  # an earlier export, of one task or all, is replaced
+        assert main(["export", str(run_dir), "--task", task, "--out", str(mine)]) == 0
 
 
 def test_run_output_must_name_a_directory(tmp_path, capsys, monkeypatch):
@@ -77,7 +84,7 @@ def test_run_output_must_name_a_directory(tmp_path, capsys, monkeypatch):
     ("batch_size = false", "batch_size: cannot read False as int"),
     ("scale_factor = true", "scale_factor: cannot read True as float"),
     ("separate_probes = 2", "separate_probes: cannot read 2 as bool"),
-    ("rounds = 100000000", "rounds must be <= 1,000"),
+    ("rounds = 100000000", "rounds must be <= 100,000"),
     ("children_per_task = 1e11", "children_per_task must be <= 10,000"),
     ("validations = 1000000", "validations must be <= 10,000"),
 ])
@@ -94,6 +101,10 @@ def test_commas_inside_a_task_spec():
                                                                           "mnist_5k"]
     assert split_specs(" faces , ,mnist_5k") == ["faces", "mnist_5k"]
     assert split_specs("mnist_5k,fashon") == ["mnist_5k", "fashon"]  # a typo stays its own (unknown) task
+    assert split_specs("torchvision:EMNIST:split=digits,download=False,faces") == [
+        "torchvision:EMNIST:split=digits,download=False", "faces"]
+    assert split_specs("hf:user/name:config,split:npz:/a/b.npz:0-3,7") == ["hf:user/name:config",
+                                                                          "split:npz:/a/b.npz:0-3,7"]
     args = make_parser().parse_args(["run", "--tasks", "split:uci_digits:0-2,7,faces"])
     assert build_config(args).tasks == ["split:uci_digits:0-2,7", "faces"]
 
@@ -146,6 +157,8 @@ def test_add_task_options_that_cannot_apply(run_dir, tmp_path, capsys):
     err = _error(capsys, ["add-task", str(run), "c", "--root", TINY_ROOT + "_other"])
     assert "add-task cannot change root" in err
     assert _files(run) == before
+    assert main(["add-task", str(run), "c", "--set", "depth=3", "--set", "lr=0.05"]) == 0  # depth as it was
+    assert "the new tasks train with lr 0.05 (stored: 0.02)" in capsys.readouterr().out
 
 
 def test_run_without_its_blob_folder(run_dir, tmp_path, capsys):

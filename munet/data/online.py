@@ -29,7 +29,7 @@ from munet.data.user import (
     stack_pil_images,
     task_from_arrays,
 )
-from munet.errors import DataError
+from munet.errors import DataError, TaskUnavailable
 
 __all__ = ["load_hf", "load_torchvision", "parse_torchvision_name"]
 
@@ -159,7 +159,7 @@ def load_torchvision(name: str, root_dir: str | Path, seed: int, download: bool 
     try:
         tvd = importlib.import_module("torchvision.datasets")
     except ImportError as exc:
-        raise DataError("torchvision is not installed; install it with: pip install torchvision") from exc
+        raise TaskUnavailable("torchvision is not installed; install it with: pip install torchvision") from exc
     cls_name, kwargs = parse_torchvision_name(name)
     cls = getattr(tvd, cls_name, None)
     if not inspect.isclass(cls):
@@ -341,7 +341,7 @@ def load_hf(name: Any, seed: int, train_split: str = "train", val_split: str | N
         try:
             datasets = importlib.import_module("datasets")
         except ImportError as exc:
-            raise DataError(f"hf:{name}: the Hugging Face 'datasets' package is not installed; install it with: "
+            raise TaskUnavailable(f"hf:{name}: the Hugging Face 'datasets' package is not installed; install it with: "
                             "pip install datasets") from exc
         repo, _, config = name.partition(":")
         try:

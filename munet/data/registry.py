@@ -49,12 +49,12 @@ _CACHE_SIZE = 32
 
 def split_specs(text: str) -> list[str]:
     """The task specs of a comma-separated list. A comma may also sit inside a spec (``split:uci_digits:0,1,2``,
-    ``folder:a,b``): a piece that starts no task (neither a registered name nor a prefix) continues a ``split:``,
-    ``folder:`` or ``npz:`` spec before it."""
+    ``torchvision:EMNIST:split=digits,download=False``): a piece that starts no task (neither a registered name nor a
+    prefix) continues a ``split:``, ``folder:``, ``npz:`` or ``torchvision:`` spec before it."""
     specs: list[str] = []
     for piece in text.split(","):
         starts = piece.strip() in TASKS or piece.strip().startswith(_PREFIXES)
-        if specs and not starts and specs[-1].startswith(("split:", "folder:", "npz:")):
+        if specs and not starts and specs[-1].startswith(("split:", "folder:", "npz:", "torchvision:")):
             specs[-1] += "," + piece.rstrip()
         elif piece.strip():
             specs.append(piece.strip())

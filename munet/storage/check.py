@@ -156,11 +156,11 @@ def _check_data(store: Store, report: CheckReport) -> None:
     for spec in cfg.get("tasks", []):
         try:
             task = load_task(spec, cfg["seed"], cfg["data_dir"])
-        except TaskUnavailable as err:  # this machine lacks the source's package: nothing is wrong with the data
-            report.notes.append(f"the data of task {spec} could not be loaded, so it was not verified: {err}")
-            continue
-        except MunetError as err:  # missing or corrupt: the run cannot be resumed or extended until it is restored
-            report.problems.append(f"the data of task {spec} cannot be loaded: {err}")
+        except MunetError as err:
+            if _local_files(spec) and not isinstance(err, TaskUnavailable):  # the user's files, moved or damaged:
+                report.problems.append(f"the data of task {spec} cannot be loaded: {err}")  # no resume until back
+            else:  # a package this machine lacks, or a download that failed: nothing known to be wrong
+                report.notes.append(f"the data of task {spec} could not be loaded, so it was not verified: {err}")
             continue
         if task.name not in stored:
             report.notes.append(f"task {task.name} has no stored data fingerprint (a store from an older munet)")
@@ -168,3 +168,10 @@ def _check_data(store: Store, report: CheckReport) -> None:
             report.problems.append(f"the data of task {task.name} ({task.description}) is not the data the run was "
                                    "made with (its sha256 differs from the one stored then)")
     report.counts["data sets"] = len(stored)
+
+
+def _local_files(spec: str) -> bool:
+    """Whether task ``spec`` reads the user's own files (``folder:``, ``npz:``, also inside ``split:``)."""
+    while spec.startswith("split:"):
+        spec = spec.removeprefix("split:").rpartition(":")[0]
+    return spec.startswith(("folder:", "npz:"))

@@ -543,8 +543,10 @@ class Store:
 
     # --- sizes --------------------------------------------------------------------------------------------------
     def missing_blobs(self) -> int:
-        """How many blobs the records reference that are not on disk (``munet check`` says which)."""
-        return sum(not self.blobs.path(digest).is_file() for digest in self.referenced_blobs())
+        """How many blobs the records reference that are not on disk (``munet check`` says which); those a
+        checkpoint committed meanwhile no longer references (it deletes their blobs after its commit) do not count."""
+        missing = {digest for digest in self.referenced_blobs() if not self.blobs.path(digest).is_file()}
+        return len(missing & self.referenced_blobs()) if missing else 0
 
     def sizes(self) -> dict[str, int]:
         """Bytes on disk: the database (with its WAL) and the blobs."""

@@ -144,8 +144,10 @@ def check_targets(methods: list[dict[str, Any]], default_target: float | None = 
     """The targets, checked on the results (budget 1 unless stated):
 
     * ``curve``: at every budget, muNet s = 1 is at least as accurate as the best baseline at that budget with at
-      most half of its parameters per task; ``pending`` lists the baselines ``expected`` at that budget (budget ->
-      baseline names) that have no result yet, so a verdict on part of them says it is provisional;
+      most half of its parameters per task (``best_within``: the best at any budget up to it, which the same compute
+      also buys, for the reader; the verdict is the issue's, at the same budget); ``pending`` lists the baselines
+      ``expected`` at that budget (budget -> baseline names) that have no result yet, so a verdict on part of them
+      says it is provisional;
     * ``curve_dominates``: no baseline point has both higher accuracy and fewer parameters than a point of muNet's
       s-sweep (left out while there is no muNet point);
     * ``default_run``: muNet s = 1 reaches ``default_target`` average test accuracy (when given);
@@ -164,10 +166,13 @@ def check_targets(methods: list[dict[str, Any]], default_target: float | None = 
         best = max(baselines, key=lambda m: m["average"])
         pending = [n for n in (expected or {}).get(budget, []) if n not in {m["spec"] for m in baselines}]
         share = mu["params_per_task"] / best["params_per_task"]
+        # a user with this compute may also stop at a smaller budget: the best baseline any budget up to it reaches
+        within = max((m for m in methods if m["family"] in BASELINE_FAMILIES and m["average"] is not None
+                      and m.get("budget", 1) <= budget), key=lambda m: m["average"])
         curve.append({"budget": budget, "munet": mu["average"], "best": best["method"], "best_average": best["average"],
                       "param_share": share, "met": mu["average"] >= best["average"] and share <= 0.5,
                       "gap": mu["average"] - best["average"], "gap_error": gap_error(mu, best),
-                      "pending": pending})
+                      "pending": pending, "best_within": within["method"], "best_within_average": within["average"]})
     if curve:
         out["curve"] = {"budgets": curve, "met": all(c["met"] for c in curve)}
     sweep = [m for m in by_name.values() if m["family"] == "munet"]
@@ -199,7 +204,9 @@ def format_targets(targets: dict[str, Any]) -> str:
                      f"least as accurate with <= 50%): {verdict(c)}; gap {c['gap'] * 100:+.2f} points, "
                      + (f"standard error {c['gap_error'] * 100:.2f}" if c.get("gap_error") is not None
                         else "no standard error (a point of one seed)")
-                     + (f"; provisional, not finished: {', '.join(c['pending'])}" if c.get("pending") else ""))
+                     + (f"; provisional, not finished: {', '.join(c['pending'])}" if c.get("pending") else "")
+                     + (f"; within this compute (any budget <= x{c['budget']}) the best baseline is "
+                        f"{c['best_within']} {c['best_within_average']:.4f}" if c["best_within"] != c["best"] else ""))
     if "curve_dominates" in targets:
         d = targets["curve_dominates"]
         pairs = ", ".join(f"{p['baseline']} over {p['munet']}" for p in d["dominated_points"]) or "none"

@@ -132,6 +132,10 @@ def test_targets_are_checked_on_the_results(report):
         [(1, "lora:4", False), (2, "freeze:0 x2", True)]
     assert not targets["curve"]["met"]
     assert "provisional" not in report.format_targets(targets)  # nothing expected: nothing pending
+    # budget 2's compute also buys budget 1's lora:4 (0.95), more accurate than freeze:0 x2: said beside the verdict
+    assert [c["best_within"] for c in targets["curve"]["budgets"]] == ["lora:4", "lora:4"]
+    assert report.format_targets(targets).count("within this compute (any budget <= x2) the best baseline is lora:4 "
+                                                "0.9500") == 1
     # budget 2 expects adapters:64 too: its verdict is on part of the baselines and says so
     partial = report.check_targets(methods, expected={1: ["finetune"], 2: ["freeze:0", "adapters:64"]})
     assert [c["pending"] for c in partial["curve"]["budgets"]] == [[], ["adapters:64"]]

@@ -48,6 +48,8 @@ class MultitaskSystem:
 
     def path(self, task: str) -> TaskPath:
         """The path answering ``task``."""
+        if not isinstance(task, str):
+            raise MunetError(f"a task is named by a string, got a {type(task).__name__}: {task!r}")
         best = self.system.best_path(task) if task in self.class_names else None
         if best is None:
             known = ", ".join(self.tasks) or "none"
@@ -66,6 +68,8 @@ class MultitaskSystem:
         Returns:
             One :class:`~munet.predict.Prediction` per image, or for ``"all"`` a dict task -> predictions.
         """
+        if task != "all":
+            self.path(task)  # an unknown task, or not a name, before any image is read
         answers = self.predict_tasks(to_uint8_images(images), self.tasks if task == "all" else [task])
         return answers if task == "all" else answers[task]
 

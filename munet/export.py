@@ -13,8 +13,10 @@ The model takes ``(B, 3, S, S)`` float images: RGB pixels in [0, 1] resized to `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -199,14 +201,25 @@ def read_export(directory: FsPath, kind: str, version: int) -> tuple[dict[str, A
     """
     try:
         config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ExportError(f"{directory} is not a munet export (cannot read config.json: {err})") from err
-    if config.get("format") != kind or config.get("version") != version:
+    if not isinstance(config, dict) or config.get("format") != kind or config.get("version") != version:
         raise ExportError(f"{directory}/config.json is not a {kind} of version {version}")
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise ExportError(f"{directory} holds no model.safetensors (an ONNX export is loaded with onnxruntime)")
     return config, weights
+
+
+@contextlib.contextmanager
+def edited_config(directory: FsPath) -> Iterator[None]:
+    """Turns a model that cannot be built from an export's config.json (a key missing or of the wrong type, as a
+    hand edit leaves it) into an ExportError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        raise ExportError(f"{directory}/config.json does not describe a model ({type(err).__name__}: {err}): it was "
+                          "edited or damaged; export the task again") from err
 
 
 def _check_same(model: ExportedViT, path: TaskPath, config: dict[str, Any]) -> None:
@@ -248,7 +261,8 @@ def load_exported(directory: str | FsPath) -> ExportedViT:
         ExportError: not an export directory, written by an incompatible version, or weights that do not fit.
     """
     config, weights = read_export(FsPath(directory), FORMAT, VERSION)
-    model = build_model(config)
+    with edited_config(FsPath(directory)):
+        model = build_model(config)
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:

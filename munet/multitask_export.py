@@ -24,7 +24,7 @@ from torch import nn
 
 from munet import __version__
 from munet.errors import ExportError
-from munet.export import TOLERANCE, export_dir, read_export, write_onnx
+from munet.export import TOLERANCE, edited_config, export_dir, read_export, write_onnx
 from munet.model.components import Component, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.vitarch import build_vit
@@ -146,20 +146,22 @@ def load_multitask(directory: str | FsPath) -> MultitaskModel:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ExportError(f"cannot read {weights}: {err}") from err
-    depth = max(task["num_layers"] for task in config["tasks"].values())
-    template = build_vit(config["architecture"]["vit"], depth=depth)  # the shapes components are built on
-    components = {}
-    for cid, spec in config["components"].items():
-        module = kind_of(spec["slot"]).build(template, slot_index(spec["slot"]), spec["shape"])
-        own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == cid}
-        try:
-            module.load_state_dict(own, strict=True)
-        except RuntimeError as err:
-            raise ExportError(f"{weights} does not fit component {spec['slot']}#{cid} of config.json: {err}") from err
-        components[int(cid)] = Component(int(cid), spec["slot"], module.eval().requires_grad_(False))
-    paths = [TaskPath(task["path_id"], name, {slot: components[cid] for slot, cid in task["components"].items()},
-                      {"num_layers": task["num_layers"], "ds_image_size": task["image_size"]})
-             for name, task in config["tasks"].items()]
-    model = MultitaskModel(paths).eval()
+    with edited_config(FsPath(directory)):  # a hand-edited config.json is the user's to fix
+        depth = max(task["num_layers"] for task in config["tasks"].values())
+        template = build_vit(config["architecture"]["vit"], depth=depth)  # the shapes components are built on
+        components = {}
+        for cid, spec in config["components"].items():
+            module = kind_of(spec["slot"]).build(template, slot_index(spec["slot"]), spec["shape"])
+            own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == cid}
+            try:
+                module.load_state_dict(own, strict=True)
+            except RuntimeError as err:
+                raise ExportError(f"{weights} does not fit component {spec['slot']}#{cid} of config.json: "
+                                  f"{err}") from err
+            components[int(cid)] = Component(int(cid), spec["slot"], module.eval().requires_grad_(False))
+        paths = [TaskPath(task["path_id"], name, {slot: components[cid] for slot, cid in task["components"].items()},
+                          {"num_layers": task["num_layers"], "ds_image_size": task["image_size"]})
+                 for name, task in config["tasks"].items()]
+        model = MultitaskModel(paths).eval()
     model.export_config = config
     return model

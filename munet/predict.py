@@ -55,11 +55,18 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
     Raises:
         DataError: an unreadable file or bytes, or an array that is not an image.
     """
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3 and images.shape[-1] in (2, 4):
+        raise DataError(f"an array of shape {tuple(images.shape)} is ambiguous: one image with {images.shape[-1]} "
+                        "channels (an alpha channel: keep the colours, image[..., :3] or [..., :1]) or a batch of "
+                        f"grey images {images.shape[-1]} pixels wide; pass (H, W, 3) or (H, W) images")
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim in (3, 4) and not _single(images):
-        arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
-        return list(torch.from_numpy(images_to_nchw_uint8(arr, "images").copy()).split(1))
+        return list(torch.from_numpy(images_to_nchw_uint8(_array(images), "images").copy()).split(1))
     single = (str, FsPath, bytes, Image.Image, np.ndarray, torch.Tensor)
-    items = [images] if isinstance(images, single) else list(images)
+    try:
+        items = [images] if isinstance(images, single) else list(images)
+    except TypeError:
+        raise DataError(f"cannot read images from a {type(images).__name__}: pass image files, their bytes, PIL "
+                        "images or arrays") from None
     if not items:
         raise DataError("no images to predict")
     out = []
@@ -77,9 +84,24 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
         elif isinstance(item, Image.Image):
             arr = pil_to_array(item, "image")
         else:
-            arr = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+            arr = _array(item)
         out.append(torch.from_numpy(images_to_nchw_uint8(arr[None], "image").copy()))  # PIL arrays are read-only
     return out
+
+
+def _array(item: object) -> np.ndarray:
+    """``item`` as a numpy array: a tensor of a type numpy lacks (bfloat16) as float32, nested lists as they stack.
+
+    Raises:
+        DataError: nested lists of uneven lengths, or values that are no array at all.
+    """
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu()
+        return (item.float() if item.dtype == torch.bfloat16 else item).numpy()
+    try:
+        return np.asarray(item)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"cannot read an image from a {type(item).__name__}: {err}") from None
 
 
 def _single(x: np.ndarray | torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import munet
 from munet.cli import main
-from munet.errors import ExportError, MunetError
+from munet.errors import DataError, ExportError, MunetError
 from munet.export import export_path, path_config
 from munet.model.components import ResidualAdapter
 from munet.model.path import TaskPath
@@ -165,6 +165,44 @@ def test_load_errors(tmp_path):
         munet.load_exported(tmp_path)
     with pytest.raises(MunetError, match="not a munet run directory|does not exist"):
         munet.load(tmp_path)
+
+
+def test_an_edited_export_config_is_an_export_error(run_dir, tmp_path):
+    system = munet.load(run_dir)
+    for kind, export, load in (("one", system.export, munet.load_exported),
+                               ("all", lambda _, out: system.export_all(out), munet.load_multitask)):
+        out = tmp_path / kind
+        export(system.tasks[0], out)
+        config = json.loads((out / "config.json").read_text())
+        for edited, match in ((None, "is not a munet"), ([1], "is not a munet"),
+                              ({k: v for k, v in config.items() if k != "architecture"}, "KeyError: 'architecture'")):
+            (out / "config.json").write_text(json.dumps(edited))
+            with pytest.raises(ExportError, match=match):  # once AttributeError or KeyError from inside
+                load(out)
+        (out / "config.json").write_bytes(b"\xff\xfe{}")
+        with pytest.raises(ExportError, match="cannot read config.json"):  # once UnicodeDecodeError
+            load(out)
+
+
+@pytest.mark.parametrize("images, match", [
+    (np.zeros((8, 8, 4), np.uint8), r"shape \(8, 8, 4\) is ambiguous"),  # RGBA was read as 8 images 4 px wide
+    (None, "cannot read images from a NoneType"),
+    ([[[0, 1], [2]]], "cannot read an image from a list"),
+])
+def test_predict_refuses_what_is_not_an_image(run_dir, images, match):
+    with pytest.raises(DataError, match=match):
+        munet.load(run_dir).predict(images)
+
+
+def test_predict_reads_bfloat16_and_names_a_task_that_is_not_a_string(run_dir):
+    system = munet.load(run_dir)
+    images = torch.rand(2, 3, 8, 8)
+    task = system.tasks[0]
+    expected = [p.probabilities for p in system.predict(images, task=task)]
+    got = system.predict(images.to(torch.bfloat16), task=task)  # once numpy's "unsupported ScalarType BFloat16"
+    assert len(got) == 2 and all(len(p.probabilities) == len(e) for p, e in zip(got, expected))
+    with pytest.raises(MunetError, match="a task is named by a string, got a list"):
+        system.predict(images, task=[task])
 
 
 def test_untrained_adapters_fold_into_the_biases_before_them(system, tmp_path):

@@ -189,7 +189,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
         assert "zebra" in errors["unknown task"] and "a, b" in errors["unknown task"]
         assert "multipart/form-data" in errors["wrong type"] and "5000x4000" in errors["huge image"]
         assert "cannot read image number 0" in errors["not an image"]
-        assert client.get("/nope").status_code == 404
+        for response, status in ((client.get("/nope"), 404), (client.get("/v1/predict"), 405)):
+            assert response.status_code == status and "routes: POST /v1/predict" in response.json()["error"]
         assert client.post("/v1/predict", files=[("image", good)]).status_code == 200
 
 
@@ -301,3 +302,14 @@ def test_requests_queued_during_a_batch_form_the_next_one_without_waiting():
     asyncio.run(four())
     samples = {s.name: s.value for s in metrics.batch_requests.collect()[0].samples}
     assert samples["munet_serve_batch_requests_count"] == 2 and samples["munet_serve_batch_requests_sum"] == 4
+
+
+def test_a_content_length_that_is_no_number_is_a_400():
+    from starlette.requests import Request
+
+    from munet.serving.app import RequestError, _check_length
+
+    request = Request({"type": "http", "method": "POST", "headers": [(b"content-length", b"12x")]})
+    with pytest.raises(RequestError) as caught:  # was a 413 "(12x bytes) exceeds the limit"
+        _check_length(request, 1000)
+    assert caught.value.status == 400 and "'12x' is not a number of bytes" in caught.value.message

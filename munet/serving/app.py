@@ -21,6 +21,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from munet.api import MultitaskSystem
 from munet.data.user import image_header
@@ -104,6 +105,11 @@ def create_app(system: MultitaskSystem, tasks: list[str] | None = None, limits: 
     async def request_error(request: Request, err: RequestError) -> Response:
         return _error(err.status, err.message)
 
+    @app.exception_handler(StarletteHTTPException)  # unknown routes and methods: the same {"error": ...} body
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        routes = "POST /v1/predict, GET /v1/tasks, GET /healthz, GET /metrics"
+        return _error(err.status_code, f"{err.detail}: {request.method} {request.url.path} (routes: {routes})")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "tasks": len(served)}
@@ -145,7 +151,9 @@ def _check_length(request: Request, max_bytes: int) -> None:
     declared = request.headers.get("content-length")
     if declared is None:
         raise RequestError(411, "send the request body with a Content-Length header (chunked bodies are not accepted)")
-    if not declared.isdigit() or int(declared) > max_bytes:
+    if not declared.isdigit():
+        raise RequestError(400, f"the Content-Length header {declared!r} is not a number of bytes")
+    if int(declared) > max_bytes:
         raise RequestError(413, f"the request body ({declared} bytes) exceeds the limit of {max_bytes} bytes; send "
                                 "fewer or smaller images per request")
 

@@ -50,10 +50,11 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
 
     Accepts image files, encoded image files' bytes (PNG, JPEG, ...), PIL images, ``(H, W)``/``(H, W, 3)`` uint8
     arrays, or one batch (array or tensor) ``(N, C, H, W)`` / ``(N, H, W, C)`` / ``(N, H, W)``, uint8 or float in
-    [0, 1].
+    [0, 1]. An ``(H, W, 4)`` or ``(H, W, 2)`` array is refused: an image with alpha and a batch of narrow grey images
+    look the same.
 
     Raises:
-        DataError: an unreadable file or bytes, or an array that is not an image.
+        DataError: an unreadable file or bytes, an array that is not an image, or an ambiguous one.
     """
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3 and images.shape[-1] in (2, 4):
         raise DataError(f"an array of shape {tuple(images.shape)} is ambiguous: one image with {images.shape[-1]} "

@@ -188,7 +188,10 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
         errors = {name: r.json()["error"] for name, r in cases.items()}
         assert "zebra" in errors["unknown task"] and "a, b" in errors["unknown task"]
         assert "multipart/form-data" in errors["wrong type"] and "5000x4000" in errors["huge image"]
-        assert "cannot read image number 0" in errors["not an image"]
+        assert "cannot read image number 0: not an image file" in errors["not an image"]
+        assert "BytesIO" not in errors["not an image"]  # PIL's message named the file object's repr
+        text_image = client.post("/v1/predict", files={"image": (None, "photo.png")})  # a part without a filename
+        assert text_image.status_code == 400 and "holds text; send it as a file" in text_image.json()["error"]
         for response, status in ((client.get("/nope"), 404), (client.get("/v1/predict"), 405)):
             assert response.status_code == status and "routes: POST /v1/predict" in response.json()["error"]
         assert client.post("/v1/predict", files=[("image", good)]).status_code == 200

@@ -284,7 +284,14 @@ def _read_image(source: Path | BinaryIO, name: str | None = None) -> np.ndarray:
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
+        raise _unreadable(name, exc) from exc
+
+
+def _unreadable(name: str, exc: Exception) -> DataError:
+    """The error for an image PIL cannot read; PIL's "cannot identify image file" names a file object's repr."""
+    why = "not an image file (PIL identifies no format)" if isinstance(exc, UnidentifiedImageError) else \
+        f"{type(exc).__name__}: {exc}"
+    return DataError(f"cannot read image {name}: {why}")
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -303,7 +310,7 @@ def image_header(source: Path | BinaryIO, name: str) -> tuple[tuple[int, int], b
         with Image.open(source) as img:
             return (img.height, img.width), img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
+        raise _unreadable(name, exc) from exc
 
 
 def lazy_geometry(headers: Sequence[tuple[tuple[int, int], bool]], image_size: int | Sequence[int] | None,

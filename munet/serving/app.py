@@ -187,6 +187,9 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
             blobs.append(await value.read())
         elif key in ("task", "tasks"):
             tasks += [t.strip() for t in value.split(",") if t.strip()]
+        elif key == "image":
+            raise RequestError(400, "form field 'image' holds text; send it as a file (a part with a filename, e.g. "
+                                    "curl -F image=@photo.png)")
         else:
             raise RequestError(400, f"unknown form field {key!r}: send image files and `task` fields")
     return blobs, tasks

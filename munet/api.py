@@ -4,13 +4,14 @@ store cannot describe)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path as FsPath
 from typing import Any
 
 import torch
 
 from munet.config import RunConfig
-from munet.errors import ExportError, MunetError
+from munet.errors import ExportError, MunetError, StoreError
 from munet.evolution.system import System
 from munet.export import FORMATS, export_path, path_config
 from munet.model.path import TaskPath
@@ -111,6 +112,8 @@ class MultitaskSystem:
     def _check_outside(self, out: str | FsPath) -> None:
         """Refuses the run directory itself and its blob folder as an export directory: the store owns their files
         (a checkpoint deletes the model files it does not reference in blobs/). ``RUN/exports`` is fine."""
+        if not isinstance(out, (str, os.PathLike)):
+            raise ExportError(f"an export directory is a path, got a {type(out).__name__}: {out!r}")
         target, run = FsPath(out).resolve(), self.run_dir.resolve()
         if str(out).strip() and (target == run or target.is_relative_to(run / BLOB_DIR)):
             raise ExportError(f"cannot export into {out}: the run directory {self.run_dir} and its {BLOB_DIR}/ "
@@ -131,8 +134,10 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
     """Reads the last checkpoint of the run in ``run_dir`` (read-only; a run in progress may keep writing).
 
     Raises:
-        StoreError: not a run directory, an incompatible or corrupt store.
+        StoreError: not a run directory (or not a path at all), an incompatible or corrupt store.
     """
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise StoreError(f"a run directory is a path, got a {type(run_dir).__name__}: {run_dir!r}")
     run_dir = FsPath(run_dir)
     with Store.open(run_dir) as store:
         cfg = store.get("config")

@@ -203,6 +203,10 @@ def test_predict_reads_bfloat16_and_names_a_task_that_is_not_a_string(run_dir):
     assert len(got) == 2 and all(len(p.probabilities) == len(e) for p, e in zip(got, expected))
     with pytest.raises(MunetError, match="a task is named by a string, got a list"):
         system.predict(images, task=[task])
+    with pytest.raises(MunetError, match="a run directory is a path, got a NoneType"):  # once pathlib's TypeError
+        munet.load(None)
+    with pytest.raises(ExportError, match="an export directory is a path, got a NoneType"):
+        system.export(task, None)
 
 
 def test_untrained_adapters_fold_into_the_biases_before_them(system, tmp_path):

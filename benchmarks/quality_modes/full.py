@@ -26,6 +26,7 @@ ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("a diverged child loses its snapshot", {"keep_diverged": False}),
     ("blocks cloned w.p. mu = 0.1 (spec)", {"clone_prob": 0.1}),
     ("4 children of 5 validations", {"children_per_task": 4, "validations": 5}),
+    ("4 children of 6 validations", {"children_per_task": 4, "validations": 6}),
     ("2 rounds of 4 children", {"rounds": 2, "children_per_task": 4}),
     ("µ2Net >= acceptance", {"accept_ties": True}),
     ("µ2Net evolved mu", {"mu_policy": "evolved"}),

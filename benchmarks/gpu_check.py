@@ -9,7 +9,7 @@ in lock-step):
 * **throughput**: a synthetic task of ``--images`` images at 64 px (:func:`scale_data.write_task`, the data
   benchmark's task) written as an uncompressed ``.npz`` and read per batch (``data_cache_mb`` = 8), augmented with
   the spec's crops and flips at ``--image-size``, bfloat16 autocast; once with batches prepared when each step needs
-  them and once with :data:`munet.runner.PREFETCH_BATCHES` prepared ahead in a background thread (what a CUDA run
+  them and once with :data:`munet.wiring.PREFETCH_BATCHES` prepared ahead in a background thread (what a CUDA run
   does). Reported: training images/s and ``data_wait / train_time`` (the trainer's own count of the seconds the
   generation waited for a batch; each step synchronises on its loss, so the device is idle meanwhile).
 * **bf16 vs fp32**: the same generation on ``--task`` (default ``uci_digits``, offline), without augmentation,
@@ -51,11 +51,11 @@ from munet.evolution.system import System  # noqa: E402
 from munet.model.path import TaskPath  # noqa: E402
 from munet.model.root import Root  # noqa: E402
 from munet.model.roots import load_root  # noqa: E402
-from munet.runner import PREFETCH_BATCHES  # noqa: E402
 from munet.training.evaluate import Evaluator  # noqa: E402
 from munet.training.frozen import FeatureCache  # noqa: E402
 from munet.training.settings import TrainSettings  # noqa: E402
 from munet.training.trainer import ChildOutcome, train_generation  # noqa: E402
+from munet.wiring import PREFETCH_BATCHES  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu" / "check.json"
 AUGMENTED = {"ds_area_range_min": 0.05, "ds_flip_left_right": True}

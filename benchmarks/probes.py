@@ -27,10 +27,10 @@ from baselines import BaselineSpec, build_baseline, train_baseline
 
 from munet.config import RunConfig
 from munet.model.roots import load_root
-from munet.runner import Wiring, load_tasks, resolve_device
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
 from munet.training.settings import TrainSettings
+from munet.wiring import Wiring, load_tasks, resolve_device
 
 RESULTS = FsPath(__file__).resolve().parent / "results" / "probes.json"
 SETTINGS = "3@28,4@42,6@42"  # depth@image_size

@@ -89,11 +89,12 @@ from munet.evolution.system import System  # noqa: E402
 from munet.model.roots import load_root  # noqa: E402
 from munet.reporting.history import run_history  # noqa: E402
 from munet.reporting.progress import Progress  # noqa: E402
-from munet.runner import OPERATIONAL_KEYS, Wiring, load_tasks, resolve_device, run  # noqa: E402
+from munet.runner import OPERATIONAL_KEYS, run  # noqa: E402
 from munet.storage.files import atomic_write  # noqa: E402
 from munet.storage.store import Store, StoreError  # noqa: E402
 from munet.training.evaluate import Evaluator  # noqa: E402
 from munet.training.frozen import FeatureCache  # noqa: E402
+from munet.wiring import Wiring, load_tasks, resolve_device  # noqa: E402
 
 RESULTS = FsPath(__file__).resolve().parent / "results"
 RANDOM_ROOT = "random:vit_small_patch14_dinov2"  # the DINOv2 ViT-S/14 architecture, random init

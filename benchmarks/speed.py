@@ -61,12 +61,12 @@ from munet.model.path import TaskPath
 from munet.model.root import Root
 from munet.model.roots import load_root
 from munet.reporting.status import run_status
-from munet.runner import Wiring
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache, shared_forward
 from munet.training.schedule import learning_rate
 from munet.training.settings import TrainSettings
 from munet.training.trainer import is_identity_augmentation, train_generation
+from munet.wiring import Wiring
 
 RESULTS = FsPath(__file__).resolve().parent / "results" / "speed.json"
 CACHE_BYTES = 2048 << 20
@@ -164,7 +164,7 @@ def detached_copy(paths: list[TaskPath]) -> list[TaskPath]:
 
 def new_evolution(root: Root, cfg: RunConfig, tasks: dict[str, TaskData], budget: Budget, children: int,
                   generation_size: int, max_seeds: int, seed: int = 0, system: System | None = None) -> Evolution:
-    """An evolution wired as ``munet run`` wires one (``runner.Wiring``), on an already loaded root, with this
+    """An evolution wired as ``munet run`` wires one (``wiring.Wiring``), on an already loaded root, with this
     benchmark's budget; it keeps the spec's seed phase (the probes take the first children's slots) and clones
     blocks with μ, as the measured figures did."""
     wiring = Wiring.of(cfg.replace(children_per_task=children, generation_size=generation_size, max_seeds=max_seeds,

@@ -13,7 +13,7 @@ from munet.config import RunConfig
 from munet.data.rows import ImageRows
 from munet.data.task import TaskData
 from munet.evolution.loop import Evolution
-from munet.runner import Wiring, load_inputs, resolve_device, task_order, train_settings, use_threads
+from munet.wiring import Wiring, load_inputs, resolve_device, task_order, train_settings, use_threads
 
 FLOAT_BYTES = 4  # frozen features and evaluation inputs are float32 (bfloat16 autocast on CUDA only halves them)
 

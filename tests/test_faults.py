@@ -588,7 +588,7 @@ def test_repeated_class_names_and_classes_without_examples_are_warned_about(tmp_
 
     import numpy as np
 
-    from munet.runner import load_tasks
+    from munet.wiring import load_tasks
 
     x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
     y = np.array([0, 1, 3] * 13 + [0])  # class 2 has no example

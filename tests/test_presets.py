@@ -13,10 +13,10 @@ from munet.config import RunConfig
 from munet.configs import PRESETS, get_preset
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.mutate import make_child
-from munet.runner import Wiring, train_settings
 from munet.training.evaluate import Evaluator
 from munet.training.frozen import FeatureCache
 from munet.training.trainer import train_generation
+from munet.wiring import Wiring, train_settings
 
 # spec §2-§5 (the muNet loop), written out here rather than imported, so a preset that drifts fails
 MUNET_LOOP = {

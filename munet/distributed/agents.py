@@ -48,6 +48,7 @@ from munet.storage.snapshot import (
     verify_root,
 )
 from munet.storage.store import LivePathRecord, Store
+from munet.wiring import Wiring, resolve_device, train_settings, use_threads
 
 if TYPE_CHECKING:
     from munet.runner import Run
@@ -127,8 +128,6 @@ class Agent:
     evolution, opened from the run's store where its last publication left it. Use it as a context manager."""
 
     def __init__(self, job: AgentJob):
-        from munet.runner import Wiring, resolve_device, train_settings, use_threads  # the runner imports this module
-
         for module in job.imports:
             try:
                 importlib.import_module(module)

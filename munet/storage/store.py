@@ -196,7 +196,8 @@ class Store:
         Args:
             run_dir: the run directory.
             write: take the run's lock (one writer at a time) and open the database for writing; without it the
-                store is opened read-only and nothing in the directory is changed (read-only media work too).
+                store is opened read-only and no record or blob changes (read-only media work too); SQLite may
+                leave its index files (``-shm``, an empty ``-wal``) beside the database, see :func:`_connect_readonly`.
             require_checkpoint: refuse a database without a checkpoint record (``munet check`` reports it instead).
         """
         run_dir = FsPath(run_dir)

@@ -33,7 +33,7 @@ baselines.
 
 Resumable: each finished unit (one muNet run, or one baseline on one task) writes its result JSON under
 ``benchmarks/results/quality/<mode>/units/``; a rerun skips units whose JSON matches the current settings. An
-interrupted muNet run is restarted from scratch (its partial run directory is removed).
+interrupted muNet run resumes from its run's last checkpoint (the same result as an uninterrupted run).
 
 Outputs: ``benchmarks/results/quality.json`` and ``quality.png`` (``quality_quick.*`` for ``--quick``; smoke
 results stay under ``benchmarks/results/quality/smoke/``), and a printed table.
@@ -405,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                  for b in mode.budgets if b != 1]
         runs += [munet_unit(f"munet_s1.0_seed{k}", "munet", "muNet s=1.0", cfg.replace(seed=k), seed=k)
                  for k in mode.seeds if k != 0]
+        # the largest budget first: where muNet came level with the baselines (seed 0), the seeds say more
+        runs += [munet_unit(f"munet_s1.0_b{b}_seed{k}", "munet", f"muNet s=1.0 x{b}",
+                            mode.at_budget(cfg, b).replace(seed=k), budget=b, seed=k)
+                 for b in sorted(mode.budgets, reverse=True) if b != 1 for k in mode.budget_seeds if k != 0]
     runs.append(munet_unit("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
     runs += [munet_unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
              for s in sorted(mode.scales) if s != 1.0]
@@ -446,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.curve:
             curve_runnable = [s for s in curve_specs if s.kind != "lora" or lora_ok]
             planned += len(task_names) * (min(mode.top_baselines, len(runnable)) * (len(mode.seeds) - 1)
-                                          + len(curve_runnable) * (len(mode.budgets) - 1))
+                                          + len(curve_runnable) * (len(mode.budgets) - 1)
+                                          + min(mode.budget_top_baselines, len(curve_runnable))
+                                          * (len(mode.budgets) - 1) * (len(mode.budget_seeds) - 1))
     progress = Progress(planned, sys.stderr, unit="unit", quiet=args.quiet or args.report)
 
     def tick(stored_before: int) -> None:
@@ -523,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)")
         return True
 
+    def best(budget: int, n: int) -> list[str]:
+        """The ``n`` most accurate baselines at ``budget`` among the finished seed-0 runs."""
+        done = [(k[0], task_average([r["test_acc"] for r in v.values()])) for k, v in baseline_runs.items()
+                if k[1] == budget and k[2] == 0]
+        return [name for name, _ in sorted(done, key=lambda d: -(d[1] or 0))][:n]
+
     def work_off(pending: list[tuple[BaselineSpec, int, int]]) -> None:
         left = drain(pending, lambda p, start: baselines(*p, start=start), wait=args.only == "baselines", say=say)
         busy.extend(f"{spec.name} x{budget} (waits for {reference_of(budget)[0]})" for spec, budget, _ in left)
@@ -530,15 +542,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "munet":
         work_off([(spec, 1, 0) for spec in specs])
         if args.curve:
-            done = [(k[0], task_average([r["test_acc"] for r in v.values()])) for k, v in baseline_runs.items()]
-            top = [n for n, a in sorted(done, key=lambda d: -(d[1] or 0))][: mode.top_baselines]
-            work_off([(BaselineSpec.parse(n), 1, seed) for n in top for seed in mode.seeds if seed != 0]
+            work_off([(BaselineSpec.parse(n), 1, seed) for n in best(1, mode.top_baselines)
+                      for seed in mode.seeds if seed != 0]
                      + [(spec, budget, 0) for budget in mode.budgets if budget != 1 for spec in curve_specs])
+            larger = sorted((b for b in mode.budgets if b != 1), reverse=True)
+            ranked = [b for b in larger if all((c.name, b, 0) in baseline_runs or c.name in skipped
+                                               for c in curve_specs)]  # the best is known once all have run
+            work_off([(BaselineSpec.parse(n), b, seed) for b in ranked for n in best(b, mode.budget_top_baselines)
+                      for seed in mode.budget_seeds if seed != 0])
             # every finished seed counts, also of a baseline that is no longer among today's best at seed 0
-            for spec in specs:
-                for seed in mode.seeds:
-                    if (spec.name, 1, seed) not in baseline_runs:
-                        baselines(spec, 1, seed, start=False, train=False)
+            repeated = [(1, mode.seeds, specs), *[(b, mode.budget_seeds, curve_specs) for b in larger]]
+            for budget, seeds, kinds in repeated:
+                for spec in kinds:
+                    for seed in seeds:
+                        if (spec.name, budget, seed) not in baseline_runs:
+                            baselines(spec, budget, seed, start=False, train=False)
     progress.close()
     if busy and args.report:
         print(f"left out of the report, not finished: {', '.join(busy)}", flush=True)

@@ -310,3 +310,13 @@ def test_collecting_an_unfinished_baseline_unit_neither_trains_nor_claims_it(qua
     spec = quality.BaselineSpec.parse("freeze:0")
     assert runner.run(spec, "a", quality.Units(tmp_path), 640, seed=1, tag="__seed1", train=False) is None
     assert not list(tmp_path.iterdir()) and runner.system is None  # nothing claimed, no root loaded
+
+
+def test_the_curve_repeats_munet_over_the_budget_seeds_largest_budget_first(quality, capsys):
+    assert quality.main(["--mode", "smoke", "--curve", "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert "munet_s1.0_b2_seed1: muNet s=1.0 x2, root dinov2-imgfocus, s = 1.0, budget x2, seed 1" in plan
+    assert quality.main(["--curve", "--plan"]) == 0  # full mode: budgets 4 then 2, seeds 1 and 2 of each
+    units = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines() if "_seed" in line
+             and "_b" in line.split(":")[0]]
+    assert units == ["munet_s1.0_b4_seed1", "munet_s1.0_b4_seed2", "munet_s1.0_b2_seed1", "munet_s1.0_b2_seed2"]

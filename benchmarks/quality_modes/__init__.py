@@ -31,8 +31,12 @@ class Mode:
         seeds: seeds of muNet s = 1 and of the ``top_baselines`` best baselines at budget 1 (mean and spread).
         sweep_seeds: seeds of the s < 1 points with the curve (seed 0 alone without it).
         budgets: compute multiples of budget 1 on the curve (muNet s = 1 and ``curve_baselines``, seed 0).
+        budget_seeds: seeds of muNet s = 1 and of the ``budget_top_baselines`` best baselines (by seed 0) at each
+            budget above 1, so that a budget's verdict is a mean with a spread, as budget 1's is.
         curve_baselines: baselines trained at budgets above 1.
         top_baselines: how many of the best baselines at budget 1 are repeated over ``seeds``.
+        budget_top_baselines: how many of the best baselines at each budget above 1 are repeated over
+            ``budget_seeds``.
         ablations: ``(label, config overrides)`` muNet runs at budget 1, seed 0, s = 1.
         default_target: average test accuracy muNet s = 1 must reach at budget 1 (checked on the mode's own tasks).
     """
@@ -48,6 +52,8 @@ class Mode:
     budgets: tuple[int, ...] = (1,)
     curve_baselines: tuple[str, ...] = CURVE_BASELINES
     top_baselines: int = 3
+    budget_seeds: tuple[int, ...] = (0,)
+    budget_top_baselines: int = 1
     ablations: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
     default_target: float | None = None
 

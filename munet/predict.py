@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from munet.data.augment import eval_batch
-from munet.data.user import _read_image, images_to_nchw_uint8, pil_to_array
+from munet.data.images import images_to_nchw_uint8, pil_to_array, read_image
 from munet.errors import DataError
 from munet.model.path import TaskPath
 from munet.training.frozen import FeatureCache, shared_forward
@@ -73,7 +73,7 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
     out = []
     for number, item in enumerate(items):
         if isinstance(item, bytes):
-            arr = _read_image(io.BytesIO(item), f"number {number}")
+            arr = read_image(io.BytesIO(item), f"number {number}")
         elif isinstance(item, (str, FsPath)):
             path = FsPath(item)
             if path.is_dir():
@@ -81,7 +81,7 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
                                 f"{path / '*.png'})")
             if not path.is_file():
                 raise DataError(f"image file {path} does not exist")
-            arr = _read_image(path)
+            arr = read_image(path)
         elif isinstance(item, Image.Image):
             arr = pil_to_array(item, "image")
         else:

@@ -17,18 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from munet.data.rows import HFRows, data_cache_bytes
-from munet.data.splits import stratified_split
-from munet.data.task import TaskData
-from munet.data.user import (
+from munet.data.images import (
     image_header,
     images_to_nchw_uint8,
     lazy_geometry,
     pil_to_array,
     resize_array,
     stack_pil_images,
-    task_from_arrays,
 )
+from munet.data.rows import HFRows, data_cache_bytes
+from munet.data.splits import stratified_split
+from munet.data.task import TaskData
+from munet.data.user import task_from_arrays
 from munet.errors import DataError, TaskUnavailable
 
 __all__ = ["load_hf", "load_torchvision", "parse_torchvision_name"]

@@ -261,7 +261,7 @@ class FileRows(ImageRows):
         files: one image file per row.
         size: ``(height, width)`` every image is resized to.
         channels: 1 or 3.
-        decode: ``decode(path) -> (H, W) or (H, W, 3) uint8`` (munet.data.user's reader).
+        decode: ``decode(path) -> (H, W) or (H, W, 3) uint8`` (munet.data.images.read_image).
         resize: ``resize(array, size)`` -> the array at ``size``.
     """
 

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from munet.api import MultitaskSystem
-from munet.data.user import image_header
+from munet.data.images import image_header
 from munet.errors import DataError
 from munet.predict import to_uint8_images
 from munet.serving.batcher import Batcher, QueueFull

@@ -31,6 +31,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "stop_margin": 0.0, "keep_diverged": False, "schedule": "round_robin",
                                        "schedule_span": "child", "parent_decay": 0.5,
                                        "lineage_lr_decay": 1.0, "judged_mutations": False, "mutation_twins": False,
+                                       "start_twins": False,
                                        "length_ramp": 0.0,
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
@@ -123,6 +124,9 @@ class RunConfig:
             tie), so such a move is kept for what it adds over the same clones trained as long, not for the
             training any child adds to its parent. Twins are extra children: more training images (false: the
             spec).
+        start_twins: ``mutation_twins`` only for a child that starts a lineage (its parent a probe, another task's
+            path or the root), whose moves any trained child would carry past its parent's head-only score; a few
+            extra children per task instead of one per judged move (false: the spec).
         root_clones_only: a child whose parent descends from the root through paths of its own task only (nothing
             transferred from another task) only clones blocks, and the data hyperparameters hold while the task's
             best path does: with nothing to transfer, a hyperparameter or layer change that a child's short, noisy
@@ -221,6 +225,7 @@ class RunConfig:
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
     mutation_twins: bool = False
+    start_twins: bool = False
     root_clones_only: bool = False
     first_task_finetune: bool = False
     length_ramp: float = 0.5

@@ -10,7 +10,7 @@ import torch
 from conftest import make_task, make_tiny_root
 
 from munet.evolution.hparams import MutationPolicy
-from munet.evolution.loop import Evolution
+from munet.evolution.loop import Evolution, continues_lineage
 from munet.evolution.search import SearchConfig
 from munet.evolution.system import System
 from munet.model.path import TaskPath
@@ -229,12 +229,14 @@ def test_parent_decay_one_always_extends_the_best_path(decay):
     assert best_first == 16 if decay == 1.0 else best_first < 16
 
 
-@pytest.mark.parametrize("twins", [False, True])
-def test_mutation_twins_train_a_child_s_block_clones_alone_beside_it(twins: bool):
+@pytest.mark.parametrize("twins", ["off", "every", "start"])
+def test_mutation_twins_train_a_child_s_block_clones_alone_beside_it(twins: str):
     """mutation_twins: a mutated child that drew a hyperparameter, layer or adapter mutation trains in the same
     generation as a twin with the same parent, the same block clones and the parent's hparams (the generation's data
-    hparams aside); a child that only cloned blocks gets none. The best path is the highest scoring of all."""
-    evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, mutation_twins=twins)
+    hparams aside); a child that only cloned blocks gets none. The best path is the highest scoring of all. With
+    start_twins only a child starting a lineage (its parent a probe, another task's path or the root) gets one."""
+    evo = _evolution(mu=0.6, separate_probes=True, probe_validations=1, mutation_twins=twins == "every",
+                     start_twins=twins == "start")
     evo.search = evo.search.replace(children_per_task=4, generation_size=1)
     generations: list[list] = []
     parent_of: dict[int, TaskPath] = {}  # at sampling: parent links move to retained ancestors later
@@ -251,9 +253,13 @@ def test_mutation_twins_train_a_child_s_block_clones_alone_beside_it(twins: bool
     moved = [c for c in children if "twin_of" not in c.metrics
              and any(not k.startswith("clone:") for k in c.metrics["mutations"])]
     assert moved  # mu = 0.6 draws other mutations than clones
-    if not twins:
+    if twins == "off":
         assert not twins_made
         return
+    if twins == "start":
+        starting = [c for c in moved if not continues_lineage(parent_of[c.id], c.task)]
+        assert starting and len(starting) < len(moved)  # both kinds drawn: the test can tell them apart
+        moved = starting
     by_id = {c.id: c for c in children}
     assert sorted(t.metrics["twin_of"] for t in twins_made) == sorted(c.id for c in moved)
     for twin in twins_made:

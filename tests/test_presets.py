@@ -30,6 +30,7 @@ MUNET_LOOP = {
     "lineage_lr_decay": 1.0,  # §3: every child at its own opt_lr
     "judged_mutations": False,  # §2: every child draws every mutation
     "mutation_twins": False,  # §4.2: a generation holds the sampled children only
+    "start_twins": False,  # (no twins at a lineage's start either)
     "length_ramp": 0.0,  # §4.1: every child the same steps
     "affordable_clones": False,  # §2: clones drawn whatever they cost the score
     "affordable_gain": 1.0,  # (inert without affordable_clones)

@@ -29,6 +29,7 @@ PAPER_MUNET: dict[str, Any] = {
     "lineage_lr_decay": 1.0,  # §3: every child trains at its own opt_lr
     "judged_mutations": False,  # §2: every child draws every mutation, whatever its parent
     "mutation_twins": False,  # §4.2: a generation holds the sampled children only
+    "start_twins": False,  # (no twins at a lineage's start either)
     "length_ramp": 0.0,  # §4.1: every child trains the same number of steps
     "affordable_clones": False,  # §2: clones are drawn whatever they cost the child's score
     "affordable_gain": 1.0,  # (no effect without affordable_clones)

@@ -233,6 +233,11 @@ class Evolution:
                 return path
         return self.rng.choice(seeds + own)
 
+    def twins_for(self, parent: TaskPath, task: str) -> bool:
+        """Whether a mutated child of ``parent`` gets a twin: always with ``mutation_twins``, with ``start_twins``
+        when it starts a lineage of ``task`` (its parent's score cannot judge its moves)."""
+        return self.search.mutation_twins or self.search.start_twins and not continues_lineage(parent, task)
+
     def twin(self, child: TaskPath, parent: TaskPath, task: str, ds: dict[str, Any]) -> TaskPath | None:
         """``mutation_twins``: a twin of ``child`` (the same parent and clones of frozen components, none of its other
         mutations) when it drew a model hyperparameter, layer or adapter mutation; else ``None``. It draws nothing
@@ -293,7 +298,7 @@ class Evolution:
                                frozen_bottom=self.search.frozen_bottom)
             if self.search.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
-            twin = self.twin(child, parent, task, ds) if self.search.mutation_twins else None
+            twin = self.twin(child, parent, task, ds) if self.twins_for(parent, task) else None
             for offspring in [child] if twin is None else [child, twin]:
                 children.append(offspring)
                 parents.append(parent)

@@ -39,6 +39,7 @@ class SearchConfig:
     lineage_lr_decay: float = 1.0
     judged_mutations: bool = False
     mutation_twins: bool = False
+    start_twins: bool = False
     root_clones_only: bool = False
     first_task_finetune: bool = False
     length_ramp: float = 0.0

@@ -344,6 +344,47 @@ def slug(text: str) -> str:
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MunetUnit:
+    """One muNet run of the benchmark: its unit name (as ``--plan`` and the units folder name it), the report family
+    and row label it belongs to, its configuration, and the budget and seed it stands for."""
+
+    name: str
+    family: str
+    label: str
+    cfg: RunConfig
+    budget: int = 1
+    seed: int = 0
+
+
+def munet_units(mode: Any, cfg: RunConfig, work: FsPath, curve: bool) -> list[MunetUnit]:
+    """The muNet runs of ``mode`` on ``cfg``, in the order they run: s = 1, with ``curve`` its larger budgets and
+    seeds (then the seeds of the larger budgets, largest first: where muNet came level with the baselines, the seeds
+    say more), the random root, the s-sweep (with ``curve`` over its seeds) and, with ``curve``, the ablations."""
+
+    def unit(name: str, family: str, label: str, run_cfg: RunConfig, budget: int = 1, seed: int = 0) -> MunetUnit:
+        return MunetUnit(name, family, label, run_cfg.replace(out=str(work / "munet" / name)), budget, seed)
+
+    units = [unit("munet_s1.0", "munet", "muNet s=1.0", cfg)]
+    if curve:
+        units += [unit(f"munet_s1.0_b{b}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b), budget=b)
+                  for b in mode.budgets if b != 1]
+        units += [unit(f"munet_s1.0_seed{k}", "munet", "muNet s=1.0", cfg.replace(seed=k), seed=k)
+                  for k in mode.seeds if k != 0]
+        units += [unit(f"munet_s1.0_b{b}_seed{k}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b).replace(seed=k),
+                       budget=b, seed=k)
+                  for b in sorted(mode.budgets, reverse=True) if b != 1 for k in mode.budget_seeds if k != 0]
+    units.append(unit("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
+    units += [unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
+              for s in sorted(mode.scales) if s != 1.0]
+    if curve:
+        units += [unit(f"munet_s{s}_seed{k}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s, seed=k), seed=k)
+                  for s in sorted(mode.scales) if s != 1.0 for k in mode.sweep_seeds if k != 0]
+        units += [unit(f"ablation_{slug(label)}", "munet-ablation", f"ablation: {label}", cfg.replace(**changes))
+                  for label, changes in mode.ablations]
+    return units
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -394,30 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     results = FsPath(args.results)
     work = results / "quality" / name
 
-    def munet_unit(unit: str, family: str, label: str, run_cfg: RunConfig, budget: int = 1, seed: int = 0
-                   ) -> tuple[str, str, str, RunConfig, int, int]:
-        return unit, family, label, run_cfg.replace(out=str(work / "munet" / unit)), budget, seed
-
-    s1 = munet_unit("munet_s1.0", "munet", "muNet s=1.0", cfg)
-    runs = [s1]
-    if args.curve:
-        runs += [munet_unit(f"munet_s1.0_b{b}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b), budget=b)
-                 for b in mode.budgets if b != 1]
-        runs += [munet_unit(f"munet_s1.0_seed{k}", "munet", "muNet s=1.0", cfg.replace(seed=k), seed=k)
-                 for k in mode.seeds if k != 0]
-        # the largest budget first: where muNet came level with the baselines (seed 0), the seeds say more
-        runs += [munet_unit(f"munet_s1.0_b{b}_seed{k}", "munet", f"muNet s=1.0 x{b}",
-                            mode.at_budget(cfg, b).replace(seed=k), budget=b, seed=k)
-                 for b in sorted(mode.budgets, reverse=True) if b != 1 for k in mode.budget_seeds if k != 0]
-    runs.append(munet_unit("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
-    runs += [munet_unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
-             for s in sorted(mode.scales) if s != 1.0]
-    if args.curve:
-        runs += [munet_unit(f"munet_s{s}_seed{k}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s, seed=k),
-                            seed=k) for s in sorted(mode.scales) if s != 1.0 for k in mode.sweep_seeds if k != 0]
-    if args.curve:
-        runs += [munet_unit(f"ablation_{slug(label)}", "munet-ablation", f"ablation: {label}", cfg.replace(**changes))
-                 for label, changes in mode.ablations]
+    runs = munet_units(mode, cfg, work, args.curve)
     specs = [BaselineSpec("finetune")] + [BaselineSpec("freeze", x) for x in range(cfg.depth + 1)]
     specs += [BaselineSpec("adapters", a) for a in mode.adapters] + [BaselineSpec("lora", r) for r in mode.lora_ranks]
     if args.baselines:
@@ -428,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{[b for b in mode.budgets if b != 1]}, seeds {list(mode.seeds)}" if args.curve else "")
           + f"; results in {work}")
     if args.plan:
-        for unit, _, label, c, budget, seed in runs:
-            print(f"  {unit}: {label}, root {c.root}, s = {c.scale_factor}, budget x{budget}, seed {seed}, "
+        for r in runs:
+            c = r.cfg
+            print(f"  {r.name}: {r.label}, root {c.root}, s = {c.scale_factor}, budget x{r.budget}, seed {r.seed}, "
                   f"{c.children_per_task} children per task of {c.validations} validations")
         print("  baselines: " + ", ".join(s.name for s in specs) + ", each on the images muNet s=1 processed")
         return 0
@@ -444,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = set(args.units.split(",")) if args.units else None
     lora_ok = peft_available()
     runnable = [s for s in specs if s.kind != "lora" or lora_ok]
-    planned = 0 if args.only == "baselines" else sum(chosen is None or r[0] in chosen for r in runs)
+    planned = 0 if args.only == "baselines" else sum(chosen is None or r.name in chosen for r in runs)
     if args.only != "munet":
         planned += len(runnable) * len(task_names)
         if args.curve:
@@ -469,11 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     finished: dict[str, dict[str, Any]] = {}  # unit name -> unit result
     busy: list[str] = []  # units another live process is running
 
-    def munet_result(entry: tuple[str, str, str, RunConfig, int, int]) -> dict[str, Any] | None:
-        unit = entry[0]
+    def munet_result(entry: MunetUnit) -> dict[str, Any] | None:
+        unit = entry.name
         if unit not in finished:
             t0 = time.perf_counter()
-            result = run_munet(unit, entry[3], work, units, sizes)
+            result = run_munet(unit, entry.cfg, work, units, sizes)
             if result is None:
                 return None
             finished[unit] = result
@@ -483,19 +502,20 @@ def main(argv: list[str] | None = None) -> int:
         return finished[unit]
 
     for entry in runs if args.only != "baselines" else []:
-        if chosen is None or entry[0] in chosen:
+        if chosen is None or entry.name in chosen:
             before = units.stored
             if munet_result(entry) is not None:
                 tick(before)
             else:
-                busy.append(entry[0])
+                busy.append(entry.name)
     runner = BaselineRunner(cfg, tasks)
     skipped: list[str] = []
     baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> per task
 
-    def reference_of(budget: int) -> tuple[str, str, str, RunConfig, int, int]:
+    def reference_of(budget: int) -> MunetUnit:
         """The muNet s = 1 run (seed 0) whose images per task a baseline at ``budget`` trains on."""
-        return next(r for r in runs if r[4] == budget and r[5] == 0 and r[1] == "munet" and r[3].scale_factor == 1.0)
+        return next(r for r in runs if r.budget == budget and r.seed == 0 and r.family == "munet"
+                    and r.cfg.scale_factor == 1.0)
 
     def baselines(spec: BaselineSpec, budget: int, seed: int, start: bool = True, train: bool = True) -> bool:
         """Trains one baseline at one budget and seed (without ``train``, only collects it if finished); ``False``
@@ -508,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = reference_of(budget)
         # the images muNet s=1 processed per task at this budget
         budget_unit = (munet_result(reference) if start
-                       else finished.get(reference[0]) or units.get(reference[0], result_settings(reference[3])))
+                       else finished.get(reference.name) or units.get(reference.name, result_settings(reference.cfg)))
         if budget_unit is None:
             return False
         tag = (f"__b{budget}" if budget != 1 else "") + (f"__seed{seed}" if seed else "")
@@ -537,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work_off(pending: list[tuple[BaselineSpec, int, int]]) -> None:
         left = drain(pending, lambda p, start: baselines(*p, start=start), wait=args.only == "baselines", say=say)
-        busy.extend(f"{spec.name} x{budget} (waits for {reference_of(budget)[0]})" for spec, budget, _ in left)
+        busy.extend(f"{spec.name} x{budget} (waits for {reference_of(budget).name})" for spec, budget, _ in left)
 
     if args.only != "munet":
         work_off([(spec, 1, 0) for spec in specs])
@@ -573,10 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     methods: list[dict[str, Any]] = []
     labelled: dict[tuple[str, int], list[dict[str, Any]]] = {}
     families: dict[tuple[str, int], str] = {}
-    for unit, family, label, _, budget, _ in runs:
-        if unit in finished:
-            labelled.setdefault((label, budget), []).append(finished[unit])
-            families[(label, budget)] = family
+    for r in runs:
+        if r.name in finished:
+            labelled.setdefault((r.label, r.budget), []).append(finished[r.name])
+            families[(r.label, r.budget)] = r.family
     for (label, budget), group in labelled.items():
         methods.append(munet_method(label, families[(label, budget)], group, task_names, budget))
     for spec in [*specs, *[c for c in curve_specs if c not in specs]]:

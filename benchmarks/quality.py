@@ -72,6 +72,7 @@ from baselines import (  # noqa: E402
 )
 from quality_modes import baseline_validations, load_mode  # noqa: E402
 from quality_report import (  # noqa: E402
+    DEFINITIONS,
     baseline_method,
     check_targets,
     core_hours,
@@ -385,6 +386,26 @@ def munet_units(mode: Any, cfg: RunConfig, work: FsPath, curve: bool) -> list[Mu
     return units
 
 
+def report_methods(runs: list[MunetUnit], finished: dict[str, dict[str, Any]], specs: list[BaselineSpec],
+                   baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]], task_names: list[str]
+                   ) -> list[dict[str, Any]]:
+    """The report's rows: one per muNet label and budget (its finished seeds together), then one per baseline of
+    ``specs`` and budget (its finished seeds, from ``baseline_runs`` keyed by (baseline, budget, seed))."""
+    labelled: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    families: dict[tuple[str, int], str] = {}
+    for r in runs:
+        if r.name in finished:
+            labelled.setdefault((r.label, r.budget), []).append(finished[r.name])
+            families[(r.label, r.budget)] = r.family
+    methods = [munet_method(label, families[(label, budget)], group, task_names, budget)
+               for (label, budget), group in labelled.items()]
+    for spec in specs:
+        for budget in sorted({k[1] for k in baseline_runs if k[0] == spec.name}):
+            seeds = [baseline_runs[k] for k in sorted(baseline_runs) if k[0] == spec.name and k[1] == budget]
+            methods.append(baseline_method(spec, seeds, task_names, budget))
+    return methods
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -590,19 +611,8 @@ def main(argv: list[str] | None = None) -> int:
               "report")
         return 0
 
-    methods: list[dict[str, Any]] = []
-    labelled: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    families: dict[tuple[str, int], str] = {}
-    for r in runs:
-        if r.name in finished:
-            labelled.setdefault((r.label, r.budget), []).append(finished[r.name])
-            families[(r.label, r.budget)] = r.family
-    for (label, budget), group in labelled.items():
-        methods.append(munet_method(label, families[(label, budget)], group, task_names, budget))
-    for spec in [*specs, *[c for c in curve_specs if c not in specs]]:
-        for budget in sorted({k[1] for k in baseline_runs if k[0] == spec.name}):
-            seeds = [baseline_runs[k] for k in sorted(baseline_runs) if k[0] == spec.name and k[1] == budget]
-            methods.append(baseline_method(spec, seeds, task_names, budget))
+    methods = report_methods(runs, finished, [*specs, *[c for c in curve_specs if c not in specs]], baseline_runs,
+                             task_names)
     table = format_table(methods, task_names)
     expected = {1: [s.name for s in specs]} | ({b: [c.name for c in curve_specs if c.name not in skipped]
                                                 for b in mode.budgets if b != 1} if args.curve else {})
@@ -615,17 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"mode": name, "curve": args.curve, "left_out": busy if args.report else [], "config": cfg.to_dict(),
               "random_root": RANDOM_ROOT, "core_hours": compute,
               "tasks": task_names, "train_sizes": sizes, "skipped": skipped,
-              "definitions": {
-                  "budget": "budget 1 is muNet's configuration; budget b trains each of muNet's children b times the "
-                            "validation periods, and each baseline trains on the training images muNet s=1 processed "
-                            "for the task at budget b (all children and probes, measured from the run's store)",
-                  "params_per_task": "muNet: mean accounted params (spec §5); baselines: own params + shared "
-                                     "frozen root params / number of tasks",
-                  "core_hours": "wall seconds x torch CPU threads / 3600",
-                  "images": "training images processed (muNet: all children and probes; baselines: their budget)",
-                  "spread": "sample standard deviation of the average over seeds",
-                  "optimism": "val-test: mean over tasks and seeds of the kept model's validation minus test "
-                              "accuracy"},
+              "definitions": DEFINITIONS,
               "methods": methods, "table": table, "targets": targets}
     target = results / output
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,18 @@ from typing import Any
 
 from baselines import BaselineSpec
 
+DEFINITIONS = {  # what the report's quantities mean, stored beside them in quality.json
+    "budget": "budget 1 is muNet's configuration; budget b trains each of muNet's children b times the validation "
+              "periods, and each baseline trains on the training images muNet s=1 processed for the task at budget b "
+              "(all children and probes, measured from the run's store)",
+    "params_per_task": "muNet: mean accounted params (spec §5); baselines: own params + shared frozen root params / "
+                       "number of tasks",
+    "core_hours": "wall seconds x torch CPU threads / 3600",
+    "images": "training images processed (muNet: all children and probes; baselines: their budget)",
+    "spread": "sample standard deviation of the average over seeds",
+    "optimism": "val-test: mean over tasks and seeds of the kept model's validation minus test accuracy",
+}
+
 
 def core_hours(units: Iterable[dict[str, Any]]) -> float:
     """The core-hours the unit results took: wall seconds x cores."""

@@ -351,6 +351,8 @@ def test_file_errors(tmp_path: Path) -> None:
     save_file(source.state_dict(), str(good))
     with pytest.raises(WeightsError, match="shape mismatches"):
         load_root(f"file:{good}@vit_tiny_patch16_224")
+    with pytest.raises(ConfigError, match="'munet_tiny' fixes an argument munet sets"):  # its factory fixes img_size
+        load_root(f"file:{good}@munet_tiny")
     other = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2)}, str(other))
     with pytest.raises(WeightsError, match="not a recognised ViT checkpoint"):

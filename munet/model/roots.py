@@ -247,6 +247,9 @@ def _create_arch(arch: str, **kwargs: Any) -> VisionTransformer:
     try:
         model = timm.create_model(arch, num_classes=0, **kwargs)
     except TypeError as exc:  # non-ViT timm classes reject the ViT keyword arguments
+        if "multiple values" in str(exc):  # a registered factory that fixes an argument munet sets
+            raise ConfigError(f"timm architecture {arch!r} fixes an argument munet sets when it builds a root ({exc}); "
+                              "register a factory that passes its keyword arguments through") from None
         raise ConfigError(f"timm architecture {arch!r} is not a VisionTransformer: {exc}") from None
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"timm architecture {arch!r} is a {type(model).__name__}, not a VisionTransformer")

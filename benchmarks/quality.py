@@ -406,6 +406,201 @@ def report_methods(runs: list[MunetUnit], finished: dict[str, dict[str, Any]], s
     return methods
 
 
+class Benchmark:
+    """One sitting of the benchmark: runs the muNet units, then the baselines (budget 1; with the curve the seeds of
+    the best, the larger budgets and their seeds), sharing the units with other workers, and reports what finished.
+
+    Args:
+        mode: the mode (``quality_modes``), with the command line's overrides.
+        cfg: the muNet configuration of budget 1 (the mode's, with the command line's tasks and device).
+        work: the mode's results folder (units, muNet runs, logs).
+        runs: the muNet units, in the order they run.
+        specs: the budget-1 baselines; ``curve_specs`` those of the larger budgets.
+        curve: with the curve (seeds, larger budgets, ablations).
+        only: ``"munet"`` or ``"baselines"`` to run only those units, else ``None``.
+        read_only: collect finished units only (``--report``): nothing is claimed or trained.
+        chosen: the muNet units to run (``None``: all).
+    """
+
+    def __init__(self, mode: Any, cfg: RunConfig, work: FsPath, runs: list[MunetUnit], specs: list[BaselineSpec],
+                 curve_specs: list[BaselineSpec], *, curve: bool, only: str | None, read_only: bool,
+                 chosen: set[str] | None, quiet: bool):
+        self.mode, self.cfg, self.work, self.runs = mode, cfg, work, runs
+        self.specs, self.curve_specs, self.curve, self.only, self.chosen = specs, curve_specs, curve, only, chosen
+        self.units = Units(work / "units", read_only=read_only)
+        self.tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, sys.stderr)
+        self.task_names = list(self.tasks)
+        self.sizes = {t: len(d.train_y) for t, d in self.tasks.items()}
+        print("muNet's longest lineage per task (training images, the paper's baseline budget): "
+              + ", ".join(f"{t} {lineage_budget(cfg, n):,}" for t, n in self.sizes.items()))
+        self.t_start = time.perf_counter()
+        self.lora_ok = peft_available()
+        self.progress = Progress(self.planned(), sys.stderr, unit="unit", quiet=quiet or read_only)
+        self.runner = BaselineRunner(cfg, self.tasks)
+        self.finished: dict[str, dict[str, Any]] = {}  # unit name -> unit result
+        self.busy: list[str] = []  # units another live process is running
+        self.skipped: list[str] = []  # baselines that cannot run here (LoRA without PEFT)
+        self.baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> tasks
+
+    def planned(self) -> int:
+        """The units this sitting may run, for the progress bar."""
+        mode, n_tasks = self.mode, len(self.task_names)
+        runnable = [s for s in self.specs if s.kind != "lora" or self.lora_ok]
+        chosen = [r for r in self.runs if self.chosen is None or r.name in self.chosen]
+        planned = 0 if self.only == "baselines" else len(chosen)
+        if self.only != "munet":
+            planned += len(runnable) * n_tasks
+            if self.curve:
+                curve_runnable = [s for s in self.curve_specs if s.kind != "lora" or self.lora_ok]
+                planned += n_tasks * (min(mode.top_baselines, len(runnable)) * (len(mode.seeds) - 1)
+                                      + len(curve_runnable) * (len(mode.budgets) - 1)
+                                      + min(mode.budget_top_baselines, len(curve_runnable))
+                                      * (len(mode.budgets) - 1) * (len(mode.budget_seeds) - 1))
+        return planned
+
+    def tick(self, stored_before: int) -> None:
+        """One unit finished: trained here (counts towards the ETA's rate) or found done."""
+        (self.progress.advance if self.units.stored > stored_before else self.progress.skip)()
+
+    def say(self, text: str) -> None:
+        """A result line: above the bar on a terminal, on stdout otherwise."""
+        if self.progress.live:
+            self.progress.note(text)
+        else:
+            print(text, flush=True)
+
+    def elapsed(self, t0: float) -> str:
+        return f"{time.perf_counter() - t0:.0f} s; total {time.perf_counter() - self.t_start:.0f} s"
+
+    # --- muNet ----------------------------------------------------------------------------------------------------
+    def munet_result(self, entry: MunetUnit) -> dict[str, Any] | None:
+        """The result of a muNet unit, run here if nobody has (``None`` while another process runs it)."""
+        if entry.name not in self.finished:
+            t0 = time.perf_counter()
+            result = run_munet(entry.name, entry.cfg, self.work, self.units, self.sizes)
+            if result is None:
+                return None
+            self.finished[entry.name] = result
+            avg = task_average([result["tasks"].get(t, {}).get("test_acc") for t in self.task_names])
+            self.say(f"[muNet] {entry.name}: average test {avg or float('nan'):.4f} ({self.elapsed(t0)})")
+        return self.finished[entry.name]
+
+    def run_munet_units(self) -> None:
+        for entry in self.runs:
+            if self.chosen is None or entry.name in self.chosen:
+                before = self.units.stored
+                if self.munet_result(entry) is not None:
+                    self.tick(before)
+                else:
+                    self.busy.append(entry.name)
+
+    # --- baselines ------------------------------------------------------------------------------------------------
+    def reference_of(self, budget: int) -> MunetUnit:
+        """The muNet s = 1 run (seed 0) whose images per task a baseline at ``budget`` trains on."""
+        return next(r for r in self.runs if r.budget == budget and r.seed == 0 and r.family == "munet"
+                    and r.cfg.scale_factor == 1.0)
+
+    def baseline(self, spec: BaselineSpec, budget: int, seed: int, start: bool = True, train: bool = True) -> bool:
+        """Trains one baseline at one budget and seed (without ``train``, only collects it if finished); ``False``
+        when its muNet reference unit is not finished (and ``start`` is off, or another process is running it)."""
+        if spec.kind == "lora" and not self.lora_ok:
+            if spec.name not in self.skipped:
+                self.skipped.append(spec.name)
+                print(f"[baseline] {spec.name}: skipped. {PEFT_HINT}", flush=True)
+            return True
+        reference = self.reference_of(budget)
+        # the images muNet s=1 processed per task at this budget
+        budget_unit = (self.munet_result(reference) if start else self.finished.get(reference.name)
+                       or self.units.get(reference.name, result_settings(reference.cfg)))
+        if budget_unit is None:
+            return False
+        tag = (f"__b{budget}" if budget != 1 else "") + (f"__seed{seed}" if seed else "")
+        t0 = time.perf_counter()
+        per_task = {}
+        for t in self.task_names:
+            before = self.units.stored
+            per_task[t] = self.runner.run(spec, t, self.units, budget_unit["tasks"][t]["images"], seed, tag, train)
+            if per_task[t] is not None:
+                self.tick(before)
+        if None in per_task.values():
+            if train:  # another process trains the rest of this baseline
+                self.busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
+            return True
+        self.baseline_runs[(spec.name, budget, seed)] = per_task
+        avg = task_average([r["test_acc"] for r in per_task.values()])
+        self.say(f"[baseline] {spec.name} x{budget} seed {seed}: average test {avg or float('nan'):.4f} "
+                 f"({self.elapsed(t0)})")
+        return True
+
+    def best(self, budget: int, n: int) -> list[str]:
+        """The ``n`` most accurate baselines at ``budget`` among the finished seed-0 runs."""
+        done = [(k[0], task_average([r["test_acc"] for r in v.values()])) for k, v in self.baseline_runs.items()
+                if k[1] == budget and k[2] == 0]
+        return [name for name, _ in sorted(done, key=lambda d: -(d[1] or 0))][:n]
+
+    def work_off(self, pending: list[tuple[BaselineSpec, int, int]]) -> None:
+        left = drain(pending, lambda p, start: self.baseline(*p, start=start), wait=self.only == "baselines",
+                     say=self.say)
+        self.busy.extend(f"{spec.name} x{budget} (waits for {self.reference_of(budget).name})"
+                         for spec, budget, _ in left)
+
+    def run_baselines(self) -> None:
+        """Budget 1; with the curve, the seeds of the best at budget 1 and the curve baselines at the larger budgets,
+        then (once every curve baseline of a budget has its seed 0) the seeds of that budget's best."""
+        mode = self.mode
+        self.work_off([(spec, 1, 0) for spec in self.specs])
+        if not self.curve:
+            return
+        self.work_off([(BaselineSpec.parse(n), 1, seed) for n in self.best(1, mode.top_baselines)
+                       for seed in mode.seeds if seed != 0]
+                      + [(spec, budget, 0) for budget in mode.budgets if budget != 1 for spec in self.curve_specs])
+        larger = sorted((b for b in mode.budgets if b != 1), reverse=True)
+        ranked = [b for b in larger if all((c.name, b, 0) in self.baseline_runs or c.name in self.skipped
+                                           for c in self.curve_specs)]  # the best is known once all have run
+        self.work_off([(BaselineSpec.parse(n), b, seed) for b in ranked for n in self.best(b, mode.budget_top_baselines)
+                       for seed in mode.budget_seeds if seed != 0])
+        # every finished seed counts, also of a baseline that is no longer among today's best at seed 0
+        repeated = [(1, mode.seeds, self.specs), *[(b, mode.budget_seeds, self.curve_specs) for b in larger]]
+        for budget, seeds, kinds in repeated:
+            for spec in kinds:
+                for seed in seeds:
+                    if (spec.name, budget, seed) not in self.baseline_runs:
+                        self.baseline(spec, budget, seed, start=False, train=False)
+
+    # --- report ---------------------------------------------------------------------------------------------------
+    def write_report(self, target: FsPath, name: str, default_target: float | None) -> None:
+        """Prints the table and the targets, and writes ``target``.json, .png (and _curve.png with the curve)."""
+        cfg, task_names = self.cfg, self.task_names
+        methods = report_methods(self.runs, self.finished,
+                                 [*self.specs, *[c for c in self.curve_specs if c not in self.specs]],
+                                 self.baseline_runs, task_names)
+        table = format_table(methods, task_names)
+        curve_names = [c.name for c in self.curve_specs if c.name not in self.skipped]
+        expected = {1: [s.name for s in self.specs]} | ({b: curve_names for b in self.mode.budgets if b != 1}
+                                                        if self.curve else {})
+        targets = check_targets(methods, default_target, expected)
+        compute = {"munet": core_hours(self.finished.values()),
+                   "baselines": core_hours(r for run in self.baseline_runs.values() for r in run.values())}
+        print("\n" + table + "\n\n" + format_targets(targets) + f"\ncompute of the units reported: "
+              f"{sum(compute.values()):.1f} core-hours (muNet {compute['munet']:.1f}, "
+              f"baselines {compute['baselines']:.1f})")
+        report = {"mode": name, "curve": self.curve, "left_out": self.busy if self.units.read_only else [],
+                  "config": cfg.to_dict(), "random_root": RANDOM_ROOT, "core_hours": compute,
+                  "tasks": task_names, "train_sizes": self.sizes, "skipped": self.skipped,
+                  "definitions": DEFINITIONS,
+                  "methods": methods, "table": table, "targets": targets}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target.with_suffix(".json"), json.dumps(report, indent=1, default=str))
+        title = f"{len(task_names)} tasks, {cfg.root} depth {cfg.depth} @ {cfg.image_size} px"
+        plot(methods, f"muNet vs baselines, {name} mode: {title}", target.with_suffix(".png"))
+        written = [target.with_suffix(".json"), target.with_suffix(".png")]
+        if self.curve:
+            curve_png = target.parent / f"{target.name}_curve.png"
+            plot_curve(methods, f"accuracy against compute, {name} mode: {title}", curve_png)
+            written.append(curve_png)
+        print("wrote " + ", ".join(map(str, written)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -474,170 +669,26 @@ def main(argv: list[str] | None = None) -> int:
         print("  baselines: " + ", ".join(s.name for s in specs) + ", each on the images muNet s=1 processed")
         return 0
 
-    units = Units(work / "units", read_only=args.report)
-    tasks = load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, sys.stderr)
-    task_names = list(tasks)
-    sizes = {t: len(d.train_y) for t, d in tasks.items()}
-    print("muNet's longest lineage per task (training images, the paper's baseline budget): "
-          + ", ".join(f"{t} {lineage_budget(cfg, n):,}" for t, n in sizes.items()))
-    t_start = time.perf_counter()
-    chosen = set(args.units.split(",")) if args.units else None
-    lora_ok = peft_available()
-    runnable = [s for s in specs if s.kind != "lora" or lora_ok]
-    planned = 0 if args.only == "baselines" else sum(chosen is None or r.name in chosen for r in runs)
+    bench = Benchmark(mode, cfg, work, runs, specs, curve_specs, curve=args.curve, only=args.only,
+                      read_only=args.report, chosen=set(args.units.split(",")) if args.units else None,
+                      quiet=args.quiet)
+    if args.only != "baselines":
+        bench.run_munet_units()
     if args.only != "munet":
-        planned += len(runnable) * len(task_names)
-        if args.curve:
-            curve_runnable = [s for s in curve_specs if s.kind != "lora" or lora_ok]
-            planned += len(task_names) * (min(mode.top_baselines, len(runnable)) * (len(mode.seeds) - 1)
-                                          + len(curve_runnable) * (len(mode.budgets) - 1)
-                                          + min(mode.budget_top_baselines, len(curve_runnable))
-                                          * (len(mode.budgets) - 1) * (len(mode.budget_seeds) - 1))
-    progress = Progress(planned, sys.stderr, unit="unit", quiet=args.quiet or args.report)
-
-    def tick(stored_before: int) -> None:
-        """One unit finished: trained here (counts towards the ETA's rate) or found done."""
-        (progress.advance if units.stored > stored_before else progress.skip)()
-
-    def say(text: str) -> None:
-        """A result line: above the bar on a terminal, on stdout otherwise."""
-        if progress.live:
-            progress.note(text)
-        else:
-            print(text, flush=True)
-
-    finished: dict[str, dict[str, Any]] = {}  # unit name -> unit result
-    busy: list[str] = []  # units another live process is running
-
-    def munet_result(entry: MunetUnit) -> dict[str, Any] | None:
-        unit = entry.name
-        if unit not in finished:
-            t0 = time.perf_counter()
-            result = run_munet(unit, entry.cfg, work, units, sizes)
-            if result is None:
-                return None
-            finished[unit] = result
-            avg = task_average([result["tasks"].get(t, {}).get("test_acc") for t in task_names])
-            say(f"[muNet] {unit}: average test {avg or float('nan'):.4f} ({time.perf_counter() - t0:.0f} s; total "
-                f"{time.perf_counter() - t_start:.0f} s)")
-        return finished[unit]
-
-    for entry in runs if args.only != "baselines" else []:
-        if chosen is None or entry.name in chosen:
-            before = units.stored
-            if munet_result(entry) is not None:
-                tick(before)
-            else:
-                busy.append(entry.name)
-    runner = BaselineRunner(cfg, tasks)
-    skipped: list[str] = []
-    baseline_runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}  # (spec, budget, seed) -> per task
-
-    def reference_of(budget: int) -> MunetUnit:
-        """The muNet s = 1 run (seed 0) whose images per task a baseline at ``budget`` trains on."""
-        return next(r for r in runs if r.budget == budget and r.seed == 0 and r.family == "munet"
-                    and r.cfg.scale_factor == 1.0)
-
-    def baselines(spec: BaselineSpec, budget: int, seed: int, start: bool = True, train: bool = True) -> bool:
-        """Trains one baseline at one budget and seed (without ``train``, only collects it if finished); ``False``
-        when its muNet reference unit is not finished (and ``start`` is off, or another process is running it)."""
-        if spec.kind == "lora" and not lora_ok:
-            if spec.name not in skipped:
-                skipped.append(spec.name)
-                print(f"[baseline] {spec.name}: skipped. {PEFT_HINT}", flush=True)
-            return True
-        reference = reference_of(budget)
-        # the images muNet s=1 processed per task at this budget
-        budget_unit = (munet_result(reference) if start
-                       else finished.get(reference.name) or units.get(reference.name, result_settings(reference.cfg)))
-        if budget_unit is None:
-            return False
-        tag = (f"__b{budget}" if budget != 1 else "") + (f"__seed{seed}" if seed else "")
-        t0 = time.perf_counter()
-        per_task = {}
-        for t in task_names:
-            before = units.stored
-            per_task[t] = runner.run(spec, t, units, budget_unit["tasks"][t]["images"], seed, tag, train)
-            if per_task[t] is not None:
-                tick(before)
-        if None in per_task.values():
-            if train:  # another process trains the rest of this baseline
-                busy.extend(f"{spec.name}__{t}{tag}" for t, r in per_task.items() if r is None)
-            return True
-        baseline_runs[(spec.name, budget, seed)] = per_task
-        avg = task_average([r["test_acc"] for r in per_task.values()])
-        say(f"[baseline] {spec.name} x{budget} seed {seed}: average test {avg or float('nan'):.4f} "
-            f"({time.perf_counter() - t0:.0f} s; total {time.perf_counter() - t_start:.0f} s)")
-        return True
-
-    def best(budget: int, n: int) -> list[str]:
-        """The ``n`` most accurate baselines at ``budget`` among the finished seed-0 runs."""
-        done = [(k[0], task_average([r["test_acc"] for r in v.values()])) for k, v in baseline_runs.items()
-                if k[1] == budget and k[2] == 0]
-        return [name for name, _ in sorted(done, key=lambda d: -(d[1] or 0))][:n]
-
-    def work_off(pending: list[tuple[BaselineSpec, int, int]]) -> None:
-        left = drain(pending, lambda p, start: baselines(*p, start=start), wait=args.only == "baselines", say=say)
-        busy.extend(f"{spec.name} x{budget} (waits for {reference_of(budget).name})" for spec, budget, _ in left)
-
-    if args.only != "munet":
-        work_off([(spec, 1, 0) for spec in specs])
-        if args.curve:
-            work_off([(BaselineSpec.parse(n), 1, seed) for n in best(1, mode.top_baselines)
-                      for seed in mode.seeds if seed != 0]
-                     + [(spec, budget, 0) for budget in mode.budgets if budget != 1 for spec in curve_specs])
-            larger = sorted((b for b in mode.budgets if b != 1), reverse=True)
-            ranked = [b for b in larger if all((c.name, b, 0) in baseline_runs or c.name in skipped
-                                               for c in curve_specs)]  # the best is known once all have run
-            work_off([(BaselineSpec.parse(n), b, seed) for b in ranked for n in best(b, mode.budget_top_baselines)
-                      for seed in mode.budget_seeds if seed != 0])
-            # every finished seed counts, also of a baseline that is no longer among today's best at seed 0
-            repeated = [(1, mode.seeds, specs), *[(b, mode.budget_seeds, curve_specs) for b in larger]]
-            for budget, seeds, kinds in repeated:
-                for spec in kinds:
-                    for seed in seeds:
-                        if (spec.name, budget, seed) not in baseline_runs:
-                            baselines(spec, budget, seed, start=False, train=False)
-    progress.close()
-    if busy and args.report:
-        print(f"left out of the report, not finished: {', '.join(busy)}", flush=True)
-    elif busy:
-        print(f"{len(busy)} unit(s) are being run by other processes: {', '.join(busy)}", flush=True)
+        bench.run_baselines()
+    bench.progress.close()
+    if bench.busy and args.report:
+        print(f"left out of the report, not finished: {', '.join(bench.busy)}", flush=True)
+    elif bench.busy:
+        print(f"{len(bench.busy)} unit(s) are being run by other processes: {', '.join(bench.busy)}", flush=True)
         if not args.only:
             print("no report until they finish; run again then")
             return 1
     if args.only:
-        print(f"finished the {args.only} units in {time.perf_counter() - t_start:.0f} s; run without --only for the "
-              "report")
+        print(f"finished the {args.only} units in {time.perf_counter() - bench.t_start:.0f} s; run without --only "
+              "for the report")
         return 0
-
-    methods = report_methods(runs, finished, [*specs, *[c for c in curve_specs if c not in specs]], baseline_runs,
-                             task_names)
-    table = format_table(methods, task_names)
-    expected = {1: [s.name for s in specs]} | ({b: [c.name for c in curve_specs if c.name not in skipped]
-                                                for b in mode.budgets if b != 1} if args.curve else {})
-    targets = check_targets(methods, mode.default_target if not suffix else None, expected)
-    compute = {"munet": core_hours(finished.values()),
-               "baselines": core_hours(r for run in baseline_runs.values() for r in run.values())}
-    print("\n" + table + "\n\n" + format_targets(targets) + f"\ncompute of the units reported: "
-          f"{sum(compute.values()):.1f} core-hours (muNet {compute['munet']:.1f}, "
-          f"baselines {compute['baselines']:.1f})")
-    report = {"mode": name, "curve": args.curve, "left_out": busy if args.report else [], "config": cfg.to_dict(),
-              "random_root": RANDOM_ROOT, "core_hours": compute,
-              "tasks": task_names, "train_sizes": sizes, "skipped": skipped,
-              "definitions": DEFINITIONS,
-              "methods": methods, "table": table, "targets": targets}
-    target = results / output
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target.with_suffix(".json"), json.dumps(report, indent=1, default=str))
-    title = f"{len(task_names)} tasks, {cfg.root} depth {cfg.depth} @ {cfg.image_size} px"
-    plot(methods, f"muNet vs baselines, {name} mode: {title}", target.with_suffix(".png"))
-    written = [target.with_suffix(".json"), target.with_suffix(".png")]
-    if args.curve:
-        curve_png = target.parent / f"{target.name}_curve.png"
-        plot_curve(methods, f"accuracy against compute, {name} mode: {title}", curve_png)
-        written.append(curve_png)
-    print("wrote " + ", ".join(map(str, written)))
+    bench.write_report(results / output, name, mode.default_target if not suffix else None)
     return 0
 
 

@@ -24,6 +24,14 @@ def quality():
 
 
 @pytest.fixture(scope="module")
+def quality_units(quality):
+    """``benchmarks/quality_units.py``, importable once ``quality`` has put the benchmarks folder on the path."""
+    import quality_units
+
+    return quality_units
+
+
+@pytest.fixture(scope="module")
 def report(quality):
     """``benchmarks/quality_report.py``, importable once ``quality`` has put the benchmarks folder on the path."""
     import quality_report
@@ -54,13 +62,13 @@ def test_a_missing_key_means_the_behaviour_before_it_existed_not_todays_default(
     assert units.get("munet_s1.0", RunConfig(mutation_prob=0.1, clone_prob=0.5).to_dict()) is None
 
 
-def test_a_baseline_unit_depends_only_on_the_keys_its_training_reads(quality, tmp_path):
+def test_a_baseline_unit_depends_only_on_the_keys_its_training_reads(quality, quality_units, tmp_path):
     units = quality.Units(tmp_path)
     stored = {"baseline": "freeze:0", "task": "a", "config": RunConfig().to_dict(), "validations": 25}
     units.put("freeze-0__a", {"settings": stored, "test_acc": 0.5})
 
     def current(cfg: RunConfig, validations: int = 25) -> dict:
-        config = {k: v for k, v in cfg.to_dict().items() if k in quality.BASELINE_KEYS}
+        config = {k: v for k, v in cfg.to_dict().items() if k in quality_units.BASELINE_KEYS}
         return {"baseline": "freeze:0", "task": "a", "config": config, "validations": validations}
 
     assert units.get("freeze-0__a", current(RunConfig(clone_prob=0.5, children_per_task=6)))["test_acc"] == 0.5
@@ -235,7 +243,7 @@ def test_a_unit_stays_valid_in_another_checkout(quality, tmp_path):
     assert units.get("u", quality.result_settings(there.replace(seed=1))) is None
 
 
-def test_an_interrupted_munet_unit_resumes_to_the_uninterrupted_result(quality, tmp_path):
+def test_an_interrupted_munet_unit_resumes_to_the_uninterrupted_result(quality, quality_units, tmp_path):
     from conftest import Crash, crashing_store, tiny_config
 
     sizes = {"a": 96, "b": 96}
@@ -245,18 +253,19 @@ def test_an_interrupted_munet_unit_resumes_to_the_uninterrupted_result(quality, 
     units = quality.Units(tmp_path / "cut" / "units")
     with pytest.raises(Crash):
         quality.run_munet("u", cfg, tmp_path / "cut", units, sizes, store_class=crashing_store("commit", 4))
-    assert quality.interrupted_run(tmp_path / "cut" / "u", cfg) and units.get("u", quality.result_settings(cfg)) is None
+    assert quality_units.interrupted_run(tmp_path / "cut" / "u", cfg)
+    assert units.get("u", quality.result_settings(cfg)) is None
     resumed = quality.run_munet("u", cfg, tmp_path / "cut", units, sizes)
     assert "resuming" in (tmp_path / "cut" / "logs" / "u.log").read_text()
     assert resumed["tasks"] == whole["tasks"] and resumed["wall_s"] > 0
 
 
-def test_a_run_of_other_settings_in_a_units_folder_is_started_again(quality, tmp_path):
+def test_a_run_of_other_settings_in_a_units_folder_is_started_again(quality, quality_units, tmp_path):
     from conftest import make_run, tiny_config
 
     make_run(tmp_path / "u", seed=1)
     cfg = tiny_config(tmp_path / "u")
-    assert not quality.interrupted_run(tmp_path / "u", cfg)
+    assert not quality_units.interrupted_run(tmp_path / "u", cfg)
     result = quality.run_munet("u", cfg, tmp_path, quality.Units(tmp_path / "units"), {"a": 96, "b": 96})
     assert result["settings"]["seed"] == 0
     assert "resuming" not in (tmp_path / "logs" / "u.log").read_text()

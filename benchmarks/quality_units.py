@@ -73,6 +73,21 @@ class Units:
             return False
         return pid != os.getpid()
 
+    def finished_or_claim(self, unit: str, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """``(result, False)`` if ``unit`` is finished; else ``(None, True)`` once this process has claimed it to run,
+        or ``(None, False)`` while another live process runs it. A result another worker stores between the look and
+        the claim counts as finished."""
+        done = self.get(unit, settings)
+        if done:
+            return done, False
+        if not self.claim(unit):
+            return None, False
+        done = self.get(unit, settings)
+        if done:
+            self.release(unit)
+            return done, False
+        return None, True
+
     def claim(self, unit: str) -> bool:
         """Marks ``unit`` as run by this process; ``False`` if another live process has claimed it (so several
         ``--only`` workers can share the units). The look and the claim hold the folder's lock file, so of two
@@ -176,14 +191,8 @@ def run_munet(name: str, cfg: RunConfig, work: FsPath, units: Units, train_sizes
     settings is resumed from its last checkpoint (bit-exact, as ``munet resume``), so a long unit spans sittings;
     one of other settings is started again. ``store_class``: see :class:`munet.runner.Run`."""
     settings = result_settings(cfg)
-    done = units.get(name, settings)
-    if done:
-        return done
-    if not units.claim(name):
-        return None
-    done = units.get(name, settings)  # finished by another worker between the look and the claim
-    if done:
-        units.release(name)
+    done, claimed = units.finished_or_claim(name, settings)
+    if not claimed:
         return done
     out = FsPath(cfg.out)
     clock = out.with_name(out.name + ".wall_s")
@@ -232,14 +241,10 @@ class BaselineRunner:
         config = result_settings(self.cfg.replace(seed=seed))
         settings = {"baseline": spec.name, "task": task, "config": {k: config[k] for k in BASELINE_KEYS},
                     "validations": validations}
-        done = units.get(unit, settings)
-        if done or not train:
-            return done
-        if not units.claim(unit):
-            return None
-        done = units.get(unit, settings)  # finished by another worker between the look and the claim
-        if done:
-            units.release(unit)
+        if not train:
+            return units.get(unit, settings)
+        done, claimed = units.finished_or_claim(unit, settings)
+        if not claimed:
             return done
         system = self._system()
         t0 = time.perf_counter()

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(FsPath(__file__).resolve().parent))  # baselines, quality_modes, also when imported by path
 from baselines import PEFT_HINT, BaselineSpec, lineage_budget, peft_available  # noqa: E402
-from quality_modes import load_mode  # noqa: E402
+from quality_modes import Mode, load_mode  # noqa: E402
 from quality_report import (  # noqa: E402
     DEFINITIONS,
     baseline_method,
@@ -80,7 +80,7 @@ T = TypeVar("T")
 WAIT_S = 30.0  # how often a baselines worker looks whether the muNet unit it waits for has finished
 
 
-# --- aggregation --------------------------------------------------------------------------------------------------
+# --- scheduling ---------------------------------------------------------------------------------------------------
 def drain(pending: list[T], attempt: Callable[[T, bool], bool], wait: bool, say: Callable[[str], None] = print,
           sleep: Callable[[float], None] = time.sleep) -> list[T]:
     """Works off ``pending`` baseline runs: first those whose muNet unit is finished (``attempt(p, False)``), then
@@ -101,7 +101,7 @@ def slug(text: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in text).strip("_")
 
 
-# --- main ---------------------------------------------------------------------------------------------------------
+# --- plan ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MunetUnit:
     """One muNet run of the benchmark: its unit name (as ``--plan`` and the units folder name it), the report family
@@ -115,7 +115,7 @@ class MunetUnit:
     seed: int = 0
 
 
-def munet_units(mode: Any, cfg: RunConfig, work: FsPath, curve: bool) -> list[MunetUnit]:
+def munet_units(mode: Mode, cfg: RunConfig, work: FsPath, curve: bool) -> list[MunetUnit]:
     """The muNet runs of ``mode`` on ``cfg``, in the order they run: s = 1, with ``curve`` its larger budgets and
     seeds (then the seeds of the larger budgets, largest first: where muNet came level with the baselines, the seeds
     say more), the random root, the s-sweep (with ``curve`` over its seeds) and, with ``curve``, the ablations."""
@@ -123,24 +123,24 @@ def munet_units(mode: Any, cfg: RunConfig, work: FsPath, curve: bool) -> list[Mu
     def unit(name: str, family: str, label: str, run_cfg: RunConfig, budget: int = 1, seed: int = 0) -> MunetUnit:
         return MunetUnit(name, family, label, run_cfg.replace(out=str(work / "munet" / name)), budget, seed)
 
-    units = [unit("munet_s1.0", "munet", "muNet s=1.0", cfg)]
+    plan = [unit("munet_s1.0", "munet", "muNet s=1.0", cfg)]
     if curve:
-        units += [unit(f"munet_s1.0_b{b}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b), budget=b)
+        plan += [unit(f"munet_s1.0_b{b}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b), budget=b)
                   for b in mode.budgets if b != 1]
-        units += [unit(f"munet_s1.0_seed{k}", "munet", "muNet s=1.0", cfg.replace(seed=k), seed=k)
+        plan += [unit(f"munet_s1.0_seed{k}", "munet", "muNet s=1.0", cfg.replace(seed=k), seed=k)
                   for k in mode.seeds if k != 0]
-        units += [unit(f"munet_s1.0_b{b}_seed{k}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b).replace(seed=k),
+        plan += [unit(f"munet_s1.0_b{b}_seed{k}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b).replace(seed=k),
                        budget=b, seed=k)
                   for b in sorted(mode.budgets, reverse=True) if b != 1 for k in mode.budget_seeds if k != 0]
-    units.append(unit("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
-    units += [unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
+    plan.append(unit("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
+    plan += [unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
               for s in sorted(mode.scales) if s != 1.0]
     if curve:
-        units += [unit(f"munet_s{s}_seed{k}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s, seed=k), seed=k)
+        plan += [unit(f"munet_s{s}_seed{k}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s, seed=k), seed=k)
                   for s in sorted(mode.scales) if s != 1.0 for k in mode.sweep_seeds if k != 0]
-        units += [unit(f"ablation_{slug(label)}", "munet-ablation", f"ablation: {label}", cfg.replace(**changes))
+        plan += [unit(f"ablation_{slug(label)}", "munet-ablation", f"ablation: {label}", cfg.replace(**changes))
                   for label, changes in mode.ablations]
-    return units
+    return plan
 
 
 def report_methods(runs: list[MunetUnit], finished: dict[str, dict[str, Any]], specs: list[BaselineSpec],
@@ -163,6 +163,7 @@ def report_methods(runs: list[MunetUnit], finished: dict[str, dict[str, Any]], s
     return methods
 
 
+# --- benchmark ----------------------------------------------------------------------------------------------------
 class Benchmark:
     """One sitting of the benchmark: runs the muNet units, then the baselines (budget 1; with the curve the seeds of
     the best, the larger budgets and their seeds), sharing the units with other workers, and reports what finished.
@@ -177,9 +178,10 @@ class Benchmark:
         only: ``"munet"`` or ``"baselines"`` to run only those units, else ``None``.
         read_only: collect finished units only (``--report``): nothing is claimed or trained.
         chosen: the muNet units to run (``None``: all).
+        quiet: no progress bar (the result lines stay).
     """
 
-    def __init__(self, mode: Any, cfg: RunConfig, work: FsPath, runs: list[MunetUnit], specs: list[BaselineSpec],
+    def __init__(self, mode: Mode, cfg: RunConfig, work: FsPath, runs: list[MunetUnit], specs: list[BaselineSpec],
                  curve_specs: list[BaselineSpec], *, curve: bool, only: str | None, read_only: bool,
                  chosen: set[str] | None, quiet: bool):
         self.mode, self.cfg, self.work, self.runs = mode, cfg, work, runs
@@ -230,26 +232,26 @@ class Benchmark:
         return f"{time.perf_counter() - t0:.0f} s; total {time.perf_counter() - self.t_start:.0f} s"
 
     # --- muNet ----------------------------------------------------------------------------------------------------
-    def munet_result(self, entry: MunetUnit) -> dict[str, Any] | None:
+    def munet_result(self, munet: MunetUnit) -> dict[str, Any] | None:
         """The result of a muNet unit, run here if nobody has (``None`` while another process runs it)."""
-        if entry.name not in self.finished:
+        if munet.name not in self.finished:
             t0 = time.perf_counter()
-            result = run_munet(entry.name, entry.cfg, self.work, self.units, self.sizes)
+            result = run_munet(munet.name, munet.cfg, self.work, self.units, self.sizes)
             if result is None:
                 return None
-            self.finished[entry.name] = result
+            self.finished[munet.name] = result
             avg = task_average([result["tasks"].get(t, {}).get("test_acc") for t in self.task_names])
-            self.say(f"[muNet] {entry.name}: average test {avg or float('nan'):.4f} ({self.elapsed(t0)})")
-        return self.finished[entry.name]
+            self.say(f"[muNet] {munet.name}: average test {avg or float('nan'):.4f} ({self.elapsed(t0)})")
+        return self.finished[munet.name]
 
     def run_munet_units(self) -> None:
-        for entry in self.runs:
-            if self.chosen is None or entry.name in self.chosen:
+        for munet in self.runs:
+            if self.chosen is None or munet.name in self.chosen:
                 before = self.units.stored
-                if self.munet_result(entry) is not None:
+                if self.munet_result(munet) is not None:
                     self.tick(before)
                 else:
-                    self.busy.append(entry.name)
+                    self.busy.append(munet.name)
 
     # --- baselines ------------------------------------------------------------------------------------------------
     def reference_of(self, budget: int) -> MunetUnit:
@@ -358,6 +360,7 @@ class Benchmark:
         print("wrote " + ", ".join(map(str, written)))
 
 
+# --- main ---------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()

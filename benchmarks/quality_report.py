@@ -1,7 +1,8 @@
 """The quality benchmark's results: one point per method (seed means and spread), the table, the targets as the
 issue states them, and the two figures (accuracy against parameters per task, and against compute).
 
-Pure functions of the unit results that ``benchmarks/quality.py`` stores; nothing here trains or reads files.
+Pure functions of the unit results that ``benchmarks/quality_units.py`` stores, and ``DEFINITIONS``, what their
+quantities mean; nothing here trains or reads files.
 """
 
 from __future__ import annotations

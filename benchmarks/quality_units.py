@@ -3,7 +3,8 @@ finishes, so the benchmark resumes and several worker processes share the work.
 
 ``Units`` holds the finished results and the claims of live workers; ``run_munet`` runs (or resumes) one muNet unit
 and ``BaselineRunner`` trains one baseline unit. A stored unit counts as done only while its results-affecting
-settings match the current ones (``result_settings``).
+settings match the current ones (``result_settings``). Imported by ``quality.py``, which puts the benchmarks folder
+(``baselines``, ``quality_modes``) on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class Units:
 
     def finished_or_claim(self, unit: str, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
         """``(result, False)`` if ``unit`` is finished; else ``(None, True)`` once this process has claimed it to run,
-        or ``(None, False)`` while another live process runs it. A result another worker stores between the look and
-        the claim counts as finished."""
+        or ``(None, False)`` while another live process runs it (or the units are read-only). A result another worker
+        stores between the look and the claim counts as finished."""
         done = self.get(unit, settings)
         if done:
             return done, False
@@ -249,10 +250,11 @@ class BaselineRunner:
         system = self._system()
         t0 = time.perf_counter()
         path = build_baseline(system, task, spec, seed=seed)
-        train = baseline_settings(self.cfg, self.device, validations)
+        training = baseline_settings(self.cfg, self.device, validations)
         # a fresh cache per unit, as each muNet run has, so no unit reuses another's frozen features
-        evaluator = Evaluator(train, FeatureCache(self.cfg.feature_cache_mb << 20), system.root.mean, system.root.std)
-        result = train_baseline(path, self.tasks[task], train, evaluator, seed=seed)
+        evaluator = Evaluator(training, FeatureCache(self.cfg.feature_cache_mb << 20), system.root.mean,
+                              system.root.std)
+        result = train_baseline(path, self.tasks[task], training, evaluator, seed=seed)
         n = count_params(path)
         result.update(unit=unit, settings=settings, kind="baseline", baseline=spec.name, task=task,
                       wall_s=time.perf_counter() - t0, cores=cores(), device=str(self.device),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -115,6 +116,28 @@ time.sleep(30)
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_unit_another_worker_finished_between_the_look_and_the_claim_counts_as_finished(quality_units, tmp_path):
+    """finished_or_claim: free and not finished, this process claims it; finished, the result comes back with no
+    claim; stored by another worker while this one claimed it, the result comes back and the claim is dropped."""
+    units = quality_units.Units(tmp_path)
+    settings = {"seed": 0}
+    assert units.finished_or_claim("free", settings) == (None, True)
+    units.put("free", {"settings": settings, "test_acc": 0.5})
+    assert units.finished_or_claim("free", settings) == ({"settings": settings, "test_acc": 0.5}, False)
+
+    class Racing(quality_units.Units):
+        def claim(self, unit: str) -> bool:
+            claimed = super().claim(unit)
+            quality_units.Units(tmp_path).put(unit, {"settings": settings, "test_acc": 0.75})  # the other worker
+            claim_file.write_text(str(os.getpid()))  # put dropped it: this process still holds its claim
+            return claimed
+
+    claim_file = units.file("raced").with_suffix(".claim")
+    result, claimed = Racing(tmp_path).finished_or_claim("raced", settings)
+    assert (result["test_acc"], claimed) == (0.75, False)
+    assert not claim_file.exists()
 
 
 def test_targets_are_checked_on_the_results(report):

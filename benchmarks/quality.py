@@ -55,6 +55,7 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(FsPath(__file__).resolve().parent))  # baselines, quality_modes, also when imported by path
 from baselines import PEFT_HINT, BaselineSpec, lineage_budget, peft_available  # noqa: E402
 from quality_modes import Mode, load_mode  # noqa: E402
+from quality_modes import names as mode_names  # noqa: E402
 from quality_report import (  # noqa: E402
     DEFINITIONS,
     baseline_method,
@@ -70,6 +71,7 @@ from quality_report import (  # noqa: E402
 from quality_units import BaselineRunner, Units, result_settings, run_munet  # noqa: E402
 
 from munet.config import RunConfig  # noqa: E402
+from munet.errors import MunetError  # noqa: E402
 from munet.reporting.progress import Progress  # noqa: E402
 from munet.storage.files import atomic_write  # noqa: E402
 from munet.wiring import load_tasks  # noqa: E402
@@ -362,6 +364,16 @@ class Benchmark:
 
 # --- main ---------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a user's mistake (a bad task spec, a device this machine lacks...) exits 2 with one line
+    naming it, as ``munet`` does."""
+    try:
+        return run_benchmark(argv)
+    except MunetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_benchmark(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--mode", default="full", help="a module of benchmarks/quality_modes (full, quick, smoke)")
@@ -391,8 +403,15 @@ def main(argv: list[str] | None = None) -> int:
                                         "other unfinished muNet units (e.g. the seeds before the longer budgets)")
     args = parser.parse_args(argv)
 
+    if args.mode not in mode_names():
+        parser.error(f"unknown mode {args.mode!r}; known modes: {', '.join(mode_names())}")
     mode = load_mode(args.mode)
-    ints = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731
+
+    def ints(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            parser.error(f"expected comma-separated integers, got {text!r}")
     cfg, suffix = mode.cfg.replace(device=args.device), ""
     if args.held_out:
         from munet.data.registry import HELD_OUT

@@ -352,3 +352,18 @@ def test_the_curve_repeats_munet_over_the_budget_seeds_largest_budget_first(qual
     units = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines() if "_seed" in line
              and "_b" in line.split(":")[0]]
     assert units == ["munet_s1.0_b4_seed1", "munet_s1.0_b4_seed2", "munet_s1.0_b2_seed1", "munet_s1.0_b2_seed2"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--smoke", "--report", "--tasks", "npz:/nonexistent/a.npz"], "error: npz file /nonexistent/a.npz does not exist"),
+    (["--mode", "nope"], "unknown mode 'nope'"),
+    (["--smoke", "--plan", "--adapters", "8,x"], "expected comma-separated integers"),
+])
+def test_a_user_s_mistake_exits_2_with_one_line_naming_it(quality, tmp_path, capsys, argv, message):
+    try:
+        code = quality.main([*argv, "--results", str(tmp_path)])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -40,8 +40,8 @@ def report(quality):
     return quality_report
 
 
-def test_a_unit_recorded_before_a_key_existed_matches_only_the_behaviour_of_that_time(quality, tmp_path):
-    units = quality.Units(tmp_path)
+def test_a_unit_recorded_before_a_key_existed_matches_only_the_behaviour_of_that_time(quality_units, tmp_path):
+    units = quality_units.Units(tmp_path)
     before = RunConfig(keep_diverged=False)  # how munet behaved before keep_diverged existed
     older = {"baseline": "finetune", "task": "a",
              "config": {k: v for k, v in before.to_dict().items() if k != "keep_diverged"}}
@@ -54,8 +54,8 @@ def test_a_unit_recorded_before_a_key_existed_matches_only_the_behaviour_of_that
     assert units.get("finetune__a", operational)["test_acc"] == 0.5  # where and how it ran do not change results
 
 
-def test_a_missing_key_means_the_behaviour_before_it_existed_not_todays_default(quality, tmp_path):
-    units = quality.Units(tmp_path)
+def test_a_missing_key_means_the_behaviour_before_it_existed_not_todays_default(quality_units, tmp_path):
+    units = quality_units.Units(tmp_path)
     older = {k: v for k, v in RunConfig(mutation_prob=0.1).to_dict().items() if k != "clone_prob"}
     units.put("munet_s1.0", {"settings": older, "test_acc": 0.5})
     clones_drew_with_mu = RunConfig(mutation_prob=0.1, clone_prob=0.1).to_dict()
@@ -64,7 +64,7 @@ def test_a_missing_key_means_the_behaviour_before_it_existed_not_todays_default(
 
 
 def test_a_baseline_unit_depends_only_on_the_keys_its_training_reads(quality, quality_units, tmp_path):
-    units = quality.Units(tmp_path)
+    units = quality_units.Units(tmp_path)
     stored = {"baseline": "freeze:0", "task": "a", "config": RunConfig().to_dict(), "validations": 25}
     units.put("freeze-0__a", {"settings": stored, "test_acc": 0.5})
 
@@ -77,8 +77,8 @@ def test_a_baseline_unit_depends_only_on_the_keys_its_training_reads(quality, qu
     assert units.get("freeze-0__a", current(RunConfig(lr=0.05))) is None
 
 
-def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
-    units = quality.Units(tmp_path)
+def test_a_unit_claimed_by_a_live_process_is_skipped(quality_units, tmp_path):
+    units = quality_units.Units(tmp_path)
     assert units.claim("munet_s1.0") and units.claim("munet_s1.0")  # this process may claim again
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -92,10 +92,10 @@ def test_a_unit_claimed_by_a_live_process_is_skipped(quality, tmp_path):
     assert not units.file("busy").with_suffix(".claim").exists()
 
 
-def test_of_two_workers_that_find_a_unit_free_at_once_only_one_claims_it(quality, tmp_path):
+def test_of_two_workers_that_find_a_unit_free_at_once_only_one_claims_it(quality_units, tmp_path):
     """A worker's look and claim hold the folder's lock: a claim made while another worker holds it waits, then finds
     that worker's claim (without the lock both claimed, or the shared temporary name crashed one)."""
-    units = quality.Units(tmp_path)
+    units = quality_units.Units(tmp_path)
     claim, ready = units.file("u").with_suffix(".claim"), tmp_path / "ready"
     other = subprocess.Popen([sys.executable, "-c", f"""
 import fcntl, os, pathlib, time
@@ -249,36 +249,36 @@ def test_a_larger_budget_trains_the_same_children_longer(quality):
     assert double.validations == 2 * mode.cfg.validations and mode.at_budget(mode.cfg, 1) == mode.cfg
 
 
-def test_read_only_units_claim_nothing(quality, tmp_path):
-    units = quality.Units(tmp_path, read_only=True)
+def test_read_only_units_claim_nothing(quality_units, tmp_path):
+    units = quality_units.Units(tmp_path, read_only=True)
     assert not units.claim("u") and not units.file("u").with_suffix(".claim").exists()
-    quality.Units(tmp_path).put("u", {"settings": {"x": 1}})
+    quality_units.Units(tmp_path).put("u", {"settings": {"x": 1}})
     assert units.get("u", {"x": 1}) == {"settings": {"x": 1}}  # finished units are still read
 
 
-def test_a_unit_stays_valid_in_another_checkout(quality, tmp_path):
+def test_a_unit_stays_valid_in_another_checkout(quality_units, tmp_path):
     from munet.config import RunConfig
 
-    units = quality.Units(tmp_path)
+    units = quality_units.Units(tmp_path)
     here, there = RunConfig(out="/a/run"), RunConfig(out="/b/run", device="cuda")
     units.put("u", {"settings": here.to_dict()})  # recorded with every key, as earlier versions did
-    assert units.get("u", quality.result_settings(there)) is not None
-    assert units.get("u", quality.result_settings(there.replace(seed=1))) is None
+    assert units.get("u", quality_units.result_settings(there)) is not None
+    assert units.get("u", quality_units.result_settings(there.replace(seed=1))) is None
 
 
 def test_an_interrupted_munet_unit_resumes_to_the_uninterrupted_result(quality, quality_units, tmp_path):
     from conftest import Crash, crashing_store, tiny_config
 
     sizes = {"a": 96, "b": 96}
-    whole = quality.run_munet("u", tiny_config(tmp_path / "whole" / "u"), tmp_path / "whole",
-                              quality.Units(tmp_path / "whole" / "units"), sizes)
+    whole = quality_units.run_munet("u", tiny_config(tmp_path / "whole" / "u"), tmp_path / "whole",
+                              quality_units.Units(tmp_path / "whole" / "units"), sizes)
     cfg = tiny_config(tmp_path / "cut" / "u")
-    units = quality.Units(tmp_path / "cut" / "units")
+    units = quality_units.Units(tmp_path / "cut" / "units")
     with pytest.raises(Crash):
-        quality.run_munet("u", cfg, tmp_path / "cut", units, sizes, store_class=crashing_store("commit", 4))
+        quality_units.run_munet("u", cfg, tmp_path / "cut", units, sizes, store_class=crashing_store("commit", 4))
     assert quality_units.interrupted_run(tmp_path / "cut" / "u", cfg)
-    assert units.get("u", quality.result_settings(cfg)) is None
-    resumed = quality.run_munet("u", cfg, tmp_path / "cut", units, sizes)
+    assert units.get("u", quality_units.result_settings(cfg)) is None
+    resumed = quality_units.run_munet("u", cfg, tmp_path / "cut", units, sizes)
     assert "resuming" in (tmp_path / "cut" / "logs" / "u.log").read_text()
     assert resumed["tasks"] == whole["tasks"] and resumed["wall_s"] > 0
 
@@ -289,7 +289,7 @@ def test_a_run_of_other_settings_in_a_units_folder_is_started_again(quality, qua
     make_run(tmp_path / "u", seed=1)
     cfg = tiny_config(tmp_path / "u")
     assert not quality_units.interrupted_run(tmp_path / "u", cfg)
-    result = quality.run_munet("u", cfg, tmp_path, quality.Units(tmp_path / "units"), {"a": 96, "b": 96})
+    result = quality_units.run_munet("u", cfg, tmp_path, quality_units.Units(tmp_path / "units"), {"a": 96, "b": 96})
     assert result["settings"]["seed"] == 0
     assert "resuming" not in (tmp_path / "logs" / "u.log").read_text()
 
@@ -333,14 +333,14 @@ def test_the_table_says_which_baseline_runs_stopped_early_and_why(quality, repor
         quality.BaselineSpec.parse("adapters:64"), seeds, ["a", "b"])], ["a", "b"])
 
 
-def test_collecting_an_unfinished_baseline_unit_neither_trains_nor_claims_it(quality, tmp_path):
+def test_collecting_an_unfinished_baseline_unit_neither_trains_nor_claims_it(quality, quality_units, tmp_path):
     """The report collects every finished seed of a baseline (``train`` off), also of one no longer among the best;
     one not finished is left to the workers."""
     from conftest import make_task
 
-    runner = quality.BaselineRunner(RunConfig(), {"a": make_task("a")})
+    runner = quality_units.BaselineRunner(RunConfig(), {"a": make_task("a")})
     spec = quality.BaselineSpec.parse("freeze:0")
-    assert runner.run(spec, "a", quality.Units(tmp_path), 640, seed=1, tag="__seed1", train=False) is None
+    assert runner.run(spec, "a", quality_units.Units(tmp_path), 640, seed=1, tag="__seed1", train=False) is None
     assert not list(tmp_path.iterdir()) and runner.system is None  # nothing claimed, no root loaded
 
 

@@ -128,20 +128,20 @@ def munet_units(mode: Mode, cfg: RunConfig, work: FsPath, curve: bool) -> list[M
     plan = [unit("munet_s1.0", "munet", "muNet s=1.0", cfg)]
     if curve:
         plan += [unit(f"munet_s1.0_b{b}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b), budget=b)
-                  for b in mode.budgets if b != 1]
+                 for b in mode.budgets if b != 1]
         plan += [unit(f"munet_s1.0_seed{k}", "munet", "muNet s=1.0", cfg.replace(seed=k), seed=k)
-                  for k in mode.seeds if k != 0]
+                 for k in mode.seeds if k != 0]
         plan += [unit(f"munet_s1.0_b{b}_seed{k}", "munet", f"muNet s=1.0 x{b}", mode.at_budget(cfg, b).replace(seed=k),
-                       budget=b, seed=k)
-                  for b in sorted(mode.budgets, reverse=True) if b != 1 for k in mode.budget_seeds if k != 0]
+                      budget=b, seed=k)
+                 for b in sorted(mode.budgets, reverse=True) if b != 1 for k in mode.budget_seeds if k != 0]
     plan.append(unit("munet_random_s1.0", "munet-random", "muNet random root", cfg.replace(root=RANDOM_ROOT)))
     plan += [unit(f"munet_s{s}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s))
-              for s in sorted(mode.scales) if s != 1.0]
+             for s in sorted(mode.scales) if s != 1.0]
     if curve:
         plan += [unit(f"munet_s{s}_seed{k}", "munet", f"muNet s={s}", cfg.replace(scale_factor=s, seed=k), seed=k)
-                  for s in sorted(mode.scales) if s != 1.0 for k in mode.sweep_seeds if k != 0]
+                 for s in sorted(mode.scales) if s != 1.0 for k in mode.sweep_seeds if k != 0]
         plan += [unit(f"ablation_{slug(label)}", "munet-ablation", f"ablation: {label}", cfg.replace(**changes))
-                  for label, changes in mode.ablations]
+                 for label, changes in mode.ablations]
     return plan
 
 

@@ -2,7 +2,8 @@
 
 Layout::
 
-    RUN/munet.db            tables meta, tasks, paths, components, live (see SCHEMA)
+    RUN/munet.db            tables meta, tasks, paths, components, live, agents (see
+                            :mod:`munet.storage.database`)
     RUN/blobs/<sha256>.safetensors
                             one component's tensors (or its momentum trace); the name is the hash of the file, so
                             equal content is stored once and any change to a file is detected
@@ -37,19 +38,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import torch
 
-from munet import __version__
 from munet.errors import StoreError
+from munet.storage import database
+from munet.storage.database import DAMAGE_ERRORS, DB_NAME, PATH_COLUMNS, UPDATED_PATH_COLUMNS
 from munet.storage.files import BlobDir, lock_file, unlock_file
 
-SCHEMA_VERSION = 1
-# What reading a damaged database raises: SQLite's errors (a malformed file, text that is not UTF-8) and records
-# that are no longer JSON.
-DAMAGE_ERRORS = (sqlite3.DatabaseError, json.JSONDecodeError, UnicodeDecodeError)
-DB_NAME = "munet.db"
 BLOB_DIR = "blobs"
 #: Fields every root record has had since the store's first version (later ones are read with defaults).
 ROOT_FIELDS = ("name", "description", "source", "sha256", "mean", "std", "pretrained", "full_depth", "depth", "arch",
@@ -57,32 +53,6 @@ ROOT_FIELDS = ("name", "description", "source", "sha256", "mean", "std", "pretra
 LOCK_NAME = "munet.lock"
 AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
-
-SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value);
-CREATE TABLE tasks (name TEXT PRIMARY KEY, position INTEGER NOT NULL, num_classes INTEGER NOT NULL,
-                    class_names TEXT NOT NULL, description TEXT NOT NULL);
-CREATE TABLE paths (id INTEGER PRIMARY KEY, task TEXT NOT NULL, parent INTEGER, iteration INTEGER,
-                    generation INTEGER, components TEXT NOT NULL, hparams TEXT NOT NULL, mutations TEXT,
-                    metrics TEXT NOT NULL, accepted INTEGER, reason TEXT, quality REAL, test_quality REAL,
-                    score REAL, params INTEGER, accounted REAL, train_time REAL, recorded_at REAL);
-CREATE TABLE components (id INTEGER PRIMARY KEY, name TEXT NOT NULL, origin TEXT NOT NULL, locks TEXT NOT NULL,
-                         shape TEXT NOT NULL, tensors TEXT NOT NULL, num_params INTEGER NOT NULL,
-                         blob TEXT NOT NULL, momentum TEXT);
-CREATE TABLE live (path_id INTEGER PRIMARY KEY, link INTEGER, rank INTEGER);
-CREATE TABLE agents (task TEXT PRIMARY KEY, cycle INTEGER NOT NULL, path_id INTEGER, state TEXT NOT NULL,
-                     published_at REAL NOT NULL);
-"""
-# paths: every path ever sampled; components: every component the in-memory system holds (with its blob);
-# live: the paths the system holds, i.e. each task's population (rank = position) and, during a task iteration,
-# the ancestors still reachable through parent links (rank NULL); link is the current parent.
-# agents: each µ3Net agent's last publication: cycles done, its retained path (NULL: none) and its own state (id
-# counters, position-embedding cache, the path's parent link); absent from stores made before agents existed.
-PATH_COLUMNS = ("id", "task", "parent", "iteration", "generation", "components", "hparams", "mutations", "metrics",
-                "accepted", "reason", "quality", "test_quality", "score", "params", "accounted", "train_time",
-                "recorded_at")
-# what moves on after a path's generation (offspring counts, test accuracy, accounted parameters)
-UPDATED_PATH_COLUMNS = ("metrics", "mutations", "quality", "test_quality", "score", "params", "accounted")
 
 
 @dataclass(frozen=True)
@@ -150,7 +120,7 @@ class Store:
         """Whether ``run_dir`` holds a store that a new run must not replace: a committed run, or a database that is
         damaged or unreadable (opening it says why). Nothing, an empty database or an interrupted creation does not
         count."""
-        return _db_state(FsPath(run_dir) / DB_NAME) not in ("absent", "empty", "interrupted")
+        return database.db_state(FsPath(run_dir) / DB_NAME) not in ("absent", "empty", "interrupted")
 
     @classmethod
     def create(cls, run_dir: str | FsPath) -> Store:
@@ -163,11 +133,11 @@ class Store:
         lock = lock_file(run_dir, LOCK_NAME)
         db = run_dir / DB_NAME
         try:
-            state = _db_state(db)
+            state = database.db_state(db)
             if state in ("committed", "unreadable"):
                 raise StoreError(f"{run_dir} already holds a munet run")
             if state == "damaged":
-                raise StoreError(_damaged_message(db))
+                raise StoreError(database.damaged_message(db))
             blobs = run_dir / BLOB_DIR
             if state in ("absent", "empty") and blobs.is_dir() and any(blobs.iterdir()):
                 what = "missing" if state == "absent" else "empty"
@@ -178,12 +148,7 @@ class Store:
                              *(blobs.iterdir() if blobs.is_dir() else ())):
                 leftover.unlink(missing_ok=True)
             blobs.mkdir(exist_ok=True)
-            conn = _connect(db, create=True)
-            try:
-                conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-            except sqlite3.Error as err:
-                conn.close()
-                raise StoreError(f"cannot create the run database {db}: {err}") from err
+            conn = database.create(db)
         except BaseException:
             unlock_file(lock)
             raise
@@ -213,12 +178,12 @@ class Store:
         lock = lock_file(run_dir, LOCK_NAME) if write else None
         conn = None
         try:
-            conn = _connect_readonly(db)
-            _check_version(conn, db, require_checkpoint)
+            conn = database.connect_readonly(db)
+            database.check_version(conn, db, require_checkpoint)
             if write:  # only once it is known to be a run: opening for writing turns the database to WAL mode
                 conn.close()
                 conn = None
-                conn = _connect(db, create=False)
+                conn = database.connect(db, create=False)
         except BaseException as err:
             if conn is not None:
                 conn.close()  # the last connection's close removes SQLite's -wal and -shm files again
@@ -247,7 +212,7 @@ class Store:
             raise StoreError(f"{run_dir} has no task {task!r} (its tasks: {', '.join(names)})")
         lock = lock_file(run_dir, AGENT_LOCK.format(names.index(task)), wait=True)
         try:
-            conn = _connect(run_dir / DB_NAME, create=False)
+            conn = database.connect(run_dir / DB_NAME, create=False)
         except BaseException:
             unlock_file(lock)
             raise
@@ -559,112 +524,3 @@ class Store:
 _KEPT = ("Nothing of this checkpoint was kept: the run's last complete checkpoint is intact. Free space (or fix the "
          "permissions), then run the same command again")
 
-
-def _uri(db: FsPath, **params: str) -> str:
-    """A SQLite URI for ``db``. The path is percent-encoded: unescaped, a ``?``, ``#`` or ``%`` in a directory name
-    would end the path or start an escape, and SQLite would open (or create) another file."""
-    return f"file://{quote(str(db.absolute()))}?{urlencode(params)}"
-
-
-def _connect(db: FsPath, create: bool) -> sqlite3.Connection:
-    mode = "rwc" if create else "rw"  # never create a database by accident when opening one
-    try:
-        conn = sqlite3.connect(_uri(db, mode=mode), uri=True, isolation_level=None, timeout=30)
-    except sqlite3.Error as err:
-        raise StoreError(f"cannot open the run database {db}: {err}") from err
-    try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-    except sqlite3.Error as err:
-        conn.close()
-        raise StoreError(f"cannot open the run database {db}: {err}") from err
-    return conn
-
-
-def _connect_readonly(db: FsPath) -> sqlite3.Connection:
-    """Opens ``db`` for reading only: SQLite's ``mode=ro`` never writes the database (an empty file stays empty).
-
-    A WAL database read with ``mode=ro`` still needs its ``-shm`` index, which SQLite creates beside the database
-    (with an empty ``-wal``) when it is missing; a read-only directory cannot hold them. There, with no WAL content
-    to read, ``immutable=1`` tells SQLite that nothing can change the file, so it reads it without any index or
-    lock, which is true of read-only media. A WAL holding transactions that were never folded back (a crash) is
-    still readable with ``mode=ro`` when its ``-shm`` is there too; without it the run must be copied to writable
-    storage first.
-    """
-    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
-    params = {"mode": "ro"}
-    if not os.access(db.parent, os.W_OK) and not (wal.exists() and shm.exists()):
-        if wal.exists() and wal.stat().st_size > 0:
-            raise StoreError(f"{db}: its last transactions are in {wal.name}, which SQLite cannot read without "
-                             f"{shm.name}, and the directory is read-only; copy the run directory to writable "
-                             "storage and read it there")
-        params["immutable"] = "1"
-    try:
-        return sqlite3.connect(_uri(db, **params), uri=True, isolation_level=None, timeout=30)
-    except sqlite3.Error as err:
-        raise StoreError(f"cannot open the run database {db}: {err}") from err
-
-
-def _check_version(conn: sqlite3.Connection, db: FsPath, require_checkpoint: bool = True) -> None:
-    try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as err:
-        raise StoreError(f"{db} is not a readable munet database: {err}") from err
-    if version == 0 and not tables:
-        raise StoreError(f"{db.parent} is not a munet run (empty database {db.name}); delete {db} or choose "
-                         "another directory")
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"{db} was written by an incompatible munet version (store schema {version}; munet "
-                         f"{__version__} reads schema {SCHEMA_VERSION}); use the munet version that wrote it")
-    missing = set(_TABLES) - tables
-    if missing:
-        raise StoreError(f"{db} is incomplete: tables {', '.join(sorted(missing))} are missing")
-    if not require_checkpoint:
-        return
-    # the first checkpoint writes these records in one transaction: one without the others means damage
-    first = {r[0] for r in conn.execute("SELECT key FROM meta WHERE key IN ('checkpoint', 'config', 'root', 'plan')")}
-    if "checkpoint" not in first and not _has_records(conn):
-        raise StoreError(f"{db} holds no checkpoint: the run's creation was interrupted; run the same `munet run` "
-                         "again to start it afresh")
-    if len(first) < 4:
-        raise StoreError(_damaged_message(db))
-
-
-_TABLES = ("meta", "tasks", "paths", "components", "live")
-
-
-def _has_records(conn: sqlite3.Connection) -> bool:
-    """Whether any table holds a row; the creation transaction makes them all empty, the first checkpoint fills
-    them all in one transaction, so rows without a checkpoint mean damage, not an interrupted creation."""
-    return any(conn.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in _TABLES)
-
-
-def _damaged_message(db: FsPath) -> str:
-    return (f"{db} holds a run's records but no checkpoint record: the database is damaged (this is not an "
-            f"interrupted creation), so munet neither resumes nor replaces it; inspect it with `munet check "
-            f"{db.parent}`, and to start afresh delete {db.parent} yourself or choose another directory")
-
-
-def _db_state(db: FsPath) -> str:
-    """What ``db`` holds: ``absent``, ``empty`` (no tables), ``interrupted`` (the tables, no record),
-    ``committed`` (a checkpoint), ``damaged`` (records without a checkpoint) or ``unreadable``."""
-    if not db.exists():
-        return "absent"
-    try:
-        conn = _connect_readonly(db)
-    except StoreError:
-        return "unreadable"
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables and conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-            return "empty"
-        if not set(_TABLES) <= tables:
-            return "unreadable"  # opening it says what is wrong
-        if conn.execute("SELECT 1 FROM meta WHERE key = 'checkpoint'").fetchone() is not None:
-            return "committed"
-        return "damaged" if _has_records(conn) else "interrupted"
-    except sqlite3.Error:
-        return "unreadable"  # present but unreadable: opening it reports why; never overwrite it
-    finally:
-        conn.close()

@@ -284,6 +284,10 @@ def _finish(fig: Any, axes: list[Any], xlabels: list[str], title: str, target: F
     plt.close(fig)
 
 
+# muNet's line is red (C3); no baseline shares its colour
+BASELINE_COLORS = [f"C{i}" for i in range(10) if i != 3]
+
+
 def plot_curve(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
     """Average test accuracy against compute, one line per method over the budgets, in two panels: training
     images processed and core-hours; error bars are the spread over seeds where a point has several."""
@@ -308,7 +312,7 @@ def plot_curve(methods: list[dict[str, Any]], title: str, target: FsPath) -> Non
         points.sort(key=lambda m: m["budget"])
         ys, errs = [m["average"] for m in points], [m.get("spread", 0.0) for m in points]
         style = dict(color="C3", marker="o", linewidth=2.5) if label == "muNet s=1" else \
-            dict(color=f"C{i % 10}", marker="s", linestyle="--")
+            dict(color=BASELINE_COLORS[(i - 1) % len(BASELINE_COLORS)], marker="s", linestyle="--")
         for ax, key in zip(axes, ("images", "core_hours")):
             xs = [m[key] for m in points]
             ax.errorbar(xs, ys, yerr=errs, capsize=3, label=label, **style)

@@ -264,7 +264,28 @@ def plot(methods: list[dict[str, Any]], title: str, target: FsPath) -> None:
             note = f"s={m['scale_factor']}" if family == "munet" else "" if m.get("value") is None else str(m["value"])
             if note:
                 ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    _clip_far_below(ax, [m for m in methods if m["average"] is not None and m.get("budget", 1) == 1],
+                    styles["munet-random"][0], labels["munet-random"])
     _finish(fig, [ax], ["parameters per task (shared parts split between tasks)"], title, target)
+
+
+def _clip_far_below(ax: Any, points: list[dict[str, Any]], color: str, label: str) -> None:
+    """Keeps the y axis on the pretrained methods, whose differences are a few points, when the random-init root
+    lies tens of points below them: that point becomes an arrow at the bottom edge that says its accuracy."""
+    far = [m for m in points if m["family"] == "munet-random"]
+    near = [m["average"] for m in points if m["family"] != "munet-random"]
+    if not far or not near:
+        return
+    pad = max(0.1 * (max(near) - min(near)), 0.005)
+    low, high = min(near) - pad, max(near) + pad
+    below = [m for m in far if m["average"] < low]
+    if not below:
+        return
+    ax.set_ylim(low, high)
+    for m in below:
+        ax.annotate(f"{label}: {m['average']:.3f} (below the axis)", xy=(m["params_per_task"], low),
+                    xytext=(0, 24), textcoords="offset points", ha="right", fontsize=7, color=color,
+                    arrowprops=dict(arrowstyle="->", color=color))
 
 
 def _finish(fig: Any, axes: list[Any], xlabels: list[str], title: str, target: FsPath) -> None:

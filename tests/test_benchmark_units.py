@@ -367,3 +367,31 @@ def test_a_user_s_mistake_exits_2_with_one_line_naming_it(quality, tmp_path, cap
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_plots_keep_the_pretrained_methods_readable(report, tmp_path, monkeypatch):
+    """The random-init root, tens of points below, becomes an arrow rather than squeezing the axis; no baseline of the
+    curve is drawn in muNet's colour."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    def point(family, average, params, **extra):
+        return {"family": family, "average": average, "params_per_task": params, "budget": 1, "scale_factor": 1.0,
+                "value": None, **extra}
+
+    methods = [point("munet", 0.967, 8e6), point("munet-random", 0.76, 9e6), point("freeze", 0.972, 9e6, value=1)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at its axes
+    report.plot(methods, "t", tmp_path / "q.png")
+    ax = figures[-1].axes[0]
+    low, high = ax.get_ylim()
+    assert 0.95 < low < 0.967 and high > 0.972
+    assert any("0.760 (below the axis)" in text.get_text() for text in ax.texts)
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+    curve = [{**point("munet", 0.967, 8e6), "images": 1e5, "core_hours": 0.5, "budget": b} for b in (1, 2)]
+    curve += [{**point("freeze", 0.97, 9e6, value=2), "spec": f"freeze:{x}", "images": 1e5, "core_hours": 0.5,
+               "budget": b} for x in range(4) for b in (1, 2)]
+    report.plot_curve(curve, "t", tmp_path / "c.png")
+    baselines = {to_hex(line.get_color()) for line in figures[-1].axes[0].get_lines() if line.get_marker() == "s"}
+    assert len(baselines) == 4 and to_hex("C3") not in baselines  # muNet's red

@@ -85,6 +85,11 @@ def create(db: FsPath) -> sqlite3.Connection:
     return conn
 
 
+def sidecars(db: FsPath) -> tuple[FsPath, FsPath]:
+    """The WAL and shared-memory index files SQLite keeps beside ``db`` (``-wal``, ``-shm``)."""
+    return db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+
+
 def connect_readonly(db: FsPath) -> sqlite3.Connection:
     """Opens ``db`` for reading only: SQLite's ``mode=ro`` never writes the database (an empty file stays empty).
 
@@ -95,7 +100,7 @@ def connect_readonly(db: FsPath) -> sqlite3.Connection:
     still readable with ``mode=ro`` when its ``-shm`` is there too; without it the run must be copied to writable
     storage first.
     """
-    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    wal, shm = sidecars(db)
     params = {"mode": "ro"}
     if not os.access(db.parent, os.W_OK) and not (wal.exists() and shm.exists()):
         if wal.exists() and wal.stat().st_size > 0:

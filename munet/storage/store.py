@@ -144,7 +144,7 @@ class Store:
                 raise StoreError(f"{run_dir} holds blobs but its database {DB_NAME} is {what}: the run cannot be "
                                  "read; restore the database or choose another directory")
             # tables without any record are an interrupted creation: it committed nothing, start afresh
-            for leftover in (db, db.with_name(DB_NAME + "-wal"), db.with_name(DB_NAME + "-shm"),
+            for leftover in (db, *database.sidecars(db),
                              *(blobs.iterdir() if blobs.is_dir() else ())):
                 leftover.unlink(missing_ok=True)
             blobs.mkdir(exist_ok=True)
@@ -233,8 +233,9 @@ class Store:
         self.close()
         if committed:
             return
-        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", LOCK_NAME):
-            (self.dir / name).unlink(missing_ok=True)
+        db = self.dir / DB_NAME
+        for leftover in (db, *database.sidecars(db), self.dir / LOCK_NAME):
+            leftover.unlink(missing_ok=True)
         blobs = self.dir / BLOB_DIR
         if blobs.is_dir():
             for path in blobs.iterdir():

@@ -32,12 +32,10 @@ from munet.storage.snapshot import (
     load_checkpoint,
     path_row,
     restore_run,
-    root_record,
     save_checkpoint,
-    stored_posembed_resize,
-    verify_root,
 )
 from munet.storage.store import Store
+from munet.storage.stored_root import root_record, stored_posembed_resize, verify_root
 from munet.training.settings import TrainSettings
 from munet.wiring import Wiring, load_inputs, resolve_device, task_order, train_settings, use_threads
 

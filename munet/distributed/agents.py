@@ -44,10 +44,9 @@ from munet.storage.snapshot import (
     component_record,
     path_from_record,
     path_row,
-    stored_posembed_resize,
-    verify_root,
 )
 from munet.storage.store import LivePathRecord, Store
+from munet.storage.stored_root import stored_posembed_resize, verify_root
 from munet.wiring import Wiring, resolve_device, train_settings, use_threads
 
 if TYPE_CHECKING:

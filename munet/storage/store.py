@@ -268,7 +268,7 @@ class Store:
         return row[0] if isinstance(row[0], bytes) else json.loads(row[0])
 
     def root_record(self) -> dict[str, Any] | None:
-        """The root's record (written by :func:`munet.storage.snapshot.root_record`); ``None`` before the first
+        """The root's record (written by :func:`munet.storage.stored_root.root_record`); ``None`` before the first
         checkpoint.
 
         Raises:

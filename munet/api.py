@@ -58,6 +58,20 @@ class MultitaskSystem:
             raise MunetError(f"no task {task!r} in {self.run_dir}; its tasks: {known}")
         return best
 
+    def tasks_of(self, task: str) -> list[str]:
+        """The tasks ``task`` names: ``[task]``, or for ``"all"`` every task with a retained path.
+
+        Raises:
+            MunetError: an unknown task, or ``"all"`` while no task has a retained path yet.
+        """
+        if task != "all":
+            self.path(task)
+            return [task]
+        if not self.tasks:
+            raise MunetError(f"{self.run_dir} has no task with a retained path yet: nothing to answer; let the run "
+                             "finish its first task iteration (`munet status` shows where it is)")
+        return self.tasks
+
     def predict(self, images: ImageLike | list[ImageLike], task: str = "all"
                 ) -> list[Prediction] | dict[str, list[Prediction]]:
         """Predictions for ``images`` (files, PIL images, arrays or a batch; see
@@ -70,9 +84,8 @@ class MultitaskSystem:
         Returns:
             One :class:`~munet.predict.Prediction` per image, or for ``"all"`` a dict task -> predictions.
         """
-        if task != "all":
-            self.path(task)  # an unknown task, or not a name, before any image is read
-        answers = self.predict_tasks(to_uint8_images(images), self.tasks if task == "all" else [task])
+        tasks = self.tasks_of(task)  # an unknown task, or not a name, before any image is read
+        answers = self.predict_tasks(to_uint8_images(images), tasks)
         return answers if task == "all" else answers[task]
 
     def predict_tasks(self, images: list[torch.Tensor], tasks: list[str], wanted: dict[str, list[int]] | None = None
@@ -103,7 +116,7 @@ class MultitaskSystem:
     def export_all(self, out: str | FsPath, format: str = "safetensors") -> FsPath:  # noqa: A002
         """Writes every task's path as one model, each shared component once and one output per task (see
         :mod:`munet.multitask_export`); returns the model file."""
-        paths = [self.path(t) for t in self.tasks]
+        paths = [self.path(t) for t in self.tasks_of("all")]
         self._check_outside(out)
         root = self.system.root
         config = multitask_config(paths, self.meta["root"]["arch"], self.class_names, root.mean, root.std,
@@ -151,5 +164,11 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
         if not rebuildable:
             verify_root(store, root, system)
         class_names = store.task_class_names()
+        mismatched = {t: (len(names), system.num_classes.get(t)) for t, names in class_names.items()
+                      if t in system.num_classes and len(names) != system.num_classes[t]}
+        if mismatched:  # a prediction would index past the names (or leave classes unnamed)
+            raise StoreError(f"the task records of {run_dir} do not fit the run: " + "; ".join(
+                f"task {t!r} has {n} class names for {k} classes" for t, (n, k) in mismatched.items())
+                + f"; the database was damaged or edited; run `munet check {run_dir}`")
         meta = {"root": store.root_record(), "config": cfg}
     return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta)

@@ -14,6 +14,8 @@ from munet.config import RunConfig, load_config_file
 from munet.configs import PRESETS, describe, get_preset
 from munet.errors import MunetError
 
+MAX_WAIT_MS = 10_000  # --max-wait-ms: a batch waits at most 10 s for more requests (more would look hung)
+
 
 def _field_help() -> dict[str, str]:
     """Per-field help text, read from the Attributes section of RunConfig's docstring (one source of truth)."""
@@ -137,6 +139,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not args.out.strip():  # checked here too: --separate writes OUT/TASK, which is not empty
         raise MunetError("--out is empty: name the directory to export into, e.g. --out exported")
     system = munet.load(args.run_dir)
+    if args.task != "all" and args.separate:
+        raise MunetError(f"--separate exports every task into its own directory: it goes with --task all, not --task "
+                         f"{args.task}")
     if args.task != "all":
         target = system.export(args.task, args.out, args.format)
         print(f"exported {args.task} to {target} (with {target.parent / 'config.json'})")
@@ -145,9 +150,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         target = system.export_all(args.out, args.format)
         print(f"exported {', '.join(system.tasks)} to {target} (with {target.parent / 'config.json'})")
         return 0
-    progress = Progress(len(system.tasks), sys.stderr, unit="task")  # bar on stderr, a line per task on stdout
+    tasks = system.tasks_of("all")
+    progress = Progress(len(tasks), sys.stderr, unit="task")  # bar on stderr, a line per task on stdout
     try:
-        for task in system.tasks:
+        for task in tasks:
             progress.label = f"export {task}"
             target = system.export(task, Path(args.out) / task, args.format)
             progress.advance()
@@ -184,8 +190,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise MunetError(f"--port must be in 0-65535 (0: a free port), got {args.port}")
-    if args.max_wait_ms < 0 or args.max_batch < 1:
-        raise MunetError("--max-wait-ms must be >= 0 and --max-batch >= 1")
+    if not 0 <= args.max_wait_ms <= MAX_WAIT_MS or args.max_batch < 1:  # inf would hold every request forever
+        raise MunetError(f"--max-wait-ms must be in 0-{MAX_WAIT_MS} and --max-batch >= 1, got {args.max_wait_ms} and "
+                         f"{args.max_batch}")
     from munet.data.registry import split_specs
 
     tasks = split_specs(args.tasks) if args.tasks else None
@@ -279,7 +286,7 @@ def make_parser() -> argparse.ArgumentParser:
     sv_p.add_argument("--tasks", default=None, help="comma-separated tasks to serve (default: all)")
     sv_p.add_argument("--max-batch", type=int, default=64, help="images per forward batch (default 64)")
     sv_p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests "
-                      "after its first (default 5)")
+                      f"after its first (default 5, at most {MAX_WAIT_MS})")
     sv_p.set_defaults(func=_cmd_serve)
     sub.add_parser("tasks", help="list registered tasks").set_defaults(func=_cmd_tasks)
     sub.add_parser("presets", help="list presets").set_defaults(func=_cmd_presets)

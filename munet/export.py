@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -36,6 +37,7 @@ from munet.storage.files import atomic_write, blob_bytes
 FORMAT = "munet-export"
 VERSION = 1
 FORMATS = ("safetensors", "onnx")
+MODEL_FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx"}  # the model file of each format
 TOLERANCE = 1e-4  # max |exported - path| logit difference accepted when an export checks itself
 
 
@@ -145,17 +147,45 @@ def export_path(path: TaskPath, config: dict[str, Any], out: str | FsPath, fmt: 
     model.load_state_dict(path_state_dict(path), strict=True)
     _check_same(model, path, config)
     if fmt == "safetensors":
-        target = out / "model.safetensors"
-        atomic_write(target, blob_bytes(model.state_dict()))
-    else:
-        target = out / "model.onnx"
-        size = config["image_size"]
-        write_onnx(model, (torch.zeros(1, 3, size, size),), ["images"], ["logits"], target)
-    atomic_write(out / "config.json", json.dumps({**config, "weights": target.name}, indent=1))
+        return write_export(out, fmt, config, lambda tmp: atomic_write(tmp, blob_bytes(model.state_dict())))
+    size = config["image_size"]
+    return write_export(out, fmt, config,
+                        lambda tmp: write_onnx(model, (torch.zeros(1, 3, size, size),), ["images"], ["logits"], tmp))
+
+
+EXPORT_FILES = ("config.json", *MODEL_FILES.values())
+
+
+def write_export(out: FsPath, fmt: str, config: dict[str, Any], write: Callable[[FsPath], None],
+                 check: Callable[[FsPath], None] | None = None) -> FsPath:
+    """Puts an export in place: the model file, written by ``write(file)`` and checked by ``check(file)`` under a
+    temporary name, is renamed into place, then ``config.json`` naming it is written, then the other format's model
+    file that an earlier export left is removed (else it would be loaded in place of this one). A failure leaves
+    no temporary file, and an earlier export's model file as it was.
+
+    Returns:
+        The model file written.
+
+    Raises:
+        ExportError: the files cannot be written (disk full, permissions), or ``check``'s.
+    """
+    target = out / MODEL_FILES[fmt]
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        try:
+            write(tmp)
+            if check is not None:
+                check(tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        atomic_write(out / "config.json", json.dumps({**config, "weights": target.name}, indent=1))
+        for name in MODEL_FILES.values():
+            if name != target.name:
+                (out / name).unlink(missing_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot write the export into {out}: {err.strerror or err}") from err
     return target
-
-
-EXPORT_FILES = ("config.json", "model.safetensors", "model.onnx")
 
 
 def is_export(out: FsPath) -> bool:
@@ -197,7 +227,7 @@ def read_export(directory: FsPath, kind: str, version: int) -> tuple[dict[str, A
     """``config.json`` of an export directory of format ``kind`` and its safetensors weights file.
 
     Raises:
-        ExportError: no readable config.json, another format or version, or no model.safetensors.
+        ExportError: no readable config.json, another format or version, an ONNX export, or no model.safetensors.
     """
     try:
         config = json.loads((directory / "config.json").read_text())
@@ -205,7 +235,11 @@ def read_export(directory: FsPath, kind: str, version: int) -> tuple[dict[str, A
         raise ExportError(f"{directory} is not a munet export (cannot read config.json: {err})") from err
     if not isinstance(config, dict) or config.get("format") != kind or config.get("version") != version:
         raise ExportError(f"{directory}/config.json is not a {kind} of version {version}")
-    weights = directory / "model.safetensors"
+    named = config.get("weights", MODEL_FILES["safetensors"])  # exports before the key held safetensors only
+    if named != MODEL_FILES["safetensors"]:
+        raise ExportError(f"{directory} is an export in {named!r}, not in safetensors: load an ONNX export with "
+                          "onnxruntime, or export the task again with --format safetensors")
+    weights = directory / MODEL_FILES["safetensors"]
     if not weights.is_file():
         raise ExportError(f"{directory} holds no model.safetensors (an ONNX export is loaded with onnxruntime)")
     return config, weights
@@ -240,17 +274,15 @@ def write_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], inputs: list
         model: the model; ``model(*example)`` returns one tensor per name in ``outputs``.
         example: one input tensor per name in ``inputs``.
         inputs, outputs: the graph's input and output names.
-        target: the ``.onnx`` file (written atomically).
+        target: the file written (:func:`write_export` writes it under a temporary name and renames it).
     """
-    tmp = target.with_name(target.name + ".tmp")
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes are not for users
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(tmp), dynamo=False, input_names=inputs, output_names=outputs,
+        torch.onnx.export(model, example, str(target), dynamo=False, input_names=inputs, output_names=outputs,
                           dynamic_axes={name: {0: "batch"} for name in inputs + outputs}, opset_version=17)
     import onnx
 
-    onnx.checker.check_model(str(tmp))
-    tmp.replace(target)
+    onnx.checker.check_model(str(target))
 
 
 def load_exported(directory: str | FsPath) -> ExportedViT:

@@ -13,7 +13,7 @@ The directory holds ``config.json`` and ``model.onnx`` or ``model.safetensors``:
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Sequence
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from munet import __version__
 from munet.errors import ExportError
-from munet.export import TOLERANCE, edited_config, export_dir, read_export, write_onnx
+from munet.export import TOLERANCE, edited_config, export_dir, read_export, write_export, write_onnx
 from munet.model.components import Component, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.vitarch import build_vit
@@ -98,25 +98,22 @@ def export_multitask(paths: list[TaskPath], config: dict[str, Any], out: str | F
     out = export_dir(out, fmt)
     model = MultitaskModel(paths).eval()
     if fmt == "safetensors":
-        target = out / "model.safetensors"
-        atomic_write(target, blob_bytes({f"{cid}.{k}": v for cid, part in model.parts.items()
-                                         for k, v in part.state_dict().items()}))
-    else:
-        target = out / "model.onnx"
-        write_onnx(model, tuple(torch.zeros(1, 3, s, s) for s in model.sizes), model.inputs, model.tasks, target)
-    atomic_write(out / "config.json", json.dumps({**config, "weights": target.name}, indent=1))
-    _check_same(out, model)
-    return target
+        state = {f"{cid}.{k}": v for cid, part in model.parts.items() for k, v in part.state_dict().items()}
+        return write_export(out, fmt, config, lambda tmp: atomic_write(tmp, blob_bytes(state)),
+                            lambda tmp: _check_same(out, model, _rebuilt(config, tmp, out)))
+    images = tuple(torch.zeros(1, 3, s, s) for s in model.sizes)
+    return write_export(out, fmt, config, lambda tmp: write_onnx(model, images, model.inputs, model.tasks, tmp),
+                        lambda tmp: _check_same(out, model, lambda *x: run_onnx(tmp, model.inputs, list(x))))
 
 
-def _check_same(out: FsPath, model: MultitaskModel) -> None:
+def _check_same(out: FsPath, model: MultitaskModel, written: Callable[..., Sequence[Any] | None]) -> None:
+    """Raises unless ``written(*images)`` (the written file run; ``None`` without onnxruntime) gives the paths'
+    logits."""
     example = [torch.randn(3, 3, s, s, generator=torch.Generator().manual_seed(s)) for s in model.sizes]
     with torch.no_grad():
         expected = [p.forward(example[model.sizes.index(image_size(p))]) for p in model.paths]
-    got = run_onnx(out / "model.onnx", model.inputs, example) if (out / "model.onnx").is_file() else None
-    if got is None and (out / "model.safetensors").is_file():
-        with torch.no_grad():
-            got = [t.numpy() for t in load_multitask(out)(*example)]
+        got = written(*example)
+    got = None if got is None else [g.numpy() if isinstance(g, torch.Tensor) else g for g in got]
     for task, want, have in zip(model.tasks, expected, got or []):
         diff = float((torch.from_numpy(have) - want).abs().max())
         if not diff <= TOLERANCE:
@@ -142,11 +139,16 @@ def load_multitask(directory: str | FsPath) -> MultitaskModel:
         ExportError: not a multitask export, an incompatible version, or weights that do not fit.
     """
     config, weights = read_export(FsPath(directory), FORMAT, VERSION)
+    return _rebuilt(config, weights, FsPath(directory))
+
+
+def _rebuilt(config: dict[str, Any], weights: FsPath, directory: FsPath) -> MultitaskModel:
+    """The multitask model of ``config`` with the tensors of the safetensors file ``weights``."""
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ExportError(f"cannot read {weights}: {err}") from err
-    with edited_config(FsPath(directory)):  # a hand-edited config.json is the user's to fix
+    with edited_config(directory):  # a hand-edited config.json is the user's to fix
         depth = max(task["num_layers"] for task in config["tasks"].values())
         template = build_vit(config["architecture"]["vit"], depth=depth)  # the shapes components are built on
         components = {}

@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY_ROOT, make_run
 from conftest import cli_error as _error
 from conftest import run_files as _files
+from PIL import Image
 
 import munet
 from munet.cli import build_config, main, make_parser
@@ -110,12 +111,18 @@ def test_commas_inside_a_task_spec():
 
 
 # --- the store and the root -----------------------------------------------------------------------------------------
-def test_root_record_without_its_fields(run_dir, tmp_path, capsys):
+def _edited_copy(run_dir, tmp_path, sql: str, *params: str):
+    """A copy of the run whose database ``sql`` has edited, as a damaged or hand-edited store would be."""
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     with sqlite3.connect(run / DB_NAME) as db:
-        db.execute("""UPDATE meta SET value = '{"x": 1}' WHERE key = 'root'""")
+        db.execute(sql, params)
     db.close()
+    return run
+
+
+def test_root_record_without_its_fields(run_dir, tmp_path, capsys):
+    run = _edited_copy(run_dir, tmp_path, """UPDATE meta SET value = '{"x": 1}' WHERE key = 'root'""")
     before = _files(run)
     for command in ("resume", "status", "report", "history"):
         assert "the root record of" in _error(capsys, [command, str(run)]), command
@@ -124,6 +131,32 @@ def test_root_record_without_its_fields(run_dir, tmp_path, capsys):
     assert main(["check", str(run)]) == 1
     assert "lacks name, description, source" in capsys.readouterr().out
     assert _files(run) == before
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "plan"])
+def test_a_checkpoint_or_plan_record_that_is_no_object(run_dir, tmp_path, capsys, key):
+    run = _edited_copy(run_dir, tmp_path, "UPDATE meta SET value = '[1, 2]' WHERE key = ?", key)
+    before = _files(run)
+    damaged = f"the {key!r} record of"
+    for command in ("resume", "status", "report"):
+        assert damaged in _error(capsys, [command, str(run)]), command
+    assert main(["history", str(run)]) == 0  # the lineages, read from the path records alone
+    assert damaged in _error(capsys, ["export", str(run), "--task", "a", "--out", str(tmp_path / "e")])
+    assert damaged in _error(capsys, ["predict", str(run), "--task", "a", str(tmp_path / "none.png")])
+    assert main(["check", str(run)]) == 1  # the diagnosis names it too, and goes on with the other checks
+    assert f"{damaged} {run / DB_NAME} is a list, not an object" in capsys.readouterr().out
+    assert _files(run) == before
+
+
+def test_class_names_that_do_not_fit_the_task(run_dir, tmp_path, capsys):
+    run = _edited_copy(run_dir, tmp_path, """UPDATE tasks SET class_names = '["only"]' WHERE name = 'a'""")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    export = ["export", str(run), "--task", "all", "--out", str(tmp_path / "e")]
+    for argv in (["predict", str(run), "--task", "all", str(image)], export):
+        assert "task 'a' has 1 class names for 3 classes" in _error(capsys, argv), argv
+    assert main(["check", str(run)]) == 1
+    assert "task 'a' has 1 class names, but the checkpoint gives it 3 classes" in capsys.readouterr().out
 
 
 def test_check_data_finds_a_task_whose_file_is_gone(tmp_path, capsys):

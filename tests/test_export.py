@@ -167,6 +167,18 @@ def test_load_errors(tmp_path):
         munet.load(tmp_path)
 
 
+def test_all_tasks_of_a_run_without_a_retained_path_is_an_error(run_dir, tmp_path, capsys):
+    """A run interrupted in its first task iteration answers no task yet: "all" says so rather than answering with
+    nothing (or failing on an empty list)."""
+    system = munet.load(run_dir)
+    system.class_names = {"later": ["x", "y"]}  # the only task has no retained path
+    for call in (lambda: system.predict(_images(2)), lambda: system.export_all(tmp_path / "all")):
+        with pytest.raises(MunetError, match="has no task with a retained path yet"):
+            call()
+    assert main(["export", str(run_dir), "--task", "a", "--separate", "--out", str(tmp_path / "s")]) == 2
+    assert "--separate exports every task into its own directory" in capsys.readouterr().err
+
+
 def test_an_edited_export_config_is_an_export_error(run_dir, tmp_path):
     system = munet.load(run_dir)
     for kind, export, load in (("one", system.export, munet.load_exported),

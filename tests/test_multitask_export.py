@@ -14,6 +14,7 @@ from conftest import make_run
 import munet
 from munet.cli import main
 from munet.errors import ExportError
+from munet.export import write_export
 from munet.multitask_export import run_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,3 +88,40 @@ def test_multitask_load_errors(system, tmp_path):
     system.export_all(tmp_path / "onnx", format="onnx")
     with pytest.raises(ExportError, match="onnxruntime"):
         munet.load_multitask(tmp_path / "onnx")
+
+
+def _files(out) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_an_export_over_an_earlier_one_leaves_only_its_own_model_file(system, tmp_path):
+    """An export into a directory holding an earlier export of the other format (or kind) replaces it whole: the
+    earlier model file, left beside the new config.json, would be loaded in place of the new model."""
+    out = tmp_path / "out"
+    system.export("a", out)
+    system.export("b", out, format="onnx")
+    assert _files(out) == ["config.json", "model.onnx"]
+    with pytest.raises(ExportError, match="onnxruntime"):  # not task a's safetensors under task b's config
+        munet.load_exported(out)
+    system.export_all(out)  # checked against the file it wrote, not the single-task model.onnx left there
+    assert _files(out) == ["config.json", "model.safetensors"]
+    assert munet.load_multitask(out).tasks == system.tasks
+    system.export_all(out, format="onnx")
+    assert _files(out) == ["config.json", "model.onnx"]
+
+
+def test_a_failed_export_leaves_the_earlier_model_and_no_temporary_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"earlier")
+
+    def rejected(file) -> None:
+        raise ExportError("does not reproduce the path")
+
+    def disk_full(file) -> None:
+        file.write_bytes(b"par")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ExportError, match="does not reproduce"):
+        write_export(tmp_path, "safetensors", {}, lambda file: file.write_bytes(b"new"), rejected)
+    with pytest.raises(ExportError, match=f"cannot write the export into {tmp_path}: No space left on device"):
+        write_export(tmp_path, "safetensors", {}, disk_full)
+    assert _files(tmp_path) == ["model.safetensors"] and (tmp_path / "model.safetensors").read_bytes() == b"earlier"

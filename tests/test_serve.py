@@ -167,6 +167,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
     good = _png(6)
     huge = io.BytesIO()
     Image.new("L", (5000, 4000)).save(huge, format="PNG")  # 20 M pixels, a small file
+    large = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(large, format="PNG")  # the most pixels one image may have, a small file
     with httpx.Client(base_url=server.url) as client:
         cases = {
             "truncated": client.post("/v1/predict", files=[("image", good[: len(good) // 2])]),
@@ -180,16 +182,31 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
             "oversized body": client.post("/v1/predict", files=[("image", bytes(2 << 20))]),
             "unknown field": client.post("/v1/predict", files=[("image", good)], data={"colour": "red"}),
             "chunked body": client.post("/v1/predict", content=iter([b"{}"]), headers={"content-type": JSON}),
+            "long integer": client.post("/v1/predict", content=b'{"n": ' + b"9" * 5000 + b"}",
+                                        headers={"content-type": JSON}),
+            "deep nesting": client.post("/v1/predict", content=b"[" * 5000 + b"]" * 5000,
+                                        headers={"content-type": JSON}),
+            "all and unknown": client.post("/v1/predict", files=[("image", good)], data={"task": "all,zebra"}),
+            "file as task": client.post("/v1/predict", files=[("image", good), ("task", ("a.png", good))]),
+            "65 images": client.post("/v1/predict", files=[("image", good)] * 65),
+            "66 images": client.post("/v1/predict", files=[("image", good)] * 66),
+            "request pixels": client.post("/v1/predict", files=[("image", large.getvalue())] * 5),
         }
         status = {name: r.status_code for name, r in cases.items()}
         assert status == {"truncated": 400, "not an image": 400, "unknown task": 400, "wrong type": 415,
                           "no images": 400, "bad base64": 400, "bad json": 400, "huge image": 413,
-                          "oversized body": 413, "unknown field": 400, "chunked body": 411}
+                          "oversized body": 413, "unknown field": 400, "chunked body": 411, "long integer": 400,
+                          "deep nesting": 400, "all and unknown": 400, "file as task": 400, "65 images": 413,
+                          "66 images": 413, "request pixels": 413}
         errors = {name: r.json()["error"] for name, r in cases.items()}
         assert "zebra" in errors["unknown task"] and "a, b" in errors["unknown task"]
         assert "multipart/form-data" in errors["wrong type"] and "5000x4000" in errors["huge image"]
         assert "cannot read image number 0: not an image file" in errors["not an image"]
         assert "BytesIO" not in errors["not an image"]  # PIL's message named the file object's repr
+        assert "not valid JSON" in errors["long integer"] and "not valid JSON" in errors["deep nesting"]
+        assert "zebra" in errors["all and unknown"] and "field 'task' holds a file" in errors["file as task"]
+        assert "the limit is 64" in errors["65 images"] and "the limit is 64" in errors["66 images"]
+        assert "5 images hold 83886080 pixels together" in errors["request pixels"]
         text_image = client.post("/v1/predict", files={"image": (None, "photo.png")})  # a part without a filename
         assert text_image.status_code == 400 and "holds text; send it as a file" in text_image.json()["error"]
         for response, status in ((client.get("/nope"), 404), (client.get("/v1/predict"), 405)):
@@ -221,6 +238,15 @@ def test_serve_command_errors(run_dir, capsys):
     assert "--port" in capsys.readouterr().err
     assert main(["serve", str(run_dir / "missing"), "--port", "0"]) == 2
     assert "error:" in capsys.readouterr().err
+    for wait in ("inf", "nan", "-1"):  # a batch waiting forever would leave every request unanswered
+        assert main(["serve", str(run_dir), "--port", "0", "--max-wait-ms", wait]) == 2
+        assert "--max-wait-ms must be in 0-10000" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2
+        assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
 
 
 def test_serve_command_without_the_extra(run_dir):

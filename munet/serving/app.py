@@ -33,6 +33,7 @@ from munet.serving.metrics import ServeMetrics
 ENDPOINTS = ("/v1/predict", "/v1/tasks", "/healthz", "/metrics")
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
+IMAGE_FIELDS = ("image", "images")  # the multipart fields that carry image files
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class Limits:
         max_body_bytes: largest request body; larger ones are refused with 413 before they are read.
         max_images: images in one request.
         max_pixels: pixels (height x width) of one image, checked from its header before it is decoded.
+        max_request_pixels: pixels of all the images of one request together (decoded, 3 bytes each), so that a
+            small body of large compressed images cannot take the server's memory.
         max_queue: requests waiting for a batch; beyond it requests are refused with 503.
         max_batch_images: images in one forward batch (requests keep joining a batch until it holds this many).
         max_wait_ms: how long a batch waits for more requests after its first.
@@ -51,6 +54,7 @@ class Limits:
     max_body_bytes: int = 16 << 20
     max_images: int = 64
     max_pixels: int = 4096 * 4096
+    max_request_pixels: int = 4 * 4096 * 4096
     max_queue: int = 256
     max_batch_images: int = 64
     max_wait_ms: float = 5.0
@@ -128,7 +132,7 @@ def create_app(system: MultitaskSystem, tasks: list[str] | None = None, limits: 
     async def predict(request: Request) -> dict[str, Any]:
         blobs, tasks = await _read_request(request, limits)
         tasks = _resolve_tasks(tasks, served)
-        images = await asyncio.to_thread(_decode, blobs, limits.max_pixels)
+        images = await asyncio.to_thread(_decode, blobs, limits)
         try:
             answers = await batcher.submit(images, tasks)
         except QueueFull:
@@ -180,14 +184,20 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
     try:
         form = await request.form(max_files=max_images + 1)
     except Exception as err:  # noqa: BLE001 - starlette raises several types for malformed bodies
+        if "too many files" in str(err).lower():  # starlette's bound on the parts it spools, past ours
+            raise RequestError(413, f"more than {max_images + 1} images in one request; the limit is {max_images}") \
+                from err
         raise RequestError(400, f"malformed multipart body: {err}") from err
     blobs, tasks = [], []
     for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
+        if isinstance(value, UploadFile) and key in IMAGE_FIELDS:
             blobs.append(await value.read())
+        elif isinstance(value, UploadFile):
+            raise RequestError(400, f"form field {key!r} holds a file; send images in the field `image` (e.g. curl "
+                                    "-F image=@photo.png) and task names as text (-F task=NAME)")
         elif key in ("task", "tasks"):
             tasks += [t.strip() for t in value.split(",") if t.strip()]
-        elif key == "image":
+        elif key in IMAGE_FIELDS:
             raise RequestError(400, "form field 'image' holds text; send it as a file (a part with a filename, e.g. "
                                     "curl -F image=@photo.png)")
         else:
@@ -198,8 +208,8 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
 def _read_json(body: bytes) -> tuple[list[bytes], list[str]]:
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(400, f"the body is not valid JSON: {err}") from err
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, an integer too long, nested too deep
+        raise RequestError(400, f"the body is not valid JSON: {type(err).__name__}: {err}") from None
     if not isinstance(doc, dict):
         raise RequestError(400, 'the JSON body must be an object: {"images": [base64, ...], "tasks": [...]}')
     images, tasks = doc.get("images", []), doc.get("tasks", doc.get("task", []))
@@ -219,25 +229,28 @@ def _read_json(body: bytes) -> tuple[list[bytes], list[str]]:
 
 
 def _resolve_tasks(requested: list[str], served: list[str]) -> list[str]:
-    if "all" in requested:
-        return served
-    unknown = [t for t in requested if t not in served]
+    unknown = [t for t in requested if t not in served and t != "all"]
     if unknown:
         raise RequestError(400, f"unknown task(s) {', '.join(map(repr, unknown))}; this server answers: "
                                 f"{', '.join(served)} (or `all`)")
-    return list(dict.fromkeys(requested))
+    return served if "all" in requested else list(dict.fromkeys(requested))
 
 
-def _decode(blobs: list[bytes], max_pixels: int) -> list[torch.Tensor]:
-    """uint8 images, each checked for size from its header before it is decoded."""
+def _decode(blobs: list[bytes], limits: Limits) -> list[torch.Tensor]:
+    """uint8 images, each checked for size from its header before any is decoded."""
+    total = 0
     for number, blob in enumerate(blobs):
         try:
             (height, width), _ = image_header(io.BytesIO(blob), f"number {number}")
         except DataError as err:
             raise RequestError(400, str(err)) from None
-        if height * width > max_pixels:
-            raise RequestError(413, f"image number {number} has {width}x{height} pixels; the limit is {max_pixels} "
-                                    "pixels: resize it first")
+        if height * width > limits.max_pixels:
+            raise RequestError(413, f"image number {number} has {width}x{height} pixels; the limit is "
+                                    f"{limits.max_pixels} pixels: resize it first")
+        total += height * width
+    if total > limits.max_request_pixels:
+        raise RequestError(413, f"the request's {len(blobs)} images hold {total} pixels together; the limit is "
+                                f"{limits.max_request_pixels} per request: send fewer or smaller images per request")
     try:
         return to_uint8_images(blobs)
     except DataError as err:

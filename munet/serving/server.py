@@ -91,17 +91,15 @@ def serve(run_dir: str | FsPath, host: str = "127.0.0.1", port: int = 8000, task
         stream: where the address is announced (default: nowhere).
 
     Raises:
-        MunetError: not a run, or an unknown task.
-        OSError: the address cannot be bound.
+        MunetError: not a run, an unknown task, or an address that cannot be listened on.
     """
     system = load(run_dir)
-    for task in tasks or []:
-        system.path(task)  # names the run's tasks when one is unknown
-    served = list(tasks or system.tasks)
-    if not served:
-        raise MunetError(f"{run_dir} has no task with a retained path yet: nothing to serve")
+    served = [t for task in tasks or ["all"] for t in system.tasks_of(task)]  # names the run's tasks for an unknown one
     app = create_app(system, served, limits or Limits())
-    sock = bind(host, port)
+    try:
+        sock = bind(host, port)
+    except OSError as err:  # in use, not this machine's, or no such host: the message names the address
+        raise MunetError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
     if stream is not None:
         state = "complete" if system.complete else "still training: serving its last checkpoint"
         print(f"serving {run_dir} ({state}; tasks {', '.join(served)}) on {url_of(sock)}", file=stream, flush=True)

@@ -237,8 +237,8 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     Raises:
         StoreError: a record or blob is missing or corrupt.
     """
-    ck = store.get("checkpoint")
-    plan = store.get("plan")
+    ck = store.record("checkpoint")
+    plan = store.record("plan")
     if ck is None or plan is None:
         raise StoreError(f"{store.dir} holds no committed checkpoint")
     rec = store.root_record()

@@ -267,6 +267,18 @@ class Store:
             return default
         return row[0] if isinstance(row[0], bytes) else json.loads(row[0])
 
+    def record(self, key: str) -> dict[str, Any] | None:
+        """A meta record that is a JSON object (``checkpoint``, ``plan``, ``config``); ``None`` when absent.
+
+        Raises:
+            StoreError: the value is not an object (the database was damaged or edited).
+        """
+        value = self.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise StoreError(f"the {key!r} record of {self.dir / DB_NAME} is a {type(value).__name__}, not an object: "
+                             "the database was damaged or edited; restore the run from a copy")
+        return value
+
     def root_record(self) -> dict[str, Any] | None:
         """The root's record (written by :func:`munet.storage.stored_root.root_record`); ``None`` before the first
         checkpoint.

@@ -223,12 +223,15 @@ def export_dir(out: str | FsPath, fmt: str) -> FsPath:
     return out
 
 
-def read_export(directory: FsPath, kind: str, version: int) -> tuple[dict[str, Any], FsPath]:
+def read_export(directory: str | FsPath, kind: str, version: int) -> tuple[dict[str, Any], FsPath]:
     """``config.json`` of an export directory of format ``kind`` and its safetensors weights file.
 
     Raises:
         ExportError: no readable config.json, another format or version, an ONNX export, or no model.safetensors.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ExportError(f"an export directory is a path, got a {type(directory).__name__}: {directory!r}")
+    directory = FsPath(directory)
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
@@ -292,7 +295,7 @@ def load_exported(directory: str | FsPath) -> ExportedViT:
     Raises:
         ExportError: not an export directory, written by an incompatible version, or weights that do not fit.
     """
-    config, weights = read_export(FsPath(directory), FORMAT, VERSION)
+    config, weights = read_export(directory, FORMAT, VERSION)
     with edited_config(FsPath(directory)):
         model = build_model(config)
     try:

@@ -138,8 +138,8 @@ def load_multitask(directory: str | FsPath) -> MultitaskModel:
     Raises:
         ExportError: not a multitask export, an incompatible version, or weights that do not fit.
     """
-    config, weights = read_export(FsPath(directory), FORMAT, VERSION)
-    return _rebuilt(config, weights, FsPath(directory))
+    config, weights = read_export(directory, FORMAT, VERSION)
+    return _rebuilt(config, weights, weights.parent)
 
 
 def _rebuilt(config: dict[str, Any], weights: FsPath, directory: FsPath) -> MultitaskModel:

@@ -62,7 +62,7 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
                         f"grey images {images.shape[-1]} pixels wide; pass (H, W, 3) or (H, W) images")
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim in (3, 4) and not _single(images):
         return list(torch.from_numpy(images_to_nchw_uint8(_array(images), "images").copy()).split(1))
-    single = (str, FsPath, bytes, Image.Image, np.ndarray, torch.Tensor)
+    single = (str, FsPath, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
     try:
         items = [images] if isinstance(images, single) else list(images)
     except TypeError:
@@ -72,20 +72,25 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
         raise DataError("no images to predict")
     out = []
     for number, item in enumerate(items):
-        if isinstance(item, bytes):
-            arr = read_image(io.BytesIO(item), f"number {number}")
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            arr = read_image(io.BytesIO(bytes(item)), f"number {number}")
         elif isinstance(item, (str, FsPath)):
             path = FsPath(item)
             if path.is_dir():
                 raise DataError(f"{path} is a directory, not an image file; pass the image files it holds (e.g. "
                                 f"{path / '*.png'})")
-            if not path.is_file():
+            if not path.exists():
                 raise DataError(f"image file {path} does not exist")
+            if not path.is_file():
+                raise DataError(f"{path} is not a regular file (a device or a pipe); pass an image file")
             arr = read_image(path)
         elif isinstance(item, Image.Image):
             arr = pil_to_array(item, "image")
-        else:
+        elif isinstance(item, (list, tuple)) or hasattr(item, "__array__"):  # arrays, tensors, nested lists
             arr = _array(item)
+        else:
+            raise DataError(f"image number {number} is a {type(item).__name__}: pass image files, their bytes, PIL "
+                            "images or arrays")
         out.append(torch.from_numpy(images_to_nchw_uint8(arr[None], "image").copy()))  # PIL arrays are read-only
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -163,6 +164,9 @@ def test_predict_and_export_commands(run_dir, tmp_path, capsys):
 def test_load_errors(tmp_path):
     with pytest.raises(ExportError, match="not a munet export"):
         munet.load_exported(tmp_path)
+    for load in (munet.load_exported, munet.load_multitask):
+        with pytest.raises(ExportError, match="an export directory is a path, got a NoneType"):
+            load(None)
     with pytest.raises(MunetError, match="not a munet run directory|does not exist"):
         munet.load(tmp_path)
 
@@ -200,10 +204,20 @@ def test_an_edited_export_config_is_an_export_error(run_dir, tmp_path):
     (np.zeros((8, 8, 4), np.uint8), r"shape \(8, 8, 4\) is ambiguous"),  # RGBA was read as 8 images 4 px wide
     (None, "cannot read images from a NoneType"),
     ([[[0, 1], [2]]], "cannot read an image from a list"),
+    ([np.zeros((8, 8), np.uint8), 7], "image number 1 is a int"),
+    ("/dev/null", "/dev/null is not a regular file"),  # once "does not exist"
 ])
 def test_predict_refuses_what_is_not_an_image(run_dir, images, match):
     with pytest.raises(DataError, match=match):
         munet.load(run_dir).predict(images)
+
+
+def test_predict_reads_encoded_images_from_any_bytes_like(run_dir):
+    buffer = io.BytesIO()
+    Image.fromarray(_images(1)[0]).save(buffer, format="PNG")
+    system, data = munet.load(run_dir), buffer.getvalue()
+    expected = system.predict(data, "a")
+    assert system.predict(bytearray(data), "a") == system.predict(memoryview(data), "a") == expected
 
 
 def test_predict_reads_bfloat16_and_names_a_task_that_is_not_a_string(run_dir):

@@ -164,11 +164,9 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
         if not rebuildable:
             verify_root(store, root, system)
         class_names = store.task_class_names()
-        mismatched = {t: (len(names), system.num_classes.get(t)) for t, names in class_names.items()
-                      if t in system.num_classes and len(names) != system.num_classes[t]}
-        if mismatched:  # a prediction would index past the names (or leave classes unnamed)
-            raise StoreError(f"the task records of {run_dir} do not fit the run: " + "; ".join(
-                f"task {t!r} has {n} class names for {k} classes" for t, (n, k) in mismatched.items())
-                + f"; the database was damaged or edited; run `munet check {run_dir}`")
+        misfits = store.class_name_misfits(system.num_classes)
+        if misfits:
+            raise StoreError(f"the task records of {run_dir} do not fit the run: {'; '.join(misfits)}; the database "
+                             f"was damaged or edited; run `munet check {run_dir}`")
         meta = {"root": store.root_record(), "config": cfg}
     return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta)

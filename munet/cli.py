@@ -13,8 +13,7 @@ from typing import Any
 from munet.config import RunConfig, load_config_file
 from munet.configs import PRESETS, describe, get_preset
 from munet.errors import MunetError
-
-MAX_WAIT_MS = 10_000  # --max-wait-ms: a batch waits at most 10 s for more requests (more would look hung)
+from munet.serving import MAX_WAIT_MS
 
 
 def _field_help() -> dict[str, str]:
@@ -138,10 +137,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if not args.out.strip():  # checked here too: --separate writes OUT/TASK, which is not empty
         raise MunetError("--out is empty: name the directory to export into, e.g. --out exported")
-    system = munet.load(args.run_dir)
     if args.task != "all" and args.separate:
         raise MunetError(f"--separate exports every task into its own directory: it goes with --task all, not --task "
                          f"{args.task}")
+    system = munet.load(args.run_dir)
     if args.task != "all":
         target = system.export(args.task, args.out, args.format)
         print(f"exported {args.task} to {target} (with {target.parent / 'config.json'})")
@@ -190,15 +189,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise MunetError(f"--port must be in 0-65535 (0: a free port), got {args.port}")
-    if not 0 <= args.max_wait_ms <= MAX_WAIT_MS or args.max_batch < 1:  # inf would hold every request forever
-        raise MunetError(f"--max-wait-ms must be in 0-{MAX_WAIT_MS} and --max-batch >= 1, got {args.max_wait_ms} and "
-                         f"{args.max_batch}")
+    limits = Limits(max_batch_images=args.max_batch, max_wait_ms=args.max_wait_ms)  # checks both
     from munet.data.registry import split_specs
 
     tasks = split_specs(args.tasks) if args.tasks else None
     try:
-        serve(args.run_dir, args.host, args.port, tasks, Limits(max_batch_images=args.max_batch,
-                                                               max_wait_ms=args.max_wait_ms), stream=sys.stdout)
+        serve(args.run_dir, args.host, args.port, tasks, limits, stream=sys.stdout)
     except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then usually raises it again
         pass
     print("server stopped", file=sys.stderr)  # also when uvicorn returned without re-raising the captured signal

@@ -14,6 +14,7 @@ The model takes ``(B, 3, S, S)`` float images: RGB pixels in [0, 1] resized to `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import warnings
@@ -38,6 +39,7 @@ FORMAT = "munet-export"
 VERSION = 1
 FORMATS = ("safetensors", "onnx")
 MODEL_FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx"}  # the model file of each format
+EXPORT_FILES = ("config.json", *MODEL_FILES.values())
 TOLERANCE = 1e-4  # max |exported - path| logit difference accepted when an export checks itself
 
 
@@ -153,15 +155,14 @@ def export_path(path: TaskPath, config: dict[str, Any], out: str | FsPath, fmt: 
                         lambda tmp: write_onnx(model, (torch.zeros(1, 3, size, size),), ["images"], ["logits"], tmp))
 
 
-EXPORT_FILES = ("config.json", *MODEL_FILES.values())
-
-
 def write_export(out: FsPath, fmt: str, config: dict[str, Any], write: Callable[[FsPath], None],
                  check: Callable[[FsPath], None] | None = None) -> FsPath:
-    """Puts an export in place: the model file, written by ``write(file)`` and checked by ``check(file)`` under a
-    temporary name, is renamed into place, then ``config.json`` naming it is written, then the other format's model
-    file that an earlier export left is removed (else it would be loaded in place of this one). A failure leaves
-    no temporary file, and an earlier export's model file as it was.
+    """Puts an export in place. The model file is written by ``write(file)`` and checked by ``check(file)`` under a
+    temporary name; ``config.json``, naming it and its sha256, is written under a temporary name too; the two are
+    then renamed back to back, and the other format's model file that an earlier export left is removed (else it
+    would be loaded in place of this one). A failure before the renames leaves the earlier export as it was and no
+    temporary file; a crash between them leaves a model file whose digest its config.json refutes
+    (:func:`read_export` refuses it).
 
     Returns:
         The model file written.
@@ -176,16 +177,26 @@ def write_export(out: FsPath, fmt: str, config: dict[str, Any], write: Callable[
             write(tmp)
             if check is not None:
                 check(tmp)
-            os.replace(tmp, target)
+            described = {**config, "weights": target.name, "weights_sha256": file_sha256(tmp)}
+            atomic_write(out / "config.json", json.dumps(described, indent=1),
+                         before_replace=lambda: os.replace(tmp, target))
         finally:
             tmp.unlink(missing_ok=True)
-        atomic_write(out / "config.json", json.dumps({**config, "weights": target.name}, indent=1))
         for name in MODEL_FILES.values():
             if name != target.name:
                 (out / name).unlink(missing_ok=True)
     except OSError as err:
         raise ExportError(f"cannot write the export into {out}: {err.strerror or err}") from err
     return target
+
+
+def file_sha256(path: FsPath) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def is_export(out: FsPath) -> bool:
@@ -244,7 +255,11 @@ def read_export(directory: str | FsPath, kind: str, version: int) -> tuple[dict[
                           "onnxruntime, or export the task again with --format safetensors")
     weights = directory / MODEL_FILES["safetensors"]
     if not weights.is_file():
-        raise ExportError(f"{directory} holds no model.safetensors (an ONNX export is loaded with onnxruntime)")
+        raise ExportError(f"{directory} holds no model.safetensors, which its config.json names: export again")
+    bound = config.get("weights_sha256")  # absent in exports written before it was recorded
+    if bound is not None and bound != file_sha256(weights):
+        raise ExportError(f"{weights} is not the model its config.json was written with (an export interrupted "
+                          "between its two files, or a file replaced by hand): export again")
     return config, weights
 
 

@@ -19,7 +19,7 @@ from munet.errors import DataError
 from munet.model.path import TaskPath
 from munet.training.frozen import FeatureCache, shared_forward
 
-ImageLike = str | FsPath | bytes | Image.Image | np.ndarray | torch.Tensor
+ImageLike = str | FsPath | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 CHUNK = 256  # images per forward batch; bounds activation and cache memory
 
 
@@ -89,8 +89,8 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
         elif isinstance(item, (list, tuple)) or hasattr(item, "__array__"):  # arrays, tensors, nested lists
             arr = _array(item)
         else:
-            raise DataError(f"image number {number} is a {type(item).__name__}: pass image files, their bytes, PIL "
-                            "images or arrays")
+            raise DataError(f"image number {number} is of type {type(item).__name__}: pass image files, their bytes, "
+                            "PIL images or arrays")
         out.append(torch.from_numpy(images_to_nchw_uint8(arr[None], "image").copy()))  # PIL arrays are read-only
     return out
 

@@ -156,7 +156,7 @@ class Run:
                 if stored.schedule == "agents":
                     raise MunetError(f"{out} is an agents run (schedule = agents): adding tasks to it is not "
                                      "supported yet; start a new run with all the tasks")
-                plan = store.get("plan")
+                plan = store.record("plan")
                 if plan["done"] < len(plan["order"]):
                     raise MunetError(f"{out} is unfinished ({plan['done']}/{len(plan['order'])} task iterations); "
                                      f"finish it first with `munet resume {out}`")

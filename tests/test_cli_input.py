@@ -156,7 +156,7 @@ def test_class_names_that_do_not_fit_the_task(run_dir, tmp_path, capsys):
     for argv in (["predict", str(run), "--task", "all", str(image)], export):
         assert "task 'a' has 1 class names for 3 classes" in _error(capsys, argv), argv
     assert main(["check", str(run)]) == 1
-    assert "task 'a' has 1 class names, but the checkpoint gives it 3 classes" in capsys.readouterr().out
+    assert "problem: task 'a' has 1 class names for 3 classes" in capsys.readouterr().out
 
 
 def test_check_data_finds_a_task_whose_file_is_gone(tmp_path, capsys):

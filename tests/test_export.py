@@ -171,7 +171,7 @@ def test_load_errors(tmp_path):
         munet.load(tmp_path)
 
 
-def test_all_tasks_of_a_run_without_a_retained_path_is_an_error(run_dir, tmp_path, capsys):
+def test_all_tasks_of_a_run_without_a_retained_path_is_an_error(run_dir, tmp_path):
     """A run interrupted in its first task iteration answers no task yet: "all" says so rather than answering with
     nothing (or failing on an empty list)."""
     system = munet.load(run_dir)
@@ -179,8 +179,12 @@ def test_all_tasks_of_a_run_without_a_retained_path_is_an_error(run_dir, tmp_pat
     for call in (lambda: system.predict(_images(2)), lambda: system.export_all(tmp_path / "all")):
         with pytest.raises(MunetError, match="has no task with a retained path yet"):
             call()
+
+
+def test_export_separate_goes_with_all_tasks(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--task", "a", "--separate", "--out", str(tmp_path / "s")]) == 2
     assert "--separate exports every task into its own directory" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_an_edited_export_config_is_an_export_error(run_dir, tmp_path):
@@ -204,7 +208,7 @@ def test_an_edited_export_config_is_an_export_error(run_dir, tmp_path):
     (np.zeros((8, 8, 4), np.uint8), r"shape \(8, 8, 4\) is ambiguous"),  # RGBA was read as 8 images 4 px wide
     (None, "cannot read images from a NoneType"),
     ([[[0, 1], [2]]], "cannot read an image from a list"),
-    ([np.zeros((8, 8), np.uint8), 7], "image number 1 is a int"),
+    ([np.zeros((8, 8), np.uint8), 7], "image number 1 is of type int"),
     ("/dev/null", "/dev/null is not a regular file"),  # once "does not exist"
 ])
 def test_predict_refuses_what_is_not_an_image(run_dir, images, match):

@@ -110,6 +110,16 @@ def test_an_export_over_an_earlier_one_leaves_only_its_own_model_file(system, tm
     assert _files(out) == ["config.json", "model.onnx"]
 
 
+def test_a_model_file_that_is_not_the_one_its_config_names_is_refused(system, tmp_path):
+    """What a crash between an export's two renames leaves (or a model file copied in by hand): a config.json
+    beside another model file of the same architecture, which would load and answer with the wrong weights."""
+    system.export("a", tmp_path / "a")
+    system.export("b", tmp_path / "b")
+    (tmp_path / "b" / "model.safetensors").replace(tmp_path / "a" / "model.safetensors")
+    with pytest.raises(ExportError, match="is not the model its config.json was written with"):
+        munet.load_exported(tmp_path / "a")
+
+
 def test_a_failed_export_leaves_the_earlier_model_and_no_temporary_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"earlier")
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 import munet
 from munet.cli import main
+from munet.errors import MunetError
 from munet.serving.app import Limits, create_app
 from munet.serving.server import BackgroundServer
 from munet.storage.store import Store
@@ -240,7 +241,11 @@ def test_serve_command_errors(run_dir, capsys):
     assert "error:" in capsys.readouterr().err
     for wait in ("inf", "nan", "-1"):  # a batch waiting forever would leave every request unanswered
         assert main(["serve", str(run_dir), "--port", "0", "--max-wait-ms", wait]) == 2
-        assert "--max-wait-ms must be in 0-10000" in capsys.readouterr().err
+        assert "the batch wait (--max-wait-ms) must be in 0-10000 ms" in capsys.readouterr().err
+    assert main(["serve", str(run_dir), "--port", "0", "--max-batch", "0"]) == 2
+    assert "serving limits must be >= 1: max_batch_images = 0" in capsys.readouterr().err
+    with pytest.raises(MunetError, match="must be in 0-10000 ms, got inf"):  # the API's bound, not just the CLI's
+        Limits(max_wait_ms=float("inf"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -7,14 +7,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import speed_common
+import speed_training
 from conftest import TINY_ROOT, make_task
 
 from munet.config import RunConfig
 from munet.evolution.hparams import DEFAULTS
 from munet.evolution.mutate import make_child
-
-speed_common = pytest.importorskip("speed_common")
-speed_training = pytest.importorskip("speed_training")
 
 
 def test_timings_alternate_so_drifting_load_hits_both_sides() -> None:

@@ -10,6 +10,7 @@ import importlib.util
 from munet.errors import MunetError
 
 EXTRA_MODULES = ("fastapi", "uvicorn", "prometheus_client", "python_multipart")
+MAX_WAIT_MS = 10_000  # a batch waits at most 10 s for more requests: longer looks like a hung server
 
 
 def require_serve_extra() -> None:

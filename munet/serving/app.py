@@ -25,8 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from munet.api import MultitaskSystem
 from munet.data.images import image_header
-from munet.errors import DataError
+from munet.errors import DataError, MunetError
 from munet.predict import to_uint8_images
+from munet.serving import MAX_WAIT_MS
 from munet.serving.batcher import Batcher, QueueFull
 from munet.serving.metrics import ServeMetrics
 
@@ -58,6 +59,13 @@ class Limits:
     max_queue: int = 256
     max_batch_images: int = 64
     max_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_wait_ms <= MAX_WAIT_MS:  # inf would hold every request forever; nan is no time
+            raise MunetError(f"the batch wait (--max-wait-ms) must be in 0-{MAX_WAIT_MS} ms, got {self.max_wait_ms}")
+        small = [name for name, value in asdict(self).items() if name != "max_wait_ms" and value < 1]
+        if small:
+            raise MunetError(f"serving limits must be >= 1: {', '.join(f'{n} = {getattr(self, n)}' for n in small)}")
 
 
 class RequestError(Exception):
@@ -185,8 +193,8 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
         form = await request.form(max_files=max_images + 1)
     except Exception as err:  # noqa: BLE001 - starlette raises several types for malformed bodies
         if "too many files" in str(err).lower():  # starlette's bound on the parts it spools, past ours
-            raise RequestError(413, f"more than {max_images + 1} images in one request; the limit is {max_images}") \
-                from err
+            raise RequestError(413, f"more than {max_images + 1} files in one request; the limit is {max_images} "
+                                    "images") from err
         raise RequestError(400, f"malformed multipart body: {err}") from err
     blobs, tasks = [], []
     for key, value in form.multi_items():
@@ -198,7 +206,7 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
         elif key in ("task", "tasks"):
             tasks += [t.strip() for t in value.split(",") if t.strip()]
         elif key in IMAGE_FIELDS:
-            raise RequestError(400, "form field 'image' holds text; send it as a file (a part with a filename, e.g. "
+            raise RequestError(400, f"form field {key!r} holds text; send it as a file (a part with a filename, e.g. "
                                     "curl -F image=@photo.png)")
         else:
             raise RequestError(400, f"unknown form field {key!r}: send image files and `task` fields")

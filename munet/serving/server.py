@@ -94,7 +94,8 @@ def serve(run_dir: str | FsPath, host: str = "127.0.0.1", port: int = 8000, task
         MunetError: not a run, an unknown task, or an address that cannot be listened on.
     """
     system = load(run_dir)
-    served = [t for task in tasks or ["all"] for t in system.tasks_of(task)]  # names the run's tasks for an unknown one
+    # each task once, also for "all,a"; an unknown task's error names the run's tasks
+    served = list(dict.fromkeys(t for task in tasks or ["all"] for t in system.tasks_of(task)))
     app = create_app(system, served, limits or Limits())
     try:
         sock = bind(host, port)

@@ -112,7 +112,7 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
     for name, cid in (root.get("components") or {}).items():
         if cid not in components:
             problems.append(f"the root's {name} (component #{cid}) has no component record")
-    ck = _object(store, "checkpoint", problems)
+    ck = _meta_record(store, "checkpoint", problems)
     bound = ck.get("components_digest")  # absent in stores written before it was recorded
     if bound is not None and bound != store.components_digest():
         problems.append("the component records are not those the checkpoint was written with: a record points at "
@@ -124,10 +124,7 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
     live = store.live_links()
     rows = {r.id: (r.task, r.components) for r in store.live_paths()}
     num_classes = ck.get("num_classes") or {}
-    for task, names in store.task_class_names().items():
-        if task in num_classes and len(names) != num_classes[task]:
-            problems.append(f"task {task!r} has {len(names)} class names, but the checkpoint gives it "
-                            f"{num_classes[task]} classes")
+    problems += store.class_name_misfits(num_classes)
     for pid, link in live.items():
         if pid not in rows:
             problems.append(f"live path #{pid} has no path record")
@@ -145,13 +142,13 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         for pid in in_flight["seeds"]:
             if pid != root_id and pid not in live:
                 problems.append(f"the in-flight iteration's seed path #{pid} is not held")
-    plan = _object(store, "plan", problems)
+    plan = _meta_record(store, "plan", problems)
     tasks = set(store.task_names())
     for task in set(plan.get("order", [])) - tasks:
         problems.append(f"planned task {task!r} has no task record")
 
 
-def _object(store: Store, key: str, problems: list[str]) -> dict[str, Any]:
+def _meta_record(store: Store, key: str, problems: list[str]) -> dict[str, Any]:
     """The meta record ``key`` (empty when absent, or when damaged: then a problem says so)."""
     try:
         return store.record(key) or {}

@@ -268,7 +268,7 @@ class Store:
         return row[0] if isinstance(row[0], bytes) else json.loads(row[0])
 
     def record(self, key: str) -> dict[str, Any] | None:
-        """A meta record that is a JSON object (``checkpoint``, ``plan``, ``config``); ``None`` when absent.
+        """A meta record that is a JSON object (``checkpoint``, ``plan``); ``None`` when absent.
 
         Raises:
             StoreError: the value is not an object (the database was damaged or edited).
@@ -316,6 +316,13 @@ class Store:
                 for pid, task, parent, hp, mut, acc, q, tq, sc, metrics in self._conn.execute(
                     "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score, metrics "
                     "FROM paths ORDER BY id")]
+
+    def class_name_misfits(self, num_classes: dict[str, int]) -> list[str]:
+        """One line per task whose recorded class names are not as many as ``num_classes`` (the checkpoint's) says
+        it has: a prediction would index past its names, or leave classes unnamed."""
+        return [f"task {task!r} has {len(names)} class names for {num_classes[task]} classes"
+                for task, names in self.task_class_names().items()
+                if task in num_classes and len(names) != num_classes[task]]
 
     def task_class_names(self) -> dict[str, list[str]]:
         """Each task's class names, in the order the tasks joined the run."""

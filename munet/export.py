@@ -14,7 +14,6 @@ The model takes ``(B, 3, S, S)`` float images: RGB pixels in [0, 1] resized to `
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import warnings
@@ -33,7 +32,7 @@ from munet.errors import ExportError
 from munet.model.components import AdapterKind, ResidualAdapter, kind_of, slot_index
 from munet.model.path import TaskPath
 from munet.model.vitarch import build_vit
-from munet.storage.files import atomic_write, blob_bytes
+from munet.storage.files import atomic_write, blob_bytes, file_sha256
 
 FORMAT = "munet-export"
 VERSION = 1
@@ -188,15 +187,6 @@ def write_export(out: FsPath, fmt: str, config: dict[str, Any], write: Callable[
     except OSError as err:
         raise ExportError(f"cannot write the export into {out}: {err.strerror or err}") from err
     return target
-
-
-def file_sha256(path: FsPath) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def is_export(out: FsPath) -> bool:

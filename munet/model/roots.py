@@ -40,6 +40,7 @@ from munet.model.checkpoint_formats import (
     read_checkpoint,
 )
 from munet.model.root import Root
+from munet.storage.files import file_sha256
 
 DEFAULT_ROOT = "dinov2-imgfocus"
 RANDOM_ARCH = "vit_small_patch14_dinov2"
@@ -293,7 +294,7 @@ def _load_file(target: str) -> Root:
     if path.suffix.lower() not in _WEIGHT_SUFFIXES:
         raise WeightsError(f"weights file {path} has an unsupported suffix; expected one of {_WEIGHT_SUFFIXES}")
     try:
-        digest = dinov2_onnx.sha256_file(path)
+        digest = file_sha256(path)
     except OSError as exc:
         raise WeightsError(f"cannot read weights file {path}: {exc}") from None
 

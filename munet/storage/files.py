@@ -25,6 +25,19 @@ from munet.errors import StoreError
 SUFFIX = ".safetensors"
 
 
+def file_sha256(path: FsPath | str) -> str:
+    """The lower-case hex sha256 of a file's bytes, read 1 MiB at a time.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def atomic_write(path: FsPath, data: bytes | str, tmp: FsPath | None = None,
                  before_replace: Callable[[], None] | None = None) -> None:
     """Writes ``data`` to ``path`` through a temporary file (``tmp``, default ``path`` + ``.tmp``), an fsync and a
@@ -108,14 +121,11 @@ class BlobDir:
         path = self.path(digest)
         if not path.is_file():
             return f"blob {path.name} of {what} is missing"
-        sha = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    sha.update(chunk)
+            found = file_sha256(path)
         except OSError as err:
             return f"blob {path.name} of {what} is unreadable: {err.strerror or err}"
-        if sha.hexdigest() != digest:
+        if found != digest:
             return (f"blob {path.name} of {what} is corrupt: its content does not match its sha256 (truncated or "
                     "altered)")
         return None

@@ -294,10 +294,34 @@ class Benchmark:
         return True
 
     def best(self, budget: int, n: int) -> list[str]:
-        """The ``n`` most accurate baselines at ``budget`` among the finished seed-0 runs."""
-        done = [(k[0], task_average([r["test_acc"] for r in v.values()])) for k, v in self.baseline_runs.items()
-                if k[1] == budget and k[2] == 0]
-        return [name for name, _ in sorted(done, key=lambda d: -(d[1] or 0))][:n]
+        """The ``n`` most accurate baselines at ``budget``, by their mean over the seeds finished so far (the
+        report's mean)."""
+        averages: dict[str, list[float]] = {}
+        for (name, at, _), tasks in self.baseline_runs.items():
+            if at == budget:
+                averages.setdefault(name, []).append(task_average([r["test_acc"] for r in tasks.values()]) or 0.0)
+        return sorted(averages, key=lambda name: -sum(averages[name]) / len(averages[name]))[:n]
+
+    def repeat_best(self, budget: int, n: int, seeds: tuple[int, ...], kinds: list[BaselineSpec]) -> None:
+        """Runs ``seeds`` of the ``n`` best baselines at ``budget``, again after each round: a baseline whose seeds
+        bring its mean down can leave a one-seed baseline on top, whose seeds then run too, so that the verdict
+        compares means of as many seeds on both sides."""
+        repeated: set[str] = set()
+        while True:
+            self.collect(budget, seeds, kinds)
+            top = [name for name in self.best(budget, n) if name not in repeated]
+            if not top:
+                return
+            self.work_off([(BaselineSpec.parse(name), budget, seed) for name in top for seed in seeds if seed != 0])
+            repeated.update(top)
+
+    def collect(self, budget: int, seeds: tuple[int, ...], kinds: list[BaselineSpec]) -> None:
+        """Reads the finished runs of ``kinds`` at ``budget`` and ``seeds`` (every finished seed counts, also of a
+        baseline that is no longer among the best)."""
+        for spec in kinds:
+            for seed in seeds:
+                if (spec.name, budget, seed) not in self.baseline_runs:
+                    self.baseline(spec, budget, seed, start=False, train=False)
 
     def work_off(self, pending: list[tuple[BaselineSpec, int, int]]) -> None:
         left = drain(pending, lambda p, start: self.baseline(*p, start=start), wait=self.only == "baselines",
@@ -307,26 +331,18 @@ class Benchmark:
 
     def run_baselines(self) -> None:
         """Budget 1; with the curve, the seeds of the best at budget 1 and the curve baselines at the larger budgets,
-        then (once every curve baseline of a budget has its seed 0) the seeds of that budget's best."""
+        then (once every curve baseline of a budget has its seed 0) the seeds of that budget's best (by mean)."""
         mode = self.mode
         self.work_off([(spec, 1, 0) for spec in self.specs])
         if not self.curve:
             return
-        self.work_off([(BaselineSpec.parse(n), 1, seed) for n in self.best(1, mode.top_baselines)
-                       for seed in mode.seeds if seed != 0]
-                      + [(spec, budget, 0) for budget in mode.budgets if budget != 1 for spec in self.curve_specs])
-        larger = sorted((b for b in mode.budgets if b != 1), reverse=True)
-        ranked = [b for b in larger if all((c.name, b, 0) in self.baseline_runs or c.name in self.skipped
-                                           for c in self.curve_specs)]  # the best is known once all have run
-        self.work_off([(BaselineSpec.parse(n), b, seed) for b in ranked for n in self.best(b, mode.budget_top_baselines)
-                       for seed in mode.budget_seeds if seed != 0])
-        # every finished seed counts, also of a baseline that is no longer among today's best at seed 0
-        repeated = [(1, mode.seeds, self.specs), *[(b, mode.budget_seeds, self.curve_specs) for b in larger]]
-        for budget, seeds, kinds in repeated:
-            for spec in kinds:
-                for seed in seeds:
-                    if (spec.name, budget, seed) not in self.baseline_runs:
-                        self.baseline(spec, budget, seed, start=False, train=False)
+        self.repeat_best(1, mode.top_baselines, mode.seeds, self.specs)
+        self.work_off([(spec, budget, 0) for budget in mode.budgets if budget != 1 for spec in self.curve_specs])
+        for budget in sorted((b for b in mode.budgets if b != 1), reverse=True):
+            if all((c.name, budget, 0) in self.baseline_runs or c.name in self.skipped for c in self.curve_specs):
+                self.repeat_best(budget, mode.budget_top_baselines, mode.budget_seeds, self.curve_specs)
+            else:  # the best is known once all have run; what has run is reported
+                self.collect(budget, mode.budget_seeds, self.curve_specs)
 
     # --- report ---------------------------------------------------------------------------------------------------
     def write_report(self, target: FsPath, name: str, default_target: float | None) -> None:

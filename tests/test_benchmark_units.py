@@ -344,6 +344,32 @@ def test_collecting_an_unfinished_baseline_unit_neither_trains_nor_claims_it(qua
     assert not list(tmp_path.iterdir()) and runner.system is None  # nothing claimed, no root loaded
 
 
+def test_the_seeds_go_to_the_best_baseline_by_its_mean_until_the_best_has_them(quality):
+    """freeze:1 leads at seed 0, but its seeds bring its mean under freeze:2's one seed: freeze:2's seeds run too,
+    so the verdict compares means over as many seeds (adapters:64, never on top, gets none)."""
+    accuracy = {("freeze:1", 0): 0.974, ("freeze:1", 1): 0.969, ("freeze:1", 2): 0.971, ("freeze:2", 0): 0.972,
+                ("freeze:2", 1): 0.970, ("freeze:2", 2): 0.969, ("adapters:64", 0): 0.960}
+    finished = {key for key in accuracy if key[1] == 0}
+    trained = []
+    bench = object.__new__(quality.Benchmark)  # the schedule alone: no units, no training
+    bench.baseline_runs = {}
+
+    def baseline(spec, budget, seed, start=True, train=True):
+        if train and (spec.name, seed) not in finished:
+            trained.append((spec.name, seed))
+            finished.add((spec.name, seed))
+        if (spec.name, seed) in finished:
+            bench.baseline_runs[(spec.name, budget, seed)] = {"a": {"test_acc": accuracy[(spec.name, seed)]}}
+        return True
+
+    bench.baseline = baseline
+    bench.work_off = lambda pending: [baseline(*p) for p in pending]
+    specs = [quality.BaselineSpec.parse(n) for n in ("freeze:1", "freeze:2", "adapters:64")]
+    bench.repeat_best(2, 1, (0, 1, 2), specs)
+    assert trained == [("freeze:1", 1), ("freeze:1", 2), ("freeze:2", 1), ("freeze:2", 2)]
+    assert bench.best(2, 1) == ["freeze:1"]  # 0.9713 against 0.9703, each over 3 seeds
+
+
 def test_the_curve_repeats_munet_over_the_budget_seeds_largest_budget_first(quality, capsys):
     assert quality.main(["--mode", "smoke", "--curve", "--plan"]) == 0
     plan = capsys.readouterr().out

@@ -31,8 +31,9 @@ class Mode:
         seeds: seeds of muNet s = 1 and of the ``top_baselines`` best baselines at budget 1 (mean and spread).
         sweep_seeds: seeds of the s < 1 points with the curve (seed 0 alone without it).
         budgets: compute multiples of budget 1 on the curve (muNet s = 1 and ``curve_baselines``, seed 0).
-        budget_seeds: seeds of muNet s = 1 and of the ``budget_top_baselines`` best baselines (by seed 0) at each
-            budget above 1, so that a budget's verdict is a mean with a spread, as budget 1's is.
+        budget_seeds: seeds of muNet s = 1 and of the ``budget_top_baselines`` best baselines (by their mean over
+            the seeds run so far) at each budget above 1, so that a budget's verdict is a mean with a spread, as
+            budget 1's is.
         curve_baselines: baselines trained at budgets above 1.
         top_baselines: how many of the best baselines at budget 1 are repeated over ``seeds``.
         budget_top_baselines: how many of the best baselines at each budget above 1 are repeated over

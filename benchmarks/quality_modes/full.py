@@ -6,7 +6,8 @@ adapters {8, 64}, LoRA {4, 16}, each trained per task on as many training images
 that task. With ``--curve``: budgets 2 and 4 (muNet's 8 children per task trained 2x and 4x as long, the six
 curve baselines on as many images as muNet then processed), seeds 0, 1, 2 of muNet at every s and of the three
 best baselines, seeds 0, 1, 2 of muNet s = 1 and of the best baseline at budgets 4 and 2 (about 12 core-hours on
-top; ``--budgets 4`` for budget 4 alone), and the ablations.
+top; ``--budgets 4`` for budget 4 alone), and the ablations. "Best" is by the mean over the seeds run so far: when a
+baseline's seeds bring it under another's, that one's seeds run too.
 Expected and measured results: benchmarks/README.md.
 
 Command: ``python benchmarks/quality.py`` (``--curve`` for the whole curve; resumable, several workers with

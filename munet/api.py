@@ -19,7 +19,7 @@ from munet.model.roots import load_root
 from munet.multitask_export import export_multitask, multitask_config
 from munet.predict import ImageLike, Prediction, predict, to_uint8_images
 from munet.storage.snapshot import load_checkpoint
-from munet.storage.store import BLOB_DIR, Store
+from munet.storage.store import BLOB_DIR, Store, class_name_misfits
 from munet.storage.stored_root import root_from_store, verify_root
 from munet.wiring import Wiring
 
@@ -164,7 +164,7 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
         if not rebuildable:
             verify_root(store, root, system)
         class_names = store.task_class_names()
-        misfits = store.class_name_misfits(system.num_classes)
+        misfits = class_name_misfits(class_names, system.num_classes)
         if misfits:
             raise StoreError(f"the task records of {run_dir} do not fit the run: {'; '.join(misfits)}; the database "
                              f"was damaged or edited; run `munet check {run_dir}`")

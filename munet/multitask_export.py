@@ -100,7 +100,7 @@ def export_multitask(paths: list[TaskPath], config: dict[str, Any], out: str | F
     if fmt == "safetensors":
         state = {f"{cid}.{k}": v for cid, part in model.parts.items() for k, v in part.state_dict().items()}
         return write_export(out, fmt, config, lambda tmp: atomic_write(tmp, blob_bytes(state)),
-                            lambda tmp: _check_same(out, model, _rebuilt(config, tmp, out)))
+                            lambda tmp: _check_same(out, model, _rebuilt(config, tmp)))
     images = tuple(torch.zeros(1, 3, s, s) for s in model.sizes)
     return write_export(out, fmt, config, lambda tmp: write_onnx(model, images, model.inputs, model.tasks, tmp),
                         lambda tmp: _check_same(out, model, lambda *x: run_onnx(tmp, model.inputs, list(x))))
@@ -139,16 +139,16 @@ def load_multitask(directory: str | FsPath) -> MultitaskModel:
         ExportError: not a multitask export, an incompatible version, or weights that do not fit.
     """
     config, weights = read_export(directory, FORMAT, VERSION)
-    return _rebuilt(config, weights, weights.parent)
+    return _rebuilt(config, weights)
 
 
-def _rebuilt(config: dict[str, Any], weights: FsPath, directory: FsPath) -> MultitaskModel:
+def _rebuilt(config: dict[str, Any], weights: FsPath) -> MultitaskModel:
     """The multitask model of ``config`` with the tensors of the safetensors file ``weights``."""
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ExportError(f"cannot read {weights}: {err}") from err
-    with edited_config(directory):  # a hand-edited config.json is the user's to fix
+    with edited_config(weights.parent):  # a hand-edited config.json is the user's to fix
         depth = max(task["num_layers"] for task in config["tasks"].values())
         template = build_vit(config["architecture"]["vit"], depth=depth)  # the shapes components are built on
         components = {}

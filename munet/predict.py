@@ -20,6 +20,7 @@ from munet.model.path import TaskPath
 from munet.training.frozen import FeatureCache, shared_forward
 
 ImageLike = str | FsPath | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
+ENCODED = (bytes, bytearray, memoryview)  # an encoded image file's bytes
 CHUNK = 256  # images per forward batch; bounds activation and cache memory
 
 
@@ -62,7 +63,7 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
                         f"grey images {images.shape[-1]} pixels wide; pass (H, W, 3) or (H, W) images")
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim in (3, 4) and not _single(images):
         return list(torch.from_numpy(images_to_nchw_uint8(_array(images), "images").copy()).split(1))
-    single = (str, FsPath, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)
+    single = (str, FsPath, *ENCODED, Image.Image, np.ndarray, torch.Tensor)
     try:
         items = [images] if isinstance(images, single) else list(images)
     except TypeError:
@@ -72,7 +73,7 @@ def to_uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tenso
         raise DataError("no images to predict")
     out = []
     for number, item in enumerate(items):
-        if isinstance(item, (bytes, bytearray, memoryview)):
+        if isinstance(item, ENCODED):
             arr = read_image(io.BytesIO(bytes(item)), f"number {number}")
         elif isinstance(item, (str, FsPath)):
             path = FsPath(item)

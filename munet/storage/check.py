@@ -10,7 +10,7 @@ from typing import Any
 from safetensors import safe_open
 
 from munet.errors import StoreError
-from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
+from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store, class_name_misfits
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
     live = store.live_links()
     rows = {r.id: (r.task, r.components) for r in store.live_paths()}
     num_classes = ck.get("num_classes") or {}
-    problems += store.class_name_misfits(num_classes)
+    problems += class_name_misfits(store.task_class_names(), num_classes)
     for pid, link in live.items():
         if pid not in rows:
             problems.append(f"live path #{pid} has no path record")

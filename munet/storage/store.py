@@ -317,13 +317,6 @@ class Store:
                     "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score, metrics "
                     "FROM paths ORDER BY id")]
 
-    def class_name_misfits(self, num_classes: dict[str, int]) -> list[str]:
-        """One line per task whose recorded class names are not as many as ``num_classes`` (the checkpoint's) says
-        it has: a prediction would index past its names, or leave classes unnamed."""
-        return [f"task {task!r} has {len(names)} class names for {num_classes[task]} classes"
-                for task, names in self.task_class_names().items()
-                if task in num_classes and len(names) != num_classes[task]]
-
     def task_class_names(self) -> dict[str, list[str]]:
         """Each task's class names, in the order the tasks joined the run."""
         return {name: json.loads(names) for name, names in
@@ -539,6 +532,13 @@ class Store:
         db = sum(p.stat().st_size for p in self.dir.glob(DB_NAME + "*") if p.is_file())
         blobs = self.blobs.size()
         return {"database": db, "blobs": blobs, "total": db + blobs}
+
+
+def class_name_misfits(class_names: dict[str, list[str]], num_classes: dict[str, int]) -> list[str]:
+    """One line per task whose class names (``Store.task_class_names``) are not as many as ``num_classes`` (the
+    checkpoint's) says it has: a prediction would index past its names, or leave classes unnamed."""
+    return [f"task {task!r} has {len(names)} class names for {num_classes[task]} classes"
+            for task, names in class_names.items() if task in num_classes and len(names) != num_classes[task]]
 
 
 _KEPT = ("Nothing of this checkpoint was kept: the run's last complete checkpoint is intact. Free space (or fix the "

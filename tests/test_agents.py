@@ -262,13 +262,17 @@ def _lock_pid(lock: Path, timeout: float = 120.0) -> int:
     raise AssertionError(f"{lock} never held a pid")
 
 
+CYCLES = 16  # of the driver-kill test
+
+
 def test_driver_sigkilled_its_agents_stop_and_resume_finishes(tmp_path):
     """`munet run --schedule agents` SIGKILLed after the first publication: its agent processes stop by themselves
     (at their next generation's end) and `munet resume` finishes the run with a sound store."""
     tasks = _write_tasks(tmp_path)  # npz files and a timm root: the command needs no test registrations
     out = tmp_path / "run"
-    # enough cycles that no agent can finish them between its first publication and noticing the dead driver
-    argv = [*_command(tasks, out), "--schedule", "agents", "--rounds", "6", "--threads", "1"]
+    # enough cycles that no agent can finish them between its first publication and noticing the dead driver (an
+    # idle CI machine finished 6)
+    argv = [*_command(tasks, out), "--schedule", "agents", "--rounds", str(CYCLES), "--threads", "1"]
     env = {k: v for k, v in os.environ.items() if k != IMPORTS_ENV} | ONE_THREAD
     driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in driver.stdout:
@@ -282,13 +286,13 @@ def test_driver_sigkilled_its_agents_stop_and_resume_finishes(tmp_path):
         time.sleep(0.2)
     assert not any(map(_alive, agents)), "orphaned agents kept running"
     with Store.open(out) as store:  # they stopped early, not at the end of their cycles
-        assert min(r.cycle for r in store.agent_records().values()) < 6
+        assert min(r.cycle for r in store.agent_records().values()) < CYCLES
     done = subprocess.run([sys.executable, "-m", "munet", "resume", str(out)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     with Store.open(out) as store:
-        assert {r.cycle for r in store.agent_records().values()} == {6}
-        assert store.get("plan")["done"] == 12
+        assert {r.cycle for r in store.agent_records().values()} == {CYCLES}
+        assert store.get("plan")["done"] == 2 * CYCLES  # two tasks
     assert check_store(out).problems == []
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from munet.config import RunConfig, load_config_file
 from munet.configs import PRESETS, describe, get_preset
 from munet.errors import MunetError
-from munet.serving import MAX_WAIT_MS
+from munet.serving import MAX_READ_S, MAX_WAIT_MS
 
 
 def _field_help() -> dict[str, str]:
@@ -189,7 +189,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise MunetError(f"--port must be in 0-65535 (0: a free port), got {args.port}")
-    limits = Limits(max_batch_images=args.max_batch, max_wait_ms=args.max_wait_ms)  # checks both
+    limits = Limits(max_batch_images=args.max_batch, max_wait_ms=args.max_wait_ms,  # checks all three
+                    read_timeout_s=args.read_timeout_s)
     from munet.data.registry import split_specs
 
     tasks = split_specs(args.tasks) if args.tasks else None
@@ -283,6 +284,8 @@ def make_parser() -> argparse.ArgumentParser:
     sv_p.add_argument("--max-batch", type=int, default=64, help="images per forward batch (default 64)")
     sv_p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests "
                       f"after its first (default 5, at most {MAX_WAIT_MS})")
+    sv_p.add_argument("--read-timeout-s", type=float, default=30.0, help="how long a request's body may take to "
+                      f"arrive before a 408 (default 30, at most {MAX_READ_S})")
     sv_p.set_defaults(func=_cmd_serve)
     sub.add_parser("tasks", help="list registered tasks").set_defaults(func=_cmd_tasks)
     sub.add_parser("presets", help="list presets").set_defaults(func=_cmd_presets)

@@ -246,6 +246,9 @@ def test_serve_command_errors(run_dir, capsys):
     assert "serving limits must be >= 1: max_batch_images = 0" in capsys.readouterr().err
     with pytest.raises(MunetError, match="must be in 0-10000 ms, got inf"):  # the API's bound, not just the CLI's
         Limits(max_wait_ms=float("inf"))
+    for timeout in ("0", "inf", "nan"):  # no time to read any body, or a stalled body holding its connection forever
+        assert main(["serve", str(run_dir), "--port", "0", "--read-timeout-s", timeout]) == 2
+        assert "the read timeout (--read-timeout-s) must be in (0, 3600] s" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -336,6 +339,23 @@ def test_requests_queued_during_a_batch_form_the_next_one_without_waiting():
     asyncio.run(four())
     samples = {s.name: s.value for s in metrics.batch_requests.collect()[0].samples}
     assert samples["munet_serve_batch_requests_count"] == 2 and samples["munet_serve_batch_requests_sum"] == 4
+
+
+def test_a_body_that_stalls_is_a_408_and_the_server_keeps_answering(system):
+    """A client that declares a body and stops sending it mid-way is answered 408 once the read timeout passes,
+    instead of holding its connection (and the request's slot) for as long as it likes."""
+    body = json.dumps({"images": [base64.b64encode(_png(6)).decode()]}).encode()
+    with BackgroundServer(create_app(system, limits=Limits(read_timeout_s=0.3))) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as client:  # raw: httpx would not read early
+            client.sendall(b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: %d\r\n\r\n" % len(body) + body[:10])
+            answer = b""
+            while chunk := client.recv(65536):  # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert b'"the request body did not arrive within 0.3 s; send it whole and promptly"' in answer
+        assert httpx.post(f"{srv.url}/v1/predict", content=body, headers={"content-type": JSON}).status_code == 200
 
 
 def test_a_content_length_that_is_no_number_is_a_400():

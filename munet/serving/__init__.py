@@ -11,6 +11,7 @@ from munet.errors import MunetError
 
 EXTRA_MODULES = ("fastapi", "uvicorn", "prometheus_client", "python_multipart")
 MAX_WAIT_MS = 10_000  # a batch waits at most 10 s for more requests: longer looks like a hung server
+MAX_READ_S = 3600  # a request body may take at most an hour to arrive
 
 
 def require_serve_extra() -> None:

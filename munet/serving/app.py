@@ -27,7 +27,7 @@ from munet.api import MultitaskSystem
 from munet.data.images import image_header
 from munet.errors import DataError, MunetError
 from munet.predict import to_uint8_images
-from munet.serving import MAX_WAIT_MS
+from munet.serving import MAX_READ_S, MAX_WAIT_MS
 from munet.serving.batcher import Batcher, QueueFull
 from munet.serving.metrics import ServeMetrics
 
@@ -50,6 +50,8 @@ class Limits:
         max_queue: requests waiting for a batch; beyond it requests are refused with 503.
         max_batch_images: images in one forward batch (requests keep joining a batch until it holds this many).
         max_wait_ms: how long a batch waits for more requests after its first.
+        read_timeout_s: how long a request's body may take to arrive; a slower one is answered 408 and its
+            connection closed, so that clients that stall mid-body cannot hold the server's connections.
     """
 
     max_body_bytes: int = 16 << 20
@@ -59,11 +61,16 @@ class Limits:
     max_queue: int = 256
     max_batch_images: int = 64
     max_wait_ms: float = 5.0
+    read_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_wait_ms <= MAX_WAIT_MS:  # inf would hold every request forever; nan is no time
             raise MunetError(f"the batch wait (--max-wait-ms) must be in 0-{MAX_WAIT_MS} ms, got {self.max_wait_ms}")
-        small = [name for name, value in asdict(self).items() if name != "max_wait_ms" and value < 1]
+        if not 0 < self.read_timeout_s <= MAX_READ_S:
+            raise MunetError(f"the read timeout (--read-timeout-s) must be in (0, {MAX_READ_S}] s, got "
+                             f"{self.read_timeout_s}")
+        small = [name for name, value in asdict(self).items()
+                 if name not in ("max_wait_ms", "read_timeout_s") and value < 1]
         if small:
             raise MunetError(f"serving limits must be >= 1: {', '.join(f'{n} = {getattr(self, n)}' for n in small)}")
 
@@ -138,7 +145,11 @@ def create_app(system: MultitaskSystem, tasks: list[str] | None = None, limits: 
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        blobs, tasks = await _read_request(request, limits)
+        try:
+            blobs, tasks = await asyncio.wait_for(_read_request(request, limits), limits.read_timeout_s)
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s; send it "
+                                    "whole and promptly") from None
         tasks = _resolve_tasks(tasks, served)
         images = await asyncio.to_thread(_decode, blobs, limits)
         try:

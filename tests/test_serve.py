@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -90,7 +91,6 @@ def test_tasks_health_and_metrics(server, system):
 def test_kept_alive_connections_answer_without_delay(server):
     """Responses on a kept-alive connection are not held back: without TCP_NODELAY on the server's connections each
     would wait about 40 ms for the client's delayed acknowledgement (20 requests: 0.8 s)."""
-    import time
 
     with httpx.Client(base_url=server.url) as client:
         client.get("/healthz")
@@ -292,7 +292,6 @@ def test_a_failing_batch_is_a_500_for_its_requests_alone(system):
 
 def _slow(images, tasks, wanted):
     """A batch that takes a while (so that requests queue up meanwhile), answering class "x" everywhere."""
-    import time
 
     from munet.predict import Prediction
 
@@ -341,9 +340,9 @@ def test_requests_queued_during_a_batch_form_the_next_one_without_waiting():
     assert samples["munet_serve_batch_requests_count"] == 2 and samples["munet_serve_batch_requests_sum"] == 4
 
 
-def test_a_body_that_stalls_is_a_408_and_the_server_keeps_answering(system):
-    """A client that declares a body and stops sending it mid-way is answered 408 once the read timeout passes,
-    instead of holding its connection (and the request's slot) for as long as it likes."""
+def test_a_request_that_stalls_is_cut_off_and_the_server_keeps_answering(system):
+    """A client that declares a body and stops sending it mid-way is answered 408 once the read timeout passes, and
+    one that never finishes its headers is disconnected, instead of holding its connection as long as it likes."""
     body = json.dumps({"images": [base64.b64encode(_png(6)).decode()]}).encode()
     with BackgroundServer(create_app(system, limits=Limits(read_timeout_s=0.3))) as srv:
         host, port = srv.url.removeprefix("http://").split(":")
@@ -355,6 +354,18 @@ def test_a_body_that_stalls_is_a_408_and_the_server_keeps_answering(system):
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 408 ")
         assert b'"the request body did not arrive within 0.3 s; send it whole and promptly"' in answer
+        with socket.create_connection((host, int(port)), timeout=10) as client:  # headers that never end
+            client.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            start = time.monotonic()
+            assert client.recv(65536) == b"" and time.monotonic() - start < 5  # closed after 0.3 s, unanswered
+        with socket.create_connection((host, int(port)), timeout=10) as client:  # the same after a kept-alive answer
+            client.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b"}"):  # the head and the JSON body may come in two packets
+                reply += client.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200 ")
+            client.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert client.recv(65536) == b""
         assert httpx.post(f"{srv.url}/v1/predict", content=body, headers={"content-type": JSON}).status_code == 200
 
 

@@ -50,8 +50,9 @@ class Limits:
         max_queue: requests waiting for a batch; beyond it requests are refused with 503.
         max_batch_images: images in one forward batch (requests keep joining a batch until it holds this many).
         max_wait_ms: how long a batch waits for more requests after its first.
-        read_timeout_s: how long a request's body may take to arrive; a slower one is answered 408 and its
-            connection closed, so that clients that stall mid-body cannot hold the server's connections.
+        read_timeout_s: how long a request's headers, and then its body, may take to arrive: a body slower than
+            this is answered 408 and slow headers close the connection, so that clients that stall cannot hold the
+            server's connections.
     """
 
     max_body_bytes: int = 16 << 20
@@ -105,6 +106,7 @@ def create_app(system: MultitaskSystem, tasks: list[str] | None = None, limits: 
 
     app = FastAPI(title="munet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics  # read by tests and benchmarks
+    app.state.limits = limits  # read by the server (its header timeout)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

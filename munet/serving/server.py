@@ -4,14 +4,17 @@ the address printed is the one that answers."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 from pathlib import Path as FsPath
 from typing import TextIO
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from munet.api import load
 from munet.errors import MunetError
@@ -42,9 +45,54 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class _HeaderTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request's headers take longer than ``header_timeout`` seconds to
+    arrive (counted from the connection's start or the previous response). uvicorn bounds only an idle kept-alive
+    connection, and any byte received cancels that bound, so a client that sends half its headers held the
+    connection forever; the app bounds the body itself (``Limits.read_timeout_s``)."""
+
+    header_timeout = 30.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the request's headers are in: the app takes over
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE:  # waiting for the next request's headers (not already pipelined)
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 def _uvicorn(app: FastAPI) -> uvicorn.Server:
+    limits: Limits = app.state.limits
+    protocol = type("HeaderTimeout", (_HeaderTimeout,), {"header_timeout": limits.read_timeout_s})
     # access lines would cost more than a tiny model's forward; /metrics counts the requests instead
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                         http=protocol))
 
 
 class BackgroundServer:

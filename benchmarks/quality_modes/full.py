@@ -20,7 +20,7 @@ from quality_modes import Mode
 SCALES = (1.0, 0.98, 0.95, 0.9, 0.7, 0.3)
 
 #: The levers of deep evolution, each switched back to the spec's behaviour (or further) one at a time, then the
-#: other levers tried (benchmarks/README.md, "Levers tried"), each switched on alone.
+#: other levers tried (benchmarks/quality_levers.md, "Levers tried"), each switched on alone.
 ABLATIONS: tuple[tuple[str, dict], ...] = (
     ("probes in children's slots (spec)", {"separate_probes": False, "probe_validations": 0}),
     ("probes train as long as children", {"probe_validations": 0}),

@@ -6,7 +6,7 @@ frozen root), adapters drawn w.p. 0.5 (``adapter_prob``) and frozen blocks clone
 task adapts the shared blocks with adapters of its own and clones a block only when that pays for its parameters.
 Expected: 0.952 average test accuracy (0.9494, 0.9489, 0.9586 with seeds 0-2) with 2.35 M accounted parameters per
 task, against the default at s = 0.7 (0.9455 with 2.94 M) and s = 1 (0.967 with 8.4 M); the table is in
-benchmarks/README.md "The root counted as shared". The keys are not measured at s = 1.
+benchmarks/quality_levers.md "The root counted as shared". The keys are not measured at s = 1.
 
 Command: ``munet run --preset compact``.
 """

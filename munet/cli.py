@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
+import select
 import sys
 from typing import Any
 
@@ -292,6 +294,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on its end); if so, standard
+    output is pointed at /dev/null, or Python would report the broken pipe again when it flushes at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -303,9 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone before the last lines is met below, not at exit
+        return code
     except MunetError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError as err:
+        if _reader_gone():  # `munet status RUN | head`: stop quietly, as Unix tools do
+            return 141  # 128 + SIGPIPE, a shell's status for a command whose reader went away
+        print(f"error: {err.strerror or err}", file=sys.stderr)
         return 2
     except OSError as err:  # the machine's doing (disk full, permissions), not a bug: the store layer keeps it whole
         where = f": {err.filename}" if err.filename else ""

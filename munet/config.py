@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,6 +356,10 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: Text keys that may also be unset (``None``).
+_OPTIONAL_TEXT = ("ray_address",)
+
+
 def _coerce(key: str, value: Any, current: Any) -> Any:
     """Converts ``value`` to the type of the field's current value, with a clear error on failure."""
     try:
@@ -372,12 +377,19 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
             return split_specs(value) if isinstance(value, str) else list(value)
         if isinstance(value, bool):  # TOML's `rounds = true` would otherwise read as 1
             raise ValueError(value)
+        if isinstance(current, str) or key in _OPTIONAL_TEXT:  # text or a path: str(["a"]) once named a run "['a']"
+            if value is None and key in _OPTIONAL_TEXT:
+                return None
+            if not isinstance(value, (str, os.PathLike)):
+                raise ValueError(value)
+            return os.fspath(value)
         if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
             if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return type(current)(value)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key}: cannot read {value!r} as {type(current).__name__}") from err
+        kind = "str" if key in _OPTIONAL_TEXT else type(current).__name__
+        raise ConfigError(f"{key}: cannot read {value!r} as {kind}") from err
     return value
 
 

@@ -41,17 +41,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> dict[str, TaskData]:
-    """Loads every task; a task whose source is not installed is reported and left out, not fatal."""
+    """Loads every task; a task whose source is not installed is reported and left out, not fatal.
+
+    Raises:
+        ConfigError: two specs make tasks of the same name (the name is the run's key for a task).
+    """
     tasks: dict[str, TaskData] = {}
+    spec_of: dict[str, str] = {}
     for spec in specs:
         try:
             data = load_task(spec, seed, data_dir)
         except TaskUnavailable as err:
             stream.write(f"warning: task {spec} is unavailable and is left out: {err}\n")
             continue
+        if data.name in tasks:  # the later one would replace the earlier, and the run quietly lose a task
+            raise ConfigError(f"tasks {spec_of[data.name]} and {spec} are both named {data.name!r} (a folder: or "
+                              "npz: task is named after its folder or file); rename one folder or file, or give the "
+                              "same data once")
         for doubt in data.doubts():
             stream.write(f"warning: task {data.name}: {doubt}\n")
-        tasks[data.name] = data
+        tasks[data.name], spec_of[data.name] = data, spec
     if not tasks:
         raise MunetError("none of the configured tasks could be loaded")
     return tasks
@@ -139,7 +148,8 @@ class Wiring:
         for name, data in tasks.items():
             if system.num_classes.get(name, data.num_classes) != data.num_classes:
                 raise MunetError(f"task {name} has {data.num_classes} classes but the stored system has "
-                                 f"{system.num_classes[name]}")
+                                 f"{system.num_classes[name]}: its data is not the data the run was made with; "
+                                 "restore the original data, or start a new run in another directory")
             system.add_task(name, data.num_classes)
         evaluator = Evaluator(settings, FeatureCache(cfg.feature_cache_mb << 20), system.root.mean, system.root.std)
         return Evolution(system, tasks, self.policy, settings, evaluator, SearchConfig.from_config(cfg),

@@ -5,8 +5,11 @@ cannot apply. Each is an exit 2 (check: 1) with a message that names the problem
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -88,6 +91,9 @@ def test_run_output_must_name_a_directory(tmp_path, capsys, monkeypatch):
     ("rounds = 100000000", "rounds must be <= 100,000"),
     ("children_per_task = 1e11", "children_per_task must be <= 10,000"),
     ("validations = 1000000", "validations must be <= 10,000"),
+    ('root = ["dinov2-imgfocus"]', "root: cannot read ['dinov2-imgfocus'] as str"),  # once the root "['dinov2-..."
+    ("data_dir = 5", "data_dir: cannot read 5 as str"),  # once a folder named "5"
+    ('ray_address = ["head:6379"]', "ray_address: cannot read ['head:6379'] as str"),
 ])
 def test_config_values_a_typo_makes(tmp_path, capsys, line, match):
     (tmp_path / "c.toml").write_text(line + "\n")
@@ -96,11 +102,49 @@ def test_config_values_a_typo_makes(tmp_path, capsys, line, match):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_file_names_the_run_directory_only_with_text(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text('out = ["mine"]\n')
+    assert "out: cannot read ['mine'] as str" in _error(capsys, ["run", "--config", "c.toml", "--dry-run"])
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.toml"]
+
+
+def test_tasks_of_the_same_name_are_an_error_not_one_task(tmp_path, capsys):
+    """Two files or folders of one name make tasks of one name: the later one replaced the earlier, and the run
+    went on with one task fewer than asked for (also a file named like a registered task)."""
+    x, y = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8), np.arange(40) % 2
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        np.savez(tmp_path / folder / "t.npz", x=x, y=y)
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    tiny = ["--root", TINY_ROOT, "--depth", "3", "--image-size", "8", "--max-image-size", "8", "--dry-run"]
+    err = _error(capsys, ["run", "--tasks", f"npz:{tmp_path}/one/t.npz,npz:{tmp_path}/two/t.npz", *tiny,
+                          "--out", str(tmp_path / "run")])
+    assert f"tasks npz:{tmp_path}/one/t.npz and npz:{tmp_path}/two/t.npz are both named 't'" in err
+    assert "rename one folder or file" in err
+    assert "both named 'a'" in _error(capsys, ["run", "--tasks", f"npz:{tmp_path}/a.npz,a", *tiny])
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_on_data_with_other_classes_says_what_to_do(tmp_path, capsys):
+    data = tmp_path / "t.npz"
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    np.savez(data, x=x, y=np.arange(40) % 2)
+    make_run(tmp_path / "run", tasks=[f"npz:{data}"], children_per_task=2)
+    before = _files(tmp_path / "run")
+    np.savez(data, x=x, y=np.arange(40) % 4)
+    clear_cache()
+    err = _error(capsys, ["resume", str(tmp_path / "run")])
+    assert "task t has 4 classes but the stored system has 2" in err and "restore the original data" in err
+    assert _files(tmp_path / "run") == before
+
+
 def test_commas_inside_a_task_spec():
     assert split_specs("split:uci_digits:0,1,2,faces") == ["split:uci_digits:0,1,2", "faces"]
     assert split_specs("folder:/data/pics, old,npz:/x,y.npz,mnist_5k") == ["folder:/data/pics, old", "npz:/x,y.npz",
                                                                           "mnist_5k"]
     assert split_specs(" faces , ,mnist_5k") == ["faces", "mnist_5k"]
+    assert split_specs("npz:/a.npz,") == split_specs("npz:/a.npz, ") == ["npz:/a.npz"]  # once the file "/a.npz,"
     assert split_specs("mnist_5k,fashon") == ["mnist_5k", "fashon"]  # a typo stays its own (unknown) task
     assert split_specs("torchvision:EMNIST:split=digits,download=False,faces") == [
         "torchvision:EMNIST:split=digits,download=False", "faces"]
@@ -217,3 +261,16 @@ def test_check_names_an_interrupted_creation(tmp_path, capsys):
     assert main(["check", str(tmp_path / "run")]) == 1
     out = capsys.readouterr().out
     assert "creation was interrupted before its first checkpoint" in out and "no 'config' record" not in out
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly():
+    """`munet presets | head -1`: the reader closes the pipe; munet stops with a shell's SIGPIPE status and prints
+    nothing, where it printed `error: Broken pipe` (exit 2) or Python's `Exception ignored ... BrokenPipeError`."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write: every write to the pipe fails
+    try:
+        done = subprocess.run([sys.executable, "-m", "munet", "presets"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -81,6 +81,16 @@ def test_npz_read_in_place_when_the_images_exceed_the_budget_and_only_if_stored_
     assert torch.equal(compressed.train_x, load_npz(tmp_path / "t.npz", seed=0, lazy=False).train_x)
 
 
+def test_grey_npz_images_without_a_channel_axis_are_read_in_place(tmp_path: Path) -> None:
+    """(N, H, W) images read per batch: their shape once failed with an IndexError (a traceback at `munet run`)."""
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "g.npz", x=rng.integers(0, 256, (40, 6, 7), dtype=np.uint8), y=np.arange(40) % 2)
+    lazy, whole = load_npz(tmp_path / "g.npz", seed=0, lazy=True), load_npz(tmp_path / "g.npz", seed=0, lazy=False)
+    assert isinstance(lazy.train_x, ImageRows) and lazy.train_x.shape == (28, 1, 6, 7)
+    for split in SPLITS:
+        assert torch.equal(lazy.split(split)[0][:], whole.split(split)[0])
+
+
 def _image_folder(root: Path) -> None:
     """Three classes of PNGs of two sizes, one class grey, the others colour (one of them a grey-content RGB)."""
     rng = np.random.default_rng(1)

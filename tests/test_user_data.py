@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,25 @@ def test_folder_errors(tmp_path: Path) -> None:
         load_image_folder(tmp_path / "noclass", seed=0)
 
 
+def test_folders_named_like_splits_beside_class_folders_are_an_error(tmp_path: Path) -> None:
+    """A split layout with a stray folder beside train/, or val/ and test/ without train/, was read as one folder
+    per class: a task of the classes "other" and "train", or "test" and "val"."""
+    rng = np.random.default_rng(9)
+    layouts = {"stray": ("train", "other"), "no_train": ("val", "test"), "two_vals": ("train", "val", "validation")}
+    for name, folders in layouts.items():
+        for folder in folders:
+            _write_classes(tmp_path / name / folder, {"a": 4, "b": 4}, rng)
+    with pytest.raises(DataError, match=r"\['train'\] look like split folders .* but \['other'\] beside them"):
+        load_image_folder(tmp_path / "stray", seed=0)
+    with pytest.raises(DataError, match=r"\['test', 'val'\] look like split folders .* there is no train/ folder"):
+        load_image_folder(tmp_path / "no_train", seed=0)
+    with pytest.raises(DataError, match="two of them name the same split"):
+        load_image_folder(tmp_path / "two_vals", seed=0)
+    # a class that happens to be called "test", its images directly inside, is still a class
+    _write_classes(tmp_path / "classes", {"test": 10, "exam": 10}, rng)
+    assert load_image_folder(tmp_path / "classes", seed=0).class_names == ["exam", "test"]
+
+
 def test_folder_via_registry(tmp_path: Path) -> None:
     _write_classes(tmp_path / "reg", {"a": 10, "b": 10}, np.random.default_rng(6))
     task = load_task(f"folder:{tmp_path / 'reg'}", 0)
@@ -178,6 +198,10 @@ def test_npz_split_keys(tmp_path: Path) -> None:
     ("corrupt", "not a readable .npz archive"),
     ("not_npz", "not a readable .npz archive"),
     ("missing_file", "does not exist"),
+    ("folder", "is a folder, not a file"),  # once "does not exist"
+    ("member_not_array", "member 'x' is not a numpy array"),  # once "images must have shape ...; got ()"
+    ("rgba", r"with C in \{1, 3\}; drop the alpha channel"),  # once "{{1, 3}}"
+    ("sixteen_bit", "16-bit images divided by 257"),
 ])
 def test_npz_errors(tmp_path: Path, case: str, match: str) -> None:
     x = np.zeros((10, 4, 4), np.uint8)
@@ -215,5 +239,15 @@ def test_npz_errors(tmp_path: Path, case: str, match: str) -> None:
         (tmp_path / "array.npy").rename(path)
     elif case == "missing_file":
         path = tmp_path / "nope.npz"
+    elif case == "folder":
+        path.mkdir()
+    elif case == "member_not_array":  # a zip whose x.npy is not what numpy.save writes
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("x.npy", b"not an array")
+            archive.writestr("y.npy", b"nor this")
+    elif case == "rgba":
+        np.savez(path, x=np.zeros((10, 4, 4, 4), np.uint8), y=y)
+    elif case == "sixteen_bit":
+        np.savez(path, x=x.astype(np.uint16) * 257, y=y)
     with pytest.raises(DataError, match=match):
         load_npz(path, seed=0)

@@ -138,7 +138,8 @@ def images_to_nchw_uint8(x: np.ndarray, source: str) -> np.ndarray:
     if np.issubdtype(x.dtype, np.integer) and not np.issubdtype(x.dtype, np.bool_):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
-            raise DataError(f"{source}: integer images must lie in 0..255, found values in [{lo}, {hi}]")
+            raise DataError(f"{source}: integer images must lie in 0..255, found values in [{lo}, {hi}] (store uint8 "
+                            "0..255, e.g. 16-bit images divided by 257, or float in [0, 1])")
         return np.ascontiguousarray(x.astype(np.uint8))
     raise DataError(f"{source}: unsupported image dtype {x.dtype} (use uint8, or float in [0, 1])")
 

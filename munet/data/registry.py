@@ -50,13 +50,16 @@ _CACHE_SIZE = 32
 def split_specs(text: str) -> list[str]:
     """The task specs of a comma-separated list. A comma may also sit inside a spec (``split:uci_digits:0,1,2``,
     ``torchvision:EMNIST:split=digits,download=False``): a piece that starts no task (neither a registered name nor a
-    prefix) continues a ``split:``, ``folder:``, ``npz:`` or ``torchvision:`` spec before it."""
+    prefix) continues a ``split:``, ``folder:``, ``npz:`` or ``torchvision:`` spec before it; empty pieces (stray
+    commas) are dropped."""
     specs: list[str] = []
     for piece in text.split(","):
+        if not piece.strip():  # a stray comma ("npz:a.npz,"), once read as part of the path "a.npz,"
+            continue
         starts = piece.strip() in TASKS or piece.strip().startswith(_PREFIXES)
         if specs and not starts and specs[-1].startswith(("split:", "folder:", "npz:", "torchvision:")):
             specs[-1] += "," + piece.rstrip()
-        elif piece.strip():
+        else:
             specs.append(piece.strip())
     return specs
 

@@ -89,8 +89,9 @@ def image_layout(shape: tuple[int, ...], source: str) -> str:
         return "nchw"
     if shape[-1] in (1, 3):  # channels-last, also for the ambiguous (N, 3, H, 3): the usual numpy/PIL layout
         return "nhwc"
+    alpha = "; drop the alpha channel of RGBA images" if 4 in (shape[1], shape[-1]) else ""
     raise DataError(f"{source}: images of shape {shape} have no channel axis of size 1 or 3 "
-                    "(expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {{1, 3}})")
+                    f"(expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C in {{1, 3}}{alpha})")
 
 
 def to_nchw(x: np.ndarray, layout: str) -> np.ndarray:
@@ -215,8 +216,9 @@ class NpyRows(ImageRows):
     """
 
     def __init__(self, path: str | Path, offset: int, stored: tuple[int, ...], layout: str):
-        n, rest = stored[0], stored[1:]
-        chw = {"nhw": (1, *rest), "nhwc": (rest[2], rest[0], rest[1]), "nchw": rest}[layout]
+        n, rest = stored[0], tuple(stored[1:])
+        # per layout, not a dict of all three: (H, W) has no rest[2], so building the NHWC entry failed for NHW
+        chw = (1, *rest) if layout == "nhw" else (rest[2], rest[0], rest[1]) if layout == "nhwc" else rest
         super().__init__((n, *chw), str(path))
         self.path, self.offset, self.stored, self.layout = str(path), offset, tuple(stored), layout
 

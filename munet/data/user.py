@@ -185,6 +185,22 @@ def _list_class_tree(folder: Path, class_names: list[str] | None, exts: set[str]
     return class_names, found, np.asarray(labels, dtype=np.int64)
 
 
+def _check_no_split_folders(root: Path, top: list[Path]) -> None:
+    """Raises when a folder that is not a split layout has folders named like splits that hold class folders
+    (``train/`` beside other folders, ``val/`` and ``test/`` without ``train/``, ``val/`` beside ``validation/``):
+    read as one folder per class, they would become classes named ``train``, ``val`` or ``test``."""
+    named = [d for d in top if d.name.lower() in _SPLIT_DIRS]
+    splits = sorted(d.name for d in named if _class_dirs(d))
+    if not splits:
+        return
+    others = sorted(d.name for d in top if d not in named)
+    why = ("there is no train/ folder" if not any(_SPLIT_DIRS[d.name.lower()] == "train" for d in named) else
+           f"{others} beside them are not split folders" if others else "two of them name the same split")
+    raise DataError(f"{root}: {splits} look like split folders (they hold class sub-folders), but {why}, so they "
+                    "would be read as classes; put the class folders under train/ (and val/, test/), with nothing "
+                    "else beside them, or give one sub-folder of images per class")
+
+
 def load_image_folder(path: str | Path, seed: int, name: str | None = None,
                       image_size: int | Sequence[int] | None = None,
                       default_size: int = DEFAULT_FOLDER_SIZE, lazy: bool | None = None) -> TaskData:
@@ -231,6 +247,7 @@ def load_image_folder(path: str | Path, seed: int, name: str | None = None,
             if k in split_dirs:
                 _, files[k], labels[k] = _list_class_tree(split_dirs[k], class_names, exts)
     else:
+        _check_no_split_folders(root, top)
         class_names, files["all"], labels["all"] = _list_class_tree(root, None, exts)
     # All splits together, so they share one channel count and one stored size.
     order = list(files)
@@ -281,6 +298,15 @@ def _images_in_place(path: Path, lazy: bool | None) -> dict[str, NpyRows]:
             for k, (offset, shape) in readable.items()}
 
 
+def _member(data: Mapping[str, np.ndarray | NpyRows | bytes], key: str, source: str) -> np.ndarray | NpyRows:
+    """The array ``key`` of an ``.npz``; numpy hands back a member without the ``.npy`` header as its raw bytes."""
+    value = data[key]
+    if not isinstance(value, (np.ndarray, NpyRows)):
+        raise DataError(f"{source}: member {key!r} is not a numpy array (it has no .npy header); write the file "
+                        "with numpy.savez")
+    return value
+
+
 def load_npz(path: str | Path, seed: int, name: str | None = None, lazy: bool | None = None) -> TaskData:
     """Loads a classification task from a ``.npz`` file.
 
@@ -306,12 +332,16 @@ def load_npz(path: str | Path, seed: int, name: str | None = None, lazy: bool | 
             out-of-range labels, bad image shapes or value ranges.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"npz file {p} is a folder, not a file; give the .npz file (a folder of images is "
+                        f"folder:{p})")
     if not p.is_file():
         raise DataError(f"npz file {p} does not exist")
     try:
         in_place = _images_in_place(p, lazy)
         with np.load(p, allow_pickle=False) as f:
-            data: dict[str, np.ndarray | NpyRows] = {k: in_place[k] if k in in_place else f[k] for k in f.files}
+            data: dict[str, np.ndarray | NpyRows | bytes] = {k: in_place[k] if k in in_place else f[k]
+                                                              for k in f.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
             raise DataError(f"npz file {p} holds an object array, which munet does not read (it would run "
@@ -329,14 +359,14 @@ def load_npz(path: str | Path, seed: int, name: str | None = None, lazy: bool | 
             missing = [k for k in (xk, yk) if k not in data]
             if missing:
                 raise DataError(f"{src}: missing key(s) {missing}; found {sorted(data)}")
-            pairs[split] = (data[xk], data[yk])
+            pairs[split] = (_member(data, xk, src), _member(data, yk, src))
     else:
         xk = next((k for k in _X_KEYS if k in data), None)
         yk = next((k for k in _Y_KEYS if k in data), None)
         if xk is None or yk is None:
             raise DataError(f"{src}: missing keys: need 'x' (or 'images') and 'y' (or 'labels'), or "
                             f"x_train/y_train/x_test/y_test; found {sorted(data)}")
-        pairs["all"] = (data[xk], data[yk])
+        pairs["all"] = (_member(data, xk, src), _member(data, yk, src))
     splits: dict[str, tuple[np.ndarray | ImageRows, np.ndarray]] = {}
     for split, (x, y) in pairs.items():
         where = f"{src} [{split}]"
@@ -347,7 +377,7 @@ def load_npz(path: str | Path, seed: int, name: str | None = None, lazy: bool | 
         splits[split] = (xs, ys)
     class_names = None
     if "class_names" in data:
-        cn = data["class_names"]
+        cn = _member(data, "class_names", src)
         if cn.ndim != 1 or not (np.issubdtype(cn.dtype, np.str_) or np.issubdtype(cn.dtype, np.bytes_)):
             raise DataError(f"{src}: class_names must be a 1-D string array, got dtype {cn.dtype} shape {cn.shape}")
         class_names = [c.decode() if isinstance(c, bytes) else str(c) for c in cn.tolist()]

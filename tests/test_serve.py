@@ -208,6 +208,9 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
         assert "zebra" in errors["all and unknown"] and "field 'task' holds a file" in errors["file as task"]
         assert "the limit is 64" in errors["65 images"] and "the limit is 64" in errors["66 images"]
         assert "5 images hold 83886080 pixels together" in errors["request pixels"]
+        cut = b"--B\r\ncontent-disposition: form-data; name=image; filename=a.png\r\n\r\n" + good  # no --B--
+        cut_short = client.post("/v1/predict", content=cut, headers={"content-type": "multipart/form-data; boundary=B"})
+        assert cut_short.status_code == 400 and "closing boundary is missing" in cut_short.json()["error"]
         text_image = client.post("/v1/predict", files={"image": (None, "photo.png")})  # a part without a filename
         assert text_image.status_code == 400 and "holds text; send it as a file" in text_image.json()["error"]
         for response, status in ((client.get("/nope"), 404), (client.get("/v1/predict"), 405)):

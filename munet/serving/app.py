@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -202,6 +203,10 @@ async def _read_request(request: Request, limits: Limits) -> tuple[list[bytes], 
 
 
 async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes], list[str]]:
+    boundary = re.search(r'boundary="?([^";]+)', request.headers.get("content-type", ""))
+    # the parser drops a last part that its closing boundary never ends: an upload cut short read as "no images"
+    if boundary and b"--" + boundary.group(1).encode() + b"--" not in await request.body():
+        raise RequestError(400, "malformed multipart body: its closing boundary is missing (the upload was cut short)")
     try:
         form = await request.form(max_files=max_images + 1)
     except Exception as err:  # noqa: BLE001 - starlette raises several types for malformed bodies

@@ -154,6 +154,7 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
         raise StoreError(f"a run directory is a path, got a {type(run_dir).__name__}: {run_dir!r}")
     run_dir = FsPath(run_dir)
     with Store.open(run_dir) as store:
+        store.require_records()
         cfg = store.get("config")
         wiring = Wiring.of(RunConfig.from_stored(cfg))
         rebuildable = store.root_record()["arch"] is not None

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import select
+import shlex
 import sys
 from typing import Any
 
@@ -333,12 +334,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # the machine's doing (disk full, permissions), not a bug: the store layer keeps it whole
         where = f": {err.filename}" if err.filename else ""
+        where += f" -> {err.filename2}" if err.filename2 else ""  # a rename: either path may be the one at fault
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the run is saved up to its last finished generation; continue it with the same command "
-              "or `munet resume RUN`", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C left behind: the commands that train saved their run up to the last finished generation; the
+    others only read it."""
+    saved = "interrupted: the run is saved up to its last finished generation; continue it with "
+    if args.command == "run" and not args.dry_run:
+        return saved + "the same command or `munet resume RUN`"
+    if args.command in ("resume", "add-task"):  # add-task again would find the run unfinished: resume finishes it
+        return saved + f"`munet resume {shlex.quote(args.run_dir)}`"
+    run_dir = getattr(args, "run_dir", None)
+    return f"interrupted; {run_dir} is unchanged (this command only reads it)" if run_dir else "interrupted"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from munet.errors import ConfigError
+from munet import __version__
+from munet.errors import ConfigError, StoreError
 from munet.evolution.hparams import DATA_RANGES, MODEL_RANGES, MU_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -331,7 +332,20 @@ class RunConfig:
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> RunConfig:
         """The configuration a run recorded; a key it lacks (added after the run was made) takes the value that
-        reproduces how munet behaved before the key existed, not today's default."""
+        reproduces how munet behaved before the key existed, not today's default.
+
+        Raises:
+            StoreError: not an object (a damaged or edited database), or a key this munet does not know (the run was
+                written by a newer munet).
+        """
+        if not isinstance(stored, dict):
+            raise StoreError(f"the run's stored configuration is a {type(stored).__name__}, not an object: the "
+                             "database was damaged or edited; restore the run from a copy")
+        unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise StoreError(f"the run's stored configuration has keys munet {__version__} does not know "
+                             f"({', '.join(unknown)}): the run was written by a newer munet; read and resume it with "
+                             "that version")
         # at s = 1 no clone is ever unaffordable, so a run of then is one of today's default too
         unscaled = stored.get("scale_factor", cls.scale_factor) == 1.0
         mu = stored.get("mutation_prob", cls.mutation_prob)  # clones and adapters were drawn with μ

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -46,6 +47,9 @@ def prepare_output(out: FsPath) -> None:
     """Creates the output directory and checks it is writable before any compute is spent."""
     if out.exists() and not out.is_dir():
         raise MunetError(f"output directory {out} is a file; choose a directory for the run with --out")
+    if out.is_symlink() and not out.exists():  # mkdir would say "File exists"
+        raise MunetError(f"output directory {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
+                         "create that directory or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -99,7 +103,7 @@ class Run:
         self.state: RunState | None = None
         self.elapsed = 0.0  # seconds spent by earlier sessions of this run
         self.runtime: dict[str, Any] = {}  # this session's runtime_record
-        self._t0 = time.perf_counter()
+        self._t0: float | None = time.perf_counter()  # None: this session adds no wall time (as_recorded)
 
     # --- ways of opening ------------------------------------------------------------------------------------------
     @classmethod
@@ -140,6 +144,7 @@ class Run:
         out = FsPath(run_dir)
         with contextlib.ExitStack() as on_error:
             store = on_error.enter_context(store_class.open(out, write=True))  # closed if opening fails
+            store.require_records()
             # blobs of a checkpoint killed between its commit and its clean-up (we hold the run's lock, so no
             # other writer's blobs are in flight); without this a run killed there and then complete keeps them
             store.collect_garbage()
@@ -156,6 +161,14 @@ class Run:
                 if stored.schedule == "agents":
                     raise MunetError(f"{out} is an agents run (schedule = agents): adding tasks to it is not "
                                      "supported yet; start a new run with all the tasks")
+                present = [t for t in dict.fromkeys(add) if t in stored.tasks]  # before anything is loaded
+                if present:
+                    what = "no new task to add: " if len(present) == len(set(add)) else ""
+                    raise MunetError(f"{what}{', '.join(present)} already in {out} (its tasks: "
+                                     f"{', '.join(stored.tasks)}); add-task adds only tasks the run does not have")
+                twice = [t for t in dict.fromkeys(add) if add.count(t) > 1]
+                if twice:
+                    raise MunetError(f"task {', '.join(twice)} is given twice; name each new task once")
                 plan = store.record("plan")
                 if plan["done"] < len(plan["order"]):
                     raise MunetError(f"{out} is unfinished ({plan['done']}/{len(plan['order'])} task iterations); "
@@ -272,7 +285,13 @@ class Run:
         return sum(self.evolution.iteration_work(t) for t in task_order)
 
     def wall_time(self) -> float:
-        return self.elapsed + time.perf_counter() - self._t0
+        return self.elapsed + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def as_recorded(self) -> None:
+        """For a run complete when opened: this session computes nothing, so its summary keeps the runtime and wall
+        time the run recorded, not this session's (another --threads would claim results it did not compute)."""
+        self.runtime = self.store.get("runtime") or self.runtime
+        self._t0 = None
 
     def step(self) -> TaskPath | None:
         """Runs one generation of the plan's current task iteration (starting it if needed) and saves; returns the
@@ -389,6 +408,7 @@ def _resumed(opened: Run) -> dict[str, Any]:
     with opened:
         state = opened.state
         if opened.finished:
+            opened.as_recorded()
             opened.stream.write(f"{opened.out} is complete ({len(state.plan)} task iterations)\n")
         else:
             opened.stream.write(f"resuming {opened.out}: task iteration {state.done + 1}/{len(state.plan)}"

@@ -82,6 +82,48 @@ def test_run_output_must_name_a_directory(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_report_replaces_only_an_earlier_report(run_dir, tmp_path, capsys):
+    """`--out` once replaced whatever it named through a rename: the run's own database (the run was lost), a device
+    such as /dev/null (as root: a regular file took its place), a symbolic link (the link, not its file)."""
+    import stat
+    import threading
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = _files(run)
+    for target in (run / DB_NAME, run / f"{DB_NAME}-wal", run / "munet.lock", run / BLOB_DIR / "r.html"):
+        err = _error(capsys, ["report", str(run), "--out", str(target)])
+        assert "is one of a run store's own files" in err and f"--out {run / 'report.html'}" in err
+    assert _files(run) == before  # an HTML -wal (once written) would be in it: only an empty one is left out
+    (tmp_path / "notes.html").write_text("mine")
+    assert "exists and is not a munet report" in _error(capsys, ["report", str(run), "--out",
+                                                                 str(tmp_path / "notes.html")])
+    assert (tmp_path / "notes.html").read_text() == "mine"
+    pipe, read = tmp_path / "pipe", []
+    os.mkfifo(pipe)
+    reader = threading.Thread(target=lambda: read.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    assert main(["report", str(run), "--out", str(pipe)]) == 0  # written into, as /dev/stdout would be
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)  # (once replaced by a file: the reader then waits forever)
+    reader.join(timeout=60)
+    assert read[0].startswith(b"<!DOCTYPE html>")
+    (tmp_path / "link.html").symlink_to(tmp_path / "page.html")
+    for _ in range(2):  # the second replaces the first report
+        assert main(["report", str(run), "--out", str(tmp_path / "link.html")]) == 0
+    assert (tmp_path / "link.html").is_symlink() and "munet report" in (tmp_path / "page.html").read_text()
+
+
+def test_a_run_directory_that_is_a_dangling_link(tmp_path, capsys):
+    """A link to a folder that is gone: `run` once said "not writable: File exists", `status` "does not exist"."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    assert f"{link} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in _error(capsys, [
+        "status", str(link)])
+    err = _error(capsys, ["run", "--out", str(link), "--root", TINY_ROOT, "--tasks", "a"])
+    assert "is a symbolic link to" in err and "create that directory or choose another --out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
 # --- configuration values -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("line, match", [
     ("rounds = true", "rounds: cannot read True as int"),
@@ -238,6 +280,19 @@ def test_add_task_options_that_cannot_apply(run_dir, tmp_path, capsys):
     assert "the new tasks train with lr 0.05 (stored: 0.02)" in capsys.readouterr().out
 
 
+def test_add_task_of_tasks_the_run_has_or_twice(run_dir, tmp_path, capsys):
+    """`add-task RUN a c` with `a` in the run once added `c` alone without a word; `a` alone was refused only after
+    loading the root and every task ("already in RUN or unavailable")."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = _files(run)
+    assert "no new task to add: a already in" in _error(capsys, ["add-task", str(run), "a"])
+    err = _error(capsys, ["add-task", str(run), "a", "c"])
+    assert err.startswith(f"error: a already in {run} (its tasks: a, b); add-task adds only tasks the run does not")
+    assert "task c is given twice" in _error(capsys, ["add-task", str(run), "c", "c"])
+    assert _files(run) == before
+
+
 def test_run_without_its_blob_folder(run_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
@@ -263,6 +318,25 @@ def test_check_names_an_interrupted_creation(tmp_path, capsys):
     assert "creation was interrupted before its first checkpoint" in out and "no 'config' record" not in out
 
 
+def test_ctrl_c_says_what_it_left(run_dir, capsys, monkeypatch):
+    """Ctrl-C in `report` once said "the run is saved up to its last finished generation; continue it with the same
+    command", and in `add-task` "the same command", which then finds the run unfinished."""
+    import munet.reporting.report
+    import munet.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(munet.reporting.report, "write_report", interrupted)
+    monkeypatch.setattr(munet.runner, "add_tasks", interrupted)
+    assert main(["report", str(run_dir)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; {run_dir} is unchanged (this command only reads it)" in err and "saved" not in err
+    assert main(["add-task", str(run_dir), "c"]) == 130
+    err = capsys.readouterr().err
+    assert f"continue it with `munet resume {run_dir}`" in err and "same command" not in err
+
+
 def test_a_reader_that_goes_away_stops_the_command_quietly():
     """`munet presets | head -1`: the reader closes the pipe; munet stops with a shell's SIGPIPE status and prints
     nothing, where it printed `error: Broken pipe` (exit 2) or Python's `Exception ignored ... BrokenPipeError`."""
@@ -271,6 +345,19 @@ def test_a_reader_that_goes_away_stops_the_command_quietly():
     try:
         done = subprocess.run([sys.executable, "-m", "munet", "presets"], stdout=write, stderr=subprocess.PIPE,
                               text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_report_to_standard_output_whose_reader_went_away(run_dir):
+    """`munet report RUN --out /dev/stdout | head`: the report's own write error once became `error: cannot write the
+    report to /dev/stdout: Broken pipe` (exit 2), not the quiet stop of any other command."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "munet", "report", str(run_dir), "--out", "/dev/stdout"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (141, "")

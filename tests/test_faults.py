@@ -97,6 +97,52 @@ def test_complete_run_without_its_checkpoint_row_is_never_deleted(run_dir, tmp_p
     assert _files(run) == before
 
 
+def test_a_damaged_database_costs_no_blob_when_opened_for_writing(run_dir, tmp_path, capsys):
+    """Records that name a blob which is not there (edited, or another run's database put in place of the run's):
+    resume, add-task and run refuse and delete nothing. Opening for writing once collected every blob those records
+    did not name (the task heads among them) before anything found the damage."""
+    run = _copy(run_dir, tmp_path / "run")
+    with sqlite3.connect(run / DB_NAME) as db:
+        db.execute("UPDATE components SET blob = ? WHERE origin = 'a'", ("0" * 64,))
+    db.close()
+    before = _files(run)
+    for argv in (["resume", str(run)], ["add-task", str(run), "c"], _cli_argv(run)):
+        _error(capsys, argv)
+        assert _files(run) == before, argv
+    shutil.rmtree(run)
+    run = _copy(run_dir, tmp_path / "run")
+    with sqlite3.connect(run / DB_NAME) as db:  # a sound blob, another component's: only the digest tells
+        blobs = dict(db.execute("SELECT name, blob FROM components WHERE origin = 'root'"))
+        db.execute("UPDATE components SET blob = ? WHERE name = 'block_2' AND origin = 'root'", (blobs["block_1"],))
+    db.close()
+    before = _files(run)
+    assert "points at another blob" in _error(capsys, ["resume", str(run)])
+    assert _files(run) == before  # block_2's blob, which the edit left unreferenced, is still there
+    make_run(tmp_path / "other", seed=1)
+    shutil.copyfile(tmp_path / "other" / DB_NAME, run / DB_NAME)  # its heads' blobs are not in this run
+    before = _files(run)
+    err = _error(capsys, ["resume", str(run)])
+    assert "is missing or unreadable" in err and "restore the run from a copy (`munet check" in err
+    assert _files(run) == before
+
+
+def test_a_database_another_program_holds_is_named(run_dir, tmp_path):
+    """An sqlite3 shell inside a write transaction: the message says so, not "free space (or fix the permissions)"."""
+    run = _copy(run_dir, tmp_path / "run")
+    holder = sqlite3.connect(run / DB_NAME, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with Store.open(run, write=True) as store:
+            store._conn.execute("PRAGMA busy_timeout = 50")  # a command waits 30 s
+            with pytest.raises(StoreError, match=r"another program \(not munet\) holds it open") as refused:
+                with store.transaction():
+                    store.put("wall_time_s", 1.0)
+    finally:
+        holder.close()
+    assert "Free space" not in str(refused.value)
+    assert check_store(run).problems == []
+
+
 def test_interrupted_creation_still_starts_afresh(tmp_path):
     Store.create(tmp_path / "run").close()  # the schema committed, the first checkpoint not
     (tmp_path / "run" / BLOB_DIR / ("0" * 64 + ".safetensors")).write_bytes(b"root blob of the interrupted creation")
@@ -252,6 +298,15 @@ def test_os_error_while_writing(tmp_path, capsys):
     assert check_store(tmp_path / "run").problems == []
 
 
+def test_a_rename_that_fails_names_both_paths(tmp_path, capsys):
+    """A folder where the summary goes: the error once named only the temporary file, as if it were in the way."""
+    make_run(tmp_path / "run", children_per_task=2)
+    (tmp_path / "run" / "summary.json").unlink()
+    (tmp_path / "run" / "summary.json").mkdir()
+    err = _error(capsys, ["resume", str(tmp_path / "run")])
+    assert f"summary.json.tmp -> {tmp_path / 'run' / 'summary.json'}" in err
+
+
 # --- 3. valid input refused: read-only storage ----------------------------------------------------------------------
 @contextlib.contextmanager
 def _read_only(src, target):
@@ -345,6 +400,64 @@ def test_empty_database_is_not_a_run(tmp_path, capsys):
         assert "not a munet run (empty database" in err and "incompatible" not in err
     assert (run / DB_NAME).read_bytes() == b""  # `check` once rewrote it
     assert _cli_run(run) == 0  # an empty database holds nothing to lose: a new run may start there
+
+
+def test_what_stands_in_for_the_database_or_its_lock_is_named(run_dir, tmp_path, capsys):
+    """Another program's SQLite file once read "written by an incompatible munet version (store schema 0)", a folder
+    "disk I/O error", an emptied database beside the run's blobs "not a munet run ... delete munet.db", and a folder
+    named munet.lock "output directory ... is not writable"."""
+    other = _copy(run_dir, tmp_path / "other")
+    (other / DB_NAME).unlink()
+    with sqlite3.connect(other / DB_NAME) as db:
+        db.execute("CREATE TABLE notes (text)")
+    db.close()
+    folder = _copy(run_dir, tmp_path / "folder")
+    (folder / DB_NAME).unlink()
+    (folder / DB_NAME).mkdir()
+    emptied = _copy(run_dir, tmp_path / "emptied")
+    (emptied / DB_NAME).write_bytes(b"")
+    text = _copy(run_dir, tmp_path / "text")
+    (text / DB_NAME).write_bytes(b"not a database" * 100)
+    locked = _copy(run_dir, tmp_path / "locked")
+    (locked / LOCK_NAME).unlink()
+    (locked / LOCK_NAME).mkdir()
+    cases = {other: "is not a munet run database (a SQLite database of other tables: notes)",
+             folder: "is a directory or a special file, not the run's database",
+             emptied: "holds blobs but its database munet.db is empty: the run's records are lost; restore",
+             text: "file is not a database; it is damaged or not a munet database: restore the run from a copy"}
+    for damaged, words in cases.items():
+        before = _files(damaged)
+        for argv in (["status", str(damaged)], ["check", str(damaged)], ["resume", str(damaged)]):
+            err = _error(capsys, argv)
+            assert words in err and "incompatible" not in err and "I/O" not in err and "delete" not in err, err
+        assert _files(damaged) == before
+    err = _error(capsys, ["resume", str(locked)])
+    assert f"{locked / LOCK_NAME} is a directory, where munet keeps the run's lock file" in err
+
+
+@pytest.mark.parametrize("config, words", [
+    ("json_set(value, '$.future_key', 1)", "the run's stored configuration has keys munet 0.1.0 does not know "
+                                           "(future_key): the run was written by a newer munet"),
+    ("'[1, 2]'", "record of {db} is a list, not an object: the database was damaged or edited"),
+])
+def test_a_stored_configuration_this_munet_cannot_read(run_dir, tmp_path, capsys, config, words):
+    """A key of a newer munet once read as the user's typo ("unknown configuration key ...; known keys: ..."), and a
+    configuration that is no object was a traceback (also in `check --data`, which passed it as sound)."""
+    run = _copy(run_dir, tmp_path / "run")
+    with sqlite3.connect(run / DB_NAME) as db:
+        db.execute(f"UPDATE meta SET value = {config} WHERE key = 'config'")
+    db.close()
+    words = words.format(db=run / DB_NAME)
+    before = _files(run)
+    for argv in (["status", str(run)], ["resume", str(run)], ["export", str(run), "--task", "a", "--out",
+                                                                 str(tmp_path / "e")]):
+        err = _error(capsys, argv)
+        assert words in err and "known keys" not in err, err
+    for argv in (["check", str(run)], ["check", str(run), "--data"]):
+        assert main(argv) == 1
+        out = capsys.readouterr().out
+        assert words in out and "1 problem(s)" in out, out
+    assert _files(run) == before
 
 
 def test_wrong_kind_of_path_is_named(run_dir, tmp_path, capsys):
@@ -491,6 +604,39 @@ def test_fuzz_damaged_database(run_dir, tmp_path, capsys, seed):
             assert status in (0, 1, 2) and "Traceback" not in err, (case, argv, err)
             assert status != 2 or err.startswith("error: "), (case, argv, err)
         assert _files(run) == before, case
+
+
+@pytest.mark.parametrize("table, column, value", [
+    ("meta", "checkpoint", "null"), ("meta", "plan", '{"order": 5, "done": "x"}'), ("meta", "wall_time_s", '"x"'),
+    ("meta", "data_fingerprints", "3"), ("paths", "hparams", "[1, 2]"), ("paths", "metrics", "3"),
+    ("paths", "components", '"x"'), ("components", "locks", "3"), ("components", "shape", "[1, 2]"),
+    ("tasks", "class_names", "3"),
+])
+def test_records_of_another_json_type_are_damage(run_dir, tmp_path, capsys, table, column, value):
+    """A record (or a record's column) of another JSON type than munet writes, as a hand edit leaves it: every command
+    that reads it answers `error:` (check: a problem) naming the record, where each was a traceback (TypeError,
+    AttributeError, ValueError) in status, history, report, check, predict or resume."""
+    from PIL import Image
+
+    run = _copy(run_dir, tmp_path / "run")
+    with sqlite3.connect(run / DB_NAME) as db:
+        if table == "meta":
+            db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, column))
+        else:
+            db.execute(f"UPDATE {table} SET {column} = ?", (value,))
+    db.close()
+    Image.new("L", (12, 12)).save(tmp_path / "x.png")
+    before = _files(run)
+    for argv in (["check", str(run)], ["check", str(run), "--data"], ["status", str(run)], ["history", str(run)],
+                 ["report", str(run), "--out", str(tmp_path / "r.html")],
+                 ["predict", str(run), "--task", "all", str(tmp_path / "x.png")], ["resume", str(run)]):
+        if argv[0] == "resume":  # the read-only commands changed nothing
+            assert _files(run) == before
+        status = main(argv)
+        out, err = capsys.readouterr()
+        assert status in (0, 1, 2) and "Traceback" not in err, (argv, err)
+        assert status != 2 or err.startswith("error: "), (argv, err)
+        assert argv[0] != "check" or status == 1 and "problem: " in out, (argv, out)
 
 
 def test_a_path_record_with_more_layers_than_components_is_a_store_error(run_dir, tmp_path, capsys):

@@ -134,6 +134,23 @@ def test_opening_an_existing_run_refuses_changes_and_releases_it(tmp_path):
     assert dump(out) == before
 
 
+def test_a_complete_run_resumed_keeps_its_recorded_runtime(tmp_path):
+    """Resuming a complete run computes nothing: its summary once took this session's runtime (another --threads
+    claimed results it never computed)."""
+    from munet.runner import resume
+
+    out = tmp_path / "run"
+    make_run(out)
+    before = json.loads((out / "summary.json").read_text())
+    threads = torch.get_num_threads()
+    try:
+        resume(str(out), {"threads": before["runtime"]["threads"] + 1}, io.StringIO())
+    finally:
+        torch.set_num_threads(threads)
+    after = json.loads((out / "summary.json").read_text())
+    assert after["runtime"] == before["runtime"] and after["tasks"] == before["tasks"]
+
+
 def test_crash_during_creation_starts_afresh(tmp_path, capsys):
     """Dying before the first checkpoint leaves nothing to resume: the same command starts the run afresh."""
     make_run(tmp_path / "ref")

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_run
+from conftest import Crash, crashing_store, make_run
 
 from munet.config import RunConfig
 from munet.errors import ConfigError
@@ -38,15 +38,18 @@ def test_threads_are_applied_and_recorded_with_device_and_dtype(tmp_path, restor
 
 def test_resume_with_another_thread_count_warns_but_goes_on(tmp_path, caplog, restore_threads):
     out = tmp_path / "run"
-    make_run(out, threads=1, children_per_task=2)
-    with caplog.at_level(logging.WARNING, logger="munet"):
-        resume(str(out), {"threads": 1})
+    with pytest.raises(Crash):  # an unfinished run, so that each resume below computes
+        make_run(out, crashing_store("commit", 3), threads=1, children_per_task=2)
+    with caplog.at_level(logging.WARNING, logger="munet"), pytest.raises(Crash):
+        resume(str(out), {"threads": 1}, store_class=crashing_store("commit", 2))
     assert "last digits" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="munet"):
         summary = resume(str(out), {"threads": 2})  # operational: allowed, not refused
     assert "computed with threads 1 (this session: 2): results may differ in the last digits" in caplog.text
     assert "resume with --threads 1 to match" in caplog.text
     assert summary["runtime"]["threads"] == 2
+    # a complete run resumed computes nothing: its summary keeps what the run was computed with
+    assert resume(str(out), {"threads": 1})["runtime"]["threads"] == 2
 
 
 def test_threads_is_an_operational_key_checked_for_range():

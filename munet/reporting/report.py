@@ -26,7 +26,7 @@ from munet.reporting.progress import Progress, format_seconds
 from munet.reporting.status import run_status, where
 from munet.reporting.table import averages
 from munet.storage.files import atomic_write
-from munet.storage.store import Store
+from munet.storage.store import Store, owned_by_store
 
 REPORT_NAME = "report.html"
 
@@ -187,7 +187,12 @@ def write_report(run_dir: str | FsPath, out: str | FsPath | None = None, baselin
     target = report_target(run_dir, out)
     html = render(report_data(run_dir, baselines_file), stream)
     try:
-        atomic_write(target, html)
+        if target.exists() and not target.is_file():  # a device or a pipe (/dev/stdout): written to, never replaced
+            target.write_text(html)
+        else:  # through a symbolic link: the file it points to is replaced, not the link
+            atomic_write(target.resolve() if target.is_symlink() else target, html)
+    except BrokenPipeError:  # `--out /dev/stdout | head`: the reader went away, the CLI stops quietly
+        raise
     except OSError as err:
         raise MunetError(f"cannot write the report to {target}: {err.strerror or err}; choose a writable file with "
                          "--out FILE") from err
@@ -198,19 +203,38 @@ def report_target(run_dir: str | FsPath, out: str | FsPath | None) -> FsPath:
     """The file a report goes to: ``out``, or ``RUN/report.html``; checked before the report is rendered.
 
     Raises:
-        MunetError: ``out`` is empty, a directory, or in a folder that does not exist.
+        MunetError: ``out`` is empty, a directory, in a folder that does not exist, one of a run store's files, or
+            an existing file that is not a munet report (only an earlier report is replaced).
     """
     if out is None:
-        return FsPath(run_dir) / REPORT_NAME
-    if not str(out).strip():
+        target = FsPath(run_dir) / REPORT_NAME
+    elif not str(out).strip():
         raise MunetError(f"--out is empty: give the HTML file to write, e.g. --out {REPORT_NAME}")
-    target = FsPath(out)
-    if target.is_dir():
-        raise MunetError(f"--out {target} is a directory: give the HTML file to write, e.g. --out "
-                         f"{target / REPORT_NAME}")
-    if not target.parent.is_dir():
-        raise MunetError(f"--out {target}: its folder {target.parent} does not exist; create it or choose another file")
+    else:
+        target = FsPath(out)
+        if target.is_dir():
+            raise MunetError(f"--out {target} is a directory: give the HTML file to write, e.g. --out "
+                             f"{target / REPORT_NAME}")
+        if not target.parent.is_dir():
+            raise MunetError(f"--out {target}: its folder {target.parent} does not exist; create it or choose another "
+                             "file")
+    if owned_by_store(target.resolve()):
+        raise MunetError(f"--out {target} is one of a run store's own files; choose another file, e.g. --out "
+                         f"{FsPath(run_dir) / REPORT_NAME}")
+    if target.is_file() and target.stat().st_size and not _is_report(target):
+        raise MunetError(f"--out {target} exists and is not a munet report: a report replaces only an earlier "
+                         "report; choose another file, or move that one away")
     return target
+
+
+def _is_report(file: FsPath) -> bool:
+    """Whether ``file`` begins as :data:`TEMPLATE`'s pages do (an unreadable file counts as one: writing says why)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return True
+    return head.startswith(b"<!DOCTYPE html>") and b"<title>munet report" in head
 
 
 TEMPLATE = """<!DOCTYPE html>

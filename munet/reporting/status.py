@@ -14,6 +14,7 @@ from munet.storage.store import Store
 def run_status(run_dir: str | FsPath) -> dict[str, Any]:
     """The status of the run in ``run_dir`` as a dict (see :func:`format_status`)."""
     with Store.open(run_dir) as store:
+        store.require_records()
         plan, ck, root = store.record("plan"), store.record("checkpoint"), store.root_record()
         tasks = store.task_names()
         best: dict[str, dict[str, Any]] = {}

@@ -9,7 +9,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from munet.errors import StoreError
+from munet.config import RunConfig
+from munet.errors import MunetError, StoreError
 from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store, class_name_misfits
 
 
@@ -41,7 +42,7 @@ def check_store(run_dir: str | FsPath, data: bool = False) -> CheckReport:
     with Store.open(run_dir, require_checkpoint=False) as store:
         try:
             _check(store, report, data)
-        except (*DAMAGE_ERRORS, KeyError) as err:  # the finding; what could be read before is reported too
+        except (*DAMAGE_ERRORS, KeyError, StoreError) as err:  # the finding; what was read before is reported too
             what = f"a record lacks its field {err}" if isinstance(err, KeyError) else str(err)
             report.problems.append(f"the database is damaged, checking stopped there: {what}")
     return report
@@ -53,12 +54,14 @@ def _check(store: Store, report: CheckReport, data: bool) -> None:
     verdict = store.integrity()
     if verdict != "ok":
         problems.append(f"the database fails SQLite's integrity check: {verdict}")
-    absent = [key for key in ("config", "root", "plan", "checkpoint") if store.get(key) is None]
+    damaged = store.meta_problems()
+    absent = [key for key in ("config", "root", "plan", "checkpoint") if store.get(key) is None and key not in damaged]
     if len(absent) == 4 and not store.components():  # what an interrupted `munet run` leaves, nothing more
         problems.append("the run's creation was interrupted before its first checkpoint: nothing of it is kept; run "
                         "the same `munet run` again to start it afresh")
         return
     problems += [f"the database has no {key!r} record" for key in absent]
+    problems += damaged.values()
     components: dict[int, str] = {}
     referenced: set[str] = set()
     for r in store.components():
@@ -142,9 +145,15 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         for pid in in_flight["seeds"]:
             if pid != root_id and pid not in live:
                 problems.append(f"the in-flight iteration's seed path #{pid} is not held")
+    if isinstance(store.get("config"), dict):  # a missing or damaged record is reported once, above
+        try:
+            RunConfig.from_stored(store.get("config"))
+        except MunetError as err:
+            problems.append(str(err))
     plan = _meta_record(store, "plan", problems)
     tasks = set(store.task_names())
-    for task in set(plan.get("order", [])) - tasks:
+    order = plan.get("order")
+    for task in set(order if isinstance(order, list) else []) - tasks:  # another type: a meta problem already
         problems.append(f"planned task {task!r} has no task record")
 
 
@@ -153,17 +162,19 @@ def _meta_record(store: Store, key: str, problems: list[str]) -> dict[str, Any]:
     try:
         return store.record(key) or {}
     except StoreError as err:
-        problems.append(str(err))
+        if str(err) not in problems:  # found with the other records' types already
+            problems.append(str(err))
         return {}
 
 
 def _check_data(store: Store, report: CheckReport) -> None:
     """Each task's data, loaded from its source, against the fingerprint stored when it joined the run."""
     from munet.data.registry import load_task
-    from munet.errors import MunetError, TaskUnavailable
+    from munet.errors import TaskUnavailable
     from munet.storage.snapshot import data_fingerprint
 
-    cfg, stored = store.get("config") or {}, store.get("data_fingerprints") or {}
+    cfg, stored = store.get("config"), store.get("data_fingerprints")
+    cfg, stored = (v if isinstance(v, dict) else {} for v in (cfg, stored))  # damaged ones are problems already
     for spec in cfg.get("tasks", []):
         try:
             task = load_task(spec, cfg["seed"], cfg["data_dir"])

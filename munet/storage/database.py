@@ -114,15 +114,26 @@ def connect_readonly(db: FsPath) -> sqlite3.Connection:
         raise StoreError(f"cannot open the run database {db}: {err}") from err
 
 
-def check_version(conn: sqlite3.Connection, db: FsPath, require_checkpoint: bool = True) -> None:
+def check_version(conn: sqlite3.Connection, db: FsPath, require_checkpoint: bool = True,
+                  has_blobs: bool = False) -> None:
+    """Raises StoreError unless ``db`` is a run database this munet reads; ``has_blobs``: the run directory holds
+    blobs (so an empty database is a run's lost records, not a directory that never held a run)."""
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as err:
-        raise StoreError(f"{db} is not a readable munet database: {err}") from err
+        raise StoreError(f"{db} is not a readable munet database: {err}; it is damaged or not a munet database: "
+                         "restore the run from a copy") from err
+    if version == 0 and not tables and has_blobs:
+        raise StoreError(f"{db.parent} holds blobs but its database {db.name} is empty: the run's records are lost; "
+                         f"restore {db.name} from a copy of the run")
     if version == 0 and not tables:
         raise StoreError(f"{db.parent} is not a munet run (empty database {db.name}); delete {db} or choose "
                          "another directory")
+    if version == 0 and not set(TABLES) & tables:  # munet writes its schema version with its tables
+        raise StoreError(f"{db} is not a munet run database (a SQLite database of other tables: "
+                         f"{', '.join(sorted(tables)[:5])}); pass the directory of a munet run, or restore its "
+                         f"{db.name} from a copy")
     if version != SCHEMA_VERSION:
         raise StoreError(f"{db} was written by an incompatible munet version (store schema {version}; munet "
                          f"{__version__} reads schema {SCHEMA_VERSION}); use the munet version that wrote it")

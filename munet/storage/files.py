@@ -106,7 +106,8 @@ class BlobDir:
         try:
             data = path.read_bytes()
         except OSError as err:
-            raise StoreError(f"blob {path.name} of {what} is missing or unreadable: {err.strerror}") from err
+            raise StoreError(f"blob {path.name} of {what} is missing or unreadable: {err.strerror}; restore the run "
+                             f"from a copy (`munet check {self.folder.parent}` lists every problem)") from err
         if hashlib.sha256(data).hexdigest() != digest:
             raise StoreError(f"blob {path.name} of {what} is corrupt (truncated or altered: its sha256 does not "
                              f"match its name); run `munet check {self.folder.parent}`")
@@ -154,6 +155,9 @@ def lock_file(run_dir: FsPath, name: str, wait: bool = False) -> Any:
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / name, "a+")
     except OSError as err:
+        if (run_dir / name).is_dir():
+            raise StoreError(f"{run_dir / name} is a directory, where munet keeps the run's lock file; remove it "
+                             "(munet makes the file anew)") from err
         raise StoreError(f"output directory {run_dir} is not writable: {err.strerror or err}") from err
     try:
         fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

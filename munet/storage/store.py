@@ -44,13 +44,17 @@ import torch
 from munet.errors import StoreError
 from munet.storage import database
 from munet.storage.database import DAMAGE_ERRORS, DB_NAME, PATH_COLUMNS, UPDATED_PATH_COLUMNS
-from munet.storage.files import BlobDir, lock_file, unlock_file
+from munet.storage.files import SUFFIX, BlobDir, lock_file, unlock_file
 
 BLOB_DIR = "blobs"
 #: Fields every root record has had since the store's first version (later ones are read with defaults).
 ROOT_FIELDS = ("name", "description", "source", "sha256", "mean", "std", "pretrained", "full_depth", "depth", "arch",
                "components")
 LOCK_NAME = "munet.lock"
+#: The JSON type of each run-wide meta record (checked by Store.meta_problems: `munet check` and the readers).
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "root": dict, "plan": dict, "checkpoint": dict, "runtime": dict, "data_fingerprints": dict,
+    "wall_time_s": (int, float)}
 AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
 
@@ -167,6 +171,8 @@ class Store:
         """
         run_dir = FsPath(run_dir)
         db = run_dir / DB_NAME
+        if run_dir.is_symlink() and not run_dir.exists():
+            raise StoreError(f"{run_dir} is a symbolic link to {os.readlink(run_dir)}, which does not exist")
         if not run_dir.exists():
             raise StoreError(f"{run_dir} does not exist")
         if not run_dir.is_dir():
@@ -175,11 +181,16 @@ class Store:
         if not db.exists():
             what = "its database is missing" if (run_dir / BLOB_DIR).is_dir() else "it is not a munet run directory"
             raise StoreError(f"{run_dir} holds no {DB_NAME}: {what}")
+        if not db.is_file():  # SQLite says "disk I/O error"
+            raise StoreError(f"{db} is a directory or a special file, not the run's database; restore the run from "
+                             "a copy")
         lock = lock_file(run_dir, LOCK_NAME) if write else None
         conn = None
         try:
             conn = database.connect_readonly(db)
-            database.check_version(conn, db, require_checkpoint)
+            blobs = run_dir / BLOB_DIR
+            database.check_version(conn, db, require_checkpoint,
+                                   has_blobs=blobs.is_dir() and any(blobs.glob(f"*{SUFFIX}")))
             if write:  # only once it is known to be a run: opening for writing turns the database to WAL mode
                 conn.close()
                 conn = None
@@ -275,9 +286,35 @@ class Store:
         """
         value = self.get(key)
         if value is not None and not isinstance(value, dict):
-            raise StoreError(f"the {key!r} record of {self.dir / DB_NAME} is a {type(value).__name__}, not an object: "
-                             "the database was damaged or edited; restore the run from a copy")
+            raise StoreError(self._edited(key, f"is a {type(value).__name__}, not an object"))
         return value
+
+    def meta_problems(self) -> dict[str, str]:
+        """``key -> what is wrong`` for each run-wide record of :data:`META_TYPES` that is present but of another
+        type, a JSON null included (the database was damaged or edited; munet never writes one)."""
+        problems = {}
+        for key, kind in META_TYPES.items():
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            value = None if row is None or isinstance(row[0], bytes) else json.loads(row[0])
+            if row is not None and not isinstance(value, kind):
+                problems[key] = self._edited(key, f"is a {type(value).__name__}, not "
+                                                  f"{'an object' if kind is dict else 'a number'}")
+        plan = self.get("plan")
+        if isinstance(plan, dict) and not (isinstance(plan.get("order"), list) and isinstance(plan.get("done"), int)):
+            problems["plan"] = self._edited("plan", "lacks its list 'order' or its count 'done'")
+        return problems
+
+    def require_records(self) -> None:
+        """Raises StoreError naming the first of :meth:`meta_problems`; the readers of the run-wide records call it
+        (``munet history`` reads the path records alone, so it still answers)."""
+        problems = list(self.meta_problems().values())
+        if problems:
+            more = f" ({len(problems) - 1} more: `munet check {self.dir}` lists them)" if problems[1:] else ""
+            raise StoreError(problems[0] + more)
+
+    def _edited(self, key: str, what: str) -> str:
+        return (f"the {key!r} record of {self.dir / DB_NAME} {what}: the database was damaged or edited; restore the "
+                "run from a copy")
 
     def root_record(self) -> dict[str, Any] | None:
         """The root's record (written by :func:`munet.storage.stored_root.root_record`); ``None`` before the first
@@ -310,16 +347,16 @@ class Store:
         ``quality`` (best validation), ``test_quality``, ``score``, ``retained`` (in a task's population now) and
         ``metrics`` (the trainer's outcome: validation curve, training steps and images...)."""
         retained = {row[0] for row in self._conn.execute("SELECT path_id FROM live WHERE rank IS NOT NULL")}
-        return [{"id": pid, "task": task, "parent": parent, "hparams": json.loads(hp or "{}"),
-                 "mutations": json.loads(mut or "{}"), "accepted": bool(acc), "quality": q, "test_quality": tq,
-                 "score": sc, "retained": pid in retained, "metrics": json.loads(metrics or "{}")}
+        return [{"id": pid, "task": task, "parent": parent, "hparams": _object(hp, "hparams", pid),
+                 "mutations": _object(mut, "mutations", pid), "accepted": bool(acc), "quality": q, "test_quality": tq,
+                 "score": sc, "retained": pid in retained, "metrics": _object(metrics, "metrics", pid)}
                 for pid, task, parent, hp, mut, acc, q, tq, sc, metrics in self._conn.execute(
                     "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score, metrics "
                     "FROM paths ORDER BY id")]
 
     def task_class_names(self) -> dict[str, list[str]]:
         """Each task's class names, in the order the tasks joined the run."""
-        return {name: json.loads(names) for name, names in
+        return {name: _json(names, list, f"the class names of task {name!r}") for name, names in
                 self._conn.execute("SELECT name, class_names FROM tasks ORDER BY position")}
 
     def retained_paths(self) -> list[dict[str, Any]]:
@@ -334,8 +371,9 @@ class Store:
         """Every path the checkpointed system holds, by id."""
         query = ("SELECT live.path_id, live.link, live.rank, paths.task, paths.components, paths.hparams, "
                  "paths.mutations, paths.metrics FROM live JOIN paths ON paths.id = live.path_id ORDER BY live.path_id")
-        return [LivePathRecord(pid, link, rank, task, json.loads(comps), json.loads(hparams),
-                               json.loads(mutations or "{}"), json.loads(metrics))
+        return [LivePathRecord(pid, link, rank, task, _object(comps, "components", pid),
+                               _object(hparams, "hparams", pid), _object(mutations, "mutations", pid),
+                               _object(metrics, "metrics", pid))
                 for pid, link, rank, task, comps, hparams, mutations, metrics in self._conn.execute(query)]
 
     def live_links(self) -> dict[int, int | None]:
@@ -355,8 +393,8 @@ class Store:
         for task, cycle, state, pid, comps, hparams, mutations, metrics in self._conn.execute(query):
             state = json.loads(state)
             path = None if pid is None else LivePathRecord(
-                pid, state.get("link"), 0, task, json.loads(comps), json.loads(hparams), json.loads(mutations or "{}"),
-                json.loads(metrics))
+                pid, state.get("link"), 0, task, _object(comps, "components", pid), _object(hparams, "hparams", pid),
+                _object(mutations, "mutations", pid), _object(metrics, "metrics", pid))
             records[task] = AgentRecord(task, cycle, path, state)
         return records
 
@@ -379,7 +417,9 @@ class Store:
         else:
             rows = self._conn.execute(query + " WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
                                       (json.dumps(sorted(ids)),))
-        return [ComponentRecord(cid, name, origin, json.loads(locks), json.loads(shape), json.loads(tensors),
+        return [ComponentRecord(cid, name, origin, _json(locks, list, f"the locks of component #{cid}"),
+                                _json(shape, dict, f"the shape of component #{cid}"),
+                                _json(tensors, dict, f"the tensor shapes of component #{cid}"),
                                 n, blob, momentum)
                 for cid, name, origin, locks, shape, tensors, n, blob, momentum in rows]
 
@@ -466,7 +506,9 @@ class Store:
     def collect_garbage(self) -> int:
         """Deletes blobs no component references and temporary files of interrupted writes; returns the count.
 
-        Waits for every agent of the run to exit first (their blobs are referenced only once they commit)."""
+        Deletes nothing while the records are not those a checkpoint wrote (see :meth:`records_intact`): a damaged,
+        edited or swapped database, whose unreferenced blobs may be what restoring the run needs. Waits for every
+        agent of the run to exit first (their blobs are referenced only once they commit)."""
         self._require_write()
         if self.agent is not None:
             raise StoreError("an agent never collects garbage: other agents' blobs may be in flight")
@@ -482,7 +524,19 @@ class Store:
 
     def _collect_garbage(self) -> int:
         self.crash_point("collect")
+        if not self.records_intact():
+            return 0
         return self.blobs.collect(self.referenced_blobs())
+
+    def records_intact(self) -> bool:
+        """Whether the component records can be trusted to name every blob the run needs: each blob they reference
+        is on disk and, outside agents runs (whose agents add records between the driver's checkpoints), they are
+        the records the last checkpoint was written with (its components digest)."""
+        referenced = self.referenced_blobs()
+        if any(not self.blobs.path(digest).is_file() for digest in referenced):
+            return False
+        bound = (self.record("checkpoint") or {}).get("components_digest")  # absent in stores made before it
+        return bound is None or bound == self.components_digest() or bool(self.agent_records())
 
     # --- transactions -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -497,7 +551,12 @@ class Store:
         except BaseException as err:
             with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back itself (it does on a full disk)
                 self._conn.execute("ROLLBACK")
-            if isinstance(err, sqlite3.OperationalError):  # disk full, I/O error, permissions, locked
+            if isinstance(err, sqlite3.OperationalError) and _busy(err):  # munet's own writers hold munet.lock
+                raise StoreError(f"cannot write the run database {self.dir / DB_NAME}: {err}: another program (not "
+                                 "munet) holds it open in a transaction, e.g. an sqlite3 shell or a database "
+                                 "browser. Nothing of this checkpoint was kept: the run's last complete checkpoint "
+                                 "is intact. Close that program, then run the same command again") from err
+            if isinstance(err, sqlite3.OperationalError):  # disk full, I/O error, permissions
                 raise StoreError(f"cannot write the run database in {self.dir}: {err}. {_KEPT}") from err
             raise
         # keeps the run directory at its real size (the WAL otherwise grows to ~4 MB before SQLite folds it); the
@@ -534,11 +593,45 @@ class Store:
         return {"database": db, "blobs": blobs, "total": db + blobs}
 
 
+def _json(text: str | None, kind: type, what: str) -> Any:
+    """A JSON column's value, which must be a ``kind`` (``None``: an empty one).
+
+    Raises:
+        StoreError: another type (the database was damaged or edited); text that is not JSON raises
+            JSONDecodeError, which the store's readers report as damage too.
+    """
+    value = kind() if text is None else json.loads(text)
+    if not isinstance(value, kind):
+        raise StoreError(f"{what} is a {type(value).__name__} in the run database, not a {kind.__name__}: the database "
+                         "was damaged or edited; restore the run from a copy (`munet check` reports what it can read)")
+    return value
+
+
+def _object(text: str | None, column: str, path_id: int) -> dict[str, Any]:
+    """Column ``column`` of path ``path_id``'s record: a JSON object (see :func:`_json`)."""
+    return _json(text, dict, f"the {column} of path #{path_id}")
+
+
+def owned_by_store(path: FsPath) -> bool:
+    """Whether ``path`` names a file the store of a run directory owns, which nothing else may write: the database
+    and its SQLite sidecars, the lock files, anything in its blob folder."""
+    run_dir = path.parent.parent if path.parent.name == BLOB_DIR else path.parent
+    if not (run_dir / DB_NAME).exists():
+        return False
+    return path.parent.name == BLOB_DIR or path.name.startswith(DB_NAME) or path.name == LOCK_NAME or (
+        path.name.startswith("munet.agent-") and path.name.endswith(".lock"))
+
+
 def class_name_misfits(class_names: dict[str, list[str]], num_classes: dict[str, int]) -> list[str]:
     """One line per task whose class names (``Store.task_class_names``) are not as many as ``num_classes`` (the
     checkpoint's) says it has: a prediction would index past its names, or leave classes unnamed."""
     return [f"task {task!r} has {len(names)} class names for {num_classes[task]} classes"
             for task, names in class_names.items() if task in num_classes and len(names) != num_classes[task]]
+
+
+def _busy(err: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused a write because another connection held the database past the busy timeout."""
+    return (getattr(err, "sqlite_errorname", None) or "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
 
 
 _KEPT = ("Nothing of this checkpoint was kept: the run's last complete checkpoint is intact. Free space (or fix the "

@@ -146,8 +146,10 @@ class Run:
             store = on_error.enter_context(store_class.open(out, write=True))  # closed if opening fails
             store.require_records()
             # blobs of a checkpoint killed between its commit and its clean-up (we hold the run's lock, so no
-            # other writer's blobs are in flight); without this a run killed there and then complete keeps them
-            store.collect_garbage()
+            # other writer's blobs are in flight); without this a run killed there and then complete keeps them.
+            # Only from records a checkpoint wrote: a checkpoint itself collects from the records it just wrote
+            if store.records_intact():
+                store.collect_garbage()
             stored = RunConfig.from_stored(store.get("config")).replace(out=str(out))
             cfg = stored.replace(**overrides)
             if add is None:

@@ -116,8 +116,7 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         if cid not in components:
             problems.append(f"the root's {name} (component #{cid}) has no component record")
     ck = _meta_record(store, "checkpoint", problems)
-    bound = ck.get("components_digest")  # absent in stores written before it was recorded
-    if bound is not None and bound != store.components_digest():
+    if not store.components_match(ck):
         problems.append("the component records are not those the checkpoint was written with: a record points at "
                         "another blob than when it was stored")
     for grid, cid in (ck.get("posembeds") or {}).items():
@@ -145,9 +144,10 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         for pid in in_flight["seeds"]:
             if pid != root_id and pid not in live:
                 problems.append(f"the in-flight iteration's seed path #{pid} is not held")
-    if isinstance(store.get("config"), dict):  # a missing or damaged record is reported once, above
+    cfg = store.get("config")
+    if isinstance(cfg, dict):  # a missing or damaged record is reported once, above
         try:
-            RunConfig.from_stored(store.get("config"))
+            RunConfig.from_stored(cfg)
         except MunetError as err:
             problems.append(str(err))
     plan = _meta_record(store, "plan", problems)

@@ -242,8 +242,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     if ck is None or plan is None:
         raise StoreError(f"{store.dir} holds no committed checkpoint")
     rec = store.root_record()
-    bound = ck.get("components_digest")  # absent in stores written before it was recorded
-    if verify_digest and bound is not None and bound != store.components_digest():
+    if verify_digest and not store.components_match(ck):
         raise StoreError(f"the component records of {store.dir} are not those its checkpoint was written with (a "
                          f"record points at another blob); run `munet check {store.dir}`")
     system = System(root, image_size, score, extra_hparams)

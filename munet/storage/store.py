@@ -29,6 +29,7 @@ blob of a transaction in flight.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -506,15 +507,12 @@ class Store:
     def collect_garbage(self) -> int:
         """Deletes blobs no component references and temporary files of interrupted writes; returns the count.
 
-        Deletes nothing while the records are not those a checkpoint wrote (see :meth:`records_intact`): a damaged,
-        edited or swapped database, whose unreferenced blobs may be what restoring the run needs. Waits for every
-        agent of the run to exit first (their blobs are referenced only once they commit)."""
+        Trusts the component records: a caller that did not write them itself checks :meth:`records_intact` first.
+        Waits for every agent of the run to exit first (their blobs are referenced only once they commit)."""
         self._require_write()
         if self.agent is not None:
             raise StoreError("an agent never collects garbage: other agents' blobs may be in flight")
-        if not self.blobs.folder.is_dir():
-            raise StoreError(f"the blob folder {self.blobs.folder} is missing: the run's weights are gone; restore the "
-                             f"run from a copy (`munet check {self.dir}` lists what is missing)")
+        self._require_blob_folder()
         agents = [lock_file(self.dir, path.name, wait=True) for path in sorted(self.dir.glob(AGENT_LOCK.format("*")))]
         try:
             return self._collect_garbage()
@@ -524,19 +522,33 @@ class Store:
 
     def _collect_garbage(self) -> int:
         self.crash_point("collect")
-        if not self.records_intact():
-            return 0
         return self.blobs.collect(self.referenced_blobs())
 
     def records_intact(self) -> bool:
-        """Whether the component records can be trusted to name every blob the run needs: each blob they reference
-        is on disk and, outside agents runs (whose agents add records between the driver's checkpoints), they are
-        the records the last checkpoint was written with (its components digest)."""
+        """Whether the component records can be trusted to name every blob the run needs (a damaged, edited or
+        swapped database's unreferenced blobs may be what restoring the run needs): each blob they reference is on
+        disk and, outside agents runs (whose agents add records between the driver's checkpoints), they are
+        the records the last checkpoint was written with (its components digest).
+
+        Raises:
+            StoreError: the blob folder is missing.
+        """
+        self._require_blob_folder()
         referenced = self.referenced_blobs()
         if any(not self.blobs.path(digest).is_file() for digest in referenced):
             return False
-        bound = (self.record("checkpoint") or {}).get("components_digest")  # absent in stores made before it
-        return bound is None or bound == self.components_digest() or bool(self.agent_records())
+        return self.components_match(self.record("checkpoint") or {}) or bool(self.agent_records())
+
+    def _require_blob_folder(self) -> None:
+        if not self.blobs.folder.is_dir():
+            raise StoreError(f"the blob folder {self.blobs.folder} is missing: the run's weights are gone; restore the "
+                             f"run from a copy (`munet check {self.dir}` lists what is missing)")
+
+    def components_match(self, checkpoint: dict[str, Any]) -> bool:
+        """Whether the component records are those ``checkpoint`` was written with (its components digest; a store
+        made before the digest was recorded matches)."""
+        bound = checkpoint.get("components_digest")
+        return bound is None or bound == self.components_digest()
 
     # --- transactions -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -618,8 +630,8 @@ def owned_by_store(path: FsPath) -> bool:
     run_dir = path.parent.parent if path.parent.name == BLOB_DIR else path.parent
     if not (run_dir / DB_NAME).exists():
         return False
-    return path.parent.name == BLOB_DIR or path.name.startswith(DB_NAME) or path.name == LOCK_NAME or (
-        path.name.startswith("munet.agent-") and path.name.endswith(".lock"))
+    return (path.parent.name == BLOB_DIR or path.name.startswith(DB_NAME) or path.name == LOCK_NAME
+            or fnmatch.fnmatch(path.name, AGENT_LOCK.format("*")))
 
 
 def class_name_misfits(class_names: dict[str, list[str]], num_classes: dict[str, int]) -> list[str]:

@@ -639,9 +639,31 @@ def test_records_of_another_json_type_are_damage(run_dir, tmp_path, capsys, tabl
         assert argv[0] != "check" or status == 1 and "problem: " in out, (argv, out)
 
 
-def test_a_path_record_with_more_layers_than_components_is_a_store_error(run_dir, tmp_path, capsys):
-    """A damaged path record whose num_layers exceeds the blocks it names: predict names the path, exit 2, no
-    traceback (the fuzz once hit it as a KeyError at the first forward), and the store is unchanged."""
+def _more_layers(comps: dict, hparams: dict) -> str:
+    hparams["num_layers"] = 9
+    return "has 9 layers but no component for block_3"
+
+
+def _unknown_slot(comps: dict, hparams: dict) -> str:
+    comps["wibble"] = comps["block_0"]
+    return "has a component slot 'wibble' that no munet layer has"
+
+
+def _block_as_adapter(comps: dict, hparams: dict) -> str:
+    comps["adapter_1"] = comps["block_0"]
+    return "holds a block_0 component in its adapter_1 slot"
+
+
+def _no_head(comps: dict, hparams: dict) -> str:
+    del comps["head"]
+    return "has 3 layers but no component for head"
+
+
+@pytest.mark.parametrize("damage", [_more_layers, _unknown_slot, _block_as_adapter, _no_head])
+def test_a_path_record_munet_cannot_build_is_a_store_error(run_dir, tmp_path, capsys, damage):
+    """A damaged path record (more layers than blocks, a slot no layer has, a block in an adapter's slot, no head):
+    `munet check` names it as a problem where it said ok, and report, export and predict name the path, exit 2, where
+    each was a traceback (KeyError, AttributeError, RuntimeError) at the first forward or export; nothing changes."""
     import json
 
     from PIL import Image
@@ -649,13 +671,19 @@ def test_a_path_record_with_more_layers_than_components_is_a_store_error(run_dir
     Image.new("L", (12, 12)).save(tmp_path / "x.png")
     run = _copy(run_dir, tmp_path / "run")
     with contextlib.closing(sqlite3.connect(run / DB_NAME)) as db, db:
-        pid, hparams = db.execute("SELECT p.id, p.hparams FROM paths p JOIN live l ON l.path_id = p.id "
-                                  "WHERE l.rank IS NOT NULL LIMIT 1").fetchone()
-        damaged = json.dumps(dict(json.loads(hparams), num_layers=9))
-        db.execute("UPDATE paths SET hparams = ? WHERE id = ?", (damaged, pid))
+        pid, task, comps, hparams = db.execute(
+            "SELECT p.id, p.task, p.components, p.hparams FROM paths p JOIN live l ON l.path_id = p.id "
+            "WHERE l.rank IS NOT NULL LIMIT 1").fetchone()
+        comps, hparams = json.loads(comps), json.loads(hparams)
+        expected = f"path #{pid} ({task}) {damage(comps, hparams)}"
+        db.execute("UPDATE paths SET components = ?, hparams = ? WHERE id = ?",
+                   (json.dumps(comps), json.dumps(hparams), pid))
     before = _files(run)
-    err = _error(capsys, ["predict", str(run), "--task", "all", str(tmp_path / "x.png")])
-    assert f"path #{pid} has 9 layers but no component for block_3" in err
+    assert main(["check", str(run)]) == 1 and f"problem: {expected}" in capsys.readouterr().out
+    for argv in (["predict", str(run), "--task", "all", str(tmp_path / "x.png")],
+                 ["report", str(run), "--out", str(tmp_path / "r.html")],
+                 ["export", str(run), "--task", task, "--out", str(tmp_path / "export")]):
+        assert expected in _error(capsys, argv), argv
     assert _files(run) == before
 
 

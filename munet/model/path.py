@@ -125,3 +125,30 @@ class TaskPath:
     def __repr__(self) -> str:
         ids = [c.id for c in self.components.values()]
         return f"TaskPath(#{self.id} {self.task}, layers={self.num_layers}, components={ids})"
+
+
+def slot_problems(slots: dict[str, str], hparams: dict[str, Any]) -> list[str]:
+    """What keeps a path of ``slots`` (slot -> the name of the component it holds) and ``hparams`` from running, one
+    phrase each (empty: it can be built): slots no layer has, a component in another component's slot, slots a path
+    needs left empty. A damaged or edited path record is the only source of these.
+    """
+    problems = []
+    for slot, name in slots.items():
+        try:
+            kind_of(slot)
+        except KeyError:
+            problems.append(f"has a component slot {slot!r} that no munet layer has")
+            continue
+        if name != slot:
+            problems.append(f"holds a {name} component in its {slot} slot")
+    try:
+        layers = int(hparams["num_layers"])
+    except (KeyError, TypeError, ValueError) as err:
+        return [*problems, f"has damaged hyperparameters (num_layers: {type(err).__name__}: {err})"]
+    if layers < 1:
+        return [*problems, f"has damaged hyperparameters (num_layers {layers})"]
+    needed = [*EMBEDDING_SLOTS, *(f"block_{i}" for i in range(layers)), "norm", "head"]
+    missing = [slot for slot in needed if slot not in slots]
+    if missing:
+        problems.append(f"has {layers} layers but no component for {', '.join(missing)}")
+    return problems

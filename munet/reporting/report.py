@@ -26,6 +26,7 @@ from munet.reporting.progress import Progress, format_seconds
 from munet.reporting.status import run_status, where
 from munet.reporting.table import averages
 from munet.storage.files import atomic_write
+from munet.storage.snapshot import require_buildable
 from munet.storage.store import Store, owned_by_store
 
 REPORT_NAME = "report.html"
@@ -53,15 +54,17 @@ def report_data(run_dir: str | FsPath, baselines_file: str | FsPath | None = Non
     with Store.open(run_dir) as store:
         paths = store.sampled_paths()
         live = {p.id: p for p in store.live_paths()}
-        origins = {c.id: c.origin for c in store.components()}
+        records = store.components()
         config = store.get("config") or {}
     tasks = [r["task"] for r in status["tasks"]]
     per_iteration = status["generations_per_iteration"]
     for row in paths:
         row["x"] = run_generation(row["metrics"], per_iteration)
     rows, cells = [], {}
+    origins, names = {c.id: c.origin for c in records}, {c.id: c.name for c in records}
     for r in status["tasks"]:
         best = live[r["path"]]
+        require_buildable(best, names)
         cells[r["task"]] = {slot: (cid, origins.get(cid, "?")) for slot, cid in best.components.items()}
         rows.append(dict(r, layers=best.hparams.get("num_layers"), image_size=best.hparams.get("ds_image_size"),
                          adapters=sum(kind_of(slot).name == "adapter" for slot in best.components)))

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from munet.config import RunConfig
 from munet.errors import MunetError, StoreError
+from munet.model.path import slot_problems
 from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store, class_name_misfits
 
 
@@ -124,14 +125,14 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
             problems.append(f"the root position embedding for a {grid}x{grid} grid (component #{cid}) has no record")
     root_id = root.get("path_id")
     live = store.live_links()
-    rows = {r.id: (r.task, r.components) for r in store.live_paths()}
+    rows = {r.id: r for r in store.live_paths()}
     num_classes = ck.get("num_classes") or {}
     problems += class_name_misfits(store.task_class_names(), num_classes)
     for pid, link in live.items():
         if pid not in rows:
             problems.append(f"live path #{pid} has no path record")
             continue
-        task, comps = rows[pid]
+        task, comps = rows[pid].task, rows[pid].components
         if ck and task not in num_classes:  # a missing checkpoint record is reported once, above
             problems.append(f"path #{pid} belongs to task {task!r}, which the checkpoint does not know")
         if link is not None and link != root_id and link not in live:
@@ -139,6 +140,8 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         for name, cid in comps.items():
             if cid not in components:
                 problems.append(f"path #{pid} ({task}) uses {name} component #{cid}, which has no record")
+        slots = {slot: components.get(cid, slot) for slot, cid in comps.items()}  # a missing record: said above
+        problems += [f"path #{pid} ({task}) {problem}" for problem in slot_problems(slots, rows[pid].hparams)]
     in_flight = ck.get("in_flight")
     if in_flight:
         for pid in in_flight["seeds"]:

@@ -27,7 +27,7 @@ from munet.errors import DataError, StoreError
 from munet.evolution.loop import Evolution, IterationState
 from munet.evolution.system import ScoreConfig, System
 from munet.model.components import Component, kind_of, slot_index
-from munet.model.path import TaskPath
+from munet.model.path import TaskPath, slot_problems
 from munet.model.root import Root
 from munet.storage.store import ComponentRecord, LivePathRecord, Store
 
@@ -287,16 +287,22 @@ def path_from_record(rec: LivePathRecord, components: dict[str, Component]) -> T
     """The path of record ``rec`` over ``components`` (its slots' components), without a parent link."""
     metrics = dict(rec.metrics, mutations=rec.mutations)
     offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
+    require_buildable(rec, {comp.id: comp.name for comp in components.values()})
     path = TaskPath(rec.id, rec.task, components, rec.hparams, None, metrics, offsprings, fresh_head)
-    try:  # a damaged record can name more layers than it has components (a traceback at the first forward)
-        missing = [n for op in path.ops() for n in op if n not in components]
-    except (KeyError, TypeError, ValueError) as err:
-        raise StoreError(f"path #{rec.id} has damaged hyperparameters ({type(err).__name__}: {err}); run "
-                         "`munet check`") from None
-    if missing:
-        raise StoreError(f"path #{rec.id} has {path.num_layers} layers but no component for {', '.join(missing)}; "
-                         "run `munet check`")
     return path
+
+
+def require_buildable(rec: LivePathRecord, names: dict[int, str]) -> None:
+    """Checks that path record ``rec`` describes a path munet can build (``names``: component id -> slot name; an
+    id without a name is a missing record, which the readers report apart).
+
+    Raises:
+        StoreError: the first of :func:`slot_problems` (a damaged or edited record: a traceback at the first forward,
+            report or export otherwise).
+    """
+    problems = slot_problems({slot: names.get(cid, slot) for slot, cid in rec.components.items()}, rec.hparams)
+    if problems:
+        raise StoreError(f"path #{rec.id} ({rec.task}) {problems[0]}; run `munet check`")
 
 
 def component_from_record(store: Store, r: ComponentRecord, root: Root) -> Component:

@@ -401,3 +401,20 @@ def test_spec_and_depth_validation() -> None:
         load_root("random:not_a_vit_name")
     with pytest.raises(MunetError, match="not a VisionTransformer"):
         load_root("random:resnet18")
+
+
+def test_a_run_whose_root_file_changed_says_how_to_go_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Resuming a run whose root file was replaced: exit 2 naming both roots' files and what to do (put the weights
+    back, or a new --out), and the run directory unchanged."""
+    from conftest import cli_error, make_run, run_files
+
+    path = tmp_path / "root.safetensors"
+    save_file(_tiny(seed=0).state_dict(), str(path))
+    run_dir = tmp_path / "run"
+    make_run(run_dir, root=f"file:{path}", depth=2, image_size=16, max_image_size=16, children_per_task=2,
+             validations=1)
+    save_file(_tiny(seed=1).state_dict(), str(path))  # the same file name, other weights
+    before = run_files(run_dir)
+    err = cli_error(capsys, ["resume", str(run_dir)])
+    assert "the configured root differs" in err and "put back the weights" in err and str(path) in err
+    assert run_files(run_dir) == before

@@ -77,14 +77,16 @@ def verify_root(store: Store, root: Root, system: System) -> None:
     rec = store.root_record()
     if root.sha256 != rec["sha256"] or root.depth != rec["depth"]:
         raise WeightsError(f"the run in {store.dir} was made with root {rec['name']} (sha256 {rec['sha256']}, "
-                           f"depth {rec['depth']}); the configured root differs (sha256 {root.sha256}, depth "
-                           f"{root.depth})")
+                           f"depth {rec['depth']}) from {rec['source']}; the configured root differs (sha256 "
+                           f"{root.sha256}, depth {root.depth}, from {root.source}): put back the weights the run was "
+                           "made with, or start a new run in another --out directory")
     blobs = {r.id: r.blob for r in store.components()}
     for name, comp in system.root_components().items():
         digest = blobs.get(rec["components"].get(name))
         if digest is None or digest != _digest(comp.module.state_dict()):
             raise WeightsError(f"the root's {name} differs from the one the run in {store.dir} was made with "
-                               f"({rec['description']})")
+                               f"({rec['description']}, from {rec['source']}): put back the weights the run was made "
+                               "with, or start a new run in another --out directory")
         # the root's blobs are never read when it comes from its source, yet `predict` and `export` read them
         problem = store.blobs.problem(digest, f"the root's {name}")
         if problem:

@@ -143,15 +143,15 @@ def export_path(path: TaskPath, config: dict[str, Any], out: str | FsPath, fmt: 
     Raises:
         ExportError: unknown format, unwritable directory, or an export that does not reproduce the path.
     """
-    out = export_dir(out, fmt)
-    model = build_model(config)
-    model.load_state_dict(path_state_dict(path), strict=True)
-    _check_same(model, path, config)
-    if fmt == "safetensors":
-        return write_export(out, fmt, config, lambda tmp: atomic_write(tmp, blob_bytes(model.state_dict())))
-    size = config["image_size"]
-    return write_export(out, fmt, config,
-                        lambda tmp: write_onnx(model, (torch.zeros(1, 3, size, size),), ["images"], ["logits"], tmp))
+    with export_dir(out, fmt) as folder:
+        model = build_model(config)
+        model.load_state_dict(path_state_dict(path), strict=True)
+        _check_same(model, path, config)
+        if fmt == "safetensors":
+            return write_export(folder, fmt, config, lambda tmp: atomic_write(tmp, blob_bytes(model.state_dict())))
+        size = config["image_size"]
+        return write_export(folder, fmt, config, lambda tmp: write_onnx(
+            model, (torch.zeros(1, 3, size, size),), ["images"], ["logits"], tmp))
 
 
 def write_export(out: FsPath, fmt: str, config: dict[str, Any], write: Callable[[FsPath], None],
@@ -198,9 +198,11 @@ def is_export(out: FsPath) -> bool:
     return isinstance(config, dict) and str(config.get("format", "")).startswith("munet") and "munet_version" in config
 
 
-def export_dir(out: str | FsPath, fmt: str) -> FsPath:
+@contextlib.contextmanager
+def export_dir(out: str | FsPath, fmt: str) -> Iterator[FsPath]:
     """The export directory ``out``, created, once ``fmt`` is known to be a format and ``out`` holds nothing an
-    export would overwrite but an earlier export.
+    export would overwrite but an earlier export. The folders it creates are removed again if the export fails (a
+    full disk, a model that does not reproduce its path), so a failed export leaves nothing behind.
 
     Raises:
         ExportError: unknown format, an empty name, a file, a directory holding other files of an export's names, or
@@ -217,11 +219,20 @@ def export_dir(out: str | FsPath, fmt: str) -> FsPath:
     if foreign and not is_export(out):
         raise ExportError(f"{out} already holds {', '.join(foreign)} of something other than a munet export; export "
                           "into a new or empty directory (an earlier munet export there is replaced)")
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ExportError(f"cannot create export directory {out}: {err.strerror or err}") from err
-    return out
+    try:
+        yield out
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()  # only if empty: nothing the failed export did not make
+            except OSError:
+                break
+        raise
 
 
 def read_export(directory: str | FsPath, kind: str, version: int) -> tuple[dict[str, Any], FsPath]:

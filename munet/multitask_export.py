@@ -95,15 +95,15 @@ def export_multitask(paths: list[TaskPath], config: dict[str, Any], out: str | F
     Raises:
         ExportError: unknown format, unwritable directory, or a model that does not reproduce the paths.
     """
-    out = export_dir(out, fmt)
-    model = MultitaskModel(paths).eval()
-    if fmt == "safetensors":
-        state = {f"{cid}.{k}": v for cid, part in model.parts.items() for k, v in part.state_dict().items()}
-        return write_export(out, fmt, config, lambda tmp: atomic_write(tmp, blob_bytes(state)),
-                            lambda tmp: _check_same(out, model, _rebuilt(config, tmp)))
-    images = tuple(torch.zeros(1, 3, s, s) for s in model.sizes)
-    return write_export(out, fmt, config, lambda tmp: write_onnx(model, images, model.inputs, model.tasks, tmp),
-                        lambda tmp: _check_same(out, model, lambda *x: run_onnx(tmp, model.inputs, list(x))))
+    with export_dir(out, fmt) as folder:
+        model = MultitaskModel(paths).eval()
+        if fmt == "safetensors":
+            state = {f"{cid}.{k}": v for cid, part in model.parts.items() for k, v in part.state_dict().items()}
+            return write_export(folder, fmt, config, lambda tmp: atomic_write(tmp, blob_bytes(state)),
+                                lambda tmp: _check_same(folder, model, _rebuilt(config, tmp)))
+        images = tuple(torch.zeros(1, 3, s, s) for s in model.sizes)
+        return write_export(folder, fmt, config, lambda tmp: write_onnx(model, images, model.inputs, model.tasks, tmp),
+                            lambda tmp: _check_same(folder, model, lambda *x: run_onnx(tmp, model.inputs, list(x))))
 
 
 def _check_same(out: FsPath, model: MultitaskModel, written: Callable[..., Sequence[Any] | None]) -> None:

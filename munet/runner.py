@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path as FsPath
 from typing import Any, TextIO
@@ -52,9 +53,8 @@ def prepare_output(out: FsPath) -> None:
                          "create that directory or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out):  # a name of its own: a user's file of any name stays untouched
+            pass
     except OSError as err:
         raise MunetError(f"output directory {out} is not writable: {err.strerror or err}") from err
 

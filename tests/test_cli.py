@@ -105,6 +105,16 @@ def test_unwritable_output_dir(capsys, tmp_path):
     assert "not writable" in _error(capsys, ["run", "--preset", "smoke", "--out", str(blocker / "sub")])
 
 
+def test_the_write_check_leaves_the_users_files(tmp_path):
+    """The output folder's write check writes no named file: a user's ``.write-test`` (the name it once used, and
+    then overwrote and deleted) stays, and nothing else is left."""
+    from munet.runner import prepare_output
+
+    (tmp_path / ".write-test").write_text("mine")
+    prepare_output(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".write-test"] and (tmp_path / ".write-test").read_text() == "mine"
+
+
 def test_bad_user_data_errors(capsys, tmp_path):
     from PIL import Image
 

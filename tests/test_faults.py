@@ -288,6 +288,17 @@ def test_disk_full_during_a_checkpoint(tmp_path, capsys, where, nth):
         assert check_store(out).problems == [] and _results(out) == _results(tmp_path / "ref")
 
 
+@pytest.mark.parametrize("task", ["a", "all"])
+def test_an_export_on_a_full_disk_leaves_nothing(run_dir, tmp_path, capsys, task):
+    """An export that runs out of space (a real ENOSPC: a 64 KiB tmpfs, the tiny model is larger) is `error:` naming
+    the cause, and the folders it created are gone again (they were left empty)."""
+    mount = tmp_path / "small"
+    with _mounted(mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs"):
+        err = _error(capsys, ["export", str(run_dir), "--task", task, "--out", str(mount / "exports" / task)])
+        assert "No space left on device" in err
+        assert list(mount.iterdir()) == []
+
+
 def test_os_error_while_writing(tmp_path, capsys):
     """An OSError from the machine (here EISDIR: the summary's temporary file cannot be opened, after the last
     checkpoint; root may write anywhere, so a permission cannot stand in for it) is `error:`, exit 2."""

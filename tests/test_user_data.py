@@ -119,6 +119,24 @@ def test_folder_errors(tmp_path: Path) -> None:
         load_image_folder(tmp_path / "noclass", seed=0)
 
 
+def test_an_unreadable_class_folder_is_named_as_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class folder munet may not read (chmod 000 for a user; the tests run as root, who reads anything, so the
+    refusal is injected where the folder is opened) says so, where it read as "class folder is empty"."""
+    import os
+
+    _write_classes(tmp_path / "ds", {"a": 3, "b": 3}, np.random.default_rng(0))
+    locked, scandir = tmp_path / "ds" / "b", os.scandir
+
+    def refusing(path):  # what the kernel answers a user without read permission
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(DataError, match=f"{locked}: cannot read the class folder \\(Permission denied\\)"):
+        load_image_folder(tmp_path / "ds", seed=0)
+
+
 def test_folders_named_like_splits_beside_class_folders_are_an_error(tmp_path: Path) -> None:
     """A split layout with a stray folder beside train/, or val/ and test/ without train/, was read as one folder
     per class: a task of the classes "other" and "train", or "test" and "val"."""

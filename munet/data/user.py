@@ -8,6 +8,7 @@ these messages are what a user sees when their data does not load.
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -177,6 +178,11 @@ def _list_class_tree(folder: Path, class_names: list[str] | None, exts: set[str]
     found: list[Path] = []
     labels: list[int] = []
     for d in dirs:
+        try:  # rglob passes over a folder it cannot read: without this, "empty" would be the message
+            os.scandir(d).close()
+        except OSError as err:
+            raise DataError(f"{d}: cannot read the class folder ({err.strerror or err}); give munet read access to "
+                            "it, or move it out of the task folder") from None
         files = _list_images(d, exts)
         if not files:
             raise DataError(f"{d}: class folder is empty (no readable image files with extensions like .png, .jpg)")

@@ -18,8 +18,9 @@ from munet.model.path import TaskPath
 from munet.model.roots import load_root
 from munet.multitask_export import export_multitask, multitask_config
 from munet.predict import ImageLike, Prediction, predict, to_uint8_images
+from munet.storage.records import class_name_misfits
 from munet.storage.snapshot import load_checkpoint
-from munet.storage.store import BLOB_DIR, Store, class_name_misfits
+from munet.storage.store import BLOB_DIR, Store
 from munet.storage.stored_root import root_from_store, verify_root
 from munet.wiring import Wiring
 

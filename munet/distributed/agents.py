@@ -39,13 +39,14 @@ from munet.evolution.system import System
 from munet.model.components import NOT_TRAINABLE, Component
 from munet.model.path import TaskPath
 from munet.model.roots import load_root
+from munet.storage.records import LivePathRecord
 from munet.storage.snapshot import (
     component_from_record,
     component_record,
     path_from_record,
     path_row,
 )
-from munet.storage.store import LivePathRecord, Store
+from munet.storage.store import Store
 from munet.storage.stored_root import stored_posembed_resize, verify_root
 from munet.wiring import Wiring, resolve_device, train_settings, use_threads
 

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from munet.config import RunConfig
 from munet.errors import MunetError, StoreError
 from munet.model.path import slot_problems
-from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store, class_name_misfits
+from munet.storage.records import class_name_misfits
+from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
 
 
 @dataclass

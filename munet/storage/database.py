@@ -17,6 +17,7 @@ from munet.errors import StoreError
 
 SCHEMA_VERSION = 1
 DB_NAME = "munet.db"
+BLOB_DIR = "blobs"  # beside the database: the content-addressed blobs (see munet.storage.store)
 # What reading a damaged database raises: SQLite's errors (a malformed file, text that is not UTF-8) and records
 # that are no longer JSON.
 DAMAGE_ERRORS = (sqlite3.DatabaseError, json.JSONDecodeError, UnicodeDecodeError)
@@ -88,6 +89,30 @@ def create(db: FsPath) -> sqlite3.Connection:
 def sidecars(db: FsPath) -> tuple[FsPath, FsPath]:
     """The WAL and shared-memory index files SQLite keeps beside ``db`` (``-wal``, ``-shm``)."""
     return db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+
+
+def run_database(run_dir: FsPath) -> FsPath:
+    """The database file of the run directory ``run_dir``, once it is there and is a file.
+
+    Raises:
+        StoreError: ``run_dir`` is missing (or a dangling link), a file, or holds no database file (with a blob
+            folder: the database of a run is missing, else it is no run directory).
+    """
+    db = run_dir / DB_NAME
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise StoreError(f"{run_dir} is a symbolic link to {os.readlink(run_dir)}, which does not exist")
+    if not run_dir.exists():
+        raise StoreError(f"{run_dir} does not exist")
+    if not run_dir.is_dir():
+        hint = f"; pass its directory {run_dir.parent}" if run_dir.name == DB_NAME else ""
+        raise StoreError(f"{run_dir} is a file, not a run directory{hint}")
+    if not db.exists():
+        what = "its database is missing" if (run_dir / BLOB_DIR).is_dir() else "it is not a munet run directory"
+        raise StoreError(f"{run_dir} holds no {DB_NAME}: {what}")
+    if not db.is_file():  # SQLite says "disk I/O error"
+        raise StoreError(f"{db} is a directory or a special file, not the run's database; restore the run from a "
+                         "copy")
+    return db
 
 
 def connect_readonly(db: FsPath) -> sqlite3.Connection:

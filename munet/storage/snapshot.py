@@ -29,7 +29,8 @@ from munet.evolution.system import ScoreConfig, System
 from munet.model.components import Component, kind_of, slot_index
 from munet.model.path import TaskPath, slot_problems
 from munet.model.root import Root
-from munet.storage.store import ComponentRecord, LivePathRecord, Store
+from munet.storage.records import ComponentRecord, LivePathRecord
+from munet.storage.store import Store
 
 
 @dataclass

@@ -36,7 +36,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -44,62 +43,23 @@ import torch
 
 from munet.errors import StoreError
 from munet.storage import database
-from munet.storage.database import DAMAGE_ERRORS, DB_NAME, PATH_COLUMNS, UPDATED_PATH_COLUMNS
+from munet.storage.database import BLOB_DIR, DAMAGE_ERRORS, DB_NAME, PATH_COLUMNS, UPDATED_PATH_COLUMNS
 from munet.storage.files import SUFFIX, BlobDir, lock_file, unlock_file
+from munet.storage.records import (
+    META_TYPES,
+    ROOT_FIELDS,
+    AgentRecord,
+    ComponentRecord,
+    LivePathRecord,
+    json_value,
+    live_path_record,
+    meta_problem,
+    path_object,
+)
 
-BLOB_DIR = "blobs"
-#: Fields every root record has had since the store's first version (later ones are read with defaults).
-ROOT_FIELDS = ("name", "description", "source", "sha256", "mean", "std", "pretrained", "full_depth", "depth", "arch",
-               "components")
 LOCK_NAME = "munet.lock"
-#: The JSON type of each run-wide meta record (checked by Store.meta_problems: `munet check` and the readers).
-META_TYPES: dict[str, type | tuple[type, ...]] = {
-    "config": dict, "root": dict, "plan": dict, "checkpoint": dict, "runtime": dict, "data_fingerprints": dict,
-    "wall_time_s": (int, float)}
 AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
-
-
-@dataclass(frozen=True)
-class ComponentRecord:
-    """One component as stored: ``shape`` holds its constructor arguments, ``tensors`` its tensor shapes, ``blob``
-    and ``momentum`` the hashes of its weights and of its momentum trace."""
-
-    id: int
-    name: str
-    origin: str
-    locks: list[str]
-    shape: dict[str, int]
-    tensors: dict[str, list[int]]
-    num_params: int
-    blob: str
-    momentum: str | None
-
-
-@dataclass(frozen=True)
-class LivePathRecord:
-    """A path the checkpointed system holds: ``link`` is its current parent, ``rank`` its place in its task's
-    population (``None``: an ancestor kept for its children's lineage)."""
-
-    id: int
-    link: int | None
-    rank: int | None
-    task: str
-    components: dict[str, int]
-    hparams: dict[str, Any]
-    mutations: dict[str, Any]
-    metrics: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class AgentRecord:
-    """An agent's last publication: ``cycle`` cycles done, its task's retained ``path`` (``None``: nothing kept
-    yet) and its own ``state`` (what restarting it needs)."""
-
-    task: str
-    cycle: int
-    path: LivePathRecord | None
-    state: dict[str, Any]
 
 
 class Store:
@@ -171,20 +131,7 @@ class Store:
             require_checkpoint: refuse a database without a checkpoint record (``munet check`` reports it instead).
         """
         run_dir = FsPath(run_dir)
-        db = run_dir / DB_NAME
-        if run_dir.is_symlink() and not run_dir.exists():
-            raise StoreError(f"{run_dir} is a symbolic link to {os.readlink(run_dir)}, which does not exist")
-        if not run_dir.exists():
-            raise StoreError(f"{run_dir} does not exist")
-        if not run_dir.is_dir():
-            hint = f"; pass its directory {run_dir.parent}" if run_dir.name == DB_NAME else ""
-            raise StoreError(f"{run_dir} is a file, not a run directory{hint}")
-        if not db.exists():
-            what = "its database is missing" if (run_dir / BLOB_DIR).is_dir() else "it is not a munet run directory"
-            raise StoreError(f"{run_dir} holds no {DB_NAME}: {what}")
-        if not db.is_file():  # SQLite says "disk I/O error"
-            raise StoreError(f"{db} is a directory or a special file, not the run's database; restore the run from "
-                             "a copy")
+        db = database.run_database(run_dir)
         lock = lock_file(run_dir, LOCK_NAME) if write else None
         conn = None
         try:
@@ -283,26 +230,25 @@ class Store:
         """A meta record that is a JSON object (``checkpoint``, ``plan``); ``None`` when absent.
 
         Raises:
-            StoreError: the value is not an object (the database was damaged or edited).
+            StoreError: the value is not an object, or not of its record's shape (the database was damaged or
+                edited).
         """
         value = self.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise StoreError(self._edited(key, f"is a {type(value).__name__}, not an object"))
+        problem = None if value is None else meta_problem(key, value)
+        if problem:
+            raise StoreError(self._edited(key, problem))
         return value
 
     def meta_problems(self) -> dict[str, str]:
         """``key -> what is wrong`` for each run-wide record of :data:`META_TYPES` that is present but of another
         type, a JSON null included (the database was damaged or edited; munet never writes one)."""
         problems = {}
-        for key, kind in META_TYPES.items():
+        for key in META_TYPES:
             row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-            value = None if row is None or isinstance(row[0], bytes) else json.loads(row[0])
-            if row is not None and not isinstance(value, kind):
-                problems[key] = self._edited(key, f"is a {type(value).__name__}, not "
-                                                  f"{'an object' if kind is dict else 'a number'}")
-        plan = self.get("plan")
-        if isinstance(plan, dict) and not (isinstance(plan.get("order"), list) and isinstance(plan.get("done"), int)):
-            problems["plan"] = self._edited("plan", "lacks its list 'order' or its count 'done'")
+            problem = None if row is None else meta_problem(key, None if isinstance(row[0], bytes) else
+                                                            json.loads(row[0]))
+            if problem:
+                problems[key] = self._edited(key, problem)
         return problems
 
     def require_records(self) -> None:
@@ -348,16 +294,17 @@ class Store:
         ``quality`` (best validation), ``test_quality``, ``score``, ``retained`` (in a task's population now) and
         ``metrics`` (the trainer's outcome: validation curve, training steps and images...)."""
         retained = {row[0] for row in self._conn.execute("SELECT path_id FROM live WHERE rank IS NOT NULL")}
-        return [{"id": pid, "task": task, "parent": parent, "hparams": _object(hp, "hparams", pid),
-                 "mutations": _object(mut, "mutations", pid), "accepted": bool(acc), "quality": q, "test_quality": tq,
-                 "score": sc, "retained": pid in retained, "metrics": _object(metrics, "metrics", pid)}
+        return [{"id": pid, "task": task, "parent": parent, "hparams": path_object(hp, "hparams", pid),
+                 "mutations": path_object(mut, "mutations", pid), "accepted": bool(acc), "quality": q,
+                 "test_quality": tq, "score": sc, "retained": pid in retained,
+                 "metrics": path_object(metrics, "metrics", pid)}
                 for pid, task, parent, hp, mut, acc, q, tq, sc, metrics in self._conn.execute(
                     "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score, metrics "
                     "FROM paths ORDER BY id")]
 
     def task_class_names(self) -> dict[str, list[str]]:
         """Each task's class names, in the order the tasks joined the run."""
-        return {name: _json(names, list, f"the class names of task {name!r}") for name, names in
+        return {name: json_value(names, list, f"the class names of task {name!r}") for name, names in
                 self._conn.execute("SELECT name, class_names FROM tasks ORDER BY position")}
 
     def retained_paths(self) -> list[dict[str, Any]]:
@@ -372,10 +319,7 @@ class Store:
         """Every path the checkpointed system holds, by id."""
         query = ("SELECT live.path_id, live.link, live.rank, paths.task, paths.components, paths.hparams, "
                  "paths.mutations, paths.metrics FROM live JOIN paths ON paths.id = live.path_id ORDER BY live.path_id")
-        return [LivePathRecord(pid, link, rank, task, _object(comps, "components", pid),
-                               _object(hparams, "hparams", pid), _object(mutations, "mutations", pid),
-                               _object(metrics, "metrics", pid))
-                for pid, link, rank, task, comps, hparams, mutations, metrics in self._conn.execute(query)]
+        return [live_path_record(*row) for row in self._conn.execute(query)]
 
     def live_links(self) -> dict[int, int | None]:
         """``path id -> current parent id`` of every live path, whether or not its path record exists."""
@@ -393,9 +337,8 @@ class Store:
         records = {}
         for task, cycle, state, pid, comps, hparams, mutations, metrics in self._conn.execute(query):
             state = json.loads(state)
-            path = None if pid is None else LivePathRecord(
-                pid, state.get("link"), 0, task, _object(comps, "components", pid), _object(hparams, "hparams", pid),
-                _object(mutations, "mutations", pid), _object(metrics, "metrics", pid))
+            path = None if pid is None else live_path_record(pid, state.get("link"), 0, task, comps, hparams,
+                                                               mutations, metrics)
             records[task] = AgentRecord(task, cycle, path, state)
         return records
 
@@ -418,9 +361,9 @@ class Store:
         else:
             rows = self._conn.execute(query + " WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
                                       (json.dumps(sorted(ids)),))
-        return [ComponentRecord(cid, name, origin, _json(locks, list, f"the locks of component #{cid}"),
-                                _json(shape, dict, f"the shape of component #{cid}"),
-                                _json(tensors, dict, f"the tensor shapes of component #{cid}"),
+        return [ComponentRecord(cid, name, origin, json_value(locks, list, f"the locks of component #{cid}"),
+                                json_value(shape, dict, f"the shape of component #{cid}"),
+                                json_value(tensors, dict, f"the tensor shapes of component #{cid}"),
                                 n, blob, momentum)
                 for cid, name, origin, locks, shape, tensors, n, blob, momentum in rows]
 
@@ -605,25 +548,6 @@ class Store:
         return {"database": db, "blobs": blobs, "total": db + blobs}
 
 
-def _json(text: str | None, kind: type, what: str) -> Any:
-    """A JSON column's value, which must be a ``kind`` (``None``: an empty one).
-
-    Raises:
-        StoreError: another type (the database was damaged or edited); text that is not JSON raises
-            JSONDecodeError, which the store's readers report as damage too.
-    """
-    value = kind() if text is None else json.loads(text)
-    if not isinstance(value, kind):
-        raise StoreError(f"{what} is a {type(value).__name__} in the run database, not a {kind.__name__}: the database "
-                         "was damaged or edited; restore the run from a copy (`munet check` reports what it can read)")
-    return value
-
-
-def _object(text: str | None, column: str, path_id: int) -> dict[str, Any]:
-    """Column ``column`` of path ``path_id``'s record: a JSON object (see :func:`_json`)."""
-    return _json(text, dict, f"the {column} of path #{path_id}")
-
-
 def owned_by_store(path: FsPath) -> bool:
     """Whether ``path`` names a file the store of a run directory owns, which nothing else may write: the database
     and its SQLite sidecars, the lock files, anything in its blob folder."""
@@ -632,13 +556,6 @@ def owned_by_store(path: FsPath) -> bool:
         return False
     return (path.parent.name == BLOB_DIR or path.name.startswith(DB_NAME) or path.name == LOCK_NAME
             or fnmatch.fnmatch(path.name, AGENT_LOCK.format("*")))
-
-
-def class_name_misfits(class_names: dict[str, list[str]], num_classes: dict[str, int]) -> list[str]:
-    """One line per task whose class names (``Store.task_class_names``) are not as many as ``num_classes`` (the
-    checkpoint's) says it has: a prediction would index past its names, or leave classes unnamed."""
-    return [f"task {task!r} has {len(names)} class names for {num_classes[task]} classes"
-            for task, names in class_names.items() if task in num_classes and len(names) != num_classes[task]]
 
 
 def _busy(err: sqlite3.OperationalError) -> bool:

@@ -406,6 +406,8 @@ def run_benchmark(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="results directory (default: benchmarks/results)")
     parser.add_argument("--baselines", help="comma-separated baselines (e.g. freeze:0,adapters:64) replacing the "
                                             "mode's budget-1 grid, in that order")
+    parser.add_argument("--curve-baselines", help="comma-separated baselines of the curve's larger budgets, replacing "
+                                                  "the mode's (e.g. to run the best one's seeds first)")
     parser.add_argument("--plan", action="store_true", help="print the units and exit")
     parser.add_argument("--report", action="store_true",
                         help="write the report from the finished units only, running nothing (missing ones are listed)")
@@ -451,7 +453,8 @@ def run_benchmark(argv: list[str] | None = None) -> int:
     specs += [BaselineSpec("adapters", a) for a in mode.adapters] + [BaselineSpec("lora", r) for r in mode.lora_ranks]
     if args.baselines:
         specs = [BaselineSpec.parse(t) for t in args.baselines.split(",") if t]
-    curve_specs = [BaselineSpec.parse(t) for t in mode.curve_baselines]
+    curve_specs = [BaselineSpec.parse(t) for t in (args.curve_baselines.split(",") if args.curve_baselines
+                                                   else mode.curve_baselines) if t]
     print(f"quality benchmark, {name} mode{' with the curve' if args.curve else ''}: {len(runs)} muNet runs, "
           f"{len(specs)} baselines x {len(cfg.tasks)} tasks" + (f", {len(curve_specs)} baselines at budgets "
           f"{[b for b in mode.budgets if b != 1]}, seeds {list(mode.seeds)}" if args.curve else "")

@@ -14,7 +14,6 @@ The model takes ``(B, 3, S, S)`` float images: RGB pixels in [0, 1] resized to `
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import warnings
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -258,27 +257,11 @@ def read_export(directory: str | FsPath, kind: str, version: int) -> tuple[dict[
     weights = directory / MODEL_FILES["safetensors"]
     if not weights.is_file():
         raise ExportError(f"{directory} holds no model.safetensors, which its config.json names: export again")
-    return config, weights
-
-
-def read_weights(file: FsPath, sha256: str | None) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors ``file``, read once and, when ``sha256`` is given (an export's
-    ``weights_sha256``; absent in exports written before it was recorded), checked to be the bytes it names.
-
-    Raises:
-        ExportError: the file cannot be read, is not the file ``sha256`` names, or is no safetensors file.
-    """
-    try:
-        data = file.read_bytes()
-    except OSError as err:
-        raise ExportError(f"cannot read {file}: {err.strerror or err}") from err
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ExportError(f"{file} is not the model its config.json was written with (an export interrupted "
+    bound = config.get("weights_sha256")  # absent in exports written before it was recorded
+    if bound is not None and bound != file_sha256(weights):
+        raise ExportError(f"{weights} is not the model its config.json was written with (an export interrupted "
                           "between its two files, or a file replaced by hand): export again")
-    try:
-        return load(data)
-    except SafetensorError as err:
-        raise ExportError(f"cannot read {file}: {err}") from err
+    return config, weights
 
 
 @contextlib.contextmanager
@@ -331,10 +314,9 @@ def load_exported(directory: str | FsPath) -> ExportedViT:
     config, weights = read_export(directory, FORMAT, VERSION)
     with edited_config(FsPath(directory)):
         model = build_model(config)
-    tensors = read_weights(weights, config.get("weights_sha256"))
     try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as err:
         raise ExportError(f"{weights} does not fit the architecture in config.json: {err}") from err
     model.export_config = config
     return model.eval()

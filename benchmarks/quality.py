@@ -406,8 +406,9 @@ def run_benchmark(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="results directory (default: benchmarks/results)")
     parser.add_argument("--baselines", help="comma-separated baselines (e.g. freeze:0,adapters:64) replacing the "
                                             "mode's budget-1 grid, in that order")
-    parser.add_argument("--curve-baselines", help="comma-separated baselines of the curve's larger budgets, replacing "
-                                                  "the mode's (e.g. to run the best one's seeds first)")
+    parser.add_argument("--curve-baselines", help="with --curve: comma-separated baselines of the curve's larger "
+                                                  "budgets, replacing the mode's (e.g. to run the best one's seeds "
+                                                  "first); the report then covers only these at those budgets")
     parser.add_argument("--plan", action="store_true", help="print the units and exit")
     parser.add_argument("--report", action="store_true",
                         help="write the report from the finished units only, running nothing (missing ones are listed)")
@@ -438,6 +439,8 @@ def run_benchmark(argv: list[str] | None = None) -> int:
     elif args.tasks:
         cfg, suffix = cfg.replace(tasks=[t for t in args.tasks.split(",") if t]), "tasks_" + slug(args.tasks)[:60]
     budgets = ints(args.budgets) if args.budgets else mode.budgets
+    if args.curve_baselines and not args.curve:
+        parser.error("--curve-baselines names the baselines of the curve's larger budgets: add --curve")
     if not set(budgets) <= set(mode.budgets):
         parser.error(f"--budgets {args.budgets}: the {mode.name} mode's budgets are {list(mode.budgets)}")
     mode = dataclasses.replace(mode, cfg=cfg, adapters=ints(args.adapters) if args.adapters else mode.adapters,

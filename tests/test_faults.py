@@ -290,13 +290,21 @@ def test_disk_full_during_a_checkpoint(tmp_path, capsys, where, nth):
 
 @pytest.mark.parametrize("task", ["a", "all"])
 def test_an_export_on_a_full_disk_leaves_nothing(run_dir, tmp_path, capsys, task):
-    """An export that runs out of space (a real ENOSPC: a 64 KiB tmpfs, the tiny model is larger) is `error:` naming
-    the cause, and the folders it created are gone again (they were left empty)."""
+    """An export that runs out of space (a real ENOSPC on a small tmpfs) is `error:` naming the cause; the folders it
+    created are gone again (they were left empty), while a folder the user made and an earlier export it was to
+    replace stay as they were."""
+    assert main(["export", str(run_dir), "--task", task, "--out", str(tmp_path / "earlier")]) == 0
+    earlier = {p.name: p.read_bytes() for p in (tmp_path / "earlier").iterdir()}
+    room = sum(len(data) for data in earlier.values()) * 3 // 2  # one export fits, a second beside it does not
     mount = tmp_path / "small"
-    with _mounted(mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs"):
-        err = _error(capsys, ["export", str(run_dir), "--task", task, "--out", str(mount / "exports" / task)])
-        assert "No space left on device" in err
-        assert list(mount.iterdir()) == []
+    with _mounted(mount, "-t", "tmpfs", "-o", f"size={room}", "tmpfs"):
+        shutil.copytree(tmp_path / "earlier", mount / "earlier")
+        (mount / "mine").mkdir()
+        for out in (mount / "exports" / task, mount / "mine", mount / "earlier"):
+            assert "No space left on device" in _error(capsys, ["export", str(run_dir), "--task", task, "--out",
+                                                                str(out)]), out
+        assert sorted(p.name for p in mount.iterdir()) == ["earlier", "mine"] and not any((mount / "mine").iterdir())
+        assert {p.name: p.read_bytes() for p in (mount / "earlier").iterdir()} == earlier
 
 
 def test_os_error_while_writing(tmp_path, capsys):
@@ -650,31 +658,47 @@ def test_records_of_another_json_type_are_damage(run_dir, tmp_path, capsys, tabl
         assert argv[0] != "check" or status == 1 and "problem: " in out, (argv, out)
 
 
-def _more_layers(comps: dict, hparams: dict) -> str:
+def _more_layers(db, comps: dict, hparams: dict) -> str:
     hparams["num_layers"] = 9
     return "has 9 layers but no component for block_3"
 
 
-def _unknown_slot(comps: dict, hparams: dict) -> str:
+def _unknown_slot(db, comps: dict, hparams: dict) -> str:
     comps["wibble"] = comps["block_0"]
     return "has a component slot 'wibble' that no munet layer has"
 
 
-def _block_as_adapter(comps: dict, hparams: dict) -> str:
+def _block_as_adapter(db, comps: dict, hparams: dict) -> str:
     comps["adapter_1"] = comps["block_0"]
     return "holds a block_0 component in its adapter_1 slot"
 
 
-def _no_head(comps: dict, hparams: dict) -> str:
+def _no_head(db, comps: dict, hparams: dict) -> str:
     del comps["head"]
     return "has 3 layers but no component for head"
 
 
-@pytest.mark.parametrize("damage", [_more_layers, _unknown_slot, _block_as_adapter, _no_head])
+def _image_size(db, comps: dict, hparams: dict) -> str:
+    hparams["ds_image_size"] = 16  # the tiny root's patches are 4 px; no path of the run is at 16 px
+    return "but its image size 16 px makes 17"
+
+
+def _other_tasks_head(db, comps: dict, hparams: dict) -> str:
+    import json
+
+    heads = dict(db.execute("SELECT id, shape FROM components WHERE name = 'head'").fetchall())
+    own = json.loads(heads[comps["head"]])["num_classes"]
+    comps["head"] = next(cid for cid, shape in heads.items() if json.loads(shape)["num_classes"] != own)
+    return f"classes, but its task has {own}"
+
+
+@pytest.mark.parametrize("damage", [_more_layers, _unknown_slot, _block_as_adapter, _no_head, _image_size,
+                                    _other_tasks_head])
 def test_a_path_record_munet_cannot_build_is_a_store_error(run_dir, tmp_path, capsys, damage):
-    """A damaged path record (more layers than blocks, a slot no layer has, a block in an adapter's slot, no head):
-    `munet check` names it as a problem where it said ok, and report, export and predict name the path, exit 2, where
-    each was a traceback (KeyError, AttributeError, RuntimeError) at the first forward or export; nothing changes."""
+    """A damaged path record (more layers than blocks, a slot no layer has, a block in an adapter's slot, no head, an
+    image size its position embedding does not fit, another task's head): `munet check` names it as a problem where
+    it said ok, and report, export and predict name the path, exit 2, where each was a traceback (KeyError,
+    AttributeError, RuntimeError) at the first forward or export; nothing changes."""
     import json
 
     from PIL import Image
@@ -686,15 +710,21 @@ def test_a_path_record_munet_cannot_build_is_a_store_error(run_dir, tmp_path, ca
             "SELECT p.id, p.task, p.components, p.hparams FROM paths p JOIN live l ON l.path_id = p.id "
             "WHERE l.rank IS NOT NULL LIMIT 1").fetchone()
         comps, hparams = json.loads(comps), json.loads(hparams)
-        expected = f"path #{pid} ({task}) {damage(comps, hparams)}"
+        expected = damage(db, comps, hparams)
         db.execute("UPDATE paths SET components = ?, hparams = ? WHERE id = ?",
                    (json.dumps(comps), json.dumps(hparams), pid))
+    expected_path = f"path #{pid} ({task}) "
     before = _files(run)
-    assert main(["check", str(run)]) == 1 and f"problem: {expected}" in capsys.readouterr().out
+    assert main(["check", str(run)]) == 1
+    found = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"problem: {expected_path}")]
+    assert len(found) == 1 and expected in found[0], found
     for argv in (["predict", str(run), "--task", "all", str(tmp_path / "x.png")],
-                 ["report", str(run), "--out", str(tmp_path / "r.html")],
                  ["export", str(run), "--task", task, "--out", str(tmp_path / "export")]):
-        assert expected in _error(capsys, argv), argv
+        err = _error(capsys, argv)
+        assert expected_path in err and expected in err, (argv, err)
+    if damage not in (_image_size, _other_tasks_head):  # the report shows names and slots, no shapes
+        err = _error(capsys, ["report", str(run), "--out", str(tmp_path / "r.html")])
+        assert expected_path in err and expected in err, err
     assert _files(run) == before
 
 

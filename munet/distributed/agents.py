@@ -119,7 +119,8 @@ def _path(store: Store, system: System, rec: LivePathRecord, held: dict[int, Com
         raise StoreError(f"the published path #{rec.id} of task {rec.task} uses component(s) "
                          f"{', '.join(map(str, sorted(absent)))}, which {store.dir} does not hold; run `munet check "
                          f"{store.dir}`")
-    return path_from_record(rec, {name: held[cid] for name, cid in rec.components.items()})
+    return path_from_record(rec, {name: held[cid] for name, cid in rec.components.items()}, system.root.patch_size,
+                            system.num_classes.get(rec.task))
 
 
 # --- one agent --------------------------------------------------------------------------------------------------

@@ -127,13 +127,25 @@ class TaskPath:
         return f"TaskPath(#{self.id} {self.task}, layers={self.num_layers}, components={ids})"
 
 
-def slot_problems(slots: dict[str, str], hparams: dict[str, Any]) -> list[str]:
-    """What keeps a path of ``slots`` (slot -> the name of the component it holds) and ``hparams`` from running, one
-    phrase each (empty: it can be built): slots no layer has, a component in another component's slot, slots a path
-    needs left empty. A damaged or edited path record is the only source of these.
+#: What a slot holds, as the checks of :func:`slot_problems` read it: the component's name and its shape arguments
+#: (``ComponentKind.shape_args``; ``None``: not known, e.g. a component without a record).
+SlotContent = tuple[str, "dict[str, Any] | None"]
+
+
+def slot_problems(slots: dict[str, SlotContent], hparams: dict[str, Any], patch_size: int | None = None,
+                  num_classes: int | None = None) -> list[str]:
+    """What keeps a path of ``slots`` (slot -> what it holds) and ``hparams`` from running, one phrase each (empty: it
+    can be built). A damaged or edited path record is the only source of these.
+
+    Args:
+        slots: each slot's content; a component must sit in its own slot, of a layer munet has.
+        hparams: the path's hyperparameters (``num_layers``: the blocks it needs; ``ds_image_size``: the position
+            embedding's tokens).
+        patch_size: the root's patch size; ``None`` skips the position embedding's check.
+        num_classes: the task's classes; ``None`` skips the head's check.
     """
     problems = []
-    for slot, name in slots.items():
+    for slot, (name, _) in slots.items():
         try:
             kind_of(slot)
         except KeyError:
@@ -151,4 +163,14 @@ def slot_problems(slots: dict[str, str], hparams: dict[str, Any]) -> list[str]:
     missing = [slot for slot in needed if slot not in slots]
     if missing:
         problems.append(f"has {layers} layers but no component for {', '.join(missing)}")
+    posembed, head = (slots.get(slot, ("", None))[1] for slot in ("posembed", "head"))
+    if patch_size is not None and posembed is not None:
+        size = hparams.get("ds_image_size")
+        if not isinstance(size, int) or size < patch_size:
+            problems.append(f"has damaged hyperparameters (ds_image_size {size!r})")
+        elif posembed.get("tokens") != 1 + (size // patch_size) ** 2:
+            problems.append(f"has a position embedding of {posembed.get('tokens')} tokens, but its image size {size} "
+                            f"px makes {1 + (size // patch_size) ** 2}")
+    if num_classes is not None and head is not None and head.get("num_classes") != num_classes:
+        problems.append(f"has a head of {head.get('num_classes')} classes, but its task has {num_classes}")
     return problems

@@ -11,8 +11,9 @@ from safetensors import safe_open
 
 from munet.config import RunConfig
 from munet.errors import MunetError, StoreError
-from munet.model.path import slot_problems
+from munet.model.path import SlotContent
 from munet.storage.records import class_name_misfits
+from munet.storage.snapshot import record_problems
 from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
 
 
@@ -64,10 +65,10 @@ def _check(store: Store, report: CheckReport, data: bool) -> None:
         return
     problems += [f"the database has no {key!r} record" for key in absent]
     problems += damaged.values()
-    components: dict[int, str] = {}
+    components: dict[int, SlotContent] = {}  # id -> name and shape
     referenced: set[str] = set()
     for r in store.components():
-        components[r.id] = r.name
+        components[r.id] = (r.name, r.shape)
         what = f"component {r.name}#{r.id}"
         _check_blob(store, r.blob, what, r.tensors, exact=True, problems=problems)
         referenced.add(r.blob)
@@ -107,7 +108,7 @@ def _check_blob(store: Store, digest: str, what: str, shapes: dict[str, list[int
         problems.append(f"blob {path.name} of {what} holds tensors {found}, but its record says {expected}")
 
 
-def _check_references(store: Store, components: dict[int, str], problems: list[str]) -> None:
+def _check_references(store: Store, components: dict[int, SlotContent], problems: list[str]) -> None:
     """Root, checkpoint, population and lineage records must point at records and components that exist."""
     try:
         root = store.root_record() or {}
@@ -141,8 +142,7 @@ def _check_references(store: Store, components: dict[int, str], problems: list[s
         for name, cid in comps.items():
             if cid not in components:
                 problems.append(f"path #{pid} ({task}) uses {name} component #{cid}, which has no record")
-        slots = {slot: components.get(cid, slot) for slot, cid in comps.items()}  # a missing record: said above
-        problems += [f"path #{pid} ({task}) {problem}" for problem in slot_problems(slots, rows[pid].hparams)]
+        problems += record_problems(rows[pid], components, root.get("patch_size"), num_classes.get(task))
     in_flight = ck.get("in_flight")
     if in_flight:
         for pid in in_flight["seeds"]:

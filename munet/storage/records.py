@@ -1,5 +1,6 @@
-"""The records a run store holds, as typed values, and the checks of their JSON types. Nothing here touches the
-database: :mod:`munet.storage.store`, its one owner, reads and writes the records through these."""
+"""The records a run store holds, as typed values, the checks of their JSON types and of records against each other.
+Nothing here touches the database: :mod:`munet.storage.store`, its one owner, reads and writes the records through
+these."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from munet.errors import DataError, StoreError
 from munet.evolution.loop import Evolution, IterationState
 from munet.evolution.system import ScoreConfig, System
 from munet.model.components import Component, kind_of, slot_index
-from munet.model.path import TaskPath, slot_problems
+from munet.model.path import SlotContent, TaskPath, slot_problems
 from munet.model.root import Root
 from munet.storage.records import ComponentRecord, LivePathRecord
 from munet.storage.store import Store
@@ -269,7 +269,7 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
         except KeyError as err:
             raise StoreError(f"path #{rec.id} uses component #{err.args[0]}, which {store.dir} does not hold; run "
                              f"`munet check {store.dir}`") from None
-        paths[rec.id] = path_from_record(rec, comps)
+        paths[rec.id] = path_from_record(rec, comps, root.patch_size, ck["num_classes"].get(rec.task))
         links[rec.id] = rec.link
         if rec.rank is not None:
             population.append((rec.rank, rec.id, rec.task))
@@ -284,26 +284,44 @@ def load_checkpoint(store: Store, root: Root, image_size: int, score: ScoreConfi
     return system, Checkpoint(plan["order"], plan["done"], ck["iteration"], ck["in_flight"], paths, ck)
 
 
-def path_from_record(rec: LivePathRecord, components: dict[str, Component]) -> TaskPath:
-    """The path of record ``rec`` over ``components`` (its slots' components), without a parent link."""
-    metrics = dict(rec.metrics, mutations=rec.mutations)
-    offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
-    require_buildable(rec, {comp.id: comp.name for comp in components.values()})
-    path = TaskPath(rec.id, rec.task, components, rec.hparams, None, metrics, offsprings, fresh_head)
-    return path
-
-
-def require_buildable(rec: LivePathRecord, names: dict[int, str]) -> None:
-    """Checks that path record ``rec`` describes a path munet can build (``names``: component id -> slot name; an
-    id without a name is a missing record, which the readers report apart).
+def path_from_record(rec: LivePathRecord, components: dict[str, Component], patch_size: int,
+                     num_classes: int | None) -> TaskPath:
+    """The path of record ``rec`` over ``components`` (its slots' components), without a parent link.
 
     Raises:
-        StoreError: the first of :func:`slot_problems` (a damaged or edited record: a traceback at the first forward,
-            report or export otherwise).
+        StoreError: the record describes a path munet cannot build (see :func:`require_buildable`).
     """
-    problems = slot_problems({slot: names.get(cid, slot) for slot, cid in rec.components.items()}, rec.hparams)
+    contents = {comp.id: (comp.name, _shape_args(comp)) for comp in components.values()}
+    require_buildable(rec, contents, patch_size, num_classes)
+    metrics = dict(rec.metrics, mutations=rec.mutations)
+    offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
+    return TaskPath(rec.id, rec.task, components, rec.hparams, None, metrics, offsprings, fresh_head)
+
+
+def record_problems(rec: LivePathRecord, contents: dict[int, SlotContent], patch_size: int | None = None,
+                    num_classes: int | None = None) -> list[str]:
+    """Why path record ``rec`` describes no path munet can build, one sentence each naming the path (empty: it
+    can be built); ``contents``: component id -> what it is (an id without one is a missing record, which the
+    readers report apart). See :func:`slot_problems` for the rest."""
+    slots = {slot: contents.get(cid, (slot, None)) for slot, cid in rec.components.items()}
+    return [f"path #{rec.id} ({rec.task}) {problem}"
+            for problem in slot_problems(slots, rec.hparams, patch_size, num_classes)]
+
+
+def require_buildable(rec: LivePathRecord, contents: dict[int, SlotContent], patch_size: int | None = None,
+                      num_classes: int | None = None) -> None:
+    """Raises StoreError with the first of :func:`record_problems` (a damaged or edited record: a traceback at the
+    first forward, report or export otherwise)."""
+    problems = record_problems(rec, contents, patch_size, num_classes)
     if problems:
-        raise StoreError(f"path #{rec.id} ({rec.task}) {problems[0]}; run `munet check`")
+        raise StoreError(f"{problems[0]}; run `munet check`")
+
+
+def _shape_args(comp: Component) -> dict[str, Any] | None:
+    try:
+        return kind_of(comp.name).shape_args(comp.module)
+    except KeyError:  # a component of no kind: its slot's problem says so
+        return None
 
 
 def component_from_record(store: Store, r: ComponentRecord, root: Root) -> Component:

@@ -38,7 +38,8 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "affordable_clones": False, "given_back_adapters": False,
                                        "root_clones_only": False, "first_task_finetune": False,
                                        "accept_margin": 0.0, "affordable_gain": 1.0,
-                                       "amortise_root": False, "amortise_over": "all", "frozen_bottom": 0}
+                                       "amortise_root": False, "amortise_over": "all", "frozen_bottom": 0,
+                                       "remove_layers": True}
 
 
 #: Upper bounds far past any run that could end (a month of a large machine): they stop a typo, an extra zero or
@@ -164,6 +165,10 @@ class RunConfig:
             are never cloned: every path reads them frozen and shared, as a freeze-N baseline trains above them (0:
             the spec, where any frozen component may be cloned; a lineage then ends up owning block 0, since every
             child draws its clone anew and a clone is never given back).
+        remove_layers: a ``num_layers`` mutation may remove a path's top layer (the spec; with a root of ``depth``
+            layers and no ``max_depth`` it can do nothing else); false: it only re-adds layers (with ``max_depth``),
+            and a draw that would remove one changes nothing (it is drawn all the same, so a run in which no removal
+            is drawn is the spec's run, bit for bit).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -237,6 +242,7 @@ class RunConfig:
     amortise_over: str = "all"
     given_back_adapters: bool = True
     frozen_bottom: int = 0
+    remove_layers: bool = True
     seed: int = 0
     device: str = "auto"
     threads: int = 0

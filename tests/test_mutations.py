@@ -94,6 +94,24 @@ def test_layer_removal_drops_top_block_and_readdition_takes_it_from_ancestors(sy
     assert grandchild.components["block_2"] is system.root_path.components["block_2"]
 
 
+def test_without_layer_removal_a_removing_draw_changes_nothing(tiny_root):
+    """``remove_layers=False``: the draw that removes a layer under the spec leaves the child whole, and a lineage of
+    mutated children (μ 0.5) keeps every layer, where the spec's loses some."""
+    for remove in (True, False):
+        system = System(tiny_root, 8)
+        system.add_task("a", 3)
+        policy = AlwaysPolicy({"hp:num_layers"})
+        policy.rng = random.Random(1)
+        child = make_child(system, system.root_path, "a", _ds(), mutate=True, policy=_step(policy, up=False),
+                           remove_layers=remove)
+        assert (child.num_layers, "num_layers" in child.metrics["mutations"]) == ((2, True) if remove else (3, False))
+        policy, parent, fewest = MutationPolicy("fixed", 0.5, random.Random(0)), system.root_path, 3
+        for _ in range(30):
+            parent = make_child(system, parent, "a", _ds(), mutate=True, policy=policy, remove_layers=remove)
+            fewest = min(fewest, parent.num_layers)
+        assert (fewest < 3) == remove
+
+
 def test_adapter_insertion_keeps_parent_function_exactly(system):
     parent = make_child(system, system.root_path, "a", _ds(), mutate=False, policy=AlwaysPolicy(set()))
     with torch.no_grad():

@@ -295,7 +295,7 @@ class Evolution:
             to_beat = system.score(parent) if affordable else None
             child = make_child(system, parent, task, ds, mutate, self.policy, self.search.mutate_adapters, clones_only,
                                to_beat, self.search.given_back_adapters, self.ceiling(parent) if affordable else 1.0,
-                               frozen_bottom=self.search.frozen_bottom)
+                               frozen_bottom=self.search.frozen_bottom, remove_layers=self.search.remove_layers)
             if self.search.lineage_lr_decay != 1:
                 child.hparams[LR_SCALE] = self.lr_scale(parent, task, mutate)
             twin = self.twin(child, parent, task, ds) if self.twins_for(parent, task) else None

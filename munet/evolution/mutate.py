@@ -54,7 +54,7 @@ def _fits(name: str, comp: Component, hparams: dict[str, Any], num_classes: int,
 def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str, Any], mutate: bool,
                policy: MutationPolicy, mutate_adapters: bool = True, clones_only: bool = False,
                to_beat: float | None = None, given_back_adapters: bool = False, ceiling: float = 1.0,
-               clones: set[str] | None = None, frozen_bottom: int = 0) -> TaskPath:
+               clones: set[str] | None = None, frozen_bottom: int = 0, remove_layers: bool = True) -> TaskPath:
     """Returns a new path for ``task`` derived from ``parent`` (which may belong to another task or be the root).
 
     Without ``mutate`` (seed phase) the child keeps the parent's hparams and architecture, and only clones what
@@ -68,6 +68,8 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
     those slots instead of drawing its clones, drawing nothing from the policy (a twin of a sibling, see
     ``mutation_twins``). With ``frozen_bottom`` N > 0 a child never clones the embedding, class token, position
     embedding and first N blocks (:func:`below_frozen_bottom`): they stay frozen and shared, as a freeze-N baseline.
+    Without ``remove_layers`` a ``num_layers`` draw that would remove a layer changes nothing (it is drawn all the
+    same, so a run in which no removal is drawn is the spec's).
     """
     rng: random.Random = policy.rng
     hparams = copy.deepcopy(parent.hparams)
@@ -79,6 +81,8 @@ def make_child(system: System, parent: TaskPath, task: str, ds_hparams: dict[str
         for key, values in ranges.items():
             if policy.fires(f"hp:{key}", hparams, mutations):
                 new = incremental_mutation(hparams[key], values, rng)
+                if key == "num_layers" and new < hparams[key] and not remove_layers:
+                    continue
                 if new != hparams[key]:
                     mutations[key] = (hparams[key], new)
                     hparams[key] = new

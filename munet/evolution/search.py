@@ -47,6 +47,7 @@ class SearchConfig:
     affordable_gain: float = 1.0
     given_back_adapters: bool = False
     frozen_bottom: int = 0
+    remove_layers: bool = True
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> SearchConfig:

@@ -61,10 +61,10 @@ def report_data(run_dir: str | FsPath, baselines_file: str | FsPath | None = Non
     for row in paths:
         row["x"] = run_generation(row["metrics"], per_iteration)
     rows, cells = [], {}
-    origins = {c.id: c.origin for c in records}
+    origins, contents = {c.id: c.origin for c in records}, {c.id: (c.name, c.shape) for c in records}
     for r in status["tasks"]:
         best = live[r["path"]]
-        require_buildable(best, {c.id: (c.name, c.shape) for c in records})  # the slots it shows must be real
+        require_buildable(best, contents)  # the slots it shows must be real
         cells[r["task"]] = {slot: (cid, origins.get(cid, "?")) for slot, cid in best.components.items()}
         rows.append(dict(r, layers=best.hparams.get("num_layers"), image_size=best.hparams.get("ds_image_size"),
                          adapters=sum(kind_of(slot).name == "adapter" for slot in best.components)))

@@ -291,7 +291,7 @@ def path_from_record(rec: LivePathRecord, components: dict[str, Component], patc
     Raises:
         StoreError: the record describes a path munet cannot build (see :func:`require_buildable`).
     """
-    contents = {comp.id: (comp.name, _shape_args(comp)) for comp in components.values()}
+    contents = {comp.id: (comp.name, kind_of(comp.name).shape_args(comp.module)) for comp in components.values()}
     require_buildable(rec, contents, patch_size, num_classes)
     metrics = dict(rec.metrics, mutations=rec.mutations)
     offsprings, fresh_head = metrics.pop("offsprings", 0), metrics.pop("fresh_head", False)
@@ -315,13 +315,6 @@ def require_buildable(rec: LivePathRecord, contents: dict[int, SlotContent], pat
     problems = record_problems(rec, contents, patch_size, num_classes)
     if problems:
         raise StoreError(f"{problems[0]}; run `munet check`")
-
-
-def _shape_args(comp: Component) -> dict[str, Any] | None:
-    try:
-        return kind_of(comp.name).shape_args(comp.module)
-    except KeyError:  # a component of no kind: its slot's problem says so
-        return None
 
 
 def component_from_record(store: Store, r: ComponentRecord, root: Root) -> Component:

@@ -59,6 +59,7 @@ from munet.storage.records import (
 
 LOCK_NAME = "munet.lock"
 AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
+_ABSENT = object()  # a meta record that is not there (a stored JSON null reads as None)
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
 
 
@@ -244,9 +245,8 @@ class Store:
         type, a JSON null included (the database was damaged or edited; munet never writes one)."""
         problems = {}
         for key in META_TYPES:
-            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-            problem = None if row is None else meta_problem(key, None if isinstance(row[0], bytes) else
-                                                            json.loads(row[0]))
+            value = self.get(key, _ABSENT)
+            problem = None if value is _ABSENT else meta_problem(key, None if isinstance(value, bytes) else value)
             if problem:
                 problems[key] = self._edited(key, problem)
         return problems

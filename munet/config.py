@@ -20,6 +20,7 @@ LOGS = ("", "tensorboard")
 EXECUTORS = ("local", "ray")
 SCHEDULES = ("round_robin", "agents")
 SCHEDULE_SPANS = ("child", "iteration")
+RANDOM_STREAMS = ("run", "child")
 AMORTISE_OVER = ("all", "started")
 
 
@@ -39,7 +40,7 @@ BEFORE_KEYS_EXISTED: dict[str, Any] = {"separate_probes": False, "probe_validati
                                        "root_clones_only": False, "first_task_finetune": False,
                                        "accept_margin": 0.0, "affordable_gain": 1.0,
                                        "amortise_root": False, "amortise_over": "all", "frozen_bottom": 0,
-                                       "remove_layers": True}
+                                       "remove_layers": True, "random_streams": "run"}
 
 
 #: Upper bounds far past any run that could end (a month of a large machine): they stop a typo, an extra zero or
@@ -169,6 +170,11 @@ class RunConfig:
             layers and no ``max_depth`` it can do nothing else); false: it only re-adds layers (with ``max_depth``),
             and a draw that would remove one changes nothing (it is drawn all the same, so a run in which no removal
             is drawn is the spec's run, bit for bit).
+        random_streams: where the evolution's draws (parents, mutations, data hparams) come from: ``run``, one stream
+            for the whole run (the default); ``child``, a stream of their own for each generation's data draws and
+            each child, seeded by the seed, task iteration, generation and slot, so a change to one task's draws
+            leaves every other child's draws in place: two configurations compared on the same seed then differ by
+            their own effect more than by reshuffled later draws (common random numbers for paired comparisons).
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default
@@ -243,6 +249,7 @@ class RunConfig:
     given_back_adapters: bool = True
     frozen_bottom: int = 0
     remove_layers: bool = True
+    random_streams: str = "run"
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -317,6 +324,8 @@ class RunConfig:
             raise ConfigError(f"amortise_over must be one of {list(AMORTISE_OVER)}, got {self.amortise_over!r}")
         if self.schedule_span not in SCHEDULE_SPANS:
             raise ConfigError(f"schedule_span must be one of {list(SCHEDULE_SPANS)}, got {self.schedule_span!r}")
+        if self.random_streams not in RANDOM_STREAMS:
+            raise ConfigError(f"random_streams must be one of {list(RANDOM_STREAMS)}, got {self.random_streams!r}")
         if self.ray_address and self.executor != "ray":
             raise ConfigError(f"ray_address {self.ray_address!r} is set but executor is {self.executor!r}; add "
                               "--executor ray")

@@ -66,6 +66,23 @@ def test_same_seed_same_result():
     assert runs[0] == runs[1]
 
 
+def test_child_streams_keep_each_childs_draws_whatever_was_drawn_before():
+    """random_streams = child: draws made before a task iteration (an earlier task that drew more) leave its
+    children's parents, mutations and results as they were; with one stream for the run they move."""
+    def children(streams: str, extra_draws: int) -> list:
+        evo = _evolution(random_streams=streams)
+        evo.task_iteration("a")
+        for _ in range(extra_draws):
+            evo.rng.random()
+        seen: list[TaskPath] = []
+        evo.after_generation.append(lambda task, gen, kids: seen.extend(kids))
+        evo.task_iteration("b")
+        return [(c.parent.id, c.metrics.get("mutations"), c.metrics["quality"]) for c in seen]
+
+    assert children("child", 0) == children("child", 7)
+    assert children("run", 0) != children("run", 7)
+
+
 def test_seed_phase_probes_other_tasks_then_mutates():
     evo = _evolution()
     evo.task_iteration("a")

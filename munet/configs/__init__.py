@@ -38,6 +38,7 @@ PAPER_MUNET: dict[str, Any] = {
     "root_clones_only": False,  # §2: a first task's children draw every mutation too
     "first_task_finetune": False,  # §2, §3: ... and start their optimiser state fresh
     "frozen_bottom": 0,  # §2: every frozen component, the embedding and block 0 among them, may be cloned
+    "random_streams": "run",  # §4: one random stream for the whole run
     "max_task_population": 0, "scale_factor": 1.0, "compute_scale": 1.0,  # §4.3 no cap; §5 muNet: s = 1
 }
 

@@ -253,6 +253,13 @@ class Evolution:
         twin.metrics["twin_of"] = child.id
         return twin
 
+    def start_stream(self, generation: int, draw: int | str) -> None:
+        """With ``random_streams = "child"``, reseeds the evolution's stream for one ``draw`` of ``generation`` (a
+        child's slot, or ``"data"`` for the generation's data hparams) of this task iteration, so the draws it makes
+        do not depend on how many every earlier draw made; with ``run`` (the default) the one stream runs on."""
+        if self.search.random_streams == "child":
+            self.rng.seed(f"{self.search.seed}:{self.iteration}:{generation}:{draw}")
+
     # --- the loop -----------------------------------------------------------------------------------------------
     def task_iteration(self, task: str) -> TaskPath | None:
         """One task iteration (spec §4.2); returns the task's retained best path."""
@@ -282,9 +289,11 @@ class Evolution:
             n = len(state.seeds)
         else:
             n = self.search.children_in(gen - int(self.search.separate_probes))
+        self.start_stream(gen, "data")
         ds = self.sample_ds_hparams(task, mutate=state.next_seed >= len(state.seeds))
         children, parents = [], []
-        for _ in range(n):
+        for slot in range(n):
+            self.start_stream(gen, slot)
             if state.next_seed < len(state.seeds):
                 parent, mutate = state.seeds[state.next_seed], False
                 state.next_seed += 1

@@ -48,6 +48,7 @@ class SearchConfig:
     given_back_adapters: bool = False
     frozen_bottom: int = 0
     remove_layers: bool = True
+    random_streams: str = "run"
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> SearchConfig:

@@ -110,6 +110,15 @@ def test_image_folder_decoded_per_batch_gives_the_inputs_of_the_loaded_folder(tm
     whole = load_image_folder(tmp_path / "mixed", seed=2, lazy=False)
     assert isinstance(lazy.train_x, ImageRows) and lazy.train_x.shape[1:] == (3, 64, 64)  # sizes differ: 64 px
     _same_images(lazy, whole)
+    colour = tmp_path / "colour"  # a batch of colour files only was stacked from transposed views: strided
+    for name in ("a", "b"):
+        (colour / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.random.default_rng(i).integers(0, 256, (6, 6, 3), np.uint8)  # colour content
+            Image.fromarray(pixels).save(colour / name / f"{i}.png")
+    set_data_cache_bytes(0)  # read per batch, not from the cache: a run hashes the data it joins that way
+    assert data_fingerprint(load_image_folder(colour, seed=0, lazy=True)) == data_fingerprint(
+        load_image_folder(colour, seed=0, lazy=True))
     grey = tmp_path / "grey"
     for name in ("a", "b"):
         (grey / name).mkdir(parents=True)

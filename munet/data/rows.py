@@ -314,10 +314,11 @@ def _decoders(pid: int) -> ThreadPoolExecutor:
 
 
 def _to_channels(a: np.ndarray, channels: int) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, 3)`` as ``(C, H, W)``; grey repeats to 3 channels (the float inputs are the same)."""
+    """``(H, W)`` or ``(H, W, 3)`` as C-ordered ``(C, H, W)``; grey repeats to 3 channels (the float inputs are the
+    same). C order: a batch stacked from transposed views keeps their strides, and hashing needs its bytes in order."""
     if a.ndim == 2:
         a = a[None]
         return np.repeat(a, 3, axis=0) if channels == 3 else a
     if channels == 1:
         raise DataError(f"a colour image in a source read as grey (shape {a.shape})")
-    return a.transpose(2, 0, 1)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))

@@ -156,7 +156,16 @@ def test_report_with_baselines(run_dir, tmp_path):
 def test_bad_baselines_file_is_a_clear_error(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"methods": [{"method": "x"}]}))
-    for file, words in ((tmp_path / "missing.json", "does not exist"), (bad, "no list of methods")):
+    entries = {"flat": ({"test_acc": 0.95}, "has test_acc 0.95, expected {task: accuracy in [0, 1]}"),
+               "none": ({"test_acc": None}, "has test_acc None"), "word": ({"test_acc": {"a": "high"}}, "'high'"),
+               "text": ({"params_per_task": "1e6"}, "has params_per_task '1e6', expected a positive number")}
+    cases = [(tmp_path / "missing.json", "does not exist"), (bad, "no list of methods"), (tmp_path, "cannot be read")]
+    for name, (entry, words) in entries.items():  # one malformed method of an otherwise good file
+        file = tmp_path / f"{name}.json"
+        method = {"method": name, "params_per_task": 1_000, "test_acc": {"a": 0.5}, **entry}
+        file.write_text(json.dumps({"methods": [method]}))
+        cases.append((file, f"method {name!r} has") if name == "word" else (file, f"method {name!r} {words}"))
+    for file, words in cases:
         assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html"), "--baselines", str(file)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: baselines file") and words in err

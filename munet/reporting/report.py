@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Any, TextIO
@@ -130,12 +131,32 @@ def load_baselines(file: str | FsPath) -> list[dict[str, Any]]:
                         "benchmarks/results/quality.json") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"baselines file {file} is not a quality benchmark's JSON results file: {err}") from err
+    except OSError as err:
+        raise DataError(f"baselines file {file} cannot be read: {err.strerror or err}") from err
     methods = results.get("methods") if isinstance(results, dict) else None
     keys = ("method", "params_per_task", "test_acc")
     if not isinstance(methods, list) or not all(isinstance(m, dict) and all(k in m for k in keys) for m in methods):
         raise DataError(f"baselines file {file} holds no list of methods with {', '.join(keys)}; pass a quality "
                         "benchmark's results file, e.g. benchmarks/results/quality.json")
+    for m in methods:
+        if problem := _method_problem(m):
+            raise DataError(f"baselines file {file}: method {m['method']!r} {problem}")
     return [{k: m[k] for k in keys} for m in methods]
+
+
+def _method_problem(method: dict[str, Any]) -> str | None:
+    """What is wrong with one method of a baselines file (``None``: nothing)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(method["method"], str):
+        return "has a name that is not a string"
+    if not number(method["params_per_task"]) or method["params_per_task"] <= 0:
+        return f"has params_per_task {method['params_per_task']!r}, expected a positive number"
+    acc = method["test_acc"]
+    if not isinstance(acc, dict) or not all(number(v) and 0 <= v <= 1 for v in acc.values()):
+        return f"has test_acc {acc!r}, expected {{task: accuracy in [0, 1]}}"
+    return None
 
 
 def render(data: dict[str, Any], stream: TextIO | None = None) -> str:

@@ -34,15 +34,17 @@ class MultitaskSystem:
         class_names: task -> class names.
         complete: whether the run had finished all its task iterations (else the last one's path is provisional).
         meta: the run's root record and configuration.
+        planned: every task of the run's plan, those still without a path included.
     """
 
     def __init__(self, run_dir: FsPath, system: System, class_names: dict[str, list[str]], complete: bool,
-                 meta: dict[str, Any]):
+                 meta: dict[str, Any], planned: list[str] | None = None):
         self.run_dir = run_dir
         self.system = system
         self.class_names = class_names
         self.complete = complete
         self.meta = meta
+        self.planned = planned or list(class_names)
 
     @property
     def tasks(self) -> list[str]:
@@ -56,6 +58,10 @@ class MultitaskSystem:
         best = self.system.best_path(task) if task in self.class_names else None
         if best is None:
             known = ", ".join(self.tasks) or "none"
+            if task in self.planned:
+                raise MunetError(f"task {task!r} of {self.run_dir} has no retained path yet (the run is still "
+                                 f"training, or was stopped, before its first iteration of {task!r} ended); its tasks "
+                                 f"with one: {known}; let the run go on (`munet resume {self.run_dir}`) and ask again")
             raise MunetError(f"no task {task!r} in {self.run_dir}; its tasks: {known}")
         return best
 
@@ -171,4 +177,4 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
             raise StoreError(f"the task records of {run_dir} do not fit the run: {'; '.join(misfits)}; the database "
                              f"was damaged or edited; run `munet check {run_dir}`")
         meta = {"root": store.root_record(), "config": cfg}
-    return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta)
+    return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta, list(dict.fromkeys(ck.plan)))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_run
+from conftest import Crash, crashing_store, make_run
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
@@ -179,6 +179,21 @@ def test_all_tasks_of_a_run_without_a_retained_path_is_an_error(run_dir, tmp_pat
     for call in (lambda: system.predict(_images(2)), lambda: system.export_all(tmp_path / "all")):
         with pytest.raises(MunetError, match="has no task with a retained path yet"):
             call()
+
+
+def test_a_planned_task_without_a_path_yet_is_named_as_such(tmp_path, capsys):
+    """A run stopped before its second task's first iteration ended: asking for that task says it has no path yet
+    and how to get one, not that the run has no such task."""
+    out = tmp_path / "run"
+    with pytest.raises(Crash):  # the run stops after its third checkpoint, as a process killed mid-run
+        make_run(out, crashing_store("commit", 3, keep_on_failure=True), mutation_prob=0.0, clone_prob=0.0)
+    system = munet.load(out)
+    assert system.tasks == ["a"] and system.planned == ["a", "b"]
+    assert main(["predict", str(out), "--task", "b", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "task 'b' of" in err and "has no retained path yet" in err and "munet resume" in err
+    with pytest.raises(MunetError, match="no task 'zebra'"):
+        system.path("zebra")
 
 
 def test_export_separate_goes_with_all_tasks(run_dir, tmp_path, capsys):

@@ -11,12 +11,14 @@ import re
 import select
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from munet.config import RunConfig, load_config_file
 from munet.configs import PRESETS, describe, get_preset
 from munet.errors import MunetError
 from munet.serving import MAX_READ_S, MAX_WAIT_MS
+from munet.storage.database import DB_NAME
 
 
 def _field_help() -> dict[str, str]:
@@ -69,7 +71,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print(format_plan(plan_run(build_config(args), sys.stdout)))
         return 0
-    run(build_config(args))
+    cfg = build_config(args)
+    args.out = cfg.out  # resolved (flag, config file or preset): where an interrupt's message points
+    run(cfg)
     return 0
 
 
@@ -347,7 +351,11 @@ def _interrupted(args: argparse.Namespace) -> str:
     others only read it."""
     saved = "interrupted: the run is saved up to its last finished generation; continue it with "
     if args.command == "run" and not args.dry_run:
-        return saved + "the same command or `munet resume RUN`"
+        out = getattr(args, "out", None)
+        if out is None or not (Path(out) / DB_NAME).exists():  # stopped while setting up, before the store existed
+            where = f" in {out}" if out else ""
+            return f"interrupted before the run was created{where}: nothing was saved; start it with the same command"
+        return saved + f"the same command or `munet resume {shlex.quote(str(out))}`"
     if args.command in ("resume", "add-task"):  # add-task again would find the run unfinished: resume finishes it
         return saved + f"`munet resume {shlex.quote(args.run_dir)}`"
     run_dir = getattr(args, "run_dir", None)

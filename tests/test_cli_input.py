@@ -335,6 +335,13 @@ def test_ctrl_c_says_what_it_left(run_dir, capsys, monkeypatch):
     assert main(["add-task", str(run_dir), "c"]) == 130
     err = capsys.readouterr().err
     assert f"continue it with `munet resume {run_dir}`" in err and "same command" not in err
+    monkeypatch.setattr(munet.runner, "run", interrupted)  # `munet run` stopped once set up, or while setting up
+    assert main(["run", "--out", str(run_dir)]) == 130
+    assert f"or `munet resume {run_dir}`" in capsys.readouterr().err  # the folder, where it printed RUN
+    assert main(["run", "--out", str(run_dir / "new")]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted before the run was created in {run_dir / 'new'}: nothing was saved" in err
+    assert "resume" not in err
 
 
 def test_a_reader_that_goes_away_stops_the_command_quietly():

@@ -142,6 +142,10 @@ class Run:
             store_class: the store class (see the class docstring).
         """
         out = FsPath(run_dir)
+        moved = overrides.get("out")
+        if moved is not None and FsPath(moved).resolve() != out.resolve():  # --set out= was ignored: trained in place
+            raise MunetError(f"{out} is trained in place: out {str(moved)!r} cannot move it; copy the folder and "
+                             "name the copy instead")
         with contextlib.ExitStack() as on_error:
             store = on_error.enter_context(store_class.open(out, write=True))  # closed if opening fails
             store.require_records()
@@ -210,7 +214,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         device = resolve_device(cfg.device)
         threads = use_threads(cfg.threads)
-        root, tasks = load_inputs(cfg, stream)
+        root, tasks = load_inputs(cfg, stream, stored=self.store.task_names() if restore else ())
         self.tasks = tasks
         wiring = Wiring.of(cfg)
         if restore:

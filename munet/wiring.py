@@ -5,6 +5,7 @@ the benchmarks all build through this module, so they build alike."""
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -40,11 +41,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> dict[str, TaskData]:
+def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO,
+               stored: Collection[str] = ()) -> dict[str, TaskData]:
     """Loads every task; a task whose source is not installed is reported and left out, not fatal.
 
     Raises:
-        ConfigError: two specs make tasks of the same name (the name is the run's key for a task).
+        ConfigError: two specs make tasks of the same name (the name is the run's key for a task), or a new task
+            (not among the run's ``stored`` ones) has a name predict, export and serve cannot address.
     """
     tasks: dict[str, TaskData] = {}
     spec_of: dict[str, str] = {}
@@ -58,6 +61,9 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO) -> di
             raise ConfigError(f"tasks {spec_of[data.name]} and {spec} are both named {data.name!r} (a folder: or "
                               "npz: task is named after its folder or file); rename one folder or file, or give the "
                               "same data once")
+        if data.name not in stored and (data.name == "all" or "," in data.name):
+            raise ConfigError(f"task {spec} would be named {data.name!r}, which predict, export and serve cannot "
+                              "address ('all' means every task; task lists split at commas); rename its folder or file")
         for doubt in data.doubts():
             stream.write(f"warning: task {data.name}: {doubt}\n")
         tasks[data.name], spec_of[data.name] = data, spec
@@ -71,8 +77,9 @@ def task_order(rounds: int, tasks: dict[str, TaskData]) -> list[str]:
     return [name for _ in range(rounds) for name in tasks]
 
 
-def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskData]]:
-    """The root and the tasks of ``cfg``; its image sizes are checked against the root before the tasks load."""
+def load_inputs(cfg: RunConfig, stream: TextIO, stored: Collection[str] = ()) -> tuple[Root, dict[str, TaskData]]:
+    """The root and the tasks of ``cfg`` (``stored``: the names of the tasks a resumed run holds already); its image
+    sizes are checked against the root before the tasks load."""
     try:
         root = load_root(cfg.root, cfg.root_depth())
     except ConfigError as err:
@@ -81,7 +88,7 @@ def load_inputs(cfg: RunConfig, stream: TextIO) -> tuple[Root, dict[str, TaskDat
         raise ConfigError(f"max_depth {cfg.max_depth}: {err}") from err
     check_image_sizes(cfg.image_size, cfg.max_image_size, root.patch_size)
     set_data_cache_bytes(cfg.data_cache_mb << 20)  # before loading: it decides which tasks are read per batch
-    return root, load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream)
+    return root, load_tasks(cfg.tasks, cfg.seed, cfg.data_dir, stream, stored)
 
 
 def use_threads(threads: int) -> int:

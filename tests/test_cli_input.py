@@ -166,6 +166,9 @@ def test_tasks_of_the_same_name_are_an_error_not_one_task(tmp_path, capsys):
     assert "rename one folder or file" in err
     assert "both named 'a'" in _error(capsys, ["run", "--tasks", f"npz:{tmp_path}/a.npz,a", *tiny])
     assert not (tmp_path / "run").exists()
+    np.savez(tmp_path / "all.npz", x=x, y=y)  # a name predict, export and serve would read as every task
+    err = _error(capsys, ["run", "--tasks", f"npz:{tmp_path}/all.npz", *tiny])
+    assert f"task npz:{tmp_path}/all.npz would be named 'all'" in err and "rename its folder or file" in err
 
 
 def test_resuming_on_data_with_other_classes_says_what_to_do(tmp_path, capsys):
@@ -275,7 +278,9 @@ def test_add_task_options_that_cannot_apply(run_dir, tmp_path, capsys):
     assert "add-task cannot change depth" in err
     err = _error(capsys, ["add-task", str(run), "c", "--root", TINY_ROOT + "_other"])
     assert "add-task cannot change root" in err
-    assert _files(run) == before
+    err = _error(capsys, ["add-task", str(run), "c", "--set", f"out={tmp_path / 'elsewhere'}"])  # was ignored
+    assert f"{run} is trained in place: out '{tmp_path / 'elsewhere'}' cannot move it" in err
+    assert _files(run) == before and not (tmp_path / "elsewhere").exists()
     assert main(["add-task", str(run), "c", "--set", "depth=3", "--set", "lr=0.05"]) == 0  # depth as it was
     assert "the new tasks train with lr 0.05 (stored: 0.02)" in capsys.readouterr().out
 

@@ -228,6 +228,21 @@ def test_second_writer_is_refused(run_dir, tmp_path):
         assert check_store(run).problems == []  # readers are fine while a writer holds the run
 
 
+def test_a_blob_that_cannot_be_written_is_named_or_said_to_be_unnamed(run_dir, tmp_path, monkeypatch):
+    """A full disk's OSError carries no file name: the message said "blob ?"."""
+    import errno
+
+    run = _copy(run_dir, tmp_path)
+    with Store.open(run, write=True) as store:
+        for filename, words in ((None, "cannot write a blob in"), ("/x/ab12.safetensors", "cannot write blob ab12")):
+            def full(tensors, filename=filename):
+                raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+            monkeypatch.setattr(store.blobs, "write", full)
+            with pytest.raises(StoreError, match=words + ".*No space left on device"):
+                store.write_blob({"w": torch.zeros(2)})
+
+
 def test_leftovers_of_an_interrupted_write_are_noted_then_removed(run_dir, tmp_path):
     run = _copy(run_dir, tmp_path)
     (run / BLOB_DIR / ("0" * 64 + ".safetensors")).write_bytes(b"orphan")

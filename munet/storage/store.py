@@ -432,8 +432,8 @@ class Store:
         try:
             return self.blobs.write(tensors)
         except OSError as err:
-            blob = FsPath(err.filename or "?").name
-            raise StoreError(f"cannot write blob {blob} in {self.dir}: {err.strerror or err}. {_KEPT}") from err
+            blob = f"blob {FsPath(err.filename).name}" if err.filename else "a blob"  # a full disk names no file
+            raise StoreError(f"cannot write {blob} in {self.dir}: {err.strerror or err}. {_KEPT}") from err
 
     def components_digest(self) -> str:
         """sha256 binding every component record to its blobs (id, name, blob, momentum): stored with each checkpoint,

@@ -683,6 +683,11 @@ def _image_size(db, comps: dict, hparams: dict) -> str:
     return "but its image size 16 px makes 17"
 
 
+def _odd_image_size(db, comps: dict, hparams: dict) -> str:
+    hparams["ds_image_size"] += 1  # the same tokens, but no whole number of 4 px patches: the model asserted
+    return "not a whole number of the root's 4 px patches"
+
+
 def _other_tasks_head(db, comps: dict, hparams: dict) -> str:
     import json
 
@@ -693,7 +698,7 @@ def _other_tasks_head(db, comps: dict, hparams: dict) -> str:
 
 
 @pytest.mark.parametrize("damage", [_more_layers, _unknown_slot, _block_as_adapter, _no_head, _image_size,
-                                    _other_tasks_head])
+                                    _odd_image_size, _other_tasks_head])
 def test_a_path_record_munet_cannot_build_is_a_store_error(run_dir, tmp_path, capsys, damage):
     """A damaged path record (more layers than blocks, a slot no layer has, a block in an adapter's slot, no head, an
     image size its position embedding does not fit, another task's head): `munet check` names it as a problem where
@@ -722,7 +727,7 @@ def test_a_path_record_munet_cannot_build_is_a_store_error(run_dir, tmp_path, ca
                  ["export", str(run), "--task", task, "--out", str(tmp_path / "export")]):
         err = _error(capsys, argv)
         assert expected_path in err and expected in err, (argv, err)
-    if damage not in (_image_size, _other_tasks_head):  # the report shows names and slots, no shapes
+    if damage not in (_image_size, _odd_image_size, _other_tasks_head):  # the report shows names and slots, no shapes
         err = _error(capsys, ["report", str(run), "--out", str(tmp_path / "r.html")])
         assert expected_path in err and expected in err, err
     assert _files(run) == before

@@ -166,8 +166,9 @@ def slot_problems(slots: dict[str, SlotContent], hparams: dict[str, Any], patch_
     posembed, head = (slots.get(slot, ("", None))[1] for slot in ("posembed", "head"))
     if patch_size is not None and posembed is not None:
         size = hparams.get("ds_image_size")
-        if not isinstance(size, int) or size < patch_size:
-            problems.append(f"has damaged hyperparameters (ds_image_size {size!r})")
+        if not isinstance(size, int) or size < patch_size or size % patch_size:
+            problems.append(f"has damaged hyperparameters (ds_image_size {size!r}: not a whole number of the root's "
+                            f"{patch_size} px patches)")
         elif posembed.get("tokens") != 1 + (size // patch_size) ** 2:
             problems.append(f"has a position embedding of {posembed.get('tokens')} tokens, but its image size {size} "
                             f"px makes {1 + (size // patch_size) ** 2}")

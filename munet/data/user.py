@@ -109,9 +109,6 @@ def task_from_arrays(
                             "0..K-1, or give class_names)")
         class_names = [str(i) for i in range(top)]
     class_names = [str(c) for c in class_names]
-    repeated = sorted({c for c in class_names if class_names.count(c) > 1})
-    if repeated:  # a prediction of one of them could not say which class it means
-        raise DataError(f"{source}: class names {repeated} are given more than once; name every class apart")
     if top > len(class_names):
         raise DataError(f"{source}: label {top - 1} is out of range for {len(class_names)} class names "
                         f"{class_names[:10]}")

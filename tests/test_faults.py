@@ -733,6 +733,24 @@ def test_a_path_record_munet_cannot_build_is_a_store_error(run_dir, tmp_path, ca
     assert _files(run) == before
 
 
+@pytest.mark.parametrize("column", ["quality", "score"])
+def test_a_population_path_without_a_score_is_a_store_error(run_dir, tmp_path, capsys, column):
+    """A retained path whose quality or score was set to NULL by hand: history and report were a TypeError traceback
+    and `munet check` said ok; now check names it and the readers say so, exit 2, nothing changed."""
+    run = _copy(run_dir, tmp_path / "run")
+    with contextlib.closing(sqlite3.connect(run / DB_NAME)) as db, db:
+        pid, task = db.execute("SELECT p.id, p.task FROM paths p JOIN live l ON l.path_id = p.id "
+                               "WHERE l.rank IS NOT NULL LIMIT 1").fetchone()
+        db.execute(f"UPDATE paths SET {column} = NULL WHERE id = ?", (pid,))
+    expected = f"path #{pid} ({task}) of {run} is in its task's population but has no {column}"
+    before = _files(run)
+    assert main(["check", str(run)]) == 1
+    assert expected in capsys.readouterr().out
+    for argv in (["history", str(run)], ["status", str(run)], ["report", str(run), "--out", str(tmp_path / "r.html")]):
+        assert expected in _error(capsys, argv), argv
+    assert _files(run) == before
+
+
 def _random_array(rng, np):
     shape = tuple(int(rng.integers(0, 6)) for _ in range(int(rng.integers(0, 5))))
     kind = rng.choice(["u1", "f4", "i8", "bool", "U3"])

@@ -70,6 +70,7 @@ def run_history(run_dir: str | FsPath) -> dict[str, Any]:
     with Store.open(run_dir) as store:
         tasks = store.task_names()
         root = store.root_record() or {}
+        store.retained_paths()  # raises StoreError on a population's path without a score (an edited store)
         rows = {r["id"]: dict(r, accepted=int(r["accepted"]), test=r["test_quality"]) for r in store.sampled_paths()}
     retained = {pid for pid, r in rows.items() if r["retained"]}
     root_id = root.get("path_id", 0)

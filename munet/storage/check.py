@@ -126,6 +126,10 @@ def _check_references(store: Store, components: dict[int, SlotContent], problems
         if cid not in components:
             problems.append(f"the root position embedding for a {grid}x{grid} grid (component #{cid}) has no record")
     root_id = root.get("path_id")
+    try:
+        store.retained_paths()
+    except StoreError as err:
+        problems.append(str(err))
     live = store.live_links()
     rows = {r.id: r for r in store.live_paths()}
     num_classes = ck.get("num_classes") or {}

@@ -313,7 +313,13 @@ class Store:
         keys = ("task", "id", "score", "quality", "test_quality", "params", "accounted")
         query = (f"SELECT {', '.join('paths.' + k for k in keys)} FROM live JOIN paths ON paths.id = live.path_id "
                  "WHERE live.rank IS NOT NULL ORDER BY paths.id")
-        return [dict(zip(keys, row)) for row in self._conn.execute(query)]
+        rows = [dict(zip(keys, row)) for row in self._conn.execute(query)]
+        for row in rows:  # a population's path has been validated: a NULL here is an edit, not a state munet writes
+            unset = [k for k in ("score", "quality") if not isinstance(row[k], int | float)]
+            if unset:
+                raise StoreError(f"path #{row['id']} ({row['task']}) of {self.dir} is in its task's population but "
+                                 f"has no {' or '.join(unset)}: the database was damaged or edited; run `munet check`")
+        return rows
 
     def live_paths(self) -> list[LivePathRecord]:
         """Every path the checkpointed system holds, by id."""

@@ -35,16 +35,18 @@ class MultitaskSystem:
         complete: whether the run had finished all its task iterations (else the last one's path is provisional).
         meta: the run's root record and configuration.
         planned: every task of the run's plan, those still without a path included.
+        tried: the tasks of the plan's finished task iterations.
     """
 
     def __init__(self, run_dir: FsPath, system: System, class_names: dict[str, list[str]], complete: bool,
-                 meta: dict[str, Any], planned: list[str] | None = None):
+                 meta: dict[str, Any], planned: list[str] | None = None, tried: list[str] | None = None):
         self.run_dir = run_dir
         self.system = system
         self.class_names = class_names
         self.complete = complete
         self.meta = meta
         self.planned = planned or list(class_names)
+        self.tried = list(class_names) if tried is None else tried
 
     @property
     def tasks(self) -> list[str]:
@@ -58,6 +60,10 @@ class MultitaskSystem:
         best = self.system.best_path(task) if task in self.class_names else None
         if best is None:
             known = ", ".join(self.tasks) or "none"
+            if task in self.tried:  # its iterations ran, and every child failed (diverged)
+                raise MunetError(f"task {task!r} of {self.run_dir} kept no path: every child of its task iterations "
+                                 f"so far failed (`munet history {self.run_dir}` shows why); its tasks with one: "
+                                 f"{known}")
             if task in self.planned:
                 raise MunetError(f"task {task!r} of {self.run_dir} has no retained path yet (the run is still "
                                  f"training, or was stopped, before its first iteration of {task!r} ended); its tasks "
@@ -177,4 +183,5 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
             raise StoreError(f"the task records of {run_dir} do not fit the run: {'; '.join(misfits)}; the database "
                              f"was damaged or edited; run `munet check {run_dir}`")
         meta = {"root": store.root_record(), "config": cfg}
-    return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta, list(dict.fromkeys(ck.plan)))
+    return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta, list(dict.fromkeys(ck.plan)),
+                           list(dict.fromkeys(ck.plan[:ck.done])))

@@ -170,11 +170,13 @@ class RunConfig:
             layers and no ``max_depth`` it can do nothing else); false: it only re-adds layers (with ``max_depth``),
             and a draw that would remove one changes nothing (it is drawn all the same, so a run in which no removal
             is drawn is the spec's run, bit for bit).
-        random_streams: where the evolution's draws (parents, mutations, data hparams) come from: ``run``, one stream
-            for the whole run (the default); ``child``, a stream of their own for each generation's data draws and
-            each child, seeded by the seed, task iteration, generation and slot, so a change to one task's draws
-            leaves every other child's draws in place: two configurations compared on the same seed then differ by
-            their own effect more than by reshuffled later draws (common random numbers for paired comparisons).
+        random_streams: where the evolution's parent, mutation and data-hyperparameter draws come from: ``run``, one
+            stream for the whole run (the default); ``child``, a stream of their own for each generation's
+            data-hyperparameter draws and each child, seeded by the seed, task iteration, generation and slot, so a
+            change to some draws leaves every other child's in place: two configurations compared on one seed differ
+            by their own effect more than by reshuffled later draws (common random numbers for paired comparisons).
+            Fresh components are still seeded by path id and batches drawn in sequence from the task iteration's
+            stream, so a lever that changes how many children a run makes, or how long they train, moves those.
         seed: seed of every random stream.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         threads: CPU threads torch computes with (``torch.set_num_threads``); 0 leaves torch's setting (by default

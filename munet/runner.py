@@ -143,9 +143,9 @@ class Run:
         """
         out = FsPath(run_dir)
         moved = overrides.get("out")
-        if moved is not None and FsPath(moved).resolve() != out.resolve():  # --set out= was ignored: trained in place
-            raise MunetError(f"{out} is trained in place: out {str(moved)!r} cannot move it; copy the folder and "
-                             "name the copy instead")
+        if moved is not None and FsPath(moved).expanduser().resolve() != out.expanduser().resolve():  # was ignored
+            raise MunetError(f"{out} is trained in place: out {str(moved)!r} cannot move it; to train a copy, copy "
+                             f"{out} to {moved} and name that folder in the command instead")
         with contextlib.ExitStack() as on_error:
             store = on_error.enter_context(store_class.open(out, write=True))  # closed if opening fails
             store.require_records()

@@ -47,7 +47,7 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO,
 
     Raises:
         ConfigError: two specs make tasks of the same name (the name is the run's key for a task), or a new task
-            (not among the run's ``stored`` ones) has a name predict, export and serve cannot address.
+            (not among the run's ``stored`` ones) is named ``all``, which predict, export and serve read as every task.
     """
     tasks: dict[str, TaskData] = {}
     spec_of: dict[str, str] = {}
@@ -61,9 +61,9 @@ def load_tasks(specs: list[str], seed: int, data_dir: str, stream: TextIO,
             raise ConfigError(f"tasks {spec_of[data.name]} and {spec} are both named {data.name!r} (a folder: or "
                               "npz: task is named after its folder or file); rename one folder or file, or give the "
                               "same data once")
-        if data.name not in stored and (data.name == "all" or "," in data.name):
-            raise ConfigError(f"task {spec} would be named {data.name!r}, which predict, export and serve cannot "
-                              "address ('all' means every task; task lists split at commas); rename its folder or file")
+        if data.name == "all" and data.name not in stored:  # a stored run keeps the names it has
+            raise ConfigError(f"task {spec} would be named 'all', which predict, export and serve read as every task; "
+                              "rename its folder or file")
         for doubt in data.doubts():
             stream.write(f"warning: task {data.name}: {doubt}\n")
         tasks[data.name], spec_of[data.name] = data, spec

@@ -169,6 +169,7 @@ def test_tasks_of_the_same_name_are_an_error_not_one_task(tmp_path, capsys):
     np.savez(tmp_path / "all.npz", x=x, y=y)  # a name predict, export and serve would read as every task
     err = _error(capsys, ["run", "--tasks", f"npz:{tmp_path}/all.npz", *tiny])
     assert f"task npz:{tmp_path}/all.npz would be named 'all'" in err and "rename its folder or file" in err
+    assert main(["run", "--tasks", "split:uci_digits:0,1,3", *tiny, "--out", str(tmp_path / "split")]) == 0  # a comma
 
 
 def test_resuming_on_data_with_other_classes_says_what_to_do(tmp_path, capsys):

@@ -11,6 +11,7 @@ from conftest import make_task, make_tiny_root
 
 from munet.evolution.hparams import MutationPolicy
 from munet.evolution.loop import Evolution, continues_lineage
+from munet.evolution.mutate import make_child
 from munet.evolution.search import SearchConfig
 from munet.evolution.system import System
 from munet.model.path import TaskPath
@@ -66,18 +67,34 @@ def test_same_seed_same_result():
     assert runs[0] == runs[1]
 
 
-def test_child_streams_keep_each_childs_draws_whatever_was_drawn_before():
-    """random_streams = child: draws made before a task iteration (an earlier task that drew more) leave its
-    children's parents, mutations and results as they were; with one stream for the run they move."""
+@pytest.mark.parametrize("after_child", [0, 1, 3])
+def test_child_streams_keep_each_childs_draws_whatever_was_drawn_before(monkeypatch, after_child):
+    """random_streams = child: draws made before a task iteration (an earlier task that drew more), or after one of
+    its children (a lever acting on that child alone: the 1st is a probe of generation 0, before generation 1's data
+    draws; the 3rd the first of generation 1's two mutated children), leave every other child's parent, mutations,
+    hyperparameters and results as they were; with one stream they move."""
+    import munet.evolution.loop as loop
+
     def children(streams: str, extra_draws: int) -> list:
         evo = _evolution(random_streams=streams)
         evo.task_iteration("a")
-        for _ in range(extra_draws):
+        made: list[TaskPath] = []
+
+        def drawing_more(*args, **kwargs) -> TaskPath:
+            made.append(make_child(*args, **kwargs))
+            if len(made) == after_child:
+                for _ in range(extra_draws):
+                    evo.rng.random()
+            return made[-1]
+
+        monkeypatch.setattr(loop, "make_child", drawing_more)
+        for _ in range(extra_draws if after_child == 0 else 0):
             evo.rng.random()
         seen: list[TaskPath] = []
         evo.after_generation.append(lambda task, gen, kids: seen.extend(kids))
         evo.task_iteration("b")
-        return [(c.parent.id, c.metrics.get("mutations"), c.metrics["quality"]) for c in seen]
+        monkeypatch.setattr(loop, "make_child", make_child)
+        return [(c.parent.id, c.metrics.get("mutations"), c.hparams, c.metrics["quality"]) for c in seen]
 
     assert children("child", 0) == children("child", 7)
     assert children("run", 0) != children("run", 7)

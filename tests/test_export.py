@@ -188,12 +188,15 @@ def test_a_planned_task_without_a_path_yet_is_named_as_such(tmp_path, capsys):
     with pytest.raises(Crash):  # the run stops after its third checkpoint, as a process killed mid-run
         make_run(out, crashing_store("commit", 3, keep_on_failure=True), mutation_prob=0.0, clone_prob=0.0)
     system = munet.load(out)
-    assert system.tasks == ["a"] and system.planned == ["a", "b"]
+    assert system.tasks == ["a"] and system.planned == ["a", "b"] and system.tried == []  # a's iteration in flight
     assert main(["predict", str(out), "--task", "b", "x.png"]) == 2
     err = capsys.readouterr().err
     assert "task 'b' of" in err and "has no retained path yet" in err and "munet resume" in err
     with pytest.raises(MunetError, match="no task 'zebra'"):
         system.path("zebra")
+    system.system.paths["a"], system.tried = [], ["a"]  # as if every child of a finished iteration had failed
+    with pytest.raises(MunetError, match="task 'a' of .* kept no path: every child of its task iterations so far"):
+        system.path("a")
 
 
 def test_export_separate_goes_with_all_tasks(run_dir, tmp_path, capsys):

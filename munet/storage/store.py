@@ -318,7 +318,8 @@ class Store:
             unset = [k for k in ("score", "quality") if not isinstance(row[k], int | float)]
             if unset:
                 raise StoreError(f"path #{row['id']} ({row['task']}) of {self.dir} is in its task's population but "
-                                 f"has no {' or '.join(unset)}: the database was damaged or edited; run `munet check`")
+                                 f"has no {' or '.join(unset)}: the database was damaged or edited; run "
+                                 f"`munet check {self.dir}`")
         return rows
 
     def live_paths(self) -> list[LivePathRecord]:

@@ -22,7 +22,7 @@ from PIL import Image
 import munet
 from munet.cli import main
 from munet.errors import MunetError
-from munet.serving.app import Limits, create_app
+from munet.serving.app import Limits, _resolve_tasks, create_app
 from munet.serving.server import BackgroundServer
 from munet.storage.store import Store
 
@@ -266,6 +266,15 @@ def test_serve_command_without_the_extra(run_dir):
     done = subprocess.run([sys.executable, "-c", hide, "serve", str(run_dir)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and "pip install -e .[serve]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_task_value_is_a_task_name_before_it_is_a_comma_separated_list():
+    """A split: task is named with commas (split:uci_digits:0,1,2): a form field holding that name asked for three
+    unknown tasks, since every value was split at commas first."""
+    served = ["split:uci_digits:0,1,2", "a", "b"]
+    assert _resolve_tasks(["split:uci_digits:0,1,2"], served) == ["split:uci_digits:0,1,2"]
+    assert _resolve_tasks(["b,a", "a"], served) == ["b", "a"]
+    assert _resolve_tasks(["all"], served) == served
 
 
 def test_a_run_still_training_is_served_from_its_last_checkpoint(tmp_path):

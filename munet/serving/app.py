@@ -221,8 +221,8 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
         elif isinstance(value, UploadFile):
             raise RequestError(400, f"form field {key!r} holds a file; send images in the field `image` (e.g. curl "
                                     "-F image=@photo.png) and task names as text (-F task=NAME)")
-        elif key in ("task", "tasks"):
-            tasks += [t.strip() for t in value.split(",") if t.strip()]
+        elif key in ("task", "tasks") and value.strip():
+            tasks.append(value.strip())  # split at commas later, unless the whole value names a task
         elif key in IMAGE_FIELDS:
             raise RequestError(400, f"form field {key!r} holds text; send it as a file (a part with a filename, e.g. "
                                     "curl -F image=@photo.png)")
@@ -255,6 +255,10 @@ def _read_json(body: bytes) -> tuple[list[bytes], list[str]]:
 
 
 def _resolve_tasks(requested: list[str], served: list[str]) -> list[str]:
+    """The served tasks a request names: each value is a task (a ``split:`` task's name holds commas), ``all``, or a
+    comma-separated list of them."""
+    requested = [name.strip() for value in requested
+                 for name in ([value] if value in served or value == "all" else value.split(",")) if name.strip()]
     unknown = [t for t in requested if t not in served and t != "all"]
     if unknown:
         raise RequestError(400, f"unknown task(s) {', '.join(map(repr, unknown))}; this server answers: "

@@ -32,21 +32,33 @@ class MultitaskSystem:
         run_dir: the run directory it was read from.
         system: the rebuilt system.
         class_names: task -> class names.
-        complete: whether the run had finished all its task iterations (else the last one's path is provisional).
         meta: the run's root record and configuration.
-        planned: every task of the run's plan, those still without a path included.
-        tried: the tasks of the plan's finished task iterations.
+        plan: the run's task iterations, one task name each, in order.
+        done: how many of them had finished (the last path of an unfinished one is provisional).
     """
 
-    def __init__(self, run_dir: FsPath, system: System, class_names: dict[str, list[str]], complete: bool,
-                 meta: dict[str, Any], planned: list[str] | None = None, tried: list[str] | None = None):
+    def __init__(self, run_dir: FsPath, system: System, class_names: dict[str, list[str]], meta: dict[str, Any],
+                 plan: list[str], done: int):
         self.run_dir = run_dir
         self.system = system
         self.class_names = class_names
-        self.complete = complete
         self.meta = meta
-        self.planned = planned or list(class_names)
-        self.tried = list(class_names) if tried is None else tried
+        self.plan, self.done = plan, done
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run had finished all its task iterations."""
+        return self.done >= len(self.plan)
+
+    @property
+    def planned(self) -> list[str]:
+        """Every task of the run's plan, those still without a path included."""
+        return list(dict.fromkeys(self.plan))
+
+    @property
+    def tried(self) -> list[str]:
+        """The tasks of the plan's finished task iterations."""
+        return list(dict.fromkeys(self.plan[:self.done]))
 
     @property
     def tasks(self) -> list[str]:
@@ -183,5 +195,4 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
             raise StoreError(f"the task records of {run_dir} do not fit the run: {'; '.join(misfits)}; the database "
                              f"was damaged or edited; run `munet check {run_dir}`")
         meta = {"root": store.root_record(), "config": cfg}
-    return MultitaskSystem(run_dir, system, class_names, ck.done >= len(ck.plan), meta, list(dict.fromkeys(ck.plan)),
-                           list(dict.fromkeys(ck.plan[:ck.done])))
+    return MultitaskSystem(run_dir, system, class_names, meta, ck.plan, ck.done)

@@ -194,7 +194,7 @@ def test_a_planned_task_without_a_path_yet_is_named_as_such(tmp_path, capsys):
     assert "task 'b' of" in err and "has no retained path yet" in err and "munet resume" in err
     with pytest.raises(MunetError, match="no task 'zebra'"):
         system.path("zebra")
-    system.system.paths["a"], system.tried = [], ["a"]  # as if every child of a finished iteration had failed
+    system.system.paths["a"], system.done = [], 1  # as if every child of a's finished iteration had failed
     with pytest.raises(MunetError, match="task 'a' of .* kept no path: every child of its task iterations so far"):
         system.path("a")
 

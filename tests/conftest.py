@@ -149,6 +149,18 @@ def tiny_config(out, **overrides) -> RunConfig:
                      batch_size=16, device="cpu", out=str(out)).replace(**overrides)
 
 
+def benchmark_module(filename: str):
+    """``benchmarks/<filename>`` imported as a module (it puts the benchmarks folder on ``sys.path`` itself)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / filename
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_run(out, store_class: type[Store] = Store, **overrides) -> RunConfig:
     """A complete tiny run (tiny root, synthetic tasks "a" and "b") in ``out``, through the real runner; a run that
     ``out`` holds already is resumed."""

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
 from munet.config import RunConfig
 
 
 @pytest.fixture(scope="module")
 def quality():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("quality.py")
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import TINY_ROOT
+from conftest import TINY_ROOT, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def scale_images():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scale_images.py"
-    spec = importlib.util.spec_from_file_location("scale_images_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("scale_images.py")
 
 
 def test_each_size_runs_once_and_a_rerun_runs_only_what_is_missing_or_changed(scale_images, tmp_path, one_thread):

@@ -1,0 +1,158 @@
+"""Paired lever comparisons: muNet's default against the default with a lever, both on child random streams.
+
+On one random stream for the whole run, a lever changes every draw after its first action, so two runs on one seed
+compare two lotteries from there on, 2 to 4 points apart per task. With ``random_streams = child`` the evolution's
+stream is reseeded for every child from (seed, task iteration, generation, slot), and for every generation's data
+draws: the two arms of a seed make the same draws wherever the lever does not act (tasks before its first action are
+bit-identical), so the per-seed differences measure the lever with less noise than two unpaired means.
+benchmarks/quality_levers.md, "Paired comparisons", explains the method and holds the results.
+
+What runs: for each seed, the mode's muNet configuration (``--mode``, default full: the offline default) with
+``random_streams = child``, once as it is (arm ``default``, shared by every lever) and once with the ``--set`` pairs.
+What it prints: each seed's per-task test accuracy in both arms, the averages, the paired difference with its
+standard error over the seeds, parameters per task and training images.
+
+Command (two workers share the units, each skipping those the other runs; about 20 minutes a run in full mode on one
+core)::
+
+    python benchmarks/levers.py --set remove_layers=false --set max_seeds=0 --seeds 0,1,2 --threads 1
+    python benchmarks/levers.py --set remove_layers=false --set max_seeds=0 --seeds 0,1,2 --report
+
+Resumable: each finished run is a unit JSON under ``benchmarks/results/levers/<mode>/units/`` (kept; a unit counts
+only while its settings match the current ones); run directories and logs go under ``.../work/`` (ignored), and an
+interrupted run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path as FsPath
+from typing import Any
+
+sys.path.insert(0, str(FsPath(__file__).resolve().parent))  # quality_modes, quality_units, also when imported by path
+
+from quality_modes import load_mode  # noqa: E402
+from quality_units import Units, result_settings, run_munet  # noqa: E402
+
+from munet.config import RunConfig  # noqa: E402
+from munet.errors import MunetError  # noqa: E402
+from munet.wiring import load_tasks  # noqa: E402
+
+RESULTS = FsPath(__file__).resolve().parent / "results" / "levers"
+DEFAULT_ARM = "default"
+
+
+def parse_lever(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs as a dict (keys with ``-`` read as ``_``, as ``munet run --set`` does)."""
+    lever: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        lever[key.strip().replace("-", "_")] = value.strip()
+    return lever
+
+
+def arm_name(lever: dict[str, str]) -> str:
+    """The arm's unit name: ``default``, or the lever's pairs sorted by key and joined with ``+``."""
+    return "+".join(f"{k}={v}" for k, v in sorted(lever.items())) or DEFAULT_ARM
+
+
+def arm_config(base: RunConfig, lever: dict[str, str], seed: int, threads: int, work: FsPath) -> RunConfig:
+    """The run of one arm and seed: ``base`` on child streams, with the lever's keys, writing under ``work``."""
+    out = work / "runs" / f"{arm_name(lever)}__seed{seed}"
+    return base.replace(seed=seed, threads=threads, random_streams="child", out=str(out), **lever).validate()
+
+
+def paired(default: list[float], lever: list[float]) -> tuple[float, float | None]:
+    """Mean of the per-seed differences ``lever - default`` and its standard error (``None`` with one seed)."""
+    diffs = [b - a for a, b in zip(default, lever)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return statistics.fmean(diffs), se
+
+
+def average(result: dict[str, Any]) -> float:
+    """A unit's average test accuracy over its tasks."""
+    return statistics.fmean(t["test_acc"] for t in result["tasks"].values())
+
+
+def per_task_params(result: dict[str, Any]) -> float:
+    """A unit's accounted parameters per task."""
+    return statistics.fmean(t["accounted"] for t in result["tasks"].values())
+
+
+def format_report(lever: dict[str, str], results: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """The paired table of the seeds whose two arms are both finished (``results[seed][arm]``)."""
+    name = arm_name(lever)
+    seeds = sorted(s for s, arms in results.items() if DEFAULT_ARM in arms and name in arms)
+    if not seeds:
+        return f"no seed has both arms ({DEFAULT_ARM}, {name}) finished yet"
+    tasks = list(results[seeds[0]][DEFAULT_ARM]["tasks"])
+    width = max(len(name), len(DEFAULT_ARM)) + 2
+    lines = [f"{'seed':>4}  {'arm':<{width}}" + " ".join(f"{t[:8]:>8}" for t in tasks)
+             + f"  {'average':>8}  {'params/task':>12}  {'images':>9}"]
+    for seed in seeds:
+        for arm in (DEFAULT_ARM, name):
+            r = results[seed][arm]
+            lines.append(f"{seed:>4}  {arm:<{width}}" + " ".join(f"{r['tasks'][t]['test_acc']:>8.4f}" for t in tasks)
+                         + f"  {average(r):>8.4f}  {per_task_params(r):>12,.0f}  {r['images']:>9,}")
+    mean, se = paired([average(results[s][DEFAULT_ARM]) for s in seeds], [average(results[s][name]) for s in seeds])
+    diffs = " / ".join(f"{100 * (average(results[s][name]) - average(results[s][DEFAULT_ARM])):+.2f}" for s in seeds)
+    spread = f", standard error {100 * se:.2f}" if se is not None else " (one seed: no standard error)"
+    means = (f"{statistics.fmean(average(results[s][arm]) for s in seeds):.4f}" for arm in (DEFAULT_ARM, name))
+    lines.append(f"{len(seeds)} seed(s): {DEFAULT_ARM} {next(means)}, {name} {next(means)}; "
+                 f"paired difference {100 * mean:+.2f} points ({diffs}){spread}")
+    task_diffs = (statistics.fmean(results[s][name]["tasks"][t]["test_acc"] - results[s][DEFAULT_ARM]["tasks"][t]
+                                   ["test_acc"] for s in seeds) for t in tasks)
+    lines.append("per task (points): " + ", ".join(f"{t} {100 * d:+.2f}" for t, d in zip(tasks, task_diffs)))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the lever (repeatable)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--mode", default="full", help="a module of benchmarks/quality_modes (full, quick, smoke)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--report", action="store_true", help="print the table of the finished units; run nothing")
+    parser.add_argument("--results", default=str(RESULTS), help="results directory (default: benchmarks/results/"
+                        "levers)")
+    args = parser.parse_args(argv)
+    lever = parse_lever(args.set)
+    if not lever:
+        raise SystemExit("error: name the lever with --set KEY=VALUE (it is compared with the default)")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes comma-separated integers, got {args.seeds!r}") from None
+    base = load_mode(args.mode).cfg
+    work = FsPath(args.results) / args.mode / "work"
+    units = Units(FsPath(args.results) / args.mode / "units", read_only=args.report)
+    try:
+        arms = {seed: {DEFAULT_ARM: arm_config(base, {}, seed, args.threads, work),
+                       arm_name(lever): arm_config(base, lever, seed, args.threads, work)} for seed in seeds}
+    except MunetError as err:
+        raise SystemExit(f"error: {err}") from None
+    results: dict[int, dict[str, dict[str, Any]]] = {seed: {} for seed in seeds}
+    sizes: dict[str, int] | None = None
+    for seed, configs in arms.items():
+        for name, cfg in configs.items():
+            unit = f"{name}__seed{seed}"
+            done = units.get(unit, result_settings(cfg))
+            if done is None and not args.report:
+                if sizes is None:  # the names run_munet reads the images of; loaded once, only when a run is due
+                    sizes = {n: d.sizes()["train"] for n, d in load_tasks(base.tasks, 0, base.data_dir,
+                                                                         sys.stderr).items()}
+                print(f"[{unit}] running (log: {work / 'logs' / unit}.log)", flush=True)
+                done = run_munet(unit, cfg, work, units, sizes)
+            if done is not None:
+                results[seed][name] = done
+    print(format_report(lever, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

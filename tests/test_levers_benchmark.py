@@ -1,0 +1,75 @@
+"""``benchmarks/levers.py``: paired lever comparisons on child random streams, resumable units, the paired table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import benchmark_module
+
+from munet.config import RunConfig
+
+
+@pytest.fixture(scope="module")
+def levers():
+    return benchmark_module("levers.py")
+
+
+def _result(accs: list[float], params: float = 1e6) -> dict:
+    return {"tasks": {f"t{i}": {"test_acc": a, "accounted": params} for i, a in enumerate(accs)}, "images": 100}
+
+
+def test_the_arms_differ_only_by_the_lever_and_both_run_on_child_streams(levers, tmp_path):
+    base = RunConfig()
+    default = levers.arm_config(base, {}, 2, 1, tmp_path)
+    lever = levers.arm_config(base, {"remove_layers": "false", "max_seeds": "0"}, 2, 1, tmp_path)
+    assert default.random_streams == lever.random_streams == "child" and default.seed == lever.seed == 2
+    changed = {k for k, v in default.to_dict().items() if lever.to_dict()[k] != v}
+    assert changed == {"remove_layers", "max_seeds", "out"}
+    assert Path(lever.out).name == "max_seeds=0+remove_layers=false__seed2"
+    assert Path(default.out).name == "default__seed2"
+
+
+def test_the_paired_difference_is_the_mean_of_the_seeds_differences_with_their_standard_error(levers):
+    lever = {"k": "v"}
+    results = {0: {"default": _result([0.8, 1.0]), "k=v": _result([0.9, 1.0])},      # +0.05
+               1: {"default": _result([0.8, 0.8]), "k=v": _result([0.8, 0.8])},      # 0
+               2: {"default": _result([0.9, 0.9]), "k=v": _result([0.95, 0.95])},    # +0.05
+               3: {"default": _result([0.5, 0.5])}}                                  # one arm only: left out
+    mean, se = levers.paired([0.9, 0.8, 0.9], [0.95, 0.8, 0.95])
+    assert mean == pytest.approx(1 / 30) and se == pytest.approx(0.05 / math.sqrt(3) / math.sqrt(3))
+    table = levers.format_report(lever, results)
+    assert "3 seed(s): default 0.8667, k=v 0.9000; paired difference +3.33 points (+5.00 / +0.00 / +5.00)" in table
+    assert f"standard error {100 * se:.2f}" in table
+    assert "per task (points): t0 +5.00, t1 +1.67" in table
+    assert "\n   3  " not in table
+    assert "no seed has both arms" in levers.format_report(lever, {0: {"default": _result([0.5])}})
+
+
+def test_finished_units_are_reused_and_only_missing_arms_run(levers, tmp_path, monkeypatch, capsys):
+    from conftest import tiny_config
+    from quality_modes import Mode
+
+    mode = Mode("tiny", tiny_config(tmp_path / "unused"), (1.0,), (), (), "tiny")
+    monkeypatch.setattr(levers, "load_mode", lambda name: mode)
+    argv = ["--set", "mutation_prob=0", "--seeds", "0", "--mode", "tiny", "--threads", "1", "--results", str(tmp_path)]
+    assert levers.main(argv) == 0
+    first = capsys.readouterr().out
+    units = tmp_path / "tiny" / "units"
+    stored = {p.stem: json.loads(p.read_text()) for p in units.glob("*.json")}
+    assert set(stored) == {"default__seed0", "mutation_prob=0__seed0"}
+    assert {u["settings"]["random_streams"] for u in stored.values()} == {"child"}
+    assert stored["mutation_prob=0__seed0"]["settings"]["mutation_prob"] == 0
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a finished unit ran again")
+
+    monkeypatch.setattr(levers, "run_munet", no_run)
+    assert levers.main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.splitlines()[-3:] == first.splitlines()[-3:] and "running" not in again
+    (units / "mutation_prob=0__seed0.json").unlink()
+    assert levers.main(argv + ["--report"]) == 0
+    assert "no seed has both arms" in capsys.readouterr().out

@@ -35,22 +35,30 @@ from typing import Any
 sys.path.insert(0, str(FsPath(__file__).resolve().parent))  # quality_modes, quality_units, also when imported by path
 
 from quality_modes import load_mode  # noqa: E402
+from quality_modes import names as mode_names  # noqa: E402
 from quality_units import Units, result_settings, run_munet  # noqa: E402
 
 from munet.config import RunConfig  # noqa: E402
 from munet.errors import MunetError  # noqa: E402
+from munet.runner import OPERATIONAL_KEYS  # noqa: E402
 from munet.wiring import load_tasks  # noqa: E402
 
 RESULTS = FsPath(__file__).resolve().parent / "results" / "levers"
 DEFAULT_ARM = "default"
+#: Keys a lever may not set: each arm's own, and those that do not change a run's results.
+NOT_LEVERS = {"seed", "random_streams", *OPERATIONAL_KEYS}
 
 
 def parse_lever(pairs: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` pairs as a dict (keys with ``-`` read as ``_``, as ``munet run --set`` does)."""
+    """``KEY=VALUE`` pairs as a dict (keys with ``-`` read as ``_``, as ``munet run --set`` does).
+
+    Raises:
+        ValueError: a pair without ``=``.
+    """
     lever: dict[str, str] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {pair!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         lever[key.strip().replace("-", "_")] = value.strip()
     return lever
@@ -121,21 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="results directory (default: benchmarks/results/"
                         "levers)")
     args = parser.parse_args(argv)
-    lever = parse_lever(args.set)
-    if not lever:
-        raise SystemExit("error: name the lever with --set KEY=VALUE (it is compared with the default)")
+    if args.mode not in mode_names():  # a user's mistake is one line and exit 2, as in munet's command line
+        parser.error(f"unknown mode {args.mode!r}; known modes: {', '.join(mode_names())}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
-        raise SystemExit(f"error: --seeds takes comma-separated integers, got {args.seeds!r}") from None
-    base = load_mode(args.mode).cfg
-    work = FsPath(args.results) / args.mode / "work"
-    units = Units(FsPath(args.results) / args.mode / "units", read_only=args.report)
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     try:
+        lever = parse_lever(args.set)
+        fixed = sorted(set(lever) & NOT_LEVERS)
+        if fixed:
+            raise ValueError(f"--set {', '.join(fixed)}: not a lever (the comparison sets the seeds and the random "
+                             "streams; where and how a run executes does not change its results)")
+        base = load_mode(args.mode).cfg
+        work = FsPath(args.results) / args.mode / "work"
         arms = {seed: {DEFAULT_ARM: arm_config(base, {}, seed, args.threads, work),
                        arm_name(lever): arm_config(base, lever, seed, args.threads, work)} for seed in seeds}
-    except MunetError as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, MunetError) as err:
+        parser.error(str(err))
+    if not lever:
+        parser.error("name the lever with --set KEY=VALUE (it is compared with the default)")
+    units = Units(FsPath(args.results) / args.mode / "units", read_only=args.report)
     results: dict[int, dict[str, dict[str, Any]]] = {seed: {} for seed in seeds}
     sizes: dict[str, int] | None = None
     for seed, configs in arms.items():

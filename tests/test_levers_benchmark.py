@@ -54,6 +54,7 @@ def test_finished_units_are_reused_and_only_missing_arms_run(levers, tmp_path, m
 
     mode = Mode("tiny", tiny_config(tmp_path / "unused"), (1.0,), (), (), "tiny")
     monkeypatch.setattr(levers, "load_mode", lambda name: mode)
+    monkeypatch.setattr(levers, "mode_names", lambda: ["tiny"])
     argv = ["--set", "mutation_prob=0", "--seeds", "0", "--mode", "tiny", "--threads", "1", "--results", str(tmp_path)]
     assert levers.main(argv) == 0
     first = capsys.readouterr().out
@@ -73,3 +74,20 @@ def test_finished_units_are_reused_and_only_missing_arms_run(levers, tmp_path, m
     (units / "mutation_prob=0__seed0.json").unlink()
     assert levers.main(argv + ["--report"]) == 0
     assert "no seed has both arms" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "name the lever with --set KEY=VALUE"),
+    (["--set", "nosuch=1"], "unknown configuration key 'nosuch'"),
+    (["--set", "remove_layers=maybe"], "remove_layers: cannot read 'maybe' as bool"),
+    (["--set", "remove_layers"], "--set expects KEY=VALUE, got 'remove_layers'"),
+    (["--set", "seed=3", "--set", "threads=2"], "--set seed, threads: not a lever"),
+    (["--set", "max_seeds=0", "--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
+    (["--set", "max_seeds=0", "--mode", "nosuch"], "unknown mode 'nosuch'"),
+])
+def test_a_user_s_mistake_exits_2_with_one_line_naming_it(levers, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        levers.main([*argv, "--report", "--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -747,6 +748,32 @@ def test_a_population_path_without_a_score_is_a_store_error(run_dir, tmp_path, c
     assert main(["check", str(run)]) == 1
     assert expected in capsys.readouterr().out
     for argv in (["history", str(run)], ["status", str(run)], ["report", str(run), "--out", str(tmp_path / "r.html")]):
+        assert expected in _error(capsys, argv), argv
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("quality", [None, "0.9", True])
+def test_a_population_path_whose_metrics_hold_no_quality_is_a_store_error(run_dir, tmp_path, capsys, quality):
+    """The metrics JSON of a retained path with its quality removed or of another type (a hand edit): munet.load
+    scored it -inf without a word and predict answered from another path; now check names it and the readers
+    that rebuild the system say so, exit 2, nothing changed."""
+    import munet
+
+    run = _copy(run_dir, tmp_path / "run")
+    with contextlib.closing(sqlite3.connect(run / DB_NAME)) as db, db:
+        pid, task, metrics = db.execute("SELECT p.id, p.task, p.metrics FROM paths p JOIN live l ON l.path_id = p.id "
+                                        "WHERE l.rank IS NOT NULL LIMIT 1").fetchone()
+        metrics = {k: v for k, v in json.loads(metrics).items() if k != "quality"}
+        if quality is not None:
+            metrics["quality"] = quality
+        db.execute("UPDATE paths SET metrics = ? WHERE id = ?", (json.dumps(metrics), pid))
+    expected = f"path #{pid} ({task}) is in its task's population but its metrics hold no quality"
+    before = _files(run)
+    assert main(["check", str(run)]) == 1
+    assert expected in capsys.readouterr().out
+    with pytest.raises(StoreError, match=re.escape(expected)):
+        munet.load(run)
+    for argv in (["export", str(run), "--task", task, "--out", str(tmp_path / "export")], ["resume", str(run)]):
         assert expected in _error(capsys, argv), argv
     assert _files(run) == before
 

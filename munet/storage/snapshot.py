@@ -304,8 +304,11 @@ def record_problems(rec: LivePathRecord, contents: dict[int, SlotContent], patch
     can be built); ``contents``: component id -> what it is (an id without one is a missing record, which the
     readers report apart). See :func:`slot_problems` for the rest."""
     slots = {slot: contents.get(cid, (slot, None)) for slot, cid in rec.components.items()}
-    return [f"path #{rec.id} ({rec.task}) {problem}"
-            for problem in slot_problems(slots, rec.hparams, patch_size, num_classes)]
+    problems = slot_problems(slots, rec.hparams, patch_size, num_classes)
+    quality = rec.metrics.get("quality")
+    if rec.rank is not None and (isinstance(quality, bool) or not isinstance(quality, int | float)):
+        problems.append("is in its task's population but its metrics hold no quality to score it by")
+    return [f"path #{rec.id} ({rec.task}) {problem}" for problem in problems]
 
 
 def require_buildable(rec: LivePathRecord, contents: dict[int, SlotContent], patch_size: int | None = None,

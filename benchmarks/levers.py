@@ -45,31 +45,50 @@ from munet.wiring import load_tasks  # noqa: E402
 
 RESULTS = FsPath(__file__).resolve().parent / "results" / "levers"
 DEFAULT_ARM = "default"
-#: Keys a lever may not set: each arm's own, and those that do not change a run's results.
-NOT_LEVERS = {"seed", "random_streams", *OPERATIONAL_KEYS}
+#: Keys a lever may not set: each arm's own, the mode's tasks (both arms must answer the same tasks), and those that
+#: do not change a run's results.
+NOT_LEVERS = {"seed", "random_streams", "tasks", *OPERATIONAL_KEYS}
 
 
-def parse_lever(pairs: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` pairs as a dict (keys with ``-`` read as ``_``, as ``munet run --set`` does).
+def parse_lever(pairs: list[str], base: RunConfig) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (keys with ``-`` read as ``_``, as ``munet run --set`` does) as the values ``base`` takes
+    with them, checked as a run checks them.
 
     Raises:
-        ValueError: a pair without ``=``.
+        ValueError: a pair without ``=``, a key given twice, a key that is no lever, or pairs that change nothing.
+        ConfigError: an unknown key or a value out of range.
     """
-    lever: dict[str, str] = {}
+    text: dict[str, str] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        lever[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in text:
+            raise ValueError(f"--set {key} is given twice")
+        text[key] = value.strip()
+    fixed = sorted(set(text) & NOT_LEVERS)
+    if fixed:
+        raise ValueError(f"--set {', '.join(fixed)}: not a lever (the comparison sets the seeds, the random streams "
+                         "and the mode's tasks; where and how a run executes does not change its results)")
+    cfg = base.replace(**text).validate()
+    lever = {k: getattr(cfg, k) for k in text}
+    if text and all(v == getattr(base, k) for k, v in lever.items()):
+        raise ValueError(f"--set {', '.join(text)}: the mode's configuration has these values already, so the lever "
+                         "would run the default twice")
     return lever
 
 
-def arm_name(lever: dict[str, str]) -> str:
-    """The arm's unit name: ``default``, or the lever's pairs sorted by key and joined with ``+``."""
-    return "+".join(f"{k}={v}" for k, v in sorted(lever.items())) or DEFAULT_ARM
+def arm_name(lever: dict[str, Any]) -> str:
+    """The arm's unit name: ``default``, or the lever's pairs sorted by key and joined with ``+`` (``/`` read as
+    ``-``: the name is a file name)."""
+    def text(value: Any) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return "+".join(f"{k}={text(v)}" for k, v in sorted(lever.items())).replace("/", "-") or DEFAULT_ARM
 
 
-def arm_config(base: RunConfig, lever: dict[str, str], seed: int, threads: int, work: FsPath) -> RunConfig:
+def arm_config(base: RunConfig, lever: dict[str, Any], seed: int, threads: int, work: FsPath) -> RunConfig:
     """The run of one arm and seed: ``base`` on child streams, with the lever's keys, writing under ``work``."""
     out = work / "runs" / f"{arm_name(lever)}__seed{seed}"
     return base.replace(seed=seed, threads=threads, random_streams="child", out=str(out), **lever).validate()
@@ -135,20 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not args.set:
+        parser.error("name the lever with --set KEY=VALUE (it is compared with the default)")
     try:
-        lever = parse_lever(args.set)
-        fixed = sorted(set(lever) & NOT_LEVERS)
-        if fixed:
-            raise ValueError(f"--set {', '.join(fixed)}: not a lever (the comparison sets the seeds and the random "
-                             "streams; where and how a run executes does not change its results)")
         base = load_mode(args.mode).cfg
+        lever = parse_lever(args.set, base)
         work = FsPath(args.results) / args.mode / "work"
         arms = {seed: {DEFAULT_ARM: arm_config(base, {}, seed, args.threads, work),
                        arm_name(lever): arm_config(base, lever, seed, args.threads, work)} for seed in seeds}
     except (ValueError, MunetError) as err:
         parser.error(str(err))
-    if not lever:
-        parser.error("name the lever with --set KEY=VALUE (it is compared with the default)")
     units = Units(FsPath(args.results) / args.mode / "units", read_only=args.report)
     results: dict[int, dict[str, dict[str, Any]]] = {seed: {} for seed in seeds}
     sizes: dict[str, int] | None = None
@@ -157,11 +172,16 @@ def main(argv: list[str] | None = None) -> int:
             unit = f"{name}__seed{seed}"
             done = units.get(unit, result_settings(cfg))
             if done is None and not args.report:
-                if sizes is None:  # the names run_munet reads the images of; loaded once, only when a run is due
-                    sizes = {n: d.sizes()["train"] for n, d in load_tasks(base.tasks, 0, base.data_dir,
-                                                                         sys.stderr).items()}
-                print(f"[{unit}] running (log: {work / 'logs' / unit}.log)", flush=True)
-                done = run_munet(unit, cfg, work, units, sizes)
+                try:
+                    if sizes is None:  # the names run_munet reads the images of; loaded once, when a run is due
+                        sizes = {n: d.sizes()["train"] for n, d in load_tasks(base.tasks, 0, base.data_dir,
+                                                                             sys.stderr).items()}
+                    print(f"[{unit}] running (log: {work / 'logs' / unit}.log)", flush=True)
+                    done = run_munet(unit, cfg, work, units, sizes)
+                except MunetError as err:  # a root or data problem the run found: the finished units stay
+                    units.release(unit)
+                    print(f"error: {unit}: {err}", file=sys.stderr)
+                    return 2
             if done is not None:
                 results[seed][name] = done
     print(format_report(lever, results))

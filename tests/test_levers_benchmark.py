@@ -32,6 +32,16 @@ def test_the_arms_differ_only_by_the_lever_and_both_run_on_child_streams(levers,
     assert Path(default.out).name == "default__seed2"
 
 
+def test_an_arm_is_named_by_its_checked_values_so_two_spellings_share_its_units(levers, tmp_path):
+    base = RunConfig()
+    spellings = [levers.parse_lever(pairs, base) for pairs in (["remove_layers=False", "mutation_prob=0"],
+                                                               ["mutation-prob=0.0", "remove_layers=false"])]
+    assert {levers.arm_name(lever) for lever in spellings} == {"mutation_prob=0.0+remove_layers=false"}
+    lever = levers.parse_lever(["root=file:roots/x.pt"], base)
+    assert levers.arm_name(lever) == "root=file:roots-x.pt"
+    assert Path(levers.arm_config(base, lever, 0, 1, tmp_path).out).parent == tmp_path / "runs"
+
+
 def test_the_paired_difference_is_the_mean_of_the_seeds_differences_with_their_standard_error(levers):
     lever = {"k": "v"}
     results = {0: {"default": _result([0.8, 1.0]), "k=v": _result([0.9, 1.0])},      # +0.05
@@ -60,9 +70,9 @@ def test_finished_units_are_reused_and_only_missing_arms_run(levers, tmp_path, m
     first = capsys.readouterr().out
     units = tmp_path / "tiny" / "units"
     stored = {p.stem: json.loads(p.read_text()) for p in units.glob("*.json")}
-    assert set(stored) == {"default__seed0", "mutation_prob=0__seed0"}
+    assert set(stored) == {"default__seed0", "mutation_prob=0.0__seed0"}
     assert {u["settings"]["random_streams"] for u in stored.values()} == {"child"}
-    assert stored["mutation_prob=0__seed0"]["settings"]["mutation_prob"] == 0
+    assert stored["mutation_prob=0.0__seed0"]["settings"]["mutation_prob"] == 0
 
     def no_run(*args, **kwargs):
         raise AssertionError("a finished unit ran again")
@@ -71,7 +81,7 @@ def test_finished_units_are_reused_and_only_missing_arms_run(levers, tmp_path, m
     assert levers.main(argv) == 0
     again = capsys.readouterr().out
     assert again.splitlines()[-3:] == first.splitlines()[-3:] and "running" not in again
-    (units / "mutation_prob=0__seed0.json").unlink()
+    (units / "mutation_prob=0.0__seed0.json").unlink()
     assert levers.main(argv + ["--report"]) == 0
     assert "no seed has both arms" in capsys.readouterr().out
 
@@ -82,6 +92,9 @@ def test_finished_units_are_reused_and_only_missing_arms_run(levers, tmp_path, m
     (["--set", "remove_layers=maybe"], "remove_layers: cannot read 'maybe' as bool"),
     (["--set", "remove_layers"], "--set expects KEY=VALUE, got 'remove_layers'"),
     (["--set", "seed=3", "--set", "threads=2"], "--set seed, threads: not a lever"),
+    (["--set", "tasks=mnist_5k"], "--set tasks: not a lever"),
+    (["--set", "mutation_prob=0", "--set", "mutation-prob=0.5"], "--set mutation_prob is given twice"),
+    (["--set", "max_seeds=3"], "the mode's configuration has these values already"),
     (["--set", "max_seeds=0", "--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
     (["--set", "max_seeds=0", "--mode", "nosuch"], "unknown mode 'nosuch'"),
 ])
@@ -91,3 +104,19 @@ def test_a_user_s_mistake_exits_2_with_one_line_naming_it(levers, tmp_path, caps
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_problem_a_run_finds_is_one_line_and_exit_2_and_the_finished_units_stay(levers, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from conftest import tiny_config
+    from quality_modes import Mode
+
+    mode = Mode("tiny", tiny_config(tmp_path / "unused"), (1.0,), (), (), "tiny")
+    monkeypatch.setattr(levers, "load_mode", lambda name: mode)
+    monkeypatch.setattr(levers, "mode_names", lambda: ["tiny"])
+    argv = ["--set", "root=file:/nonexistent/root.pt", "--seeds", "0", "--mode", "tiny", "--results", str(tmp_path)]
+    assert levers.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: root=file:-nonexistent-root.pt__seed0: ") and "Traceback" not in err
+    units = tmp_path / "tiny" / "units"
+    assert sorted(p.name for p in units.iterdir() if not p.name.startswith(".")) == ["default__seed0.json"]

@@ -44,7 +44,8 @@ class Units:
     def __init__(self, folder: FsPath, read_only: bool = False):
         self.folder, self.read_only = folder, read_only  # read-only: finished units only, nothing is claimed or run
         self.stored = 0  # units this process finished and stored (not found already done)
-        folder.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            folder.mkdir(parents=True, exist_ok=True)
 
     def file(self, unit: str) -> FsPath:
         return self.folder / (unit.replace(":", "-").replace("/", "-") + ".json")

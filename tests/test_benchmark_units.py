@@ -244,8 +244,10 @@ def test_a_larger_budget_trains_the_same_children_longer(quality):
 
 
 def test_read_only_units_claim_nothing(quality_units, tmp_path):
-    units = quality_units.Units(tmp_path, read_only=True)
+    units = quality_units.Units(tmp_path / "units", read_only=True)
+    assert units.get("u", {"x": 1}) is None and not (tmp_path / "units").exists()  # a report creates no folder
     assert not units.claim("u") and not units.file("u").with_suffix(".claim").exists()
+    units = quality_units.Units(tmp_path, read_only=True)
     quality_units.Units(tmp_path).put("u", {"settings": {"x": 1}})
     assert units.get("u", {"x": 1}) == {"settings": {"x": 1}}  # finished units are still read
 

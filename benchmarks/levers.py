@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, cfg in configs.items():
             unit = f"{name}__seed{seed}"
             done = units.get(unit, result_settings(cfg))
-            if done is None and not args.report:
+            if done is None and not args.report and units.busy(unit):
+                print(f"[{unit}] another worker runs it", flush=True)
+            elif done is None and not args.report:
                 try:
                     if sizes is None:  # the names run_munet reads the images of; loaded once, when a run is due
                         sizes = {n: d.sizes()["train"] for n, d in load_tasks(base.tasks, 0, base.data_dir,

@@ -120,3 +120,22 @@ def test_a_problem_a_run_finds_is_one_line_and_exit_2_and_the_finished_units_sta
     assert err.startswith("error: root=file:-nonexistent-root.pt__seed0: ") and "Traceback" not in err
     units = tmp_path / "tiny" / "units"
     assert sorted(p.name for p in units.iterdir() if not p.name.startswith(".")) == ["default__seed0.json"]
+
+
+def test_a_unit_another_worker_runs_is_named_and_left_to_it(levers, tmp_path, monkeypatch, capsys):
+    import os
+
+    from conftest import tiny_config
+    from quality_modes import Mode
+
+    mode = Mode("tiny", tiny_config(tmp_path / "unused"), (1.0,), (), (), "tiny")
+    monkeypatch.setattr(levers, "load_mode", lambda name: mode)
+    monkeypatch.setattr(levers, "mode_names", lambda: ["tiny"])
+    units = tmp_path / "tiny" / "units"
+    units.mkdir(parents=True)
+    (units / "default__seed0.claim").write_text(str(os.getppid()))  # a live process that is not this one
+    assert levers.main(["--set", "mutation_prob=0", "--seeds", "0", "--mode", "tiny", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[default__seed0] another worker runs it" in out and "[default__seed0] running" not in out
+    assert "[mutation_prob=0.0__seed0] running" in out
+    assert sorted(p.name for p in units.glob("*.json")) == ["mutation_prob=0.0__seed0.json"]

@@ -111,7 +111,7 @@ def per_task_params(result: dict[str, Any]) -> float:
     return statistics.fmean(t["accounted"] for t in result["tasks"].values())
 
 
-def format_report(lever: dict[str, str], results: dict[int, dict[str, dict[str, Any]]]) -> str:
+def format_report(lever: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
     """The paired table of the seeds whose two arms are both finished (``results[seed][arm]``)."""
     name = arm_name(lever)
     seeds = sorted(s for s, arms in results.items() if DEFAULT_ARM in arms and name in arms)
@@ -126,12 +126,13 @@ def format_report(lever: dict[str, str], results: dict[int, dict[str, dict[str, 
             r = results[seed][arm]
             lines.append(f"{seed:>4}  {arm:<{width}}" + " ".join(f"{r['tasks'][t]['test_acc']:>8.4f}" for t in tasks)
                          + f"  {average(r):>8.4f}  {per_task_params(r):>12,.0f}  {r['images']:>9,}")
-    mean, se = paired([average(results[s][DEFAULT_ARM]) for s in seeds], [average(results[s][name]) for s in seeds])
-    diffs = " / ".join(f"{100 * (average(results[s][name]) - average(results[s][DEFAULT_ARM])):+.2f}" for s in seeds)
+    averages = {arm: [average(results[s][arm]) for s in seeds] for arm in (DEFAULT_ARM, name)}
+    mean, se = paired(averages[DEFAULT_ARM], averages[name])
+    diffs = " / ".join(f"{100 * (b - a):+.2f}" for a, b in zip(averages[DEFAULT_ARM], averages[name]))
     spread = f", standard error {100 * se:.2f}" if se is not None else " (one seed: no standard error)"
-    means = (f"{statistics.fmean(average(results[s][arm]) for s in seeds):.4f}" for arm in (DEFAULT_ARM, name))
-    lines.append(f"{len(seeds)} seed(s): {DEFAULT_ARM} {next(means)}, {name} {next(means)}; "
-                 f"paired difference {100 * mean:+.2f} points ({diffs}){spread}")
+    means = {arm: f"{statistics.fmean(values):.4f}" for arm, values in averages.items()}
+    lines.append(f"{len(seeds)} seed(s): {DEFAULT_ARM} {means[DEFAULT_ARM]}, {name} {means[name]}; paired difference "
+                 f"{100 * mean:+.2f} points ({diffs}){spread}")
     task_diffs = (statistics.fmean(results[s][name]["tasks"][t]["test_acc"] - results[s][DEFAULT_ARM]["tasks"][t]
                                    ["test_acc"] for s in seeds) for t in tasks)
     lines.append("per task (points): " + ", ".join(f"{t} {100 * d:+.2f}" for t, d in zip(tasks, task_diffs)))

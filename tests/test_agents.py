@@ -202,17 +202,18 @@ def test_agent_killed_restarts_while_the_others_keep_going(tmp_path, caplog):
     assert check_store(tmp_path / "run").problems == []
 
 
-def test_resume_continues_an_interrupted_agents_run(tmp_path):
+@pytest.mark.parametrize("streams", ["run", "child"])
+def test_resume_continues_an_interrupted_agents_run(tmp_path, streams):
     """A run whose driver stopped after one cycle (its agents stop with it): `munet resume` finishes it as an
-    uninterrupted run."""
-    cfg = agents_config(tmp_path / "run", tasks=["a"], rounds=3)
+    uninterrupted run, with one random stream for the agent or one reseeded for every child."""
+    cfg = agents_config(tmp_path / "run", tasks=["a"], rounds=3, random_streams=streams)
     with Run.create(cfg, io.StringIO()):
         pass
     with Agent(AgentJob(cfg.out, "a", "a", {"rounds": 1})) as agent:  # as if interrupted after one cycle
         agent.run()
     assert "in progress (agents): 1/3 cycles published (a 1)" in format_status(run_status(cfg.out))
     summary = resume(cfg.out, {}, io.StringIO())
-    ref = agents_config(tmp_path / "ref", tasks=["a"], rounds=3)
+    ref = agents_config(tmp_path / "ref", tasks=["a"], rounds=3, random_streams=streams)
     assert summary["tasks"] == run(ref, io.StringIO())["tasks"]
     assert dump(tmp_path / "run") == dump(tmp_path / "ref")
 

@@ -66,8 +66,10 @@ def test_run_without_sharing_or_cache_equals_default_run(tmp_path):
     assert len(shared["paths"]) > 4 and alone == shared
 
 
-def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path):
-    settings = {"rounds": 2, "inherit_momentum": True, "seed": 3, "mutation_prob": 0.3}
+@pytest.mark.parametrize("streams", ["run", "child"])
+def test_interrupted_then_resumed_equals_uninterrupted_in_process(tmp_path, streams):
+    """Resumed at three checkpoints, with one random stream for the run or one reseeded for every child."""
+    settings = {"rounds": 2, "inherit_momentum": True, "seed": 3, "mutation_prob": 0.3, "random_streams": streams}
     make_run(tmp_path / "ref", **settings)
     out = tmp_path / "run"
     trained = []

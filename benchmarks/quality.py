@@ -405,7 +405,8 @@ def run_benchmark(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-ranks", help="comma-separated LoRA ranks (overrides the mode's)")
     parser.add_argument("--results", default=str(RESULTS), help="results directory (default: benchmarks/results)")
     parser.add_argument("--baselines", help="comma-separated baselines (e.g. freeze:0,adapters:64) replacing the "
-                                            "mode's budget-1 grid, in that order")
+                                            "mode's budget-1 grid, in that order; with --curve the seeds go to the "
+                                            "best of these, so name the whole grid to run the mode's best")
     parser.add_argument("--curve-baselines", help="with --curve: comma-separated baselines of the curve's larger "
                                                   "budgets, replacing the mode's (e.g. to run the best one's seeds "
                                                   "first); the report then covers only these at those budgets")

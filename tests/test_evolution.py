@@ -67,6 +67,12 @@ def test_same_seed_same_result():
     assert runs[0] == runs[1]
 
 
+def test_the_largest_seed_the_config_takes_runs_a_task_iteration():
+    """Seeds near 2^63 once overflowed the batch stream's generator (seed x 1,000,003) with a traceback."""
+    evo = _evolution(seed=2**63 - 1)
+    assert evo.task_iteration("a") is not None
+
+
 @pytest.mark.parametrize("after_child", [0, 1, 3])
 def test_child_streams_keep_each_childs_draws_whatever_was_drawn_before(monkeypatch, after_child):
     """random_streams = child: draws made before a task iteration (an earlier task that drew more), or after one of

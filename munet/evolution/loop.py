@@ -275,7 +275,8 @@ class Evolution:
         most = self.search.max_seeds
         if most and len(seeds) > most + 1:
             seeds = seeds[:most] + [system.root_path]
-        generator = torch.Generator().manual_seed(self.search.seed * 1_000_003 + self.iteration)
+        # modulo 2^64, the most a torch generator takes: any seed the config accepts (< 2^63) starts a stream
+        generator = torch.Generator().manual_seed((self.search.seed * 1_000_003 + self.iteration) % 2**64)
         return IterationState(task, seeds, 0, 0, generator)
 
     def finished(self, state: IterationState) -> bool:

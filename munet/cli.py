@@ -59,7 +59,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     ``folder:`` and ``npz:`` tasks are made absolute, since the run stores them and may be resumed from anywhere."""
     from munet.data.user import absolute_spec
 
-    cfg = get_preset(args.preset or "default").replace(**_overrides(args)).validate()
+    # "" (an unset variable in a script) is named as an unknown preset, not read as the default
+    cfg = get_preset("default" if args.preset is None else args.preset).replace(**_overrides(args)).validate()
     return cfg.replace(tasks=[absolute_spec(t) for t in cfg.tasks])
 
 
@@ -84,7 +85,9 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
     if args.preset:  # a preset is a whole configuration; the run's own stays, apart from single keys
         raise MunetError("add-task keeps the run's configuration, so --preset does not apply; change single keys "
                          "with --set KEY=VALUE")
-    add_tasks(args.run_dir, [absolute_spec(t) for t in args.tasks], _overrides(args))
+    from munet.data.registry import split_specs
+
+    add_tasks(args.run_dir, [absolute_spec(t) for given in args.tasks for t in split_specs(given)], _overrides(args))
     return 0
 
 
@@ -200,7 +203,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     read_timeout_s=args.read_timeout_s)
     from munet.data.registry import split_specs
 
-    tasks = split_specs(args.tasks) if args.tasks else None
+    tasks = split_specs(args.tasks) if args.tasks is not None else None
+    if tasks == []:  # "--tasks ," or "--tasks ''" once served every task
+        raise MunetError(f"--tasks {args.tasks!r} names no task; give task names, or leave --tasks out to serve all")
     try:
         serve(args.run_dir, args.host, args.port, tasks, limits, stream=sys.stdout)
     except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then usually raises it again
@@ -237,7 +242,7 @@ def make_parser() -> argparse.ArgumentParser:
     run_p.set_defaults(func=_cmd_run)
     add_p = sub.add_parser("add-task", help="introduce new tasks into an existing run (one task iteration each)")
     add_p.add_argument("run_dir", help="run directory of an earlier `munet run`")
-    add_p.add_argument("tasks", nargs="+", help="task specs to add")
+    add_p.add_argument("tasks", nargs="+", help="task specs to add (separated by spaces or commas)")
     _add_config_args(add_p)
     add_p.set_defaults(func=_cmd_add_task)
     res_p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")

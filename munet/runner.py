@@ -65,7 +65,7 @@ OPERATIONAL_KEYS = ("device", "threads", "feature_cache_mb", "data_cache_mb", "d
                     "executor", "ray_address", "log")
 
 #: Keys ``add-task`` may not change: the system the new tasks join is built on them.
-ADD_FIXED_KEYS = ("root", "depth", "max_depth", "tasks")
+ADD_FIXED_KEYS = ("root", "depth", "max_depth", "tasks", "seed")
 
 
 def runtime_record(threads: int, settings: TrainSettings) -> dict[str, Any]:
@@ -182,7 +182,8 @@ class Run:
                 fixed = [k for k in ADD_FIXED_KEYS if k in overrides and getattr(cfg, k) != getattr(stored, k)]
                 if fixed:
                     raise MunetError(f"add-task cannot change {', '.join(fixed)}: the earlier tasks' paths are built "
-                                     "on the run's root as it is (the new tasks are given as arguments)")
+                                     "on the run's root and their data split by its seed as they are (the new tasks "
+                                     "are given as arguments)")
                 changed = _differences(cfg, stored)
                 cfg = cfg.replace(tasks=list(cfg.tasks) + [t for t in add if t not in cfg.tasks], out=str(out))
             known = set(store.task_names())

@@ -76,6 +76,7 @@ def test_config_file_and_flags_override_presets(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["run", "--preset", "nope"], "unknown preset"),
+    (["run", "--preset", "", "--dry-run"], "unknown preset ''"),  # an unset $PRESET once ran the default
     (["run", "--tasks", "no_such_task"], "no_such_task"),
     (["run", "--mu-policy", "sometimes"], "mu_policy must be one of"),
     (["run", "--scale-factor", "1.5"], "scale_factor"),

@@ -279,6 +279,9 @@ def test_add_task_options_that_cannot_apply(run_dir, tmp_path, capsys):
     assert "add-task cannot change depth" in err
     err = _error(capsys, ["add-task", str(run), "c", "--root", TINY_ROOT + "_other"])
     assert "add-task cannot change root" in err
+    for seed in (["--seed", "1"], ["--set", "seed=1"]):  # once blamed the earlier tasks' data (split by the seed)
+        err = _error(capsys, ["add-task", str(run), "c", *seed])
+        assert "add-task cannot change seed" in err and "not the data" not in err
     err = _error(capsys, ["add-task", str(run), "c", "--set", f"out={tmp_path / 'elsewhere'}"])  # was ignored
     assert f"{run} is trained in place: out '{tmp_path / 'elsewhere'}' cannot move it" in err
     assert _files(run) == before and not (tmp_path / "elsewhere").exists()
@@ -296,6 +299,7 @@ def test_add_task_of_tasks_the_run_has_or_twice(run_dir, tmp_path, capsys):
     err = _error(capsys, ["add-task", str(run), "a", "c"])
     assert err.startswith(f"error: a already in {run} (its tasks: a, b); add-task adds only tasks the run does not")
     assert "task c is given twice" in _error(capsys, ["add-task", str(run), "c", "c"])
+    assert "task c is given twice" in _error(capsys, ["add-task", str(run), "c,c"])  # commas split, as --tasks
     assert _files(run) == before
 
 

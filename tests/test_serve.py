@@ -235,6 +235,16 @@ def test_serve_command_answers(run_dir):
     assert server.returncode == 0 and server.stderr.read().strip() == "server stopped"
 
 
+@pytest.mark.parametrize("empty", [",", ""])
+def test_serve_tasks_naming_no_task_are_refused(run_dir, capsys, monkeypatch, empty):
+    """`--tasks ,` (or an empty variable) once served every task."""
+    import munet.serving.server
+
+    monkeypatch.setattr(munet.serving.server, "serve", lambda *args, **kwargs: None)  # no server: fails, not hangs
+    assert main(["serve", str(run_dir), "--tasks", empty, "--port", "0"]) == 2
+    assert "names no task" in capsys.readouterr().err
+
+
 def test_serve_command_errors(run_dir, capsys):
     assert main(["serve", str(run_dir), "--tasks", "zebra", "--port", "0"]) == 2
     assert "no task 'zebra'" in capsys.readouterr().err

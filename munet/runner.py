@@ -44,10 +44,17 @@ from munet.wiring import Wiring, load_inputs, resolve_device, task_order, train_
 log = logging.getLogger("munet")
 
 
+SUMMARY_NAME = "summary.json"  # the run's final table, beside its store
+
+
 def prepare_output(out: FsPath) -> None:
-    """Creates the output directory and checks it is writable before any compute is spent."""
+    """Creates the output directory and checks it is writable before any compute is spent; a ``summary.json`` there
+    without a run (a user's file: a run's summary sits beside its database) would be overwritten, so it is refused."""
     if out.exists() and not out.is_dir():
         raise MunetError(f"output directory {out} is a file; choose a directory for the run with --out")
+    if (out / SUMMARY_NAME).exists() and not Store.exists(out):
+        raise MunetError(f"{out} holds a {SUMMARY_NAME} but no munet run, and a run would overwrite it; move it "
+                         "or choose another --out")
     if out.is_symlink() and not out.exists():  # mkdir would say "File exists"
         raise MunetError(f"output directory {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
                          "create that directory or choose another --out")
@@ -111,6 +118,7 @@ class Run:
         """A new run in ``cfg.out``, set up and saved (its first checkpoint); nothing is left if that fails."""
         cfg.validate()
         out = FsPath(cfg.out)
+        made = not out.exists()
         prepare_output(out)
         store = store_class.create(out)
         try:
@@ -121,6 +129,9 @@ class Run:
             run.save(first=True)
         except BaseException:
             store.abandon()
+            if made:  # the folder this call made, left empty by abandon (rmdir removes only an empty one)
+                with contextlib.suppress(OSError):
+                    out.rmdir()
             raise
         return run
 
@@ -372,7 +383,7 @@ class Run:
         rows = task_rows(self.system)
         summary = {"wall_time_s": self.wall_time(), "root": self.system.root.description,
                    "reference_params": self.system.reference_params, "runtime": self.runtime, "tasks": rows}
-        atomic_write(self.out / "summary.json", json.dumps(summary, indent=1))
+        atomic_write(self.out / SUMMARY_NAME, json.dumps(summary, indent=1))
         self.stream.write(format_table(rows, int(self.system.reference_params)) + "\n")
         self.stream.write(f"wall time {summary['wall_time_s']:.0f} s; results in {self.out}\n")
         return summary

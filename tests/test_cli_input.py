@@ -82,6 +82,23 @@ def test_run_output_must_name_a_directory(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_run_keeps_a_users_summary_and_leaves_no_folder_when_it_fails(tmp_path, capsys):
+    """A user's `summary.json` in --out was overwritten by the run's table; a run refused while setting up (a task
+    named 'all') left its new, empty --out folder behind."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "summary.json").write_text("my notes")
+    tiny = ["--root", TINY_ROOT, "--depth", "3", "--image-size", "8", "--max-image-size", "8"]
+    err = _error(capsys, ["run", *tiny, "--tasks", "a", "--children-per-task", "2", "--out", str(tmp_path / "notes")])
+    assert f"{tmp_path / 'notes'} holds a summary.json but no munet run" in err
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["summary.json"]
+    assert (tmp_path / "notes" / "summary.json").read_text() == "my notes"
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "all.npz", x=x, y=np.arange(40) % 2)
+    err = _error(capsys, ["run", *tiny, "--tasks", f"npz:{tmp_path}/all.npz", "--out", str(tmp_path / "new" / "run")])
+    assert "would be named 'all'" in err
+    assert not (tmp_path / "new" / "run").exists()
+
+
 def test_report_replaces_only_an_earlier_report(run_dir, tmp_path, capsys):
     """`--out` once replaced whatever it named through a rename: the run's own database (the run was lost), a device
     such as /dev/null (as root: a regular file took its place), a symbolic link (the link, not its file)."""

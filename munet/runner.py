@@ -48,13 +48,9 @@ SUMMARY_NAME = "summary.json"  # the run's final table, beside its store
 
 
 def prepare_output(out: FsPath) -> None:
-    """Creates the output directory and checks it is writable before any compute is spent; a ``summary.json`` there
-    without a run (a user's file: a run's summary sits beside its database) would be overwritten, so it is refused."""
+    """Creates the output directory and checks it is writable before any compute is spent."""
     if out.exists() and not out.is_dir():
         raise MunetError(f"output directory {out} is a file; choose a directory for the run with --out")
-    if (out / SUMMARY_NAME).exists() and not Store.exists(out):
-        raise MunetError(f"{out} holds a {SUMMARY_NAME} but no munet run, and a run would overwrite it; move it "
-                         "or choose another --out")
     if out.is_symlink() and not out.exists():  # mkdir would say "File exists"
         raise MunetError(f"output directory {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
                          "create that directory or choose another --out")
@@ -122,6 +118,9 @@ class Run:
         prepare_output(out)
         store = store_class.create(out)
         try:
+            if (out / SUMMARY_NAME).exists():  # a new store: the user's file, not a run's summary
+                raise MunetError(f"{out} holds a {SUMMARY_NAME} but no munet run, and a run would overwrite it; "
+                                 "move it or choose another --out")
             # sys.stdout is looked up per call: a default bound at import would outlive a redirection
             run = cls(cfg, store, stream or sys.stdout)
             run.setup()

@@ -20,7 +20,7 @@ from munet.multitask_export import export_multitask, multitask_config
 from munet.predict import ImageLike, Prediction, predict, to_uint8_images
 from munet.storage.records import class_name_misfits
 from munet.storage.snapshot import load_checkpoint
-from munet.storage.store import BLOB_DIR, Store
+from munet.storage.store import BLOB_DIR, Store, read_run
 from munet.storage.stored_root import root_from_store, verify_root
 from munet.wiring import Wiring
 
@@ -177,22 +177,26 @@ def load(run_dir: str | FsPath) -> MultitaskSystem:
     """
     if not isinstance(run_dir, (str, os.PathLike)):
         raise StoreError(f"a run directory is a path, got a {type(run_dir).__name__}: {run_dir!r}")
-    run_dir = FsPath(run_dir)
-    with Store.open(run_dir) as store:
-        store.require_records()
-        cfg = store.get("config")
-        wiring = Wiring.of(RunConfig.from_stored(cfg))
-        rebuildable = store.root_record()["arch"] is not None
-        # a root whose architecture has no description is loaded from its source and checked against the store
-        root = root_from_store(store) if rebuildable else load_root(cfg["root"], wiring.cfg.root_depth())
-        with torch.random.fork_rng(devices=[]):  # rebuilding modules draws inits; keep the caller's stream
-            system, ck = load_checkpoint(store, root, wiring.cfg.image_size, wiring.score, wiring.hparams)
-        if not rebuildable:
-            verify_root(store, root, system)
-        class_names = store.task_class_names()
-        misfits = class_name_misfits(class_names, system.num_classes)
-        if misfits:
-            raise StoreError(f"the task records of {run_dir} do not fit the run: {'; '.join(misfits)}; the database "
-                             f"was damaged or edited; run `munet check {run_dir}`")
-        meta = {"root": store.root_record(), "config": cfg}
+    return read_run(FsPath(run_dir), _system_of)
+
+
+def _system_of(store: Store) -> MultitaskSystem:
+    """The multitask system of the last checkpoint ``store`` holds."""
+    run_dir = store.dir
+    store.require_records()
+    cfg = store.get("config")
+    wiring = Wiring.of(RunConfig.from_stored(cfg))
+    rebuildable = store.root_record()["arch"] is not None
+    # a root whose architecture has no description is loaded from its source and checked against the store
+    root = root_from_store(store) if rebuildable else load_root(cfg["root"], wiring.cfg.root_depth())
+    with torch.random.fork_rng(devices=[]):  # rebuilding modules draws inits; keep the caller's stream
+        system, ck = load_checkpoint(store, root, wiring.cfg.image_size, wiring.score, wiring.hparams)
+    if not rebuildable:
+        verify_root(store, root, system)
+    class_names = store.task_class_names()
+    misfits = class_name_misfits(class_names, system.num_classes)
+    if misfits:
+        raise StoreError(f"the task records of {run_dir} do not fit the run: {'; '.join(misfits)}; the database "
+                         f"was damaged or edited; run `munet check {run_dir}`")
+    meta = {"root": store.root_record(), "config": cfg}
     return MultitaskSystem(run_dir, system, class_names, meta, ck.plan, ck.done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from collections import Counter
 
 import pytest
@@ -155,6 +156,64 @@ def test_mutation_kinds_group_indices():
     assert mutation_kind("opt_lr") == "opt_lr" and mutation_kind("ds_image_size") == "ds_image_size"
     assert mutation_group({"clone:block", "add:adapter"}) == "structural" and mutation_group(set()) == "none"
     assert mutation_group({"clone:block", "opt_lr"}) == "other" and mutation_group({"clone:embedding"}) == "other"
+
+
+def _commit_elsewhere(run) -> None:
+    """What a run in progress does between a reader's reads: a writer commits (here the same plan again)."""
+    with Store.open(run, write=True) as writer, writer.transaction():
+        writer.put("plan", writer.get("plan"))
+
+
+def test_a_reader_reads_one_snapshot_while_the_run_commits(run_dir, tmp_path):
+    """A reader once saw each writer's commit between two of its reads: a path of the newest checkpoint beside the
+    component records of the one before ("uses component #291, which RUN does not hold")."""
+    run = _copy(run_dir, tmp_path)
+    with Store.open(run) as reader:
+        plan = reader.get("plan")
+        began = time.monotonic()
+        with Store.open(run, write=True) as writer, writer.transaction():
+            writer.put("plan", {**plan, "done": 0})
+        assert time.monotonic() - began < 10  # the writer's WAL fold once waited out the 30 s busy timeout
+        assert reader.get("plan") == plan  # its snapshot
+        assert reader.moved_on()
+        assert reader.get("plan")["done"] == 0  # the snapshot ended: the newest commit
+
+
+def test_a_blob_gone_with_a_newer_commit_is_read_again(run_dir, tmp_path, monkeypatch):
+    """A run in progress deletes the blobs its newer checkpoint no longer needs: a reader of the older snapshot that
+    misses one reads the newer one (it once said "missing or unreadable ... restore the run from a copy"). Without a
+    commit a missing blob is damage, and the error stands."""
+    import munet.api
+    import munet.storage.check
+
+    run = _copy(run_dir, tmp_path)
+    with Store.open(run) as store:
+        digest = next(r.blob for r in store.components() if r.origin == "root")
+    blob, away = run / BLOB_DIR / f"{digest}.safetensors", tmp_path / "away"
+    reads = []
+
+    def racing(read):
+        def first_misses_a_blob(store, *args):
+            reads.append(store)
+            if len(reads) == 1:  # the writer deletes the blob, then commits its newer checkpoint
+                blob.rename(away)
+                _commit_elsewhere(run)
+            elif away.exists():  # (in the newer state the blob is needed again: here it comes back)
+                away.rename(blob)
+            return read(store, *args)
+        return first_misses_a_blob
+
+    monkeypatch.setattr(munet.api, "_system_of", racing(munet.api._system_of))
+    assert munet.load(run).tasks == ["a", "b"] and len(reads) == 2
+    monkeypatch.setattr(munet.storage.check, "_check", racing(munet.storage.check._check))
+    reads.clear()
+    report = check_store(run)
+    assert report.problems == [] and len(reads) == 2
+    monkeypatch.undo()
+    blob.rename(away)  # no writer: damage
+    with pytest.raises(StoreError, match="missing"):
+        munet.load(run)
+    assert len(check_store(run).problems) == 1
 
 
 def test_check_passes_on_a_sound_store(run_dir, capsys):

@@ -16,6 +16,8 @@ from munet.storage.records import class_name_misfits
 from munet.storage.snapshot import record_problems
 from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
 
+CHECK_ATTEMPTS = 5  # checks of a run in progress whose writer committed during each, before the last one stands
+
 
 @dataclass
 class CheckReport:
@@ -41,13 +43,19 @@ def check_store(run_dir: str | FsPath, data: bool = False) -> CheckReport:
         run_dir: the run directory.
         data: also load every task's data and compare it with the fingerprint stored when it joined the run.
     """
-    report = CheckReport()
-    with Store.open(run_dir, require_checkpoint=False) as store:
-        try:
-            _check(store, report, data)
-        except (*DAMAGE_ERRORS, KeyError, StoreError) as err:  # the finding; what was read before is reported too
-            what = f"a record lacks its field {err}" if isinstance(err, KeyError) else str(err)
-            report.problems.append(f"the database is damaged, checking stopped there: {what}")
+    for _attempt in range(CHECK_ATTEMPTS):
+        report = CheckReport()
+        with Store.open(run_dir, require_checkpoint=False) as store:
+            try:
+                _check(store, report, data)
+            except (*DAMAGE_ERRORS, KeyError, StoreError) as err:  # the finding; what was read before is reported too
+                what = f"a record lacks its field {err}" if isinstance(err, KeyError) else str(err)
+                report.problems.append(f"the database is damaged, checking stopped there: {what}")
+            # a run in progress committed meanwhile: a blob its newer checkpoint dropped may be gone; check that one
+            if not report.problems or not store.moved_on():
+                return report
+    report.notes.append(f"the run kept committing while it was checked ({CHECK_ATTEMPTS} times); run the check "
+                        "again, or when it stops, to tell damage from its progress")
     return report
 
 

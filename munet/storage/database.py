@@ -18,6 +18,7 @@ from munet.errors import StoreError
 SCHEMA_VERSION = 1
 DB_NAME = "munet.db"
 BLOB_DIR = "blobs"  # beside the database: the content-addressed blobs (see munet.storage.store)
+BUSY_TIMEOUT_S = 30  # how long a connection waits for another's lock (agents' writes wait for each other)
 # What reading a damaged database raises: SQLite's errors (a malformed file, text that is not UTF-8) and records
 # that are no longer JSON.
 DAMAGE_ERRORS = (sqlite3.DatabaseError, json.JSONDecodeError, UnicodeDecodeError)
@@ -62,7 +63,7 @@ def connect(db: FsPath, create: bool) -> sqlite3.Connection:
     when ``create``."""
     mode = "rwc" if create else "rw"  # never create a database by accident when opening one
     try:
-        conn = sqlite3.connect(uri(db, mode=mode), uri=True, isolation_level=None, timeout=30)
+        conn = sqlite3.connect(uri(db, mode=mode), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error as err:
         raise StoreError(f"cannot open the run database {db}: {err}") from err
     try:
@@ -134,7 +135,7 @@ def connect_readonly(db: FsPath) -> sqlite3.Connection:
                              "storage and read it there")
         params["immutable"] = "1"
     try:
-        return sqlite3.connect(uri(db, **params), uri=True, isolation_level=None, timeout=30)
+        return sqlite3.connect(uri(db, **params), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error as err:
         raise StoreError(f"cannot open the run database {db}: {err}") from err
 

@@ -24,6 +24,10 @@ transactions that wait for each other (SQLite WAL, a 30 s busy timeout). Blobs a
 through a temporary file of the writing process's own, so two agents writing the same blob never interleave.
 Agents never collect garbage; the driver's collection first waits for every agent lock, so it never deletes the
 blob of a transaction in flight.
+
+Readers (:meth:`Store.open` without ``write``; predict, export, serve, status, check) read a run in progress too:
+each reads one snapshot (one read transaction), so it never sees half of a checkpoint, and :func:`read_run` reads
+a newer snapshot when the writer has since deleted a blob the older one references.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -60,6 +64,7 @@ from munet.storage.records import (
 LOCK_NAME = "munet.lock"
 AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
 _ABSENT = object()  # a meta record that is not there (a stored JSON null reads as None)
+T = TypeVar("T")
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
 
 
@@ -79,6 +84,7 @@ class Store:
         self.agent = agent  # the task of the agent this store writes for; None: the run's one writer (or a reader)
         self._crash_counts: dict[str, int] = {}
         self.blobs = BlobDir(run_dir / BLOB_DIR, self.crash_point)
+        self._snapshot: int | None = None  # a reader's snapshot: SQLite's data_version when it began
 
     # --- opening ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -144,6 +150,8 @@ class Store:
                 conn.close()
                 conn = None
                 conn = database.connect(db, create=False)
+            else:
+                snapshot = _begin_snapshot(conn)
         except BaseException as err:
             if conn is not None:
                 conn.close()  # the last connection's close removes SQLite's -wal and -shm files again
@@ -151,7 +159,20 @@ class Store:
             if isinstance(err, DAMAGE_ERRORS):
                 raise StoreError(f"{db} is damaged: {err}; restore the run from a copy") from err
             raise
-        return cls(run_dir, conn, lock)
+        store = cls(run_dir, conn, lock)
+        store._snapshot = None if write else snapshot
+        return store
+
+    def moved_on(self) -> bool:
+        """Whether a writer committed since this reader's snapshot began: what the reader found missing (a blob the
+        newer checkpoint no longer needs, which that writer deletes) may be there in the newer state. Ends the
+        snapshot; later reads see each newest commit."""
+        if self._snapshot is None:
+            return False
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("COMMIT")
+        began, self._snapshot = self._snapshot, None
+        return self._conn.execute("PRAGMA data_version").fetchone()[0] != began
 
     @classmethod
     def open_agent(cls, run_dir: str | FsPath, task: str) -> Store:
@@ -523,9 +544,14 @@ class Store:
             raise
         # keeps the run directory at its real size (the WAL otherwise grows to ~4 MB before SQLite folds it); the
         # transaction is durable in the WAL already, so a fold that fails (a full disk) is retried by the next one.
-        # Agents fold what they can without waiting for other connections' readers (PASSIVE).
+        # Agents fold what they can without waiting for other connections' readers (PASSIVE). Nor does the run's
+        # writer wait: a reader (`munet predict`, `serve`) holds its snapshot while it reads, and the fold would
+        # stall training until it finished; the next commit folds what a reader held back
         with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA busy_timeout = 0")
             self._conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if self.agent is None else 'PASSIVE'})")
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute(f"PRAGMA busy_timeout = {database.BUSY_TIMEOUT_S * 1000}")
 
     def crash_point(self, name: str) -> None:
         """Test hook: with ``MUNET_CRASH_AT=<name>:<n>`` the process kills itself the n-th time it gets here."""
@@ -553,6 +579,29 @@ class Store:
         db = sum(p.stat().st_size for p in self.dir.glob(DB_NAME + "*") if p.is_file())
         blobs = self.blobs.size()
         return {"database": db, "blobs": blobs, "total": db + blobs}
+
+
+def _begin_snapshot(conn: sqlite3.Connection) -> int:
+    """Starts the one read transaction of a reader, so that all its reads see one commit: a run in progress commits
+    between them otherwise (a path of the newest checkpoint beside the component records of the one before).
+    Returns SQLite's ``data_version`` (it changes when another connection commits)."""
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot is taken at the first read
+    return conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+def read_run(run_dir: str | FsPath, read: Callable[[Store], T], *, attempts: int = 5, **open_args: Any) -> T:
+    """``read(store)`` on a reader of the run in ``run_dir`` (``open_args``: see :meth:`Store.open`). A StoreError
+    raised on a snapshot a writer has since moved past (a run in progress deletes the blobs its newer checkpoint no
+    longer references) is read again on the newer one, up to ``attempts`` times; any other stands."""
+    for attempt in range(attempts):
+        with Store.open(run_dir, **open_args) as store:
+            try:
+                return read(store)
+            except StoreError:
+                if attempt + 1 == attempts or not store.moved_on():
+                    raise
+    raise AssertionError("unreachable")
 
 
 def owned_by_store(path: FsPath) -> bool:

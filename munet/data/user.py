@@ -67,6 +67,8 @@ def _labels_to_int64(y: np.ndarray, source: str) -> np.ndarray:
                             f"{y[~np.isfinite(y) | (y != np.round(y))][:3].tolist()}")
     elif not (np.issubdtype(y.dtype, np.integer) and not np.issubdtype(y.dtype, np.bool_)):
         raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.unsignedinteger) and len(y) and int(y.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"{source}: label {int(y.max())} is out of range: labels are class indices 0..K-1")
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
         raise DataError(f"{source}: labels must be >= 0, found {int(y.min())}")
@@ -109,6 +111,11 @@ def task_from_arrays(
                             "0..K-1, or give class_names)")
         class_names = [str(i) for i in range(top)]
     class_names = [str(c) for c in class_names]
+    repeated = sorted({c for c in class_names if class_names.count(c) > 1})
+    if repeated:  # predictions would name two classes alike
+        raise DataError(f"{source}: class names must differ, {repeated} given more than once")
+    if any(not c.strip() for c in class_names):
+        raise DataError(f"{source}: class names must not be empty, got {class_names[:10]}")
     if top > len(class_names):
         raise DataError(f"{source}: label {top - 1} is out of range for {len(class_names)} class names "
                         f"{class_names[:10]}")
@@ -135,6 +142,12 @@ def task_from_arrays(
     for k in ("train", "val", "test"):
         if len(parts[k][1]) == 0:
             raise DataError(f"{source}: the {k} split is empty (too few examples to split)")
+    trained = set(np.unique(np.asarray(parts["train"][1])).tolist())
+    for k in ("val", "test"):
+        unseen = sorted(set(np.unique(np.asarray(parts[k][1])).tolist()) - trained)
+        if unseen:  # no path can learn them: every such example would count as wrong
+            raise DataError(f"{source}: classes {[class_names[c] for c in unseen][:10]} have {k} examples but no "
+                            "training example; add training examples of them or drop them from the task")
 
     def t(a: np.ndarray | ImageRows, dtype: torch.dtype) -> torch.Tensor | ImageRows:
         return a if isinstance(a, ImageRows) else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)

@@ -752,6 +752,46 @@ def test_a_population_path_without_a_score_is_a_store_error(run_dir, tmp_path, c
     assert _files(run) == before
 
 
+@pytest.mark.parametrize("edit, expected", [
+    ("UPDATE paths SET test_quality = 'n/a' WHERE id = {pid}", "holds test_quality 'n/a', not a number"),
+    ("UPDATE paths SET params = 'many' WHERE id = {pid}", "holds params 'many', not a number"),
+    ("UPDATE paths SET accounted = 'x' WHERE id = {pid}", "holds accounted 'x', not a number"),
+    ("train_images", "holds train_images 'lots', not a number"),  # (status reads no lineage: it answers)
+    ("UPDATE paths SET parent = id", "the parents of path(s) #"),  # history and report once looped, memory growing
+])
+def test_paths_edited_to_hold_no_number_or_a_loop_are_store_errors(run_dir, tmp_path, capsys, edit, expected):
+    """Hand edits to the paths table that status, history and report met with a traceback (or an endless lineage
+    walk) while `munet check` said ok: check names them, and the readers say so, exit 2, nothing changed."""
+    run = _copy(run_dir, tmp_path / "run")
+    with contextlib.closing(sqlite3.connect(run / DB_NAME)) as db, db:
+        pid = db.execute("SELECT p.id FROM paths p JOIN live l ON l.path_id = p.id WHERE l.rank IS NOT NULL "
+                         "LIMIT 1").fetchone()[0]
+        if edit == "train_images":  # in the metrics JSON (which SQLite's json_set refuses: it may hold NaN)
+            metrics = json.loads(db.execute("SELECT metrics FROM paths WHERE id = ?", (pid,)).fetchone()[0])
+            db.execute("UPDATE paths SET metrics = ? WHERE id = ?", (json.dumps({**metrics, edit: "lots"}), pid))
+        else:
+            db.execute(edit.format(pid=pid))
+    before = _files(run)
+    assert main(["check", str(run)]) == 1
+    assert expected in capsys.readouterr().out
+    readers = [["history", str(run)], ["report", str(run), "--out", str(tmp_path / "r.html")]]
+    for argv in readers + ([["status", str(run)]] if edit != "train_images" and "parent" not in edit else []):
+        assert expected in _error(capsys, argv), argv
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ("UPDATE paths SET parent = 9999 WHERE id = (SELECT max(id) FROM paths)", "names parent #9999, which has no path"),
+    ("UPDATE meta SET value = json_set(value, '$.done', 99) WHERE key = 'plan'", "counts 99 of its"),
+])
+def test_edits_check_once_called_sound(run_dir, tmp_path, capsys, edit, expected):
+    run = _copy(run_dir, tmp_path / "run")
+    with contextlib.closing(sqlite3.connect(run / DB_NAME)) as db, db:
+        db.execute(edit)
+    assert main(["check", str(run)]) == 1
+    assert expected in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("quality", [None, "0.9", True])
 def test_a_population_path_whose_metrics_hold_no_quality_is_a_store_error(run_dir, tmp_path, capsys, quality):
     """The metrics JSON of a retained path with its quality removed or of another type (a hand edit): munet.load
@@ -862,6 +902,10 @@ def test_repeated_class_names_and_classes_without_examples_are_warned_about(tmp_
     load_tasks([f"npz:{tmp_path / 't.npz'}"], 0, str(tmp_path), stream)
     text = stream.getvalue()
     assert "class names used more than once: 'cat'" in text and "1 class(es) without a training example" in text
+    np.savez(tmp_path / "blank.npz", x=x, y=np.array([0, 1] * 20), class_names=np.array(["a", " "]))
+    stream = io.StringIO()
+    load_tasks([f"npz:{tmp_path / 'blank.npz'}"], 0, str(tmp_path), stream)
+    assert "empty class names at [1]" in stream.getvalue()
     np.savez(tmp_path / "ok.npz", x=x, y=np.array([0, 1] * 20), class_names=np.array(["a", "b"]))
     stream = io.StringIO()
     load_tasks([f"npz:{tmp_path / 'ok.npz'}"], 0, str(tmp_path), stream)

@@ -49,12 +49,14 @@ class TaskData:
         return {s: len(self.split(s)[1]) for s in ("train", "val", "test")}
 
     def doubts(self) -> list[str]:
-        """What looks wrong in the data without making it unusable: repeated class names, and classes without
-        a training example (the model can never learn them)."""
+        """What looks wrong in the data without making it unusable: repeated or empty class names, and classes
+        without a training example (the model can never learn them)."""
         found = []
         repeated = sorted(n for n, count in Counter(self.class_names).items() if count > 1)
         if repeated:
             found.append(f"class names used more than once: {', '.join(map(repr, repeated))}")
+        if any(not name.strip() for name in self.class_names):  # predictions would print a blank label
+            found.append(f"empty class names at {[k for k, n in enumerate(self.class_names) if not n.strip()][:5]}")
         present = set(self.train_y.tolist())
         missing = [self.class_names[k] for k in range(self.num_classes) if k not in present]
         if missing:

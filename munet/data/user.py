@@ -111,11 +111,6 @@ def task_from_arrays(
                             "0..K-1, or give class_names)")
         class_names = [str(i) for i in range(top)]
     class_names = [str(c) for c in class_names]
-    repeated = sorted({c for c in class_names if class_names.count(c) > 1})
-    if repeated:  # predictions would name two classes alike
-        raise DataError(f"{source}: class names must differ, {repeated} given more than once")
-    if any(not c.strip() for c in class_names):
-        raise DataError(f"{source}: class names must not be empty, got {class_names[:10]}")
     if top > len(class_names):
         raise DataError(f"{source}: label {top - 1} is out of range for {len(class_names)} class names "
                         f"{class_names[:10]}")
@@ -142,12 +137,6 @@ def task_from_arrays(
     for k in ("train", "val", "test"):
         if len(parts[k][1]) == 0:
             raise DataError(f"{source}: the {k} split is empty (too few examples to split)")
-    trained = set(np.unique(np.asarray(parts["train"][1])).tolist())
-    for k in ("val", "test"):
-        unseen = sorted(set(np.unique(np.asarray(parts[k][1])).tolist()) - trained)
-        if unseen:  # no path can learn them: every such example would count as wrong
-            raise DataError(f"{source}: classes {[class_names[c] for c in unseen][:10]} have {k} examples but no "
-                            "training example; add training examples of them or drop them from the task")
 
     def t(a: np.ndarray | ImageRows, dtype: torch.dtype) -> torch.Tensor | ImageRows:
         return a if isinstance(a, ImageRows) else torch.from_numpy(np.ascontiguousarray(a)).to(dtype)

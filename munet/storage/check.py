@@ -12,7 +12,7 @@ from safetensors import safe_open
 from munet.config import RunConfig
 from munet.errors import MunetError, StoreError
 from munet.model.path import SlotContent
-from munet.storage.records import class_name_misfits
+from munet.storage.records import class_name_misfits, loop_message, parent_loops
 from munet.storage.snapshot import record_problems
 from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
 
@@ -134,10 +134,18 @@ def _check_references(store: Store, components: dict[int, SlotContent], problems
         if cid not in components:
             problems.append(f"the root position embedding for a {grid}x{grid} grid (component #{cid}) has no record")
     root_id = root.get("path_id")
-    try:
-        store.retained_paths()
-    except StoreError as err:
-        problems.append(str(err))
+    for read in (store.retained_paths, store.sampled_paths):
+        try:
+            read()
+        except StoreError as err:
+            problems.append(str(err))
+    parents = store.path_parents()
+    for pid, parent in parents.items():
+        if parent is not None and parent not in parents and parent != root_id:
+            problems.append(f"path #{pid} names parent #{parent}, which has no path record")
+    looped = parent_loops(parents)
+    if looped:
+        problems.append(loop_message(looped, store.dir))
     live = store.live_links()
     rows = {r.id: r for r in store.live_paths()}
     num_classes = ck.get("num_classes") or {}

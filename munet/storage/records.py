@@ -27,7 +27,28 @@ def meta_problem(key: str, value: Any) -> str | None:
         return f"is a {type(value).__name__}, not {'an object' if kind is dict else 'a number'}"
     if key == "plan" and not (isinstance(value.get("order"), list) and isinstance(value.get("done"), int)):
         return "lacks its list 'order' or its count 'done'"
+    if key == "plan" and not 0 <= value["done"] <= len(value["order"]):
+        return f"counts {value['done']} of its {len(value['order'])} task iterations done"
     return None
+
+
+def parent_loops(parents: dict[int, int | None]) -> list[int]:
+    """The paths of ``parents`` (path id -> parent id) whose chain of parents comes back to themselves (a hand edit:
+    a child is recorded after its parent), by id; a walk along their lineage would never end."""
+    looped: set[int] = set()
+    ended: set[int] = set()  # paths whose chain ends (at a path without a parent, or one not recorded)
+    for start in parents:
+        chain: list[int] = []
+        pid: int | None = start
+        while pid in parents and pid not in ended and pid not in looped and pid not in chain:
+            chain.append(pid)
+            pid = parents[pid]
+        if pid in chain:  # the walk met its own chain: from there on, a loop
+            looped.update(chain[chain.index(pid):])
+            ended.update(chain[:chain.index(pid)])  # (they lead into a loop but are no part of it)
+        else:
+            ended.update(chain)
+    return sorted(looped)
 
 
 @dataclass(frozen=True)
@@ -104,3 +125,18 @@ def live_path_record(pid: int, link: int | None, rank: int | None, task: str, co
     return LivePathRecord(pid, link, rank, task, path_object(components, "components", pid),
                           path_object(hparams, "hparams", pid), path_object(mutations, "mutations", pid),
                           path_object(metrics, "metrics", pid))
+
+
+def number_problems(values: dict[str, Any], columns: tuple[str, ...]) -> list[str]:
+    """One phrase per column of ``columns`` in a record's ``values`` that holds neither a number nor NULL (a hand
+    edit: munet writes numbers there), e.g. ``test_quality 'n/a'``."""
+    return [f"{column} {values[column]!r}" for column in columns
+            if values[column] is not None and (isinstance(values[column], bool)
+                                               or not isinstance(values[column], int | float))]
+
+
+def loop_message(looped: list[int], run_dir: Any) -> str:
+    """The problem of :func:`parent_loops`' ``looped`` paths of the run in ``run_dir``."""
+    return (f"the parents of path(s) {', '.join(f'#{p}' for p in looped[:10])} of {run_dir} loop back to them: the "
+            f"database was damaged or edited; run `munet check {run_dir}`")
+

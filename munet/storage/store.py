@@ -58,6 +58,7 @@ from munet.storage.records import (
     json_value,
     live_path_record,
     meta_problem,
+    number_problems,
     path_object,
 )
 
@@ -315,13 +316,25 @@ class Store:
         ``quality`` (best validation), ``test_quality``, ``score``, ``retained`` (in a task's population now) and
         ``metrics`` (the trainer's outcome: validation curve, training steps and images...)."""
         retained = {row[0] for row in self._conn.execute("SELECT path_id FROM live WHERE rank IS NOT NULL")}
-        return [{"id": pid, "task": task, "parent": parent, "hparams": path_object(hp, "hparams", pid),
+        rows = [{"id": pid, "task": task, "parent": parent, "hparams": path_object(hp, "hparams", pid),
                  "mutations": path_object(mut, "mutations", pid), "accepted": bool(acc), "quality": q,
                  "test_quality": tq, "score": sc, "retained": pid in retained,
                  "metrics": path_object(metrics, "metrics", pid)}
                 for pid, task, parent, hp, mut, acc, q, tq, sc, metrics in self._conn.execute(
                     "SELECT id, task, parent, hparams, mutations, accepted, quality, test_quality, score, metrics "
                     "FROM paths ORDER BY id")]
+        for row in rows:
+            wrong = number_problems(row, ("quality", "test_quality", "score"))
+            wrong += number_problems({"train_images": row["metrics"].get("train_images")}, ("train_images",))
+            if not isinstance(row["parent"], int | None):
+                wrong.append(f"parent {row['parent']!r}")
+            if wrong:
+                raise StoreError(self._edited_path(row, f"holds {', '.join(wrong)}, not a number"))
+        return rows
+
+    def path_parents(self) -> dict[int, Any]:
+        """``path id -> parent id`` of every sampled path, as stored (any type: `munet check` judges them)."""
+        return dict(self._conn.execute("SELECT id, parent FROM paths"))
 
     def task_class_names(self) -> dict[str, list[str]]:
         """Each task's class names, in the order the tasks joined the run."""
@@ -336,12 +349,18 @@ class Store:
                  "WHERE live.rank IS NOT NULL ORDER BY paths.id")
         rows = [dict(zip(keys, row)) for row in self._conn.execute(query)]
         for row in rows:  # a population's path has been validated: a NULL here is an edit, not a state munet writes
-            unset = [k for k in ("score", "quality") if not isinstance(row[k], int | float)]
+            unset = [k for k in ("score", "quality") if row[k] is None]
             if unset:
-                raise StoreError(f"path #{row['id']} ({row['task']}) of {self.dir} is in its task's population but "
-                                 f"has no {' or '.join(unset)}: the database was damaged or edited; run "
-                                 f"`munet check {self.dir}`")
+                raise StoreError(self._edited_path(row, f"is in its task's population but has no {' or '.join(unset)}"))
+            wrong = number_problems(row, ("score", "quality", "test_quality", "params", "accounted"))
+            if wrong:
+                raise StoreError(self._edited_path(row, f"holds {', '.join(wrong)}, not a number"))
         return rows
+
+    def _edited_path(self, row: dict[str, Any], problem: str) -> str:
+        """The message of a path record munet cannot have written."""
+        return (f"path #{row['id']} ({row['task']}) of {self.dir} {problem}: the database was damaged or edited; run "
+                f"`munet check {self.dir}`")
 
     def live_paths(self) -> list[LivePathRecord]:
         """Every path the checkpointed system holds, by id."""

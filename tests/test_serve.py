@@ -8,9 +8,11 @@ import io
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import httpx
 import numpy as np
@@ -170,6 +172,10 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
     Image.new("L", (5000, 4000)).save(huge, format="PNG")  # 20 M pixels, a small file
     large = io.BytesIO()
     Image.new("L", (4096, 4096)).save(large, format="PNG")  # the most pixels one image may have, a small file
+    header = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)  # 900 M pixels: past PIL's bomb limit
+    bomb = b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(data)) + kind + data
+                                           + struct.pack(">I", zlib.crc32(kind + data))
+                                           for kind, data in ((b"IHDR", header), (b"IEND", b"")))
     with httpx.Client(base_url=server.url) as client:
         cases = {
             "truncated": client.post("/v1/predict", files=[("image", good[: len(good) // 2])]),
@@ -192,13 +198,15 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
             "65 images": client.post("/v1/predict", files=[("image", good)] * 65),
             "66 images": client.post("/v1/predict", files=[("image", good)] * 66),
             "request pixels": client.post("/v1/predict", files=[("image", large.getvalue())] * 5),
+            "bomb": client.post("/v1/predict", files=[("image", bomb)]),  # once 400 with PIL's words
+            "empty task": client.post("/v1/predict", files=[("image", good)], data={"task": ""}),
         }
         status = {name: r.status_code for name, r in cases.items()}
         assert status == {"truncated": 400, "not an image": 400, "unknown task": 400, "wrong type": 415,
                           "no images": 400, "bad base64": 400, "bad json": 400, "huge image": 413,
                           "oversized body": 413, "unknown field": 400, "chunked body": 411, "long integer": 400,
                           "deep nesting": 400, "all and unknown": 400, "file as task": 400, "65 images": 413,
-                          "66 images": 413, "request pixels": 413}
+                          "66 images": 413, "request pixels": 413, "bomb": 413, "empty task": 400}
         errors = {name: r.json()["error"] for name, r in cases.items()}
         assert "zebra" in errors["unknown task"] and "a, b" in errors["unknown task"]
         assert "multipart/form-data" in errors["wrong type"] and "5000x4000" in errors["huge image"]
@@ -208,6 +216,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
         assert "zebra" in errors["all and unknown"] and "field 'task' holds a file" in errors["file as task"]
         assert "the limit is 64" in errors["65 images"] and "the limit is 64" in errors["66 images"]
         assert "5 images hold 83886080 pixels together" in errors["request pixels"]
+        assert "image number 0 is too large to decode" in errors["bomb"]
+        assert "form field 'task' is empty" in errors["empty task"]  # once "unknown form field 'task'"
         cut = b"--B\r\ncontent-disposition: form-data; name=image; filename=a.png\r\n\r\n" + good  # no --B--
         cut_short = client.post("/v1/predict", content=cut, headers={"content-type": "multipart/form-data; boundary=B"})
         assert cut_short.status_code == 400 and "closing boundary is missing" in cut_short.json()["error"]
@@ -216,6 +226,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
         for response, status in ((client.get("/nope"), 404), (client.get("/v1/predict"), 405)):
             assert response.status_code == status and "routes: POST /v1/predict" in response.json()["error"]
         assert client.post("/v1/predict", files=[("image", good)]).status_code == 200
+        assert [client.head(route).status_code for route in ("/v1/tasks", "/healthz", "/metrics")] == [200] * 3
 
 
 def test_serve_command_answers(run_dir):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -129,19 +130,19 @@ def create_app(system: MultitaskSystem, tasks: list[str] | None = None, limits: 
 
     @app.exception_handler(StarletteHTTPException)  # unknown routes and methods: the same {"error": ...} body
     async def http_error(request: Request, err: StarletteHTTPException) -> Response:
-        routes = "POST /v1/predict, GET /v1/tasks, GET /healthz, GET /metrics"
+        routes = "POST /v1/predict, GET (or HEAD) /v1/tasks, /healthz, /metrics"
         return _error(err.status_code, f"{err.detail}: {request.method} {request.url.path} (routes: {routes})")
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # HEAD: what health checkers send
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "tasks": len(served)}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])  # HEAD: what health checkers send
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/tasks")
+    @app.api_route("/v1/tasks", methods=["GET", "HEAD"])  # HEAD: what health checkers send
     async def task_list() -> dict[str, Any]:
         return {"run": str(system.run_dir), "complete": system.complete,
                 "tasks": [_describe(system, t) for t in served]}
@@ -223,6 +224,9 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
                                     "-F image=@photo.png) and task names as text (-F task=NAME)")
         elif key in ("task", "tasks") and value.strip():
             tasks.append(value.strip())  # split at commas later, unless the whole value names a task
+        elif key in ("task", "tasks"):
+            raise RequestError(400, f"form field {key!r} is empty; give a task name, a comma-separated list, or "
+                                    "`all` (or leave the field out for every task)")
         elif key in IMAGE_FIELDS:
             raise RequestError(400, f"form field {key!r} holds text; send it as a file (a part with a filename, e.g. "
                                     "curl -F image=@photo.png)")
@@ -273,6 +277,9 @@ def _decode(blobs: list[bytes], limits: Limits) -> list[torch.Tensor]:
         try:
             (height, width), _ = image_header(io.BytesIO(blob), f"number {number}")
         except DataError as err:
+            if isinstance(err.__cause__, Image.DecompressionBombError):  # its header declares too many pixels
+                raise RequestError(413, f"image number {number} is too large to decode ({err.__cause__}); the limit "
+                                        f"is {limits.max_pixels} pixels: resize it first") from None
             raise RequestError(400, str(err)) from None
         if height * width > limits.max_pixels:
             raise RequestError(413, f"image number {number} has {width}x{height} pixels; the limit is "

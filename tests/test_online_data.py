@@ -72,6 +72,17 @@ def test_missing_files_without_download_is_data_error(tmp_path: Path) -> None:
         load_torchvision("MNIST:weird", tmp_path, seed=0, download=False)
 
 
+def test_a_loader_error_of_several_lines_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A download failure's message spans lines (a URL, then the reason); the CLI prints one line."""
+    class Unreachable:
+        def __init__(self, root: str, train: bool = True, transform: Any = None, download: bool = False) -> None:
+            raise RuntimeError("Error downloading train-images.gz:\nTried https://example.org/a, got:\n<urlopen error>")
+
+    monkeypatch.setattr(tvd, "FakeUnreachable", Unreachable, raising=False)
+    with pytest.raises(DataError, match="Error downloading train-images.gz: Tried https://example.org/a, got:"):
+        load_torchvision("FakeUnreachable", tmp_path, seed=0)
+
+
 def test_parse_torchvision_name() -> None:
     assert parse_torchvision_name("EMNIST:digits") == ("EMNIST", {"split": "digits"})
     assert parse_torchvision_name("Omniglot:background=False") == ("Omniglot", {"background": False})

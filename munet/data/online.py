@@ -179,11 +179,11 @@ def load_torchvision(name: str, root_dir: str | Path, seed: int, download: bool 
         except ValueError as exc:
             if probe:
                 raise  # _try_splits reads "unknown split name" errors to try the next candidate
-            raise DataError(f"{tag}: invalid arguments {({**kwargs, **extra})}: {exc}") from exc
+            raise DataError(f"{tag}: invalid arguments {({**kwargs, **extra})}: {_flat(exc)}") from exc
         except (RuntimeError, OSError, TypeError, KeyError) as exc:
             hint = "" if download else " (download=False: the files must already be under root_dir)"
-            raise DataError(f"{tag}: cannot load from {base.get('root', '')}: {type(exc).__name__}: {exc}{hint}"
-                            ) from exc
+            raise DataError(f"{tag}: cannot load from {base.get('root', '')}: {type(exc).__name__}: {_flat(exc)}"
+                            f"{hint}") from exc
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     names_from = None
@@ -347,7 +347,7 @@ def load_hf(name: Any, seed: int, train_split: str = "train", val_split: str | N
         try:
             dsd = datasets.load_dataset(repo, config or None, cache_dir=cache_dir)
         except Exception as exc:  # noqa: BLE001  (hub/network/format errors come in many types)
-            raise DataError(f"hf:{name}: cannot load the dataset: {type(exc).__name__}: {exc}") from exc
+            raise DataError(f"hf:{name}: cannot load the dataset: {type(exc).__name__}: {_flat(exc)}") from exc
         tag = f"hf:{name}"
     else:
         dsd, tag = name, "hf:<in-memory>"
@@ -390,3 +390,9 @@ def load_hf(name: Any, seed: int, train_split: str = "train", val_split: str | N
         start += n
     return task_from_arrays(tag, splits, seed, class_names, description=f"Hugging Face dataset {tag[3:]}",
                             source=tag, val_fraction=val_fraction)
+
+
+def _flat(exc: BaseException) -> str:
+    """A library's error message on one line (download and hub errors span several: the CLI prints one)."""
+    return " ".join(str(exc).split())
+

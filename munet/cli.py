@@ -87,7 +87,10 @@ def _cmd_add_task(args: argparse.Namespace) -> int:
                          "with --set KEY=VALUE")
     from munet.data.registry import split_specs
 
-    add_tasks(args.run_dir, [absolute_spec(t) for given in args.tasks for t in split_specs(given)], _overrides(args))
+    tasks = [absolute_spec(t) for given in args.tasks for t in split_specs(given)]
+    if not tasks:  # "add-task RUN ," once read as "no new task to add:  already in RUN"
+        raise MunetError(f"add-task: {' '.join(map(repr, args.tasks))} names no task; give task specs to add")
+    add_tasks(args.run_dir, tasks, _overrides(args))
     return 0
 
 

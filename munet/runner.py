@@ -114,7 +114,7 @@ class Run:
         """A new run in ``cfg.out``, set up and saved (its first checkpoint); nothing is left if that fails."""
         cfg.validate()
         out = FsPath(cfg.out)
-        made = not out.exists()
+        made = [folder for folder in (out, *out.parents) if not folder.exists()]  # what prepare_output creates
         prepare_output(out)
         store = store_class.create(out)
         try:
@@ -128,9 +128,9 @@ class Run:
             run.save(first=True)
         except BaseException:
             store.abandon()
-            if made:  # the folder this call made, left empty by abandon (rmdir removes only an empty one)
+            for folder in made:  # the folders this call made, left empty by abandon (rmdir removes only empty ones)
                 with contextlib.suppress(OSError):
-                    out.rmdir()
+                    folder.rmdir()
             raise
         return run
 

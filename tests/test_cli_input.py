@@ -96,7 +96,7 @@ def test_run_keeps_a_users_summary_and_leaves_no_folder_when_it_fails(tmp_path, 
     np.savez(tmp_path / "all.npz", x=x, y=np.arange(40) % 2)
     err = _error(capsys, ["run", *tiny, "--tasks", f"npz:{tmp_path}/all.npz", "--out", str(tmp_path / "new" / "run")])
     assert "would be named 'all'" in err
-    assert not (tmp_path / "new" / "run").exists()
+    assert not (tmp_path / "new").exists()  # neither the folder nor the parent made for it
 
 
 def test_report_replaces_only_an_earlier_report(run_dir, tmp_path, capsys):
@@ -317,6 +317,7 @@ def test_add_task_of_tasks_the_run_has_or_twice(run_dir, tmp_path, capsys):
     assert err.startswith(f"error: a already in {run} (its tasks: a, b); add-task adds only tasks the run does not")
     assert "task c is given twice" in _error(capsys, ["add-task", str(run), "c", "c"])
     assert "task c is given twice" in _error(capsys, ["add-task", str(run), "c,c"])  # commas split, as --tasks
+    assert "',' names no task" in _error(capsys, ["add-task", str(run), ","])
     assert _files(run) == before
 
 

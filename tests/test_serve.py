@@ -200,13 +200,17 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
             "request pixels": client.post("/v1/predict", files=[("image", large.getvalue())] * 5),
             "bomb": client.post("/v1/predict", files=[("image", bomb)]),  # once 400 with PIL's words
             "empty task": client.post("/v1/predict", files=[("image", good)], data={"task": ""}),
+            "commas only": client.post("/v1/predict", files=[("image", good)], data={"task": ","}),
+            "empty json task": client.post("/v1/predict", json={"images": [base64.b64encode(good).decode()],
+                                                                "tasks": ""}),
         }
         status = {name: r.status_code for name, r in cases.items()}
         assert status == {"truncated": 400, "not an image": 400, "unknown task": 400, "wrong type": 415,
                           "no images": 400, "bad base64": 400, "bad json": 400, "huge image": 413,
                           "oversized body": 413, "unknown field": 400, "chunked body": 411, "long integer": 400,
                           "deep nesting": 400, "all and unknown": 400, "file as task": 400, "65 images": 413,
-                          "66 images": 413, "request pixels": 413, "bomb": 413, "empty task": 400}
+                          "66 images": 413, "request pixels": 413, "bomb": 413, "empty task": 400,
+                          "commas only": 400, "empty json task": 400}
         errors = {name: r.json()["error"] for name, r in cases.items()}
         assert "zebra" in errors["unknown task"] and "a, b" in errors["unknown task"]
         assert "multipart/form-data" in errors["wrong type"] and "5000x4000" in errors["huge image"]
@@ -217,7 +221,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_answering(server):
         assert "the limit is 64" in errors["65 images"] and "the limit is 64" in errors["66 images"]
         assert "5 images hold 83886080 pixels together" in errors["request pixels"]
         assert "image number 0 is too large to decode" in errors["bomb"]
-        assert "form field 'task' is empty" in errors["empty task"]  # once "unknown form field 'task'"
+        assert "the task field '' names no task" in errors["empty task"]  # once "unknown form field 'task'"
+        assert "names no task" in errors["commas only"] and "names no task" in errors["empty json task"]  # once 200
         cut = b"--B\r\ncontent-disposition: form-data; name=image; filename=a.png\r\n\r\n" + good  # no --B--
         cut_short = client.post("/v1/predict", content=cut, headers={"content-type": "multipart/form-data; boundary=B"})
         assert cut_short.status_code == 400 and "closing boundary is missing" in cut_short.json()["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -175,7 +176,7 @@ def test_a_reader_reads_one_snapshot_while_the_run_commits(run_dir, tmp_path):
             writer.put("plan", {**plan, "done": 0})
         assert time.monotonic() - began < 10  # the writer's WAL fold once waited out the 30 s busy timeout
         assert reader.get("plan") == plan  # its snapshot
-        assert reader.moved_on()
+        assert reader.end_snapshot()
         assert reader.get("plan")["done"] == 0  # the snapshot ended: the newest commit
 
 
@@ -210,10 +211,30 @@ def test_a_blob_gone_with_a_newer_commit_is_read_again(run_dir, tmp_path, monkey
     report = check_store(run)
     assert report.problems == [] and len(reads) == 2
     monkeypatch.undo()
-    blob.rename(away)  # no writer: damage
+    blob.rename(away)  # no writer: damage, read once
+    load_of, check_of, counts = munet.api._system_of, munet.storage.check._check, []
+    monkeypatch.setattr(munet.api, "_system_of", lambda store: counts.append("load") or load_of(store))
+    monkeypatch.setattr(munet.storage.check, "_check", lambda store, *a: counts.append("check") or check_of(store, *a))
     with pytest.raises(StoreError, match="missing"):
         munet.load(run)
-    assert len(check_store(run).problems) == 1
+    assert len(check_store(run).problems) == 1 and counts == ["load", "check"]
+
+
+def test_status_of_a_run_in_progress_counts_no_blob_its_newer_checkpoint_dropped(run_dir, tmp_path):
+    """The writer deletes the blobs its newer checkpoint no longer references: a reader's snapshot still names them,
+    and `munet status` warned that they were missing."""
+    run = _copy(run_dir, tmp_path)
+    with Store.open(run) as reader:
+        reader.referenced_blobs()  # the snapshot begins
+        with contextlib.closing(sqlite3.connect(run / DB_NAME)) as db, db:  # the newer checkpoint
+            cid, digest = db.execute("SELECT id, blob FROM components LIMIT 1").fetchone()
+            other = db.execute("SELECT blob FROM components WHERE blob != ? LIMIT 1", (digest,)).fetchone()[0]
+            db.execute("UPDATE components SET blob = ? WHERE id = ?", (other, cid))
+            dropped = db.execute("SELECT count(*) FROM components WHERE blob = ? OR momentum = ?",
+                                 (digest, digest)).fetchone()[0] == 0
+        assert dropped
+        (run / BLOB_DIR / f"{digest}.safetensors").unlink()  # its garbage collection
+        assert reader.missing_blobs() == 0
 
 
 def test_check_passes_on_a_sound_store(run_dir, capsys):

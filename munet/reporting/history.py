@@ -70,10 +70,16 @@ def _child_mutations(row: dict[str, Any], parent: dict[str, Any] | None) -> dict
 def run_history(run_dir: str | FsPath) -> dict[str, Any]:
     """The mutation statistics and best-path lineages of the run in ``run_dir`` (see :func:`format_history`)."""
     with Store.open(run_dir) as store:
-        tasks = store.task_names()
-        root = store.root_record() or {}
-        store.retained_paths()  # raises StoreError on a population's path without a score (an edited store)
-        rows = {r["id"]: dict(r, accepted=int(r["accepted"]), test=r["test_quality"]) for r in store.sampled_paths()}
+        return history_of(store)
+
+
+def history_of(store: Store) -> dict[str, Any]:
+    """:func:`run_history` of an open store."""
+    run_dir = store.dir
+    tasks = store.task_names()
+    root = store.root_record() or {}
+    store.retained_paths()  # raises StoreError on a population's path without a score (an edited store)
+    rows = {r["id"]: dict(r, accepted=int(r["accepted"]), test=r["test_quality"]) for r in store.sampled_paths()}
     looped = parent_loops({pid: r["parent"] for pid, r in rows.items()})
     if looped:  # a lineage walk would never end
         raise StoreError(loop_message(looped, run_dir))

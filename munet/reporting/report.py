@@ -22,9 +22,9 @@ import jinja2
 from munet.errors import DataError, MunetError
 from munet.model.components import get_kind, kind_of, list_kinds, slot_index
 from munet.reporting import figures
-from munet.reporting.history import describe_mutations, run_generation, run_history
+from munet.reporting.history import describe_mutations, history_of, run_generation
 from munet.reporting.progress import Progress, format_seconds
-from munet.reporting.status import run_status, where
+from munet.reporting.status import status_of, where
 from munet.reporting.table import averages
 from munet.storage.files import atomic_write
 from munet.storage.snapshot import require_buildable
@@ -50,13 +50,14 @@ def report_data(run_dir: str | FsPath, baselines_file: str | FsPath | None = Non
     history`` compute them), the per-task ``rows``, the best paths' components (``slots``, ``cells``), the
     ``curves`` of best accuracy and score, the task ``iterations``, the hyperparameter ``trajectories`` and the
     ``baselines`` of ``baselines_file``."""
-    status, history = run_status(run_dir), run_history(run_dir)
     baselines = load_baselines(baselines_file) if baselines_file else []
-    with Store.open(run_dir) as store:
+    with Store.open(run_dir) as store:  # one snapshot: a run in progress may commit meanwhile
+        history = history_of(store)
         paths = store.sampled_paths()
         live = {p.id: p for p in store.live_paths()}
         records = store.components()
         config = store.get("config") or {}
+        status = status_of(store)  # last: its check for missing blobs ends the snapshot
     tasks = [r["task"] for r in status["tasks"]]
     per_iteration = status["generations_per_iteration"]
     for row in paths:

@@ -14,26 +14,32 @@ from munet.storage.store import Store
 def run_status(run_dir: str | FsPath) -> dict[str, Any]:
     """The status of the run in ``run_dir`` as a dict (see :func:`format_status`)."""
     with Store.open(run_dir) as store:
-        store.require_records()
-        plan, ck, root = store.record("plan"), store.record("checkpoint"), store.root_record()
-        tasks = store.task_names()
-        best: dict[str, dict[str, Any]] = {}
-        for row in sorted(store.retained_paths(), key=_rank):  # the system's best_path: top score, newest
-            best[row["task"]] = row
-        counts, unique = store.path_counts(), store.unique_params()
-        agents = {task: rec.cycle for task, rec in store.agent_records().items()}
-        return {
-            "run": str(run_dir), "root": root["description"], "root_source": root["source"],
-            "root_sha256": root["sha256"], "plan": plan["order"], "done": plan["done"],
-            "in_flight": ck["in_flight"], "wall_time_s": store.get("wall_time_s", 0.0),
-            "generations_per_iteration": _generations(store.get("config")),
-            "tasks": [{"task": t, "path": b["id"], "score": b["score"], "val_acc": b["quality"],
-                       "test_acc": b["test_quality"], "params": b["params"], "accounted": b["accounted"]}
-                      for t in tasks if (b := best.get(t))],
-            "agents": agents, "paths_sampled": counts["sampled"], "paths_accepted": counts["accepted"],
-            "unique_params": unique["params"], "blobs": unique["blobs"], "store_bytes": store.sizes(),
-            "missing_blobs": store.missing_blobs(),
-        }
+        return status_of(store)
+
+
+def status_of(store: Store) -> dict[str, Any]:
+    """:func:`run_status` of an open store; its last read (``missing_blobs``) ends a reader's snapshot."""
+    run_dir = store.dir
+    store.require_records()
+    plan, ck, root = store.record("plan"), store.record("checkpoint"), store.root_record()
+    tasks = store.task_names()
+    best: dict[str, dict[str, Any]] = {}
+    for row in sorted(store.retained_paths(), key=_rank):  # the system's best_path: top score, newest
+        best[row["task"]] = row
+    counts, unique = store.path_counts(), store.unique_params()
+    agents = {task: rec.cycle for task, rec in store.agent_records().items()}
+    return {
+        "run": str(run_dir), "root": root["description"], "root_source": root["source"],
+        "root_sha256": root["sha256"], "plan": plan["order"], "done": plan["done"],
+        "in_flight": ck["in_flight"], "wall_time_s": store.get("wall_time_s", 0.0),
+        "generations_per_iteration": _generations(store.get("config")),
+        "tasks": [{"task": t, "path": b["id"], "score": b["score"], "val_acc": b["quality"],
+                   "test_acc": b["test_quality"], "params": b["params"], "accounted": b["accounted"]}
+                  for t in tasks if (b := best.get(t))],
+        "agents": agents, "paths_sampled": counts["sampled"], "paths_accepted": counts["accepted"],
+        "unique_params": unique["params"], "blobs": unique["blobs"], "store_bytes": store.sizes(),
+        "missing_blobs": store.missing_blobs(),
+    }
 
 
 def _rank(row: dict[str, Any]) -> tuple[float, int]:

@@ -222,11 +222,8 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
         elif isinstance(value, UploadFile):
             raise RequestError(400, f"form field {key!r} holds a file; send images in the field `image` (e.g. curl "
                                     "-F image=@photo.png) and task names as text (-F task=NAME)")
-        elif key in ("task", "tasks") and value.strip():
-            tasks.append(value.strip())  # split at commas later, unless the whole value names a task
         elif key in ("task", "tasks"):
-            raise RequestError(400, f"form field {key!r} is empty; give a task name, a comma-separated list, or "
-                                    "`all` (or leave the field out for every task)")
+            tasks.append(value.strip())  # split at commas later, unless the whole value names a task
         elif key in IMAGE_FIELDS:
             raise RequestError(400, f"form field {key!r} holds text; send it as a file (a part with a filename, e.g. "
                                     "curl -F image=@photo.png)")
@@ -261,8 +258,12 @@ def _read_json(body: bytes) -> tuple[list[bytes], list[str]]:
 def _resolve_tasks(requested: list[str], served: list[str]) -> list[str]:
     """The served tasks a request names: each value is a task (a ``split:`` task's name holds commas), ``all``, or a
     comma-separated list of them."""
+    given = requested
     requested = [name.strip() for value in requested
                  for name in ([value] if value in served or value == "all" else value.split(",")) if name.strip()]
+    if given and not requested:  # an empty field, or only commas: once answered with no task at all
+        raise RequestError(400, f"the task field {', '.join(map(repr, given))} names no task; give task names, a "
+                                "comma-separated list or `all`, or leave it out for every task")
     unknown = [t for t in requested if t not in served and t != "all"]
     if unknown:
         raise RequestError(400, f"unknown task(s) {', '.join(map(repr, unknown))}; this server answers: "
@@ -278,8 +279,8 @@ def _decode(blobs: list[bytes], limits: Limits) -> list[torch.Tensor]:
             (height, width), _ = image_header(io.BytesIO(blob), f"number {number}")
         except DataError as err:
             if isinstance(err.__cause__, Image.DecompressionBombError):  # its header declares too many pixels
-                raise RequestError(413, f"image number {number} is too large to decode ({err.__cause__}); the limit "
-                                        f"is {limits.max_pixels} pixels: resize it first") from None
+                raise RequestError(413, f"image number {number} is too large to decode: {err.__cause__} (PIL's "
+                                        "limit, past this server's own): resize it first") from None
             raise RequestError(400, str(err)) from None
         if height * width > limits.max_pixels:
             raise RequestError(413, f"image number {number} has {width}x{height} pixels; the limit is "

@@ -14,9 +14,7 @@ from munet.errors import MunetError, StoreError
 from munet.model.path import SlotContent
 from munet.storage.records import class_name_misfits, loop_message, parent_loops
 from munet.storage.snapshot import record_problems
-from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, Store
-
-CHECK_ATTEMPTS = 5  # checks of a run in progress whose writer committed during each, before the last one stands
+from munet.storage.store import BLOB_DIR, DAMAGE_ERRORS, READ_ATTEMPTS, Store
 
 
 @dataclass
@@ -43,7 +41,7 @@ def check_store(run_dir: str | FsPath, data: bool = False) -> CheckReport:
         run_dir: the run directory.
         data: also load every task's data and compare it with the fingerprint stored when it joined the run.
     """
-    for _attempt in range(CHECK_ATTEMPTS):
+    for _attempt in range(READ_ATTEMPTS):
         report = CheckReport()
         with Store.open(run_dir, require_checkpoint=False) as store:
             try:
@@ -52,9 +50,9 @@ def check_store(run_dir: str | FsPath, data: bool = False) -> CheckReport:
                 what = f"a record lacks its field {err}" if isinstance(err, KeyError) else str(err)
                 report.problems.append(f"the database is damaged, checking stopped there: {what}")
             # a run in progress committed meanwhile: a blob its newer checkpoint dropped may be gone; check that one
-            if not report.problems or not store.moved_on():
+            if not report.problems or not store.end_snapshot():
                 return report
-    report.notes.append(f"the run kept committing while it was checked ({CHECK_ATTEMPTS} times); run the check "
+    report.notes.append(f"the run kept committing while it was checked ({READ_ATTEMPTS} times); run the check "
                         "again, or when it stops, to tell damage from its progress")
     return report
 
@@ -138,7 +136,8 @@ def _check_references(store: Store, components: dict[int, SlotContent], problems
         try:
             read()
         except StoreError as err:
-            problems.append(str(err))
+            if str(err) not in problems:  # a retained path's edit is found by both
+                problems.append(str(err))
     parents = store.path_parents()
     for pid, parent in parents.items():
         if parent is not None and parent not in parents and parent != root_id:

@@ -38,16 +38,17 @@ def parent_loops(parents: dict[int, int | None]) -> list[int]:
     looped: set[int] = set()
     ended: set[int] = set()  # paths whose chain ends (at a path without a parent, or one not recorded)
     for start in parents:
-        chain: list[int] = []
+        chain: dict[int, int] = {}  # path id -> its position in this walk
         pid: int | None = start
         while pid in parents and pid not in ended and pid not in looped and pid not in chain:
-            chain.append(pid)
+            chain[pid] = len(chain)
             pid = parents[pid]
+        walked = list(chain)
         if pid in chain:  # the walk met its own chain: from there on, a loop
-            looped.update(chain[chain.index(pid):])
-            ended.update(chain[:chain.index(pid)])  # (they lead into a loop but are no part of it)
+            looped.update(walked[chain[pid]:])
+            ended.update(walked[:chain[pid]])  # (they lead into a loop but are no part of it)
         else:
-            ended.update(chain)
+            ended.update(walked)
     return sorted(looped)
 
 

@@ -66,6 +66,7 @@ LOCK_NAME = "munet.lock"
 AGENT_LOCK = "munet.agent-{}.lock"  # formatted with the agent's task position
 _ABSENT = object()  # a meta record that is not there (a stored JSON null reads as None)
 T = TypeVar("T")
+READ_ATTEMPTS = 5  # snapshots a reader of a run in progress reads when the writer commits while it reads
 CRASH_ENV = "MUNET_CRASH_AT"  # fault injection for the resume tests: "<point>:<n>" kills the process (SIGKILL)
 
 
@@ -78,14 +79,15 @@ class Store:
         lock: the open lock file when this store may write, else ``None``.
     """
 
-    def __init__(self, run_dir: FsPath, conn: sqlite3.Connection, lock: Any | None, agent: str | None = None):
+    def __init__(self, run_dir: FsPath, conn: sqlite3.Connection, lock: Any | None, agent: str | None = None,
+                 snapshot: int | None = None):
         self.dir = run_dir
         self._conn = conn
         self._lock = lock
         self.agent = agent  # the task of the agent this store writes for; None: the run's one writer (or a reader)
         self._crash_counts: dict[str, int] = {}
         self.blobs = BlobDir(run_dir / BLOB_DIR, self.crash_point)
-        self._snapshot: int | None = None  # a reader's snapshot: SQLite's data_version when it began
+        self._snapshot = snapshot  # a reader's snapshot: SQLite's data_version when it began (None: none held)
 
     # --- opening ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -141,7 +143,7 @@ class Store:
         run_dir = FsPath(run_dir)
         db = database.run_database(run_dir)
         lock = lock_file(run_dir, LOCK_NAME) if write else None
-        conn = None
+        conn, snapshot = None, None
         try:
             conn = database.connect_readonly(db)
             blobs = run_dir / BLOB_DIR
@@ -160,14 +162,12 @@ class Store:
             if isinstance(err, DAMAGE_ERRORS):
                 raise StoreError(f"{db} is damaged: {err}; restore the run from a copy") from err
             raise
-        store = cls(run_dir, conn, lock)
-        store._snapshot = None if write else snapshot
-        return store
+        return cls(run_dir, conn, lock, snapshot=snapshot)
 
-    def moved_on(self) -> bool:
-        """Whether a writer committed since this reader's snapshot began: what the reader found missing (a blob the
-        newer checkpoint no longer needs, which that writer deletes) may be there in the newer state. Ends the
-        snapshot; later reads see each newest commit."""
+    def end_snapshot(self) -> bool:
+        """Ends a reader's snapshot (later reads see each newest commit); returns whether a writer committed since it
+        began, so that what the reader found missing (a blob the newer checkpoint no longer needs, which that writer
+        deletes) may be there in the newer state."""
         if self._snapshot is None:
             return False
         with contextlib.suppress(sqlite3.Error):
@@ -326,10 +326,10 @@ class Store:
         for row in rows:
             wrong = number_problems(row, ("quality", "test_quality", "score"))
             wrong += number_problems({"train_images": row["metrics"].get("train_images")}, ("train_images",))
-            if not isinstance(row["parent"], int | None):
-                wrong.append(f"parent {row['parent']!r}")
             if wrong:
                 raise StoreError(self._edited_path(row, f"holds {', '.join(wrong)}, not a number"))
+            if not isinstance(row["parent"], int | None):
+                raise StoreError(self._edited_path(row, f"holds parent {row['parent']!r}, not a path id"))
         return rows
 
     def path_parents(self) -> dict[int, Any]:
@@ -589,9 +589,13 @@ class Store:
     # --- sizes --------------------------------------------------------------------------------------------------
     def missing_blobs(self) -> int:
         """How many blobs the records reference that are not on disk (``munet check`` says which); those a
-        checkpoint committed meanwhile no longer references (it deletes their blobs after its commit) do not count."""
+        checkpoint committed meanwhile no longer references (it deletes their blobs after its commit) do not count.
+        When any is missing, a reader's snapshot ends here."""
         missing = {digest for digest in self.referenced_blobs() if not self.blobs.path(digest).is_file()}
-        return len(missing & self.referenced_blobs()) if missing else 0
+        if missing:  # those the newest commit still references (a reader's snapshot ends for it: the last read)
+            self.end_snapshot()
+            missing &= self.referenced_blobs()
+        return len(missing)
 
     def sizes(self) -> dict[str, int]:
         """Bytes on disk: the database (with its WAL) and the blobs."""
@@ -609,18 +613,19 @@ def _begin_snapshot(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA data_version").fetchone()[0]
 
 
-def read_run(run_dir: str | FsPath, read: Callable[[Store], T], *, attempts: int = 5, **open_args: Any) -> T:
+def read_run(run_dir: str | FsPath, read: Callable[[Store], T], **open_args: Any) -> T:
     """``read(store)`` on a reader of the run in ``run_dir`` (``open_args``: see :meth:`Store.open`). A StoreError
     raised on a snapshot a writer has since moved past (a run in progress deletes the blobs its newer checkpoint no
-    longer references) is read again on the newer one, up to ``attempts`` times; any other stands."""
-    for attempt in range(attempts):
+    longer references) is read again on the newer one, up to :data:`READ_ATTEMPTS` times; any other stands."""
+    attempt = 1
+    while True:
         with Store.open(run_dir, **open_args) as store:
             try:
                 return read(store)
             except StoreError:
-                if attempt + 1 == attempts or not store.moved_on():
+                if attempt == READ_ATTEMPTS or not store.end_snapshot():
                     raise
-    raise AssertionError("unreachable")
+        attempt += 1
 
 
 def owned_by_store(path: FsPath) -> bool:

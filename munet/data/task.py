@@ -55,8 +55,9 @@ class TaskData:
         repeated = sorted(n for n, count in Counter(self.class_names).items() if count > 1)
         if repeated:
             found.append(f"class names used more than once: {', '.join(map(repr, repeated))}")
-        if any(not name.strip() for name in self.class_names):  # predictions would print a blank label
-            found.append(f"empty class names at {[k for k, n in enumerate(self.class_names) if not n.strip()][:5]}")
+        empty = [k for k, name in enumerate(self.class_names) if not name.strip()]
+        if empty:  # predictions would print a blank label
+            found.append(f"empty class names at {empty[:5]}")
         present = set(self.train_y.tolist())
         missing = [self.class_names[k] for k in range(self.num_classes) if k not in present]
         if missing:

@@ -17,8 +17,6 @@ from collections import defaultdict
 from pathlib import Path as FsPath
 from typing import Any
 
-from munet.errors import StoreError
-from munet.storage.records import loop_message, parent_loops
 from munet.storage.store import Store
 
 
@@ -80,9 +78,6 @@ def history_of(store: Store) -> dict[str, Any]:
     root = store.root_record() or {}
     store.retained_paths()  # raises StoreError on a population's path without a score (an edited store)
     rows = {r["id"]: dict(r, accepted=int(r["accepted"]), test=r["test_quality"]) for r in store.sampled_paths()}
-    looped = parent_loops({pid: r["parent"] for pid, r in rows.items()})
-    if looped:  # a lineage walk would never end
-        raise StoreError(loop_message(looped, run_dir))
     retained = {pid for pid, r in rows.items() if r["retained"]}
     root_id = root.get("path_id", 0)
 

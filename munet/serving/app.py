@@ -258,17 +258,16 @@ def _read_json(body: bytes) -> tuple[list[bytes], list[str]]:
 def _resolve_tasks(requested: list[str], served: list[str]) -> list[str]:
     """The served tasks a request names: each value is a task (a ``split:`` task's name holds commas), ``all``, or a
     comma-separated list of them."""
-    given = requested
-    requested = [name.strip() for value in requested
-                 for name in ([value] if value in served or value == "all" else value.split(",")) if name.strip()]
-    if given and not requested:  # an empty field, or only commas: once answered with no task at all
-        raise RequestError(400, f"the task field {', '.join(map(repr, given))} names no task; give task names, a "
+    names = [name.strip() for value in requested
+             for name in ([value] if value in served or value == "all" else value.split(",")) if name.strip()]
+    if requested and not names:  # an empty field, or only commas: once answered with no task at all
+        raise RequestError(400, f"the task field {', '.join(map(repr, requested))} names no task; give task names, a "
                                 "comma-separated list or `all`, or leave it out for every task")
-    unknown = [t for t in requested if t not in served and t != "all"]
+    unknown = [t for t in names if t not in served and t != "all"]
     if unknown:
         raise RequestError(400, f"unknown task(s) {', '.join(map(repr, unknown))}; this server answers: "
                                 f"{', '.join(served)} (or `all`)")
-    return served if "all" in requested else list(dict.fromkeys(requested))
+    return served if "all" in names else list(dict.fromkeys(names))
 
 
 def _decode(blobs: list[bytes], limits: Limits) -> list[torch.Tensor]:

@@ -135,9 +135,3 @@ def number_problems(values: dict[str, Any], columns: tuple[str, ...]) -> list[st
             if values[column] is not None and (isinstance(values[column], bool)
                                                or not isinstance(values[column], int | float))]
 
-
-def loop_message(looped: list[int], run_dir: Any) -> str:
-    """The problem of :func:`parent_loops`' ``looped`` paths of the run in ``run_dir``."""
-    return (f"the parents of path(s) {', '.join(f'#{p}' for p in looped[:10])} of {run_dir} loop back to them: the "
-            f"database was damaged or edited; run `munet check {run_dir}`")
-

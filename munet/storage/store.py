@@ -59,6 +59,7 @@ from munet.storage.records import (
     live_path_record,
     meta_problem,
     number_problems,
+    parent_loops,
     path_object,
 )
 
@@ -330,11 +331,11 @@ class Store:
                 raise StoreError(self._edited_path(row, f"holds {', '.join(wrong)}, not a number"))
             if not isinstance(row["parent"], int | None):
                 raise StoreError(self._edited_path(row, f"holds parent {row['parent']!r}, not a path id"))
+        looped = parent_loops({row["id"]: row["parent"] for row in rows})
+        if looped:  # a walk along their lineage would never end
+            raise StoreError(f"the parents of path(s) {', '.join(f'#{p}' for p in looped[:10])} of {self.dir} loop "
+                             f"back to them: the database was damaged or edited; run `munet check {self.dir}`")
         return rows
-
-    def path_parents(self) -> dict[int, Any]:
-        """``path id -> parent id`` of every sampled path, as stored (any type: `munet check` judges them)."""
-        return dict(self._conn.execute("SELECT id, parent FROM paths"))
 
     def task_class_names(self) -> dict[str, list[str]]:
         """Each task's class names, in the order the tasks joined the run."""
